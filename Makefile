@@ -1,0 +1,50 @@
+# make bench  - the benchmark report (the main job)
+# make test   - the test suite (what CI runs)
+# Both create .venv, install torch and the rest, and build the extension on first use.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# A fresh machine without a GPU should get a CPU build of torch: here torch==2.13.0 resolves to
+# the CPU wheel on disk; elsewhere point TORCH_INDEX at a CPU wheel index (pip --index-url).
+TORCH_SPEC  ?= torch==2.13.0
+TORCH_INDEX ?=
+PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+DEPS  := $(VENV)/.deps
+BUILT := $(VENV)/.built
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+
+.PHONY: test bench build lint fuzz clean
+.DEFAULT_GOAL := test
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(DEPS): requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(PIP_TORCH_FLAGS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+# The editable install (it maps kernels/ to screening_attn._kernels) skips the extension, which
+# ninja then builds, and later rebuilds, in place.
+$(BUILT): $(DEPS) $(SOURCES)
+	SCREENING_ATTN_NO_EXT=1 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	$(BIN)/python setup.py -q build_ext --inplace
+	touch $@
+
+build: $(BUILT)
+
+test: $(BUILT)
+	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# One thread by default: this machine's two cores throttle under sustained load.
+bench: $(BUILT)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m bench.report $(BENCH_ARGS)
+
+lint: $(DEPS)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf build $(BUILT) screening_attn/*.so

@@ -1,0 +1,92 @@
+"""Which implementation runs an op: plain Python on static facts, so torch.compile traces it.
+
+``resolve(op, backend, device, available)`` returns one of ``"reference"``, ``"cpu"``,
+``"cuda"``, ``"triton"`` or raises a ``ValueError`` that says why the request can't be served.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+try:  # loading _C registers the C++ ops (TORCH_LIBRARY) as a side effect
+    from screening_attn import _C  # type: ignore[attr-defined]
+
+    C_ERROR: str | None = None
+except ImportError as exc:  # the reference backend still works without the extension
+    _C = None
+    C_ERROR = f"the C++ extension screening_attn._C failed to load ({exc})"
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def build_info() -> dict:
+    """Facts about the compiled extension (empty dict with the reason when it is missing)."""
+    if _C is None:
+        return {"loaded": False, "error": C_ERROR}
+    return {"loaded": True, **_C.build_info()}
+
+
+def cuda_compiled() -> bool:
+    return _C is not None and bool(_C.build_info()["cuda"])
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _why_not(backend: str, device: torch.device) -> str | None:
+    """None if ``backend`` can run on ``device`` in this process, else the reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"backend='cpu' needs CPU tensors, got tensors on {device}"
+        return C_ERROR
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"backend='cuda' needs CUDA tensors, got tensors on {device}"
+        if C_ERROR is not None:
+            return C_ERROR
+        if not cuda_compiled():
+            return "screening_attn._C was built without CUDA sources (rebuild with FORCE_CUDA=1)"
+        return None
+    if backend == "triton":
+        if not HAS_TRITON:
+            return "backend='triton' needs the triton package, which is not installed"
+        if device.type == "cpu" and not triton_interpret():
+            return (
+                "backend='triton' on CPU tensors runs only under the Triton interpreter "
+                "(set TRITON_INTERPRET=1 before importing triton); use backend='cpu'"
+            )
+        if device.type not in ("cpu", "cuda"):
+            return f"backend='triton' needs CUDA tensors, got tensors on {device}"
+        return None
+    raise AssertionError(backend)
+
+
+def resolve(op: str, backend: str, device: torch.device, available: tuple[str, ...]) -> str:
+    """Pick the implementation of ``op`` for tensors on ``device``.
+
+    ``available`` lists the backends ``op`` has (``"reference"`` always among them).
+    ``"auto"`` prefers the compiled kernel for the device and falls back to the reference only
+    where the op has no kernel for it or the extension did not load.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for cand in preferred:
+            if cand in available and _why_not(cand, device) is None:
+                return cand
+        return "reference"
+    if backend not in available:
+        raise ValueError(f"{op} has no backend={backend!r}; available here: {available}")
+    reason = _why_not(backend, device)
+    if reason is not None:
+        raise ValueError(f"{op}: {reason}")
+    return backend
