@@ -1,0 +1,115 @@
+"""Public ``screened_attention`` (SPEC §1): validate, pick a backend, run it."""
+
+from __future__ import annotations
+
+import torch
+
+from screening_attn import _backend
+from screening_attn.attention.reference import _reference, check_inputs
+from screening_attn.attention.state import ScreeningState
+
+__all__ = ["AVAILABLE", "screened_attention"]
+
+# Backends that implement this op; the compiled kernels join this tuple as they land.
+AVAILABLE: tuple[str, ...] = ("reference",)
+
+
+def screened_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    relevant: int,
+    *,
+    scale: float | None = None,
+    return_state: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor | tuple[torch.Tensor, ScreeningState]:
+    r"""Relevancy-screened causal dot-product attention (Kerg et al., NeurIPS 2020).
+
+    Each query attends to the last ``window`` positions (itself included) plus a *relevant set*
+    of at most ``relevant`` older positions. A key's relevancy ``r`` is the attention mass it
+    received while inside the window; when it leaves the window it takes the first empty slot
+    of the relevant set, or overwrites the least relevant slot (ties: lowest slot number) if its
+    ``r`` is strictly larger, or is dropped for good. Cost per query is ``O(window + relevant)``.
+    A drop-in for ``scaled_dot_product_attention(q, k, v, is_causal=True)``: same layout, same
+    default scale. Every batch row and head is screened independently.
+
+    Which keys query ``t = 9`` sees with ``window=3, relevant=2``::
+
+        key j       0  1  2  3  4  5  6  7  8  9  10 11
+        query 9     .  R  .  .  R  .  .  W  W  W  -  -
+
+        W  window: j = t-window+1 .. t
+        R  relevant set: slots filled by screening keys <= t-window as they left the window
+        .  screened out (dropped or evicted; never comes back)
+        -  future (causal)
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `(B, H, T, D)`.
+        k (torch.Tensor):
+            keys of shape `(B, H, T, D)`, same dtype and device as `q`.
+        v (torch.Tensor):
+            values of shape `(B, H, T, Dv)`, same dtype and device as `q`; `Dv` may differ from
+            `D`.
+        window (int):
+            `ν >= 1`, the number of most recent positions every query sees (itself included).
+        relevant (int):
+            `ρ >= 0`, the number of slots of the relevant set. `relevant=0` gives causal
+            sliding-window attention; `relevant >= T - window` gives full causal attention.
+        scale (Optional[float]):
+            factor on the logits `<q_t, k_j>`. Default: `None`, meaning `1 / sqrt(D)`.
+        return_state (bool):
+            also return the `ScreeningState` (final slots, per-key relevancy, and the span of
+            queries during which each key was in the relevant set). Default: `False`.
+        backend (str):
+            `"auto"`, `"reference"`, `"cpu"`, `"triton"` or `"cuda"`. `"auto"` picks the compiled
+            kernel for the tensors' device and falls back to the pure-PyTorch reference where
+            there is none; asking for a backend that can't run raises a `ValueError` saying why.
+            Default: `"auto"`.
+
+    Returns:
+        out (torch.Tensor):
+            `(B, H, T, Dv)`, dtype of `q`. float16/bfloat16 inputs are computed in float32.
+        state (ScreeningState):
+            only with `return_state=True`. `relevant_index (B, H, ρ)` int64 (`-1` when empty),
+            `relevant_score (B, H, ρ)` and `relevancy (B, H, T)` in float32 (float64 for
+            float64 inputs; `-inf` for empty slots), `span (B, H, T, 2)` int32.
+
+    Gradients flow to `q`, `k` and `v` with the screening decisions held fixed (the relevancy
+    is a statistic and carries none): they are the gradients of masked softmax attention with
+    the mask `state.candidate_mask(window)`.
+
+    Empty inputs are fine: `T = 0` or `B = 0` (or `H = 0`) returns an empty `(B, H, T, Dv)`
+    output, and with `return_state=True` a state whose slots are all empty (`-1`, `-inf`).
+    With `D = 0` every logit is 0, so each query averages the values of its candidates.
+
+    Raises:
+        TypeError: a non-tensor, integer or mixed-dtype input, a non-integer (or bool)
+            `window`/`relevant`, or a non-real `scale`.
+        ValueError: wrong rank, mismatched `(B, H, T, D)`, tensors on different devices,
+            `window < 1`, `relevant < 0`, non-finite `scale`, or an unknown or unavailable
+            `backend`.
+
+    Examples::
+        >>> import torch
+        >>> from screening_attn import attention
+        >>> B, H, T, D = 2, 4, 256, 64
+        >>> q, k, v = torch.randn(3, B, H, T, D).unbind(0)
+        >>> out, state = attention.screened_attention(
+        ...     q, k, v, window=16, relevant=8, return_state=True
+        ... )
+        >>> out.shape, state.relevant_index.shape
+        (torch.Size([2, 4, 256, 64]), torch.Size([2, 4, 8]))
+        >>> full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> torch.allclose(attention.screened_attention(q, k, v, T, 0), full, atol=1e-5)
+        True
+    """
+    window, relevant, scale = check_inputs(q, k, v, window, relevant, scale)
+    if not isinstance(return_state, bool):
+        raise TypeError(f"return_state must be a bool, got {return_state!r}")
+    impl = _backend.resolve("screened_attention", backend, q.device, AVAILABLE)
+    if impl == "reference":
+        return _reference(q, k, v, window, relevant, scale, return_state)
+    raise AssertionError(f"backend {impl!r} is listed in AVAILABLE but not wired")
