@@ -1,0 +1,561 @@
+"""Pure-PyTorch reference of RelRNN and RelLSTM (SPEC §2): readable, float64-capable, the
+definition of correct for every fused kernel.
+
+Both networks attend, at every step t >= 1, from a query state ``s_{t-1}`` to
+
+* the *window*: the last ν hidden states ``h_{t-ν} … h_{t-1}`` (fewer at the start), and
+* the *relevant set*: at most ρ older states, kept in ρ numbered slots per batch row,
+
+with additive scores ``e_j = v · tanh(Va s_{t-1} + Ua h_j)``. A state's relevancy ``r_j`` is the
+attention mass it received while in the window (no gradient). When it leaves the window it is
+screened by the slot rule of SPEC §1.5: first empty slot; else it overwrites the slot with the
+smallest score (lowest slot number on ties) if its score is strictly larger; else it is dropped.
+
+Layout is time-major like ``torch.nn.RNN``: ``x (T, B, I)``, ``h (T, B, Hd)``; ``h0 (B, Hd)`` as in
+the paper's code (``x.new_zeros(x.shape[0], hidden_size)`` per step), not ``(layers, B, Hd)``.
+
+The time loop is in Python; everything inside a step is batched over the B rows, each of which
+has its own window contents and relevant set (screening uses gather/where, not a loop over rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from screening_attn import _backend, _validate
+
+__all__ = [
+    "NONLINEARITIES",
+    "ModReLU",
+    "RelLSTM",
+    "RelRNN",
+    "RelState",
+    "modrelu",
+    "rel_lstm_reference",
+    "rel_rnn_reference",
+]
+
+NONLINEARITIES = ("tanh", "relu", "sigmoid", "identity", "modrelu")
+
+
+@dataclass
+class RelState:
+    """Screening state after the last step of a RelRNN / RelLSTM forward.
+
+    Attributes:
+        relevant_index (Tensor): `(B, ρ)` int64. The time step held by each slot of the relevant
+            set after the last step (the screening done at step T-1 included), in slot order;
+            `-1` for an empty slot.
+        relevant_score (Tensor): `(B, ρ)`. The relevancy of each slot's state; `-inf` for an
+            empty slot. float32 for half inputs, else the input dtype. No gradient.
+        relevancy (Tensor): `(T, B)`, dtype of `relevant_score`. ``r_j`` for every state: the
+            attention mass it received while in the window (for states still in the window at
+            the end, the sum so far). No gradient.
+    """
+
+    relevant_index: Tensor
+    relevant_score: Tensor
+    relevancy: Tensor
+
+
+def modrelu(z: Tensor, b: Tensor) -> Tensor:
+    """``sign(z) · relu(|z| + b)`` (Arjovsky et al. 2016), with ``b`` of shape `(Hd,)`."""
+    return torch.sign(z) * F.relu(z.abs() + b)
+
+
+def _activate(z: Tensor, nonlinearity: str, modrelu_b: Tensor | None) -> Tensor:
+    if nonlinearity == "tanh":
+        return torch.tanh(z)
+    if nonlinearity == "relu":
+        return F.relu(z)
+    if nonlinearity == "sigmoid":
+        return torch.sigmoid(z)
+    if nonlinearity == "identity":
+        return z
+    if nonlinearity == "modrelu":
+        if modrelu_b is None:
+            raise ValueError("nonlinearity='modrelu' needs modrelu_b, got None")
+        return modrelu(z, modrelu_b)
+    raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {nonlinearity!r}")
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    # softmax and r accumulate in float32 for half inputs (SPEC §1, Numerics)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class _Memory:
+    """Window and relevant set of every batch row, plus the relevancy of every state.
+
+    Each state is stored next to ``Ua h_j``, computed once when the state is produced: the
+    attention of later steps only adds ``Va s`` to it.
+    """
+
+    def __init__(self, window: int, relevant: int, T: int, like: Tensor) -> None:
+        B, Hd = like.shape
+        self.window = window
+        self.relevant = relevant
+        self.score_dtype = _score_dtype(like.dtype)
+        self.win_h: list[Tensor] = []  # each (B, Hd), oldest first
+        self.win_uah: list[Tensor] = []
+        self.win_start = 0  # time step of win_h[0]
+        self.slot_h = like.new_zeros(B, relevant, Hd)
+        self.slot_uah = like.new_zeros(B, relevant, Hd)
+        self.slot_index = torch.full((B, relevant), -1, dtype=torch.int64, device=like.device)
+        self.slot_score = torch.full(
+            (B, relevant), float("-inf"), dtype=self.score_dtype, device=like.device
+        )
+        self.relevancy = torch.zeros(T, B, dtype=self.score_dtype, device=like.device)
+
+    def attend(self, s: Tensor, Va_weight: Tensor, v: Tensor) -> Tensor:
+        """Context ``c = Σ_j α_j h_j`` for the query ``s (B, Hd)``; adds α to the window's r."""
+        query = F.linear(s, Va_weight)  # (B, Hd)
+        keys = torch.stack(self.win_uah, 1)  # (B, w, Hd)
+        values = torch.stack(self.win_h, 1)
+        w = keys.shape[1]
+        if self.relevant:
+            keys = torch.cat([keys, self.slot_uah], 1)  # (B, w+ρ, Hd)
+            values = torch.cat([values, self.slot_h], 1)
+        e = torch.tanh(query.unsqueeze(1) + keys) @ v.reshape(-1)  # (B, w+ρ)
+        if self.relevant:
+            empty = self.slot_index < 0  # (B, ρ)
+            e = e.masked_fill(torch.cat([empty.new_zeros(empty.shape[0], w), empty], 1), -torch.inf)
+        alpha = torch.softmax(e, dim=1, dtype=self.score_dtype)  # window never empty: no NaN
+        self.relevancy[self.win_start : self.win_start + w] += alpha[:, :w].detach().T
+        return (alpha.to(values.dtype).unsqueeze(1) @ values).squeeze(1)  # (B, Hd)
+
+    def push(self, h: Tensor, uah: Tensor) -> None:
+        """Append the newest state; the one that leaves the window is screened."""
+        self.win_h.append(h)
+        self.win_uah.append(uah)
+        if len(self.win_h) > self.window:
+            self._screen(self.win_start, self.win_h.pop(0), self.win_uah.pop(0))
+            self.win_start += 1
+
+    def _screen(self, pos: int, h: Tensor, uah: Tensor) -> None:
+        if not self.relevant:
+            return
+        r = self.relevancy[pos]  # (B,) final: pos has left the window
+        empty = self.slot_index < 0  # (B, ρ)
+        has_empty = empty.any(1)
+        first_empty = empty.to(torch.int8).argmax(1)  # argmax/argmin: first index on ties
+        weakest = self.slot_score.argmin(1)
+        target = torch.where(has_empty, first_empty, weakest)  # (B,)
+        target_score = self.slot_score.gather(1, target.unsqueeze(1)).squeeze(1)
+        take = has_empty | (r > target_score)  # strictly larger evicts
+        slots = torch.arange(self.relevant, device=target.device)
+        hit = (slots == target.unsqueeze(1)) & take.unsqueeze(1)  # (B, ρ), one True at most
+        self.slot_index = torch.where(hit, pos, self.slot_index)
+        self.slot_score = torch.where(hit, r.unsqueeze(1), self.slot_score)
+        self.slot_h = torch.where(hit.unsqueeze(2), h.unsqueeze(1), self.slot_h)
+        self.slot_uah = torch.where(hit.unsqueeze(2), uah.unsqueeze(1), self.slot_uah)
+
+    def state(self) -> RelState:
+        return RelState(self.slot_index, self.slot_score, self.relevancy)
+
+
+def rel_rnn_reference(
+    x: Tensor,
+    h0: Tensor | None,
+    U_weight: Tensor,
+    U_bias: Tensor | None,
+    V_weight: Tensor,
+    Ua_weight: Tensor,
+    Va_weight: Tensor,
+    v: Tensor,
+    modrelu_b: Tensor | None = None,
+    *,
+    window: int,
+    relevant: int,
+    nonlinearity: str = "tanh",
+    attn: float = 1.0,
+) -> tuple[Tensor, RelState]:
+    """RelRNN forward on validated inputs (SPEC §2); see :class:`RelRNN`.
+
+    ``x (T, B, I)``, ``h0 (B, Hd)`` or None (zeros); the weights as in ``nn.Linear``
+    (``U_weight (Hd, I)``, ``V_weight``, ``Ua_weight``, ``Va_weight (Hd, Hd)``), ``v (1, Hd)``,
+    ``modrelu_b (Hd,)`` for ``nonlinearity="modrelu"``. Returns ``h (T, B, Hd)`` and the state.
+    """
+    T, B, _ = x.shape
+    Hd = U_weight.shape[0]
+    if h0 is None:
+        h0 = x.new_zeros(B, Hd)
+    ux = F.linear(x, U_weight, U_bias)  # (T, B, Hd): the input part of every step at once
+    memory = _Memory(window, relevant, T, h0)
+    hs = []
+    for t in range(T):
+        if t == 0:
+            pre = ux[0] + F.linear(h0, V_weight)
+            s = pre  # the first query is the pre-activation (as in the paper's code)
+        else:
+            c = memory.attend(s, Va_weight, v)
+            s = 0.5 * (hs[-1] + attn * c)
+            pre = ux[t] + F.linear(s, V_weight)
+        h = _activate(pre, nonlinearity, modrelu_b)
+        hs.append(h)
+        memory.push(h, F.linear(h, Ua_weight))
+    return torch.stack(hs), memory.state()
+
+
+def rel_lstm_reference(
+    x: Tensor,
+    h0: Tensor | None,
+    Wf_weight: Tensor,
+    Wf_bias: Tensor,
+    Wi_weight: Tensor,
+    Wi_bias: Tensor,
+    Wo_weight: Tensor,
+    Wo_bias: Tensor,
+    Wg_weight: Tensor,
+    Wg_bias: Tensor,
+    Ua_weight: Tensor,
+    Va_weight: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    relevant: int,
+) -> tuple[Tensor, RelState]:
+    """RelLSTM forward on validated inputs (SPEC §2); see :class:`RelLSTM`.
+
+    The gate weights are ``(Hd, Hd + I)`` and act on ``cat([s_t, x_t])`` (state first). The
+    cell state starts at zeros. Returns ``h (T, B, Hd)`` and the state.
+    """
+    T, B, _ = x.shape
+    Hd = Ua_weight.shape[0]
+    if h0 is None:
+        h0 = x.new_zeros(B, Hd)
+    memory = _Memory(window, relevant, T, h0)
+    cell = x.new_zeros(B, Hd)
+    s = h0  # s_0 = h0, no attention at t = 0
+    hs = []
+    for t in range(T):
+        if t > 0:
+            s = 0.5 * (hs[-1] + memory.attend(s, Va_weight, v))
+        inp = torch.cat([s, x[t]], 1)
+        f = torch.sigmoid(F.linear(inp, Wf_weight, Wf_bias))
+        i = torch.sigmoid(F.linear(inp, Wi_weight, Wi_bias))
+        o = torch.sigmoid(F.linear(inp, Wo_weight, Wo_bias))
+        g = torch.tanh(F.linear(inp, Wg_weight, Wg_bias))
+        cell = f * cell + i * g
+        h = o * torch.tanh(cell)
+        hs.append(h)
+        memory.push(h, F.linear(h, Ua_weight))
+    return torch.stack(hs), memory.state()
+
+
+# Backends per op. Compiled kernels add their entry point here (and their name to the tuple).
+_RNN_IMPLS = {"reference": rel_rnn_reference}
+_LSTM_IMPLS = {"reference": rel_lstm_reference}
+
+
+def _check_sizes(input_size: object, hidden_size: object, window: object, relevant: object):
+    return (
+        _validate.check_int("input_size", input_size, minimum=1),
+        _validate.check_int("hidden_size", hidden_size, minimum=1),
+        _validate.check_int("window", window, minimum=1),
+        _validate.check_int("relevant", relevant, minimum=0),
+    )
+
+
+def _check_forward(module: RelRNN | RelLSTM, x: object, h0: object) -> tuple[Tensor, Tensor | None]:
+    x = _validate.check_tensor("x", x, ndim=3)
+    T, B, I = x.shape
+    if I != module.input_size:
+        raise ValueError(
+            f"x must have shape (T, B, input_size={module.input_size}), got shape {tuple(x.shape)}"
+        )
+    if T == 0:
+        raise ValueError(f"x must hold at least one time step (T >= 1), got shape {tuple(x.shape)}")
+    _validate.check_same_device_dtype("the module's parameters", module.Ua.weight, x=x)
+    if h0 is not None:
+        h0 = _validate.check_tensor("h0", h0, ndim=2)
+        if tuple(h0.shape) != (B, module.hidden_size):
+            raise ValueError(
+                f"h0 must have shape (B, hidden_size) = ({B}, {module.hidden_size}), "
+                f"got shape {tuple(h0.shape)}"
+            )
+        _validate.check_same_device_dtype("x", x, h0=h0)
+    return x, h0
+
+
+class ModReLU(nn.Module):
+    """``sign(z) · relu(|z| + b)`` with a learned ``b`` of shape `(features,)`.
+
+    Initialized uniform in [-0.01, 0.01], as in the paper's code.
+    """
+
+    def __init__(self, features: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.features = features
+        self.b = nn.Parameter(torch.empty(features, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.uniform_(self.b, -0.01, 0.01)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return modrelu(z, self.b)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}"
+
+
+def _make_nonlinearity(name: object, hidden_size: int, factory: dict) -> nn.Module:
+    if not isinstance(name, str) or name not in NONLINEARITIES:
+        raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {name!r}")
+    if name == "modrelu":
+        return ModReLU(hidden_size, **factory)
+    return {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "identity": nn.Identity}[
+        name
+    ]()
+
+
+class RelRNN(nn.Module):
+    r"""Self-attentive RNN with relevancy screening (Kerg et al. 2020, "RelRNN").
+
+    Step t (``φ`` the nonlinearity, ``h0`` zeros when None):
+
+    * t = 0: ``p = U x_0 + V h0``; ``s_0 = p`` (the pre-activation); ``h_0 = φ(p)``.
+    * t ≥ 1: over the candidates j (window ``max(0, t-ν) ≤ j ≤ t-1`` and the relevant set),
+      ``e_j = v · tanh(Va s_{t-1} + Ua h_j)``, ``α = softmax(e)``, ``c_t = Σ α_j h_j``,
+      ``s_t = ½ (h_{t-1} + attn · c_t)``, ``h_t = φ(U x_t + V s_t)``. Window members add α_j
+      to their relevancy r_j (no gradient).
+    * then, when t ≥ ν, state t-ν leaves the window and is screened into the ρ slots.
+
+    ::
+
+        step t = 7, window=3, relevant=2: the query s_6 attends to
+        state   0  1  2  3  4  5  6
+                .  R  .  R  W  W  W     W: window (t-ν … t-1), R: relevant set (≤ t-ν-1)
+
+    Parameters have the names and shapes of the paper's code (``bhargav104/MemoryNets``,
+    ``RNN.py``, class ``RelMemRNN``), so its state_dicts load (strip the ``rnn.`` prefix of the
+    enclosing model): ``U`` Linear(I→Hd, bias), ``V``, ``Ua``, ``Va`` Linear(Hd→Hd, no bias),
+    ``v`` `(1, Hd)`, and for modrelu ``nonlinearity.b`` `(Hd,)`.
+
+    Args:
+        input_size (int): I, features of ``x``.
+        hidden_size (int): Hd.
+        window (int): ν ≥ 1, the number of most recent states attended.
+        relevant (int): ρ ≥ 0, the size of the relevant set (0: windowed attention only).
+        nonlinearity (str): one of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"identity"``,
+            ``"modrelu"``. The paper's code gives *no* nonlinearity for ``"relu"``; use
+            ``"identity"`` to reproduce such a model. Default: ``"tanh"``.
+        bias (bool): whether ``U`` has a bias. Default: ``True``.
+        device, dtype: factory keywords of the parameters.
+
+    Example::
+
+        >>> import torch
+        >>> from screening_attn.nn import RelRNN
+        >>> rnn = RelRNN(input_size=10, hidden_size=32, window=4, relevant=2)
+        >>> h, state = rnn(torch.randn(50, 8, 10))  # (T, B, I)
+        >>> h.shape, state.relevant_index.shape
+        (torch.Size([50, 8, 32]), torch.Size([8, 2]))
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        window: int,
+        relevant: int,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        input_size, hidden_size, window, relevant = _check_sizes(
+            input_size, hidden_size, window, relevant
+        )
+        bias = _validate.check_bool("bias", bias)
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.window = window
+        self.relevant = relevant
+        self.nonlinearity_name = nonlinearity
+        # registration order of the paper's RelMemRNN: nonlinearity, U, V, Ua, Va, v
+        self.nonlinearity = _make_nonlinearity(nonlinearity, hidden_size, factory)
+        self.U = nn.Linear(input_size, hidden_size, bias=bias, **factory)
+        self.V = nn.Linear(hidden_size, hidden_size, bias=False, **factory)
+        self.Ua = nn.Linear(hidden_size, hidden_size, bias=False, **factory)
+        self.Va = nn.Linear(hidden_size, hidden_size, bias=False, **factory)
+        self.v = nn.Parameter(torch.empty(1, hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal ``U`` and ``v`` (the paper's defaults), orthogonal ``V`` (the paper
+        uses an orthogonal Henaff/Cayley init), ``nn.Linear``'s default for the rest."""
+        for lin in (self.U, self.V, self.Ua, self.Va):
+            lin.reset_parameters()
+        nn.init.xavier_normal_(self.U.weight)
+        nn.init.orthogonal_(self.V.weight)
+        nn.init.xavier_normal_(self.v)
+        if isinstance(self.nonlinearity, ModReLU):
+            self.nonlinearity.reset_parameters()
+
+    def forward(
+        self,
+        x: Tensor,
+        h0: Tensor | None = None,
+        *,
+        attn: float = 1.0,
+        backend: str = "auto",
+    ) -> tuple[Tensor, RelState]:
+        """Run the whole sequence.
+
+        Args:
+            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            h0 (Tensor | None): `(B, hidden_size)`, the state before step 0. Default: zeros.
+            attn (float): factor on the context, ``s_t = ½ (h_{t-1} + attn · c_t)``.
+                Default: ``1.0``.
+            backend (str): ``"auto"`` or ``"reference"`` (compiled kernels: see SPEC §4).
+                Default: ``"auto"``.
+
+        Returns:
+            ``h`` `(T, B, hidden_size)`, every h_t; and a :class:`RelState`.
+
+        Gradients flow to every parameter, ``x`` and ``h0`` (full backprop through time) with
+        the screening decisions held fixed; the relevancy scores carry no gradient.
+        """
+        x, h0 = _check_forward(self, x, h0)
+        attn = _validate.check_finite_float("attn", attn)
+        impl = _backend.resolve("rel_rnn", backend, x.device, tuple(_RNN_IMPLS))
+        b = self.nonlinearity.b if isinstance(self.nonlinearity, ModReLU) else None
+        return _RNN_IMPLS[impl](
+            x,
+            h0,
+            self.U.weight,
+            self.U.bias,
+            self.V.weight,
+            self.Ua.weight,
+            self.Va.weight,
+            self.v,
+            b,
+            window=self.window,
+            relevant=self.relevant,
+            nonlinearity=self.nonlinearity_name,
+            attn=attn,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"window={self.window}, relevant={self.relevant}, "
+            f"nonlinearity={self.nonlinearity_name!r}, bias={self.U.bias is not None}"
+        )
+
+
+class RelLSTM(nn.Module):
+    r"""Self-attentive LSTM with relevancy screening (Kerg et al. 2020, "RelLSTM").
+
+    The attention and screening of :class:`RelRNN`, with an LSTM cell: ``s_0 = h0`` (zeros when
+    None; no attention at t = 0), for t ≥ 1 ``s_t = ½ (h_{t-1} + c_t)``; then with
+    ``z = cat([s_t, x_t])``: ``f, i, o = σ(Wf z), σ(Wi z), σ(Wo z)``, ``g = tanh(Wg z)``,
+    ``cell = f ⊙ cell + i ⊙ g`` (cell starts at zeros), ``h_t = o ⊙ tanh(cell)``.
+
+    Parameters have the names and shapes of the paper's code (``bhargav104/MemoryNets``,
+    ``LSTM.py``, class ``RelLSTM``): ``Wf, Wi, Wo, Wg`` Linear(Hd+I → Hd, bias), ``Ua``, ``Va``
+    Linear(Hd→Hd, no bias), ``v`` `(1, Hd)`.
+
+    Args:
+        input_size (int): I, features of ``x``.
+        hidden_size (int): Hd.
+        window (int): ν ≥ 1, the number of most recent states attended.
+        relevant (int): ρ ≥ 0, the size of the relevant set.
+        device, dtype: factory keywords of the parameters.
+
+    Example::
+
+        >>> import torch
+        >>> from screening_attn.nn import RelLSTM
+        >>> lstm = RelLSTM(input_size=10, hidden_size=32, window=4, relevant=2)
+        >>> h, state = lstm(torch.randn(50, 8, 10))
+        >>> h.shape
+        torch.Size([50, 8, 32])
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        window: int,
+        relevant: int,
+        *,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        input_size, hidden_size, window, relevant = _check_sizes(
+            input_size, hidden_size, window, relevant
+        )
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.window = window
+        self.relevant = relevant
+        n_in = hidden_size + input_size
+        self.Wf = nn.Linear(n_in, hidden_size, bias=True, **factory)
+        self.Wi = nn.Linear(n_in, hidden_size, bias=True, **factory)
+        self.Wo = nn.Linear(n_in, hidden_size, bias=True, **factory)
+        self.Wg = nn.Linear(n_in, hidden_size, bias=True, **factory)
+        self.Ua = nn.Linear(hidden_size, hidden_size, bias=False, **factory)
+        self.Va = nn.Linear(hidden_size, hidden_size, bias=False, **factory)
+        self.v = nn.Parameter(torch.empty(1, hidden_size, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Xavier-normal gate weights and ``v`` (the paper's), ``nn.Linear``'s default for the
+        rest."""
+        for lin in (self.Wf, self.Wi, self.Wo, self.Wg, self.Ua, self.Va):
+            lin.reset_parameters()
+        for lin in (self.Wf, self.Wi, self.Wo, self.Wg):
+            nn.init.xavier_normal_(lin.weight)
+        nn.init.xavier_normal_(self.v)
+
+    def forward(
+        self, x: Tensor, h0: Tensor | None = None, *, backend: str = "auto"
+    ) -> tuple[Tensor, RelState]:
+        """Run the whole sequence.
+
+        Args:
+            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            h0 (Tensor | None): `(B, hidden_size)`, the first attention query and the state fed
+                to the gates at t = 0. Default: zeros.
+            backend (str): ``"auto"`` or ``"reference"``. Default: ``"auto"``.
+
+        Returns:
+            ``h`` `(T, B, hidden_size)` and a :class:`RelState`.
+        """
+        x, h0 = _check_forward(self, x, h0)
+        impl = _backend.resolve("rel_lstm", backend, x.device, tuple(_LSTM_IMPLS))
+        return _LSTM_IMPLS[impl](
+            x,
+            h0,
+            self.Wf.weight,
+            self.Wf.bias,
+            self.Wi.weight,
+            self.Wi.bias,
+            self.Wo.weight,
+            self.Wo.bias,
+            self.Wg.weight,
+            self.Wg.bias,
+            self.Ua.weight,
+            self.Va.weight,
+            self.v,
+            window=self.window,
+            relevant=self.relevant,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"input_size={self.input_size}, hidden_size={self.hidden_size}, "
+            f"window={self.window}, relevant={self.relevant}"
+        )
