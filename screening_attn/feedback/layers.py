@@ -1,0 +1,520 @@
+"""CNN-F layers (SPEC §3): each has a bottom-up ``forward`` and a top-down ``feedback``.
+
+The gating layers (``AdaReLU``, ``AdaPool2d``) keep state between the two passes: ``forward``
+remembers its gates for the next ``feedback``, ``feedback`` stores its input as the ``hidden``
+signal that gates the next ``forward``. ``reset()`` forgets it. Put the layers in a
+``FeedbackSequential`` to get the feedback version of your own CNN: its ``feedback`` runs the
+layers' feedbacks in reverse order.
+
+Example::
+
+    net = FeedbackSequential(
+        FeedbackConv2d(1, 8, 3, padding=1), InsNorm(), Bias(8), AdaReLU(), AdaPool2d(2),
+        InsNorm(bottom_up=False, top_down=True),  # normalizes the top-down signal only
+        Flatten(), FeedbackLinear(8 * 14 * 14, 10), Bias(10),
+    )
+    logits = net(torch.randn(4, 1, 28, 28))
+    image_rec = net.feedback(logits)  # (4, 1, 28, 28), through the gates set above
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from screening_attn import _backend
+from screening_attn._validate import (
+    check_bool,
+    check_finite_float,
+    check_int,
+    check_same_device_dtype,
+    check_tensor,
+)
+from screening_attn.feedback import functional, reference
+
+__all__ = [
+    "AdaPool2d",
+    "AdaReLU",
+    "Bias",
+    "FeedbackConv2d",
+    "FeedbackLinear",
+    "FeedbackModule",
+    "FeedbackSequential",
+    "Flatten",
+    "GlobalAvgPool2d",
+    "InsNorm",
+    "ins_norm",
+]
+
+
+def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
+    if isinstance(value, tuple | list):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        first, second = (check_int(name, v, minimum=minimum) for v in value)
+        return first, second
+    v = check_int(name, value, minimum=minimum)
+    return v, v
+
+
+def _check_channels(name: str, x: Tensor, dim: int, expected: int, what: str) -> None:
+    if x.shape[dim] != expected:
+        raise ValueError(
+            f"{name} must have {expected} {what} (dim {dim}), got shape {tuple(x.shape)}"
+        )
+
+
+def _check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in _backend.BACKENDS:
+        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_eps(eps: object) -> float:
+    value = check_finite_float("eps", eps)
+    if value < 0:
+        raise ValueError(f"eps must be a finite float >= 0, got {eps}")
+    return value
+
+
+def _ins_norm(name: str, x: Tensor, eps: float, centered: bool) -> Tensor:
+    check_tensor(name, x, ndim=4)
+    if centered and x.shape[2] * x.shape[3] < 2:
+        raise ValueError(
+            f"{name} needs at least 2 elements in H x W for centered=True (unbiased variance), "
+            f"got shape {tuple(x.shape)}"
+        )
+    return reference.ins_norm(x, eps, centered)
+
+
+def ins_norm(x: Tensor, eps: float = 1e-8, centered: bool = False) -> Tensor:
+    """CNN-F's instance norm (SPEC §3): ``x / sqrt(mean_{H,W}(x^2) + eps)`` per (n, c).
+
+    Args:
+        x (Tensor): `(N, C, H, W)`, floating point.
+        eps (float): added under the square root, >= 0. Default: ``1e-8``.
+        centered (bool): use the unbiased variance (as ``torch.var``) instead of the mean square;
+            only the denominator changes, ``x`` is not centered. Default: ``False``.
+
+    Returns:
+        Tensor shaped and typed like ``x``.
+
+    Example::
+
+        >>> y = ins_norm(torch.randn(2, 3, 8, 8))
+        >>> y.square().mean(dim=(2, 3))  # ~1 for every (n, c)
+    """
+    return _ins_norm("x", x, _check_eps(eps), check_bool("centered", centered))
+
+
+class FeedbackModule(nn.Module):
+    """Base of the CNN-F layers: ``forward(x)`` bottom-up, ``feedback(z)`` top-down."""
+
+    def feedback(self, z: Tensor) -> Tensor:
+        raise NotImplementedError(f"{type(self).__name__} has no feedback pass")
+
+    def reset(self) -> None:
+        """Forget the gate state of this module and of every submodule."""
+        for module in self.modules():
+            if isinstance(module, FeedbackModule):
+                module._clear_state()
+
+    def set_backend(self, backend: str) -> None:
+        """Set ``backend`` on every submodule that dispatches to compiled kernels."""
+        backend = _check_backend(backend)
+        for module in self.modules():
+            if hasattr(module, "backend"):
+                module.backend = backend
+
+    def _clear_state(self) -> None:
+        """Stateless layers have nothing to forget."""
+
+
+class InsNorm(FeedbackModule):
+    """Instance norm without centering or affine (SPEC §3 ``ins_norm``), for ``(N, C, H, W)``.
+
+    CNN-F also normalizes the *top-down* signal, at other places than the bottom-up one, so
+    each direction is switched separately; a disabled direction is the identity.
+
+    Args:
+        eps (float): added under the square root. Default: ``1e-8``.
+        centered (bool): unbiased variance instead of the mean square. Default: ``False``.
+        bottom_up (bool): normalize in ``forward``. Default: ``True``.
+        top_down (bool): normalize in ``feedback``. Default: ``False``.
+    """
+
+    def __init__(
+        self,
+        eps: float = 1e-8,
+        centered: bool = False,
+        *,
+        bottom_up: bool = True,
+        top_down: bool = False,
+    ) -> None:
+        super().__init__()
+        self.eps = _check_eps(eps)
+        self.centered = check_bool("centered", centered)
+        self.bottom_up = check_bool("bottom_up", bottom_up)
+        self.top_down = check_bool("top_down", top_down)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _ins_norm("x", x, self.eps, self.centered) if self.bottom_up else x
+
+    def feedback(self, z: Tensor) -> Tensor:
+        return _ins_norm("z", z, self.eps, self.centered) if self.top_down else z
+
+    def extra_repr(self) -> str:
+        return (
+            f"eps={self.eps}, centered={self.centered}, bottom_up={self.bottom_up}, "
+            f"top_down={self.top_down}"
+        )
+
+
+class Bias(FeedbackModule):
+    """Learned per-channel bias (dim 1 of ``(N, C, *)``), zero-initialized; feedback is the
+    identity."""
+
+    def __init__(self, num_channels: int) -> None:
+        super().__init__()
+        self.num_channels = check_int("num_channels", num_channels, minimum=1)
+        self.bias = nn.Parameter(torch.zeros(self.num_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=tuple(range(2, 9)))
+        check_same_device_dtype("bias", self.bias, x=x)
+        _check_channels("x", x, 1, self.num_channels, "channels")
+        return x + self.bias.view(-1, *([1] * (x.dim() - 2)))
+
+    def feedback(self, z: Tensor) -> Tensor:
+        return z
+
+    def extra_repr(self) -> str:
+        return str(self.num_channels)
+
+
+class AdaReLU(FeedbackModule):
+    """AdaReLU with residual parameter ``res_param`` (SPEC §3).
+
+    ``forward`` runs :func:`screening_attn.feedback.functional.ada_relu` on ``backend`` with the
+    ``hidden`` signal stored by the last ``feedback`` (a plain ReLU before the first one) and
+    remembers the gate mask; ``feedback(z)`` stores ``hidden = z`` and returns ``z * mask``
+    (:func:`~screening_attn.feedback.functional.ada_relu_feedback`, same backend).
+
+    Args:
+        res_param (float): the step ``eta`` toward ``hidden``. Default: ``0.1``.
+        backend (str): where the gate runs (SPEC §4). Default: ``"auto"``.
+    """
+
+    def __init__(self, res_param: float = 0.1, *, backend: str = "auto") -> None:
+        super().__init__()
+        self.res_param = check_finite_float("res_param", res_param)
+        self.backend = _check_backend(backend)
+        self.hidden: Tensor | None = None
+        self.mask: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.hidden is not None and self.hidden.shape != x.shape:
+            raise ValueError(
+                f"x has shape {tuple(x.shape)} but the stored feedback signal has shape "
+                f"{tuple(self.hidden.shape)}; call reset() before a new input"
+            )
+        y, self.mask = functional.ada_relu(x, self.hidden, self.res_param, backend=self.backend)
+        return y
+
+    def feedback(self, z: Tensor) -> Tensor:
+        if self.mask is None:
+            raise RuntimeError("AdaReLU.feedback needs a forward pass first (no gates stored)")
+        check_tensor("z", z, ndim=self.mask.dim())
+        if z.shape != self.mask.shape:
+            raise ValueError(
+                f"z must have the shape of the last forward input {tuple(self.mask.shape)}, "
+                f"got {tuple(z.shape)}"
+            )
+        self.hidden = z
+        return functional.ada_relu_feedback(z, self.mask, backend=self.backend)
+
+    def _clear_state(self) -> None:
+        self.hidden = None
+        self.mask = None
+
+    def extra_repr(self) -> str:
+        return f"res_param={self.res_param}, backend={self.backend!r}"
+
+
+class AdaPool2d(FeedbackModule):
+    """AdaPool (SPEC §3): k x k windows, stride k, for ``(N, C, H, W)``.
+
+    Before any feedback ``forward`` max-pools; with a stored ``hidden`` it takes the max where
+    ``hidden > 0``, the min where ``hidden < 0`` and 0 where it is 0. ``feedback(z)`` stores
+    ``hidden = z`` and unpools ``z`` to the positions the last ``forward`` selected. Ties pick
+    the first element of the window in row-major order, for max and for min.
+    """
+
+    def __init__(self, kernel_size: int) -> None:
+        super().__init__()
+        self.kernel_size = check_int("kernel_size", kernel_size, minimum=1)
+        self._clear_state()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=4)
+        k = self.kernel_size
+        if x.shape[2] < k or x.shape[3] < k:
+            raise ValueError(
+                f"x must be at least {k}x{k} (kernel_size) in H and W, got shape {tuple(x.shape)}"
+            )
+        if self.hidden is not None:
+            pooled = (*x.shape[:2], x.shape[2] // k, x.shape[3] // k)
+            if self.hidden.shape != pooled:
+                raise ValueError(
+                    f"x pools to shape {pooled} but the stored feedback signal has shape "
+                    f"{tuple(self.hidden.shape)}; call reset() before a new input"
+                )
+        y, self.argmax, self.argmin, self.pos_mask, self.neg_mask = reference.ada_pool2d(
+            x, self.hidden, k
+        )
+        self.input_size = (x.shape[2], x.shape[3])
+        return y
+
+    def feedback(self, z: Tensor) -> Tensor:
+        if self.argmax is None:
+            raise RuntimeError("AdaPool2d.feedback needs a forward pass first (no gates stored)")
+        check_tensor("z", z, ndim=4)
+        if z.shape != self.argmax.shape:
+            raise ValueError(
+                f"z must have the shape of the last forward output {tuple(self.argmax.shape)}, "
+                f"got {tuple(z.shape)}"
+            )
+        self.hidden = z
+        return reference.ada_unpool2d(
+            z, self.argmax, self.argmin, self.pos_mask, self.neg_mask, self.input_size
+        )
+
+    def _clear_state(self) -> None:
+        self.hidden: Tensor | None = None
+        self.argmax: Tensor | None = None
+        self.argmin: Tensor | None = None
+        self.pos_mask: Tensor | None = None
+        self.neg_mask: Tensor | None = None
+        self.input_size: tuple[int, int] | None = None
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}"
+
+
+class FeedbackConv2d(FeedbackModule):
+    """2-D convolution without bias whose feedback is the transposed convolution with the same
+    weight: one parameter, so its gradient is the sum of both uses.
+
+    Args:
+        in_channels, out_channels (int): as ``nn.Conv2d``.
+        kernel_size, stride, padding (int or (int, int)): as ``nn.Conv2d``. Defaults: ``1``, ``0``.
+        output_padding (int or (int, int), optional): of the feedback's ``conv_transpose2d``;
+            ``None`` means 1 when the stride is > 1 and 0 otherwise (so stride 2 maps even sizes
+            back exactly). Default: ``None``.
+
+    The weight ``(out_channels, in_channels, kH, kW)`` starts from He init,
+    ``N(0, 2 / (kH kW out_channels))``, as the paper's code.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        *,
+        output_padding: int | tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_int("in_channels", in_channels, minimum=1)
+        self.out_channels = check_int("out_channels", out_channels, minimum=1)
+        self.kernel_size = _pair("kernel_size", kernel_size, 1)
+        self.stride = _pair("stride", stride, 1)
+        self.padding = _pair("padding", padding, 0)
+        if output_padding is None:
+            self.output_padding = tuple(int(s > 1) for s in self.stride)
+        else:
+            self.output_padding = _pair("output_padding", output_padding, 0)
+            for op, s in zip(self.output_padding, self.stride):
+                if op >= s:
+                    raise ValueError(
+                        f"output_padding must be smaller than stride {self.stride}, "
+                        f"got {self.output_padding}"
+                    )
+        kh, kw = self.kernel_size
+        self.weight = nn.Parameter(torch.empty(self.out_channels, self.in_channels, kh, kw))
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (kh * kw * self.out_channels)))
+
+    def _check(self, name: str, x: Tensor, channels: int) -> None:
+        check_tensor(name, x, ndim=4)
+        check_same_device_dtype("weight", self.weight, **{name: x})
+        _check_channels(name, x, 1, channels, "channels")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check("x", x, self.in_channels)
+        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+
+    def feedback(self, z: Tensor) -> Tensor:
+        self._check("z", z, self.out_channels)
+        return F.conv_transpose2d(
+            z,
+            self.weight,
+            stride=self.stride,
+            padding=self.padding,
+            output_padding=self.output_padding,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, output_padding={self.output_padding}"
+        )
+
+
+class FeedbackLinear(FeedbackModule):
+    """Linear map without bias, ``x W^T``, whose feedback is ``z W`` with the same weight
+    ``(out_features, in_features)`` (one parameter; initialized as ``nn.Linear``)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features = check_int("in_features", in_features, minimum=1)
+        self.out_features = check_int("out_features", out_features, minimum=1)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _check(self, name: str, x: Tensor, features: int) -> None:
+        check_tensor(name, x, ndim=tuple(range(1, 9)))
+        check_same_device_dtype("weight", self.weight, **{name: x})
+        _check_channels(name, x, -1, features, "features")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check("x", x, self.in_features)
+        return F.linear(x, self.weight)
+
+    def feedback(self, z: Tensor) -> Tensor:
+        self._check("z", z, self.out_features)
+        return z @ self.weight
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+class Flatten(FeedbackModule):
+    """``(N, *) -> (N, prod(*))``; feedback restores the shape of the last forward input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clear_state()
+
+    def _clear_state(self) -> None:
+        self.shape: tuple[int, ...] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=tuple(range(2, 9)), floating=False)
+        self.shape = tuple(x.shape[1:])
+        return x.flatten(1)
+
+    def feedback(self, z: Tensor) -> Tensor:
+        if self.shape is None:
+            raise RuntimeError("Flatten.feedback needs a forward pass first (shape unknown)")
+        check_tensor("z", z, ndim=2, floating=False)
+        if z.shape[1] != math.prod(self.shape):
+            raise ValueError(
+                f"z must have {math.prod(self.shape)} features to unflatten to {self.shape}, "
+                f"got shape {tuple(z.shape)}"
+            )
+        return z.reshape(z.shape[0], *self.shape)
+
+
+class GlobalAvgPool2d(FeedbackModule):
+    """``(N, C, H, W) -> (N, C)``, the mean over H and W; feedback copies each value back to all
+    H x W positions (nearest upsampling, as the paper's code does after its ``avg_pool2d(8)``;
+    not the exact adjoint, which would also divide by H W — the next top-down ``InsNorm``
+    removes the scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._clear_state()
+
+    def _clear_state(self) -> None:
+        self.size: tuple[int, int] | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_tensor("x", x, ndim=4)
+        self.size = (x.shape[2], x.shape[3])
+        return x.mean(dim=(2, 3))
+
+    def feedback(self, z: Tensor) -> Tensor:
+        if self.size is None:
+            raise RuntimeError("GlobalAvgPool2d.feedback needs a forward pass first")
+        check_tensor("z", z, ndim=2)
+        return z[:, :, None, None].expand(-1, -1, *self.size)
+
+
+class FeedbackSequential(FeedbackModule, nn.Sequential):
+    """A chain of feedback layers (an ``nn.Sequential``, also built from an ``OrderedDict``).
+
+    Nested ``FeedbackSequential``s are flattened into one list of *units* (``units()``); other
+    layers, e.g. a residual block with its own ``forward``/``feedback``, are single units.
+
+    * ``forward(x, start=0)`` runs units ``start, start+1, ...``;
+    * ``forward_capture(x, at)`` runs them all and also returns the input of unit ``at``;
+    * ``feedback(z, stop=0)`` runs the feedbacks of the units from the last down to ``stop``:
+      it reconstructs the input of unit ``stop``.
+    """
+
+    def __init__(self, *layers: nn.Module | OrderedDict[str, nn.Module]) -> None:
+        super().__init__(*layers)
+        self.units()  # every layer must be a FeedbackModule
+
+    def units(self) -> list[FeedbackModule]:
+        out: list[FeedbackModule] = []
+        for name, layer in self._modules.items():
+            if isinstance(layer, FeedbackSequential):
+                out.extend(layer.units())
+            elif isinstance(layer, FeedbackModule):
+                out.append(layer)
+            else:
+                raise TypeError(
+                    f"layer {name!r} of a FeedbackSequential must be a FeedbackModule, "
+                    f"got {type(layer).__name__}"
+                )
+        return out
+
+    def _index(self, name: str, value: object, units: list[FeedbackModule]) -> int:
+        i = check_int(name, value, minimum=0)
+        if i > len(units):
+            raise ValueError(f"{name} must be an int in [0, {len(units)}], got {i}")
+        return i
+
+    def __getitem__(self, idx: int | slice) -> nn.Module:
+        if isinstance(idx, slice):
+            return FeedbackSequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        units = self.units()
+        for unit in units[self._index("start", start, units) :]:
+            x = unit(x)
+        return x
+
+    def forward_capture(self, x: Tensor, at: int) -> tuple[Tensor, Tensor]:
+        units = self.units()
+        at = self._index("at", at, units)
+        captured = None
+        for i, unit in enumerate(units):
+            if i == at:
+                captured = x
+            x = unit(x)
+        return x, x if captured is None else captured  # at == len(units): the output itself
+
+    def feedback(self, z: Tensor, stop: int = 0) -> Tensor:
+        units = self.units()
+        for unit in reversed(units[self._index("stop", stop, units) :]):
+            z = unit.feedback(z)
+        return z
