@@ -7,6 +7,7 @@ implementation of the whole §1 scan (the selections), and hand-derived slots fo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -18,11 +19,12 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from screening_attn.attention import (
-    ScreeningState,
-    screened_attention,
-    screened_attention_reference,
-)
+from screening_attn.attention import ScreeningState, screened_attention_reference
+from screening_attn.attention import screened_attention as public_screened_attention
+
+# The oracle tests run the reference through the public entry point (its checks included);
+# the compiled backends are compared with the reference in their own test files.
+screened_attention = functools.partial(public_screened_attention, backend="reference")
 
 NEG = -1.0e4  # a logit this far below the others gets probability exactly 0 (exp underflows)
 
@@ -631,7 +633,7 @@ BAD = {
 
 
 @pytest.mark.parametrize(
-    "fn", [screened_attention, screened_attention_reference], ids=["public", "reference"]
+    "fn", [public_screened_attention, screened_attention_reference], ids=["public", "reference"]
 )
 @pytest.mark.parametrize("case", list(BAD), ids=list(BAD))
 def test_bad_input(case, fn):
@@ -648,24 +650,22 @@ def test_different_value_dim_is_fine():
 @pytest.mark.parametrize(
     "backend,match",
     [
-        ("cpu", r"has no backend='cpu'"),
-        ("triton", r"has no backend='triton'"),
         ("cuda", r"has no backend='cuda'"),
         ("refrence", r"^backend must be one of"),
         ("Reference", r"^backend must be one of"),
         (None, r"^backend must be one of"),
     ],
-    ids=["cpu", "triton", "cuda", "misspelt", "capitalised", "None"],
+    ids=["cuda", "misspelt", "capitalised", "None"],
 )
 def test_unavailable_backend(backend, match):
     with pytest.raises(ValueError, match=match):
-        screened_attention(**_args(), backend=backend)
+        public_screened_attention(**_args(), backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["reference"])
 def test_backends_agree_with_reference(backend):
     q, k, v = make_qkv(2, 2, 20, 4, 3, torch.float64, requires_grad=False)
-    out, state = screened_attention(q, k, v, 3, 2, return_state=True, backend=backend)
+    out, state = public_screened_attention(q, k, v, 3, 2, return_state=True, backend=backend)
     ref, ref_state = screened_attention_reference(q, k, v, 3, 2, return_state=True)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(state.span, ref_state.span, rtol=0, atol=0)

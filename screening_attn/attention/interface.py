@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from screening_attn import _backend
+from screening_attn.attention import _ops
 from screening_attn.attention.reference import _reference, check_inputs
 from screening_attn.attention.state import ScreeningState
 
 __all__ = ["AVAILABLE", "screened_attention"]
 
 # Backends that implement this op; the compiled kernels join this tuple as they land.
-AVAILABLE: tuple[str, ...] = ("reference",)
+AVAILABLE: tuple[str, ...] = ("reference", "cpu")
+_CPU_DTYPES = (torch.float32, torch.float64)
 
 
 def screened_attention(
@@ -110,6 +114,18 @@ def screened_attention(
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
     impl = _backend.resolve("screened_attention", backend, q.device, AVAILABLE)
+    if impl == "cpu" and q.dtype not in _CPU_DTYPES:
+        if backend != "auto":
+            raise TypeError(f"backend='cpu' takes float32 or float64 inputs, got {q.dtype}")
+        impl = "reference"  # half precision on CPU: only the reference computes it
     if impl == "reference":
         return _reference(q, k, v, window, relevant, scale, return_state)
-    raise AssertionError(f"backend {impl!r} is listed in AVAILABLE but not wired")
+    if scale is None:
+        D = q.shape[-1]
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
+    out, _, index, score, relevancy, span = _ops.screened_attention_cpp(
+        q, k, v, window, relevant, scale
+    )
+    if not return_state:
+        return out
+    return out, ScreeningState(index, score, relevancy, span)

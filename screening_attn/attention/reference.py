@@ -190,6 +190,7 @@ def _reference(
     """The reference on checked arguments (see ``check_inputs``)."""
     B, H, T, D = q.shape
     Dv = v.shape[-1]
+    window = min(window, T + 1)  # a larger window sees and screens the same keys
     if scale is None:
         # D = 0 makes every logit 0 whatever the scale: attention is a plain average then.
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
