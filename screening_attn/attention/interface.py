@@ -14,7 +14,7 @@ from screening_attn.attention.state import ScreeningState
 __all__ = ["AVAILABLE", "screened_attention"]
 
 # Backends that implement this op; the compiled kernels join this tuple as they land.
-AVAILABLE: tuple[str, ...] = ("reference", "cpu")
+AVAILABLE: tuple[str, ...] = ("reference", "cpu", "triton")
 _CPU_DTYPES = (torch.float32, torch.float64)
 
 
@@ -123,9 +123,8 @@ def screened_attention(
     if scale is None:
         D = q.shape[-1]
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
-    out, _, index, score, relevancy, span = _ops.screened_attention_cpp(
-        q, k, v, window, relevant, scale
-    )
+    op = _ops.screened_attention_cpp if impl == "cpu" else _ops.screened_attention_triton
+    out, _, index, score, relevancy, span = op(q, k, v, window, relevant, scale)
     if not return_state:
         return out
     return out, ScreeningState(index, score, relevancy, span)

@@ -1,0 +1,610 @@
+"""Triton kernels of screened attention (SPEC §1; ops in screening_attn/attention/_ops.py).
+
+All tensors are contiguous ``(N, T, ·)`` with ``N = B·H``; a program offsets by ``n·T·width``.
+Softmax, relevancy, lse and every accumulator are in ``ACC`` (float32; float64 for float64).
+A query block's candidates are the set at its start ``R_t0`` plus the key range
+``[t0-ν+1, t1)``, which holds every window key and every key screened in during the block.
+
+Forward, two kernels:
+
+* ``screen_scan_kernel``, grid ``(N,)``: the sequential part. Per query block: write the slot
+  keys to ``snap`` (``R_t0``), then the block's logits against its candidates, two chunked
+  ``tl.dot`` into a per-program scratch ``(BLOCK_M, R_PAD + W_PAD + 1)``. The loop over the
+  block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax, lse, the
+  relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors (slot key,
+  score, scratch column); 4 reductions per query.
+* ``attend_fwd_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: given ``snap``, ``span`` and ``lse``,
+  ``out = P V`` over the same candidates, membership from the spans.
+
+Backward, three kernels (the sets come back from ``span`` alone):
+
+* ``replay_sets_kernel``, grid ``(N,)``: ``R_t0`` of every query block rebuilt from the spans,
+  one vectorised step per block (keep members whose span goes on, put the keys screened in
+  during the block into empty slots, in key order). Only membership matters, not slot order.
+* ``attend_bwd_dq_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: ``delta`` (written for the next
+  kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)`` from one
+  more sweep, as the rounded O would cost the gradients about one ulp.
+* ``attend_bwd_dkdv_kernel``, grid ``(cdiv(T, BLOCK_N), N)``: one program owns a key block and
+  walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its keys' spans,
+  skipping query tiles where no key is a candidate. No atomics: deterministic.
+
+``NATIVE`` (half inputs on a GPU): ``Q Kᵀ`` and ``dO Vᵀ`` run on the input dtype with float32
+accumulation (exact products, as float32 math); products with P or dS use float32 operands.
+Elsewhere (and always under the interpreter, whose bf16 ``tl.dot`` is wrong) tiles are cast to
+ACC first and every ``tl.dot`` uses ``input_precision="ieee"`` (no TF32).
+NaN/Inf stay where the reference puts them: products with P or dS go through ``_dot_masked``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mm(a, b, NATIVE: tl.constexpr):
+    # a (M, K) @ b (K, N) of raw input tiles, accumulated in float32 / float64.
+    if NATIVE:
+        return tl.dot(a, b, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _dot_masked(a, member, b):
+    """a (M, K) @ b (K, N) in ACC, where a is 0 off ``member``. A non-finite entry of b must
+    not reach a row of a for which its row of b is no candidate (0 · NaN = NaN would smear
+    it over the tile), so tiles holding one take a slow exact path; others a plain tl.dot."""
+    inf = float("inf")
+    bad = (b != b) | (tl.abs(b) == inf)
+    if tl.max(bad.to(tl.int32)) > 0:
+        res = tl.dot(a, tl.where(bad, 0.0, b), input_precision="ieee")
+        # count the non-finite terms a_ik b_kj over candidates k, by the sign of a_ik (0/1
+        # operands: the counts are exact); a NaN in a already made its row NaN above
+        pos = (member & (a > 0)).to(b.dtype)
+        neg = (member & (a < 0)).to(b.dtype)
+        zero = (member & (a == 0)).to(b.dtype)
+        b_nan = (b != b).to(b.dtype)
+        b_pinf = (b == inf).to(b.dtype)
+        b_ninf = (b == -inf).to(b.dtype)
+        n_nan = tl.dot(pos + neg + zero, b_nan, input_precision="ieee")
+        n_nan += tl.dot(zero, b_pinf + b_ninf, input_precision="ieee")  # 0 · inf
+        n_pinf = tl.dot(pos, b_pinf, input_precision="ieee")
+        n_pinf += tl.dot(neg, b_ninf, input_precision="ieee")
+        n_ninf = tl.dot(pos, b_ninf, input_precision="ieee")
+        n_ninf += tl.dot(neg, b_pinf, input_precision="ieee")
+        res = tl.where(n_pinf > 0, inf, tl.where(n_ninf > 0, -inf, res))
+        res = tl.where((n_nan > 0) | ((n_pinf > 0) & (n_ninf > 0)), float("nan"), res)
+    else:
+        res = tl.dot(a, b, input_precision="ieee")
+    return res
+
+
+@triton.jit
+def _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET: tl.constexpr):
+    """(BLOCK_M, BLOCK_N) bool: key ``keys[c]`` is a candidate of query ``rows[i]``.
+
+    FROM_SET: the keys are the set at the block start, members until their span ends.
+    Otherwise the keys are the block's key range: in the window, or inside their span.
+    """
+    end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
+    t = rows[:, None]
+    if FROM_SET:
+        m = t < end[None, :]
+    else:
+        start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
+        j = keys[None, :]
+        m = ((j <= t) & (j > t - nu)) | ((start[None, :] <= t) & (t < end[None, :]))
+    return m & rows_ok[:, None] & keys_ok[None, :]
+
+
+@triton.jit
+def screen_scan_kernel(
+    q_ptr,  # (N, T, D)
+    k_ptr,  # (N, T, D)
+    lse_ptr,  # (N, T) ACC, written
+    rel_ptr,  # (N, T) ACC, written: relevancy
+    span_ptr,  # (N, T, 2) int32, prefilled with -1
+    idx_ptr,  # (N, RHO) int64, prefilled with -1: final slot keys
+    score_ptr,  # (N, RHO) ACC, prefilled with -inf: final slot scores
+    snap_ptr,  # (N, NB, SW) int32, written: slot keys at every block start
+    scr_ptr,  # (N, BLOCK_M, NCOL) ACC scratch: the block's logits
+    T,
+    D,
+    nu,
+    RL,  # live slots: min(ρ, T-ν+1); slots beyond can never fill
+    RHO,
+    NB,
+    SW,
+    R_PAD,  # slot columns of the scratch: RL rounded up to BLOCK_N
+    NCOL,  # R_PAD + range columns + 1 column of -inf (the last)
+    scale,
+    MM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # relevancy ring: key j in lane j % BLOCK_W (>= the window)
+    BLOCK_L: tl.constexpr,  # lanes: [ring | RL slots | dead]
+):
+    n = tl.program_id(0).to(tl.int64)
+    q_base = q_ptr + n * T * D
+    k_base = k_ptr + n * T * D
+    lse_base = lse_ptr + n * T
+    rel_base = rel_ptr + n * T
+    span_base = span_ptr + n * T * 2
+    snap_base = snap_ptr + n * NB * SW
+    scr = scr_ptr + n * BLOCK_M * NCOL
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    neg_inf = float("-inf")
+    NEG = NCOL - 1  # the scratch column that holds -inf: the logit of a non-candidate lane
+
+    # One vector of lanes per query, so that a step is a single gather and few reductions.
+    # Ring lanes: a window key's relevancy. Slot lanes (c = lane - BLOCK_W): key, score, and
+    # `sel_key`, the slot rule's order: empty -inf < NaN score -1 < real scores (>= 0).
+    lane = tl.arange(0, BLOCK_L)
+    is_ring = lane < BLOCK_W
+    slot_live = (lane >= BLOCK_W) & (lane < BLOCK_W + RL)
+    col = tl.full([BLOCK_L], 0, tl.int32) + NEG  # scratch column of each lane's logit
+    ring = tl.zeros([BLOCK_L], ACC)
+    slot_key = tl.full([BLOCK_L], -1, tl.int32)
+    slot_score = tl.full([BLOCK_L], neg_inf, ACC)
+    sel_key = tl.where(slot_live, neg_inf, float("inf")).to(ACC)
+    w_prev = 0
+
+    for t0 in range(0, T, BLOCK_M):
+        blk = t0 // BLOCK_M
+        w0 = tl.maximum(t0 - nu + 1, 0)
+        t1 = tl.minimum(t0 + BLOCK_M, T)
+        tl.debug_barrier()  # the previous block is done reading the scratch
+        tl.store(snap_base + blk * SW + lane - BLOCK_W, slot_key, mask=slot_live)
+        tl.debug_barrier()  # the snapshot is re-read by other threads below
+
+        rows = t0 + offs_m
+        qb = tl.load(
+            q_base + rows[:, None] * D + offs_d[None, :],
+            mask=(rows < T)[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(MM)
+        # logits against the slots at t0: scratch columns [0, R_PAD), in slot order
+        for c0 in range(0, R_PAD, BLOCK_N):
+            cols = c0 + offs_n
+            keys = tl.load(snap_base + blk * SW + cols, mask=cols < RL, other=-1)
+            kt = tl.load(
+                k_base + keys[None, :] * D + offs_d[:, None],
+                mask=(keys >= 0)[None, :] & d_ok[:, None],
+                other=0.0,
+            ).to(MM)
+            s = _mm(qb, kt, NATIVE).to(ACC) * scale
+            tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
+        # logits against the key range [w0, t1): scratch columns R_PAD + (j - w0)
+        for c0 in range(0, t1 - w0, BLOCK_N):
+            keys = w0 + c0 + offs_n
+            kt = tl.load(
+                k_base + keys[None, :] * D + offs_d[:, None],
+                mask=(keys < t1)[None, :] & d_ok[:, None],
+                other=0.0,
+            ).to(MM)
+            s = _mm(qb, kt, NATIVE).to(ACC) * scale
+            tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
+        tl.store(scr + offs_m * NCOL + NEG, tl.full([BLOCK_M], neg_inf, ACC))
+        tl.debug_barrier()  # scratch complete before the per-query reads
+        # re-base the columns: window keys move with w0, slots point at the snapshot columns
+        col = tl.where(
+            is_ring,
+            tl.where(col == NEG, NEG, col - (w0 - w_prev)),
+            tl.where(slot_key >= 0, lane - BLOCK_W, NEG),
+        )
+        w_prev = w0
+
+        for t in range(t0, t1):
+            enter = lane == t % BLOCK_W  # key t enters the window (the lane's old key has left)
+            col = tl.where(enter, R_PAD + t - w0, col)
+            ring = tl.where(enter, 0.0, ring)
+            s = tl.load(scr + (t - t0) * NCOL + col)
+            m = tl.max(s, 0)  # finite: key t is a candidate
+            p = tl.exp(s - m)
+            z = tl.sum(p, 0)
+            tl.store(lse_base + t, m + tl.log(z))
+            ring += p / z  # slot lanes collect junk that is never read
+
+            # screening of e = t-ν+1, which leaves the window with its final r
+            e = t - nu + 1
+            leave = lane == tl.where(e >= 0, e % BLOCK_W, -1)
+            col = tl.where(leave, NEG, col)
+            r_e = tl.sum(tl.where(leave, ring, 0.0), 0)
+            tl.store(rel_base + e, r_e, mask=e >= 0)
+            if HAS_SLOTS:
+                # first empty slot, else the smallest score (NaN smallest), lowest slot on ties
+                low, target = tl.min(
+                    sel_key, 0, return_indices=True, return_indices_tie_break_left=True
+                )
+                # replace only if r_e > low strictly; a NaN slot (-1) is never replaced
+                insert = (e >= 0) & ((low == neg_inf) | ((low >= 0) & (r_e > low)))
+                # (where, not &: the interpreter can't broadcast this scalar bool in an &)
+                sel = tl.where(insert, lane == target, False)
+                tl.store(span_base + 2 * slot_key + 1, t + 1, mask=sel & (slot_key >= 0))
+                tl.store(span_base + 2 * e, t + 1, mask=insert)
+                slot_key = tl.where(sel, e, slot_key)
+                slot_score = tl.where(sel, r_e, slot_score)
+                sel_key = tl.where(sel, tl.where(r_e != r_e, -1.0, r_e), sel_key)
+                col = tl.where(sel, R_PAD + e - w0, col)
+
+    # keys still in the set; keys still in the window (never screened) keep their partial r
+    tl.store(span_base + 2 * slot_key + 1, T, mask=slot_live & (slot_key >= 0))
+    tl.store(idx_ptr + n * RHO + lane - BLOCK_W, slot_key.to(tl.int64), mask=slot_live)
+    tl.store(score_ptr + n * RHO + lane - BLOCK_W, slot_score, mask=slot_live)
+    tl.store(rel_base + col - R_PAD + w_prev, ring, mask=is_ring & (col != NEG))
+
+
+@triton.jit
+def _fwd_chunk(
+    acc, l, qb, lse, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
+    D, DV, nu, scale,
+    FROM_SET: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
+    kt = tl.load(
+        k_base + keys[None, :] * D + offs_d[:, None],
+        mask=keys_ok[None, :] & (offs_d < D)[:, None],
+        other=0.0,
+    ).to(MM)
+    vb = tl.load(
+        v_base + keys[:, None] * DV + offs_dv[None, :],
+        mask=keys_ok[:, None] & (offs_dv < DV)[None, :],
+        other=0.0,
+    ).to(ACC)
+    s = _mm(qb, kt, NATIVE).to(ACC) * scale
+    p = tl.where(member, tl.exp(s - lse[:, None]), 0.0)
+    l += tl.sum(p, 1)
+    acc += _dot_masked(p, member, vb)
+    return acc, l
+
+
+@triton.jit
+def attend_fwd_kernel(
+    q_ptr,  # (N, T, D)
+    k_ptr,  # (N, T, D)
+    v_ptr,  # (N, T, DV)
+    lse_ptr,  # (N, T) ACC, from the scan
+    span_ptr,  # (N, T, 2) int32
+    snap_ptr,  # (N, NB, SW) int32: the set at each block start, RCOUNT slots used
+    out_ptr,  # (N, T, DV), written
+    T,
+    D,
+    DV,
+    nu,
+    RCOUNT,
+    NB,
+    SW,
+    scale,
+    MM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    k_base = k_ptr + n * T * D
+    v_base = v_ptr + n * T * DV
+    span_base = span_ptr + n * T * 2
+    snap_base = snap_ptr + (n * NB + blk) * SW
+
+    t0 = blk * BLOCK_M
+    rows = t0 + tl.arange(0, BLOCK_M)
+    rows_ok = rows < T
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qb = tl.load(
+        q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
+        mask=rows_ok[:, None] & (offs_d < D)[None, :],
+        other=0.0,
+    ).to(MM)
+    lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+    l = tl.zeros([BLOCK_M], ACC)
+
+    for c0 in range(0, RCOUNT, BLOCK_N):
+        cols = c0 + offs_n
+        keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
+        acc, l = _fwd_chunk(
+            acc, l, qb, lse, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
+            D, DV, nu, scale, True, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    w0 = tl.maximum(t0 - nu + 1, 0)
+    t1 = tl.minimum(t0 + BLOCK_M, T)
+    for c0 in range(w0, t1, BLOCK_N):
+        keys = c0 + offs_n
+        acc, l = _fwd_chunk(
+            acc, l, qb, lse, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
+            D, DV, nu, scale, False, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
+    out = acc / tl.where(l > 0, l, 1.0)[:, None]
+    tl.store(
+        out_ptr + n * T * DV + rows[:, None] * DV + offs_dv[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=rows_ok[:, None] & (offs_dv < DV)[None, :],
+    )
+
+
+@triton.jit
+def replay_sets_kernel(
+    span_ptr,  # (N, T, 2) int32
+    snap_ptr,  # (N, NB, SW) int32, written: the set at each block start, CAP slots used
+    T,
+    nu,
+    CAP,  # max set size = the size of the last set (sets never shrink)
+    NB,
+    SW,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    span_base = span_ptr + n * T * 2
+    snap_base = snap_ptr + n * NB * SW
+    c = tl.arange(0, BLOCK_R)
+    live = c < CAP
+    offs = tl.arange(0, BLOCK_M)
+    slot = tl.full([BLOCK_R], -1, tl.int32)
+    slot_end = tl.full([BLOCK_R], -1, tl.int32)
+    for blk in range(0, NB):
+        t0 = blk * BLOCK_M
+        t1 = t0 + BLOCK_M
+        tl.store(snap_base + blk * SW + c, slot, mask=live)
+        # the set at t1: members whose span goes on, plus the keys e = t-ν+1 screened in
+        # after the queries t of this block (span start t+1 <= t1) that are still there at t1
+        keep = (slot >= 0) & (slot_end > t1)
+        slot = tl.where(keep, slot, -1)
+        slot_end = tl.where(keep, slot_end, -1)
+        e = t0 - nu + 1 + offs
+        e_ok = (e >= 0) & (e < T)
+        start = tl.load(span_base + 2 * e, mask=e_ok, other=-1)
+        end = tl.load(span_base + 2 * e + 1, mask=e_ok, other=-1)
+        new = e_ok & (start >= 0) & (start <= t1) & (end > t1)
+        # k-th new key -> k-th empty slot
+        new_rank = tl.cumsum(new.to(tl.int32), 0) - 1
+        empty = live & (slot < 0)
+        empty_rank = tl.cumsum(empty.to(tl.int32), 0) - 1
+        match = empty[:, None] & new[None, :] & (empty_rank[:, None] == new_rank[None, :])
+        add = tl.max(tl.where(match, e[None, :], -1), 1)
+        add_end = tl.max(tl.where(match, end[None, :], -1), 1)
+        slot = tl.where(add >= 0, add, slot)
+        slot_end = tl.where(add >= 0, add_end, slot_end)
+
+
+@triton.jit
+def _dq_chunk(
+    acc, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
+    D, DV, nu, scale,
+    FROM_SET: tl.constexpr, DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr,
+    NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_D) += dS K
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
+    kt = tl.load(
+        k_base + keys[None, :] * D + offs_d[:, None],
+        mask=keys_ok[None, :] & (offs_d < D)[:, None],
+        other=0.0,
+    ).to(MM)
+    vt = tl.load(
+        v_base + keys[None, :] * DV + offs_dv[:, None],
+        mask=keys_ok[None, :] & (offs_dv < DV)[:, None],
+        other=0.0,
+    ).to(MM)
+    s = _mm(qb, kt, NATIVE).to(ACC) * scale
+    p = tl.where(member, tl.exp(s - lse[:, None]), 0.0)
+    dp = _mm(dob, vt, NATIVE).to(ACC)
+    if DELTA_ONLY:
+        return acc + tl.sum(tl.where(member, p * dp, 0.0), 1)
+    else:
+        ds = tl.where(member, p * (dp - delta[:, None]), 0.0)  # where: dp may be NaN off C_t
+        return acc + _dot_masked(ds, member, tl.trans(kt.to(ACC)))
+
+
+@triton.jit
+def _dq_pass(
+    acc, qb, dob, lse, delta, rows, rows_ok, t0, k_base, v_base, span_base, snap_base,
+    T, D, DV, nu, RCOUNT, scale,
+    DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):  # fmt: skip
+    """One sweep over the block's candidates: the set at t0, then the key range [w0, t1)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for c0 in range(0, RCOUNT, BLOCK_N):
+        cols = c0 + offs_n
+        keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
+        acc = _dq_chunk(
+            acc, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
+            D, DV, nu, scale, True, DELTA_ONLY, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    w0 = tl.maximum(t0 - nu + 1, 0)
+    t1 = tl.minimum(t0 + BLOCK_M, T)
+    for c0 in range(w0, t1, BLOCK_N):
+        keys = c0 + offs_n
+        acc = _dq_chunk(
+            acc, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
+            D, DV, nu, scale, False, DELTA_ONLY, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    return acc
+
+
+@triton.jit
+def attend_bwd_dq_kernel(
+    q_ptr,  # (N, T, D)
+    k_ptr,  # (N, T, D)
+    v_ptr,  # (N, T, DV)
+    o_ptr,  # (N, T, DV)
+    do_ptr,  # (N, T, DV)
+    lse_ptr,  # (N, T) ACC
+    span_ptr,  # (N, T, 2) int32
+    snap_ptr,  # (N, NB, SW) int32 from replay_sets_kernel
+    dq_ptr,  # (N, T, D), written
+    delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O)
+    T,
+    D,
+    DV,
+    nu,
+    RCOUNT,
+    NB,
+    SW,
+    scale,
+    MM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    DELTA_FROM_P: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    blk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    k_base = k_ptr + n * T * D
+    v_base = v_ptr + n * T * DV
+    span_base = span_ptr + n * T * 2
+    snap_base = snap_ptr + (n * NB + blk) * SW
+
+    t0 = blk * BLOCK_M
+    rows = t0 + tl.arange(0, BLOCK_M)
+    rows_ok = rows < T
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    qmask = rows_ok[:, None] & (offs_d < D)[None, :]
+    omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
+    qb = tl.load(q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+    qb = qb.to(MM)
+    o_off = n * T * DV + rows[:, None] * DV + offs_dv[None, :]
+    dob = tl.load(do_ptr + o_off, mask=omask, other=0.0)
+    lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+    if DELTA_FROM_P:
+        # delta = dO · O with O unrounded: a half-precision O would cost the gradients about
+        # one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
+        delta = _dq_pass(
+            tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, t0,
+            k_base, v_base, span_base, snap_base, T, D, DV, nu, RCOUNT, scale,
+            True, MM, ACC, NATIVE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        )  # fmt: skip
+    else:
+        ob = tl.load(o_ptr + o_off, mask=omask, other=0.0)
+        delta = tl.sum(dob.to(ACC) * ob.to(ACC), 1)
+    tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
+    dq = _dq_pass(
+        tl.zeros([BLOCK_M, BLOCK_D], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok, t0,
+        k_base, v_base, span_base, snap_base, T, D, DV, nu, RCOUNT, scale,
+        False, MM, ACC, NATIVE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    )  # fmt: skip
+    tl.store(
+        dq_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
+        (dq * scale).to(dq_ptr.dtype.element_ty),
+        mask=qmask,
+    )
+
+
+@triton.jit
+def attend_bwd_dkdv_kernel(
+    q_ptr,  # (N, T, D)
+    k_ptr,  # (N, T, D)
+    v_ptr,  # (N, T, DV)
+    do_ptr,  # (N, T, DV)
+    lse_ptr,  # (N, T) ACC
+    delta_ptr,  # (N, T) ACC
+    span_ptr,  # (N, T, 2) int32
+    dk_ptr,  # (N, T, D), written
+    dv_ptr,  # (N, T, DV), written
+    T,
+    D,
+    DV,
+    nu,
+    scale,
+    MM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    kblk = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    q_base = q_ptr + n * T * D
+    do_base = do_ptr + n * T * DV
+    span_base = span_ptr + n * T * 2
+
+    j0 = kblk * BLOCK_N
+    keys = j0 + tl.arange(0, BLOCK_N)
+    keys_ok = keys < T
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    kmask = keys_ok[:, None] & (offs_d < D)[None, :]
+    vmask = keys_ok[:, None] & (offs_dv < DV)[None, :]
+    kb = tl.load(k_ptr + n * T * D + keys[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+    kb = kb.to(MM)
+    vb = tl.load(v_ptr + n * T * DV + keys[:, None] * DV + offs_dv[None, :], mask=vmask, other=0.0)
+    vb = vb.to(MM)
+    start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
+    end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
+    j = keys[:, None]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+
+    # queries that can see a key of the block: its window, then its span (starts >= j + ν)
+    q_end = tl.maximum(tl.minimum(j0 + BLOCK_N - 1 + nu, T), tl.max(end, 0))
+    for tq0 in range(j0, q_end, BLOCK_M):
+        rows = tq0 + offs_m
+        rows_ok = rows < T
+        t = rows[None, :]
+        member_t = ((j <= t) & (j > t - nu)) | ((start[:, None] <= t) & (t < end[:, None]))
+        member_t = member_t & keys_ok[:, None] & rows_ok[None, :]  # (BLOCK_N, BLOCK_M)
+        if tl.max(member_t.to(tl.int32)) > 0:  # spans leave gaps: skip empty tiles
+            qt = tl.load(
+                q_base + rows[None, :] * D + offs_d[:, None],
+                mask=rows_ok[None, :] & (offs_d < D)[:, None],
+                other=0.0,
+            ).to(MM)
+            o_off = rows[:, None] * DV + offs_dv[None, :]
+            omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
+            dob = tl.load(do_base + o_off, mask=omask, other=0.0)
+            lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+            delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
+            s_t = _mm(kb, qt, NATIVE).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
+            p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
+            dv += _dot_masked(p_t, member_t, dob.to(ACC))
+            dp_t = _mm(vb, tl.trans(dob.to(MM)), NATIVE).to(ACC)
+            ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
+            dk += _dot_masked(ds_t, member_t, tl.trans(qt.to(ACC)))
+    tl.store(
+        dk_ptr + n * T * D + keys[:, None] * D + offs_d[None, :],
+        (dk * scale).to(dk_ptr.dtype.element_ty),
+        mask=kmask,
+    )
+    tl.store(
+        dv_ptr + n * T * DV + keys[:, None] * DV + offs_dv[None, :],
+        dv.to(dv_ptr.dtype.element_ty),
+        mask=vmask,
+    )
+
+
+def block_sizes(interpret: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N): 64 on a GPU; 16 under the interpreter, whose cost is per tl op, so
+    that small test sizes still span several query and key blocks."""
+    return (16, 16) if interpret else (64, 64)
+
+
+def pow2(x: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(max(x, 1)))
