@@ -38,9 +38,7 @@ def _id(shape, dtype):
     return f"B{B}-H{H}-T{T}-D{D}-Dv{Dv}-w{w}-r{r}-{str(dtype).removeprefix('torch.')}"
 
 
-CASES = [
-    pytest.param(s, d, id=_id(s, d)) for s in SHAPES for d in (torch.float64, torch.float32)
-]
+CASES = [pytest.param(s, d, id=_id(s, d)) for s in SHAPES for d in (torch.float64, torch.float32)]
 
 
 @pytest.mark.parametrize(("shape", "dtype"), CASES)
