@@ -15,7 +15,7 @@ DEPS  := $(VENV)/.deps
 BUILT := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench build lint fuzz clean
+.PHONY: test bench bench-quick build lint clean
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -40,8 +40,14 @@ test: $(BUILT)
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
 
 # One thread by default: this machine's two cores throttle under sustained load.
+# BASELINE=<json> compares with an earlier result and flags cases more than 10% slower.
+BASELINE ?=
 bench: $(BUILT)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m bench.report $(BENCH_ARGS)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m bench.report $(BENCH_ARGS) \
+		$(if $(BASELINE),--baseline $(BASELINE))
+
+bench-quick:
+	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
 lint: $(DEPS)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
