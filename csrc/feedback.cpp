@@ -40,4 +40,16 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
   m.def(
       "ada_pool2d_gather(Tensor grad, Tensor? hidden, Tensor argmax, Tensor argmin, "
       "int kernel_size) -> Tensor");
+
+  // CPU-only stage fusions (other devices compose the ops above; see functional.py).
+  // InsNorm -> Bias -> AdaReLU -> AdaPool: (y pooled, mask, rstd, argmax, argmin); the
+  // full-resolution activation is not materialized. pool_hidden gates the pool.
+  m.def(
+      "ins_bias_ada_relu_pool2d(Tensor x, Tensor? bias, Tensor? hidden, Tensor? pool_hidden, "
+      "float eta, float eps, bool centered, int kernel_size) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // AdaPool feedback then AdaReLU feedback: (u = unpool(z), u * mask).
+  m.def(
+      "ada_unpool_gate(Tensor z, Tensor? hidden, Tensor argmax, Tensor argmin, Tensor mask, "
+      "int kernel_size, int height, int width) -> (Tensor, Tensor)");
 }

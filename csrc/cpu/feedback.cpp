@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "screening_attn/checks.h"
 #include "screening_attn/feedback.h"
@@ -166,12 +167,13 @@ SCREENING_ATTN_INLINE T plane_rstd(const T* x, int64_t n, bool centered, T eps) 
   return ins_rstd<T>(s, n, centered, eps);
 }
 
+// Plane p; y goes to `y_plane` (the plane of a.y, or a scratch plane when a pool follows).
 template <typename T, Gate G>
-SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p) {
+SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p, T* y_plane) {
   const int64_t n = a.count;
   const int64_t off = p * n;
   const T* __restrict__ x = a.x + off;
-  T* __restrict__ y = a.y + off;
+  T* __restrict__ y = y_plane;
   const T r = plane_rstd<T>(x, n, a.centered, a.eps);
   a.rstd[p] = r;
   if constexpr (G == Gate::kNone) {
@@ -205,16 +207,16 @@ SCREENING_ATTN_INLINE void norm_forward_range_impl(const NormFwd<T>& a, Gate g, 
                                                    int64_t p1) {
   switch (g) {
     case Gate::kNone:
-      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kNone>(a, p);
+      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kNone>(a, p, a.y + p * a.count);
       break;
     case Gate::kReLU:
-      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kReLU>(a, p);
+      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kReLU>(a, p, a.y + p * a.count);
       break;
     case Gate::kAda:
-      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kAda>(a, p);
+      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kAda>(a, p, a.y + p * a.count);
       break;
     case Gate::kFeedback:
-      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kFeedback>(a, p);
+      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kFeedback>(a, p, a.y + p * a.count);
       break;
   }
 }
@@ -704,8 +706,9 @@ SCREENING_ATTN_INLINE void pool_row(const PoolRow<T>& r, int k, int64_t W, int64
   if constexpr (Op == PoolOp::kGather) gather_row_scalar(r, k, W, 0, Wo);
 }
 
+// Plane p; forward and gather read the H x W plane `src` (a.x's, or a scratch plane).
 template <typename T, PoolOp Op>
-SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p) {
+SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p, const T* src) {
   const int k = a.g.k;
   const int64_t H = a.g.H, W = a.g.W, Ho = a.g.Ho, Wo = a.g.Wo;
   for (int64_t i = 0; i < Ho; ++i) {
@@ -719,7 +722,7 @@ SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p) {
       r.amin_in = a.amin_in + o0;
       for (int q = 0; q < k; ++q) std::fill(r.out + q * W + Wo * k, r.out + (q + 1) * W, T(0));
     } else {
-      r.x = a.x + p * H * W + i * k * W;
+      r.x = src + i * k * W;
       r.y = a.y + o0;
       r.amax = a.amax != nullptr ? a.amax + o0 : nullptr;
       r.amin = a.amin != nullptr ? a.amin + o0 : nullptr;
@@ -739,13 +742,13 @@ SCREENING_ATTN_INLINE void pool_range_impl(const PoolArgs<T>& a, PoolOp op, int6
   for (int64_t p = p0; p < p1; ++p) {
     switch (op) {
       case PoolOp::kForward:
-        pool_plane<T, PoolOp::kForward>(a, p);
+        pool_plane<T, PoolOp::kForward>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
         break;
       case PoolOp::kUnpool:
-        pool_plane<T, PoolOp::kUnpool>(a, p);
+        pool_plane<T, PoolOp::kUnpool>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
         break;
       case PoolOp::kGather:
-        pool_plane<T, PoolOp::kGather>(a, p);
+        pool_plane<T, PoolOp::kGather>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
         break;
     }
   }
@@ -834,9 +837,145 @@ at::Tensor ada_pool2d_gather_cpu(const at::Tensor& grad_, const std::optional<at
   return gz;
 }
 
+// --- Stage fusions (CPU) --------------------------------------------------------------------------
+// A CNN-F stage ending in a pool: InsNorm -> Bias -> AdaReLU -> AdaPool bottom-up. The gated
+// plane goes to a per-task scratch plane (3 KB for 28 x 28, in L1) and is pooled from there: the
+// full-resolution activation is never written to memory (nor read back by the pool).
+template <typename T>
+SCREENING_ATTN_INLINE void norm_pool_range_impl(const NormFwd<T>& a, const PoolArgs<T>& pa,
+                                                int64_t p0, int64_t p1) {
+  std::vector<T> scratch(static_cast<size_t>(a.count));
+  for (int64_t p = p0; p < p1; ++p) {
+    if (a.hidden != nullptr) {
+      norm_forward_plane<T, Gate::kAda>(a, p, scratch.data());
+    } else {
+      norm_forward_plane<T, Gate::kReLU>(a, p, scratch.data());
+    }
+    pool_plane<T, PoolOp::kForward>(pa, p, scratch.data());
+  }
+}
+
+SCREENING_ATTN_VECTOR_CLONES void norm_pool_range(const NormFwd<float>& a,
+                                                  const PoolArgs<float>& pa, int64_t p0,
+                                                  int64_t p1) {
+  norm_pool_range_impl(a, pa, p0, p1);
+}
+
+SCREENING_ATTN_VECTOR_CLONES void norm_pool_range(const NormFwd<double>& a,
+                                                  const PoolArgs<double>& pa, int64_t p0,
+                                                  int64_t p1) {
+  norm_pool_range_impl(a, pa, p0, p1);
+}
+
+// Top-down, AdaPool's feedback then AdaReLU's: u = unpool(z) (the gate's new hidden) and
+// out = u [mask], gated while the plane of u is still in cache.
+template <typename T>
+SCREENING_ATTN_INLINE void unpool_gate_range_impl(const PoolArgs<T>& pa, const uint8_t* mask,
+                                                  T* out, int64_t p0, int64_t p1) {
+  const int64_t n = pa.g.H * pa.g.W;
+  for (int64_t p = p0; p < p1; ++p) {
+    pool_plane<T, PoolOp::kUnpool>(pa, p, nullptr);
+    const T* __restrict__ u = pa.y + p * n;
+    const uint8_t* __restrict__ m = mask + p * n;
+    T* __restrict__ o = out + p * n;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) o[i] = gate<T>(u[i], m[i] != 0);
+  }
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<float>& pa,
+                                                    const uint8_t* mask, float* out, int64_t p0,
+                                                    int64_t p1) {
+  unpool_gate_range_impl(pa, mask, out, p0, p1);
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<double>& pa,
+                                                    const uint8_t* mask, double* out, int64_t p0,
+                                                    int64_t p1) {
+  unpool_gate_range_impl(pa, mask, out, p0, p1);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+ins_bias_ada_relu_pool2d_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& bias_,
+                             const std::optional<at::Tensor>& hidden_,
+                             const std::optional<at::Tensor>& pool_hidden_, double eta,
+                             double eps, bool centered, int64_t k) {
+  check_ins_bias_ada_relu(x_, bias_, hidden_, centered);
+  check_ada_pool2d(x_, pool_hidden_, k);
+  const at::Tensor x = x_.contiguous();
+  const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
+  const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
+  const at::Tensor pool_hidden =
+      pool_hidden_.has_value() ? pool_hidden_->contiguous() : at::Tensor();
+  const PoolGeometry g = pool_geometry(x.size(2), x.size(3), k);
+  at::Tensor mask = at::empty_like(x, x.options().dtype(at::kBool));
+  at::Tensor rstd = new_rstd(x);
+  at::Tensor y = at::empty({x.size(0), x.size(1), g.Ho, g.Wo}, x.options());
+  at::Tensor amax = at::empty(y.sizes(), x.options().dtype(at::kByte));
+  at::Tensor amin = at::empty(y.sizes(), x.options().dtype(at::kByte));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ins_bias_ada_relu_pool2d_cpu", [&] {
+    NormFwd<scalar_t> a{};
+    a.x = x.const_data_ptr<scalar_t>();
+    a.bias = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    a.hidden = hidden.defined() ? hidden.const_data_ptr<scalar_t>() : nullptr;
+    a.mask = as_bytes(mask.mutable_data_ptr<bool>());
+    a.rstd = rstd.mutable_data_ptr<scalar_t>();
+    a.channels = x.size(1);
+    a.count = x.size(2) * x.size(3);
+    a.eta = static_cast<scalar_t>(eta);
+    a.eps = static_cast<scalar_t>(eps);
+    a.centered = centered;
+    PoolArgs<scalar_t> pa{};
+    pa.hidden = pool_hidden.defined() ? pool_hidden.const_data_ptr<scalar_t>() : nullptr;
+    pa.y = y.mutable_data_ptr<scalar_t>();
+    pa.amax = amax.mutable_data_ptr<uint8_t>();
+    pa.amin = amin.mutable_data_ptr<uint8_t>();
+    pa.g = g;
+    at::parallel_for(0, rstd.numel(), plane_grain(a.count),
+                     [&](int64_t p0, int64_t p1) { norm_pool_range(a, pa, p0, p1); });
+  });
+  return {y, mask, rstd, amax, amin};
+}
+
+std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(const at::Tensor& z_,
+                                                       const std::optional<at::Tensor>& hidden_,
+                                                       const at::Tensor& amax_,
+                                                       const at::Tensor& amin_,
+                                                       const at::Tensor& mask_, int64_t k,
+                                                       int64_t height, int64_t width) {
+  check_ada_unpool2d(z_, "z", hidden_, amax_, amin_, k, height, width);
+  const std::vector<int64_t> full{z_.size(0), z_.size(1), height, width};
+  TORCH_CHECK_TYPE(mask_.scalar_type() == at::kBool, "mask must be a bool tensor, got ",
+                   mask_.scalar_type());
+  TORCH_CHECK_VALUE(mask_.sizes() == at::IntArrayRef(full) && mask_.device() == z_.device(),
+                    "mask must have the unpooled shape ", at::IntArrayRef(full), " on ",
+                    z_.device(), ", got ", mask_.sizes(), " on ", mask_.device());
+  const at::Tensor z = z_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
+  at::Tensor u = at::empty(full, z.options());
+  at::Tensor out = at::empty(full, z.options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "ada_unpool_gate_cpu", [&] {
+    PoolArgs<scalar_t> pa{};
+    pa.z = z.const_data_ptr<scalar_t>();
+    pa.hidden = hidden.defined() ? hidden.const_data_ptr<scalar_t>() : nullptr;
+    pa.amax_in = amax.const_data_ptr<uint8_t>();
+    pa.amin_in = amin.const_data_ptr<uint8_t>();
+    pa.y = u.mutable_data_ptr<scalar_t>();
+    pa.g = pool_geometry(height, width, k);
+    const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, z.size(0) * z.size(1), plane_grain(height * width),
+                     [&](int64_t p0, int64_t p1) { unpool_gate_range(pa, mp, op, p0, p1); });
+  });
+  return {u, out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
+  m.impl("ins_bias_ada_relu_pool2d", &ins_bias_ada_relu_pool2d_cpu);
+  m.impl("ada_unpool_gate", &ada_unpool_gate_cpu);
   m.impl("ada_relu", &ada_relu_cpu);
   m.impl("ada_relu_backward", &ada_relu_backward_cpu);
   m.impl("ada_relu_feedback", &ada_relu_feedback_cpu);
