@@ -2,6 +2,8 @@
 
 Prints ratios measured in the same run (the timings of each pair are interleaved):
 
+Times are the best of ``--repeats`` interleaved runs.
+
 1. the fused InsNorm -> Bias -> AdaReLU op against its eager composition (``backend="reference"``,
    what the layers run unfused), forward and forward + backward, at CNNF's largest stage
    (64 x 32 x 28 x 28), gated;
@@ -13,25 +15,30 @@ Prints ratios measured in the same run (the timings of each pair are interleaved
 conv2d, conv_transpose2d, linear and matmul with its arguments) and replayed on the same
 tensors, so the baseline does exactly the model's convolution work and nothing else.
 
+Page faults: glibc's malloc returns large freed blocks to the OS and every fresh 6 MB
+activation then costs ~1500 page faults (several ms on a VM, in the model's ops and in the
+baseline's convolutions alike). ``--steady-malloc`` keeps freed memory in the process
+(``mallopt``: no trimming, no mmap), as jemalloc / tcmalloc or a long-running process would.
+
 Usage::
 
     OMP_NUM_THREADS=1 python examples/bench_feedback.py [--batch 64] [--repeats 15]
+                                                        [--steady-malloc]
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
-import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from screening_attn.feedback import CNNF, feedback_step, functional, reference
 
-_GEMM_CALLS = {F.conv2d, F.conv_transpose2d, F.linear, torch.matmul, torch.Tensor.__matmul__}
+_GEMM_NAMES = {"conv2d", "conv_transpose2d", "linear", "matmul", "__matmul__"}
 
 
 class _RecordGemms(TorchFunctionMode):
@@ -43,7 +50,7 @@ class _RecordGemms(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _GEMM_CALLS:
+        if getattr(func, "__name__", None) in _GEMM_NAMES:
             self.calls.append((func, args, kwargs))
         return func(*args, **kwargs)
 
@@ -73,24 +80,37 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def _paired(a, b, repeats: int) -> tuple[float, float]:
-    """Median times (ms) of a and b, interleaved so that drift hits both alike."""
+    """Best times (ms) of a and b over `repeats` interleaved runs: drift hits both alike, and
+    on a shared machine the fastest run is the one least disturbed by other processes."""
     ta, tb = [], []
     for _ in range(repeats):
         ta += _time(a, 1)
         tb += _time(b, 1)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+    return min(ta) * 1e3, min(tb) * 1e3
+
+
+def _steady_malloc() -> None:
+    """glibc: never trim the heap nor mmap large blocks, so freed memory is reused."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    if not (libc.mallopt(m_mmap_threshold, 1 << 30) and libc.mallopt(m_trim_threshold, 2**31 - 1)):
+        raise RuntimeError("mallopt failed")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--steady-malloc", action="store_true", help="see the module doc")
     args = parser.parse_args()
+    if args.steady_malloc:
+        _steady_malloc()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     n, r = args.batch, args.repeats
     cpu = platform.processor() or platform.machine()
-    print(f"torch {torch.__version__}, {cpu}, 1 thread, float32, batch {n}")
+    malloc = "steady (mallopt)" if args.steady_malloc else "default"
+    print(f"torch {torch.__version__}, {cpu}, 1 thread, float32, batch {n}, malloc {malloc}")
 
     # 1. fused norm-bias-gate vs the eager composition, CNNF's stage 3 shape
     x = torch.randn(n, 32, 28, 28)
@@ -137,8 +157,7 @@ def main() -> None:
         ref_model.reset()
         out_r, ff_r = ref_model.forward_capture(image, ref_model.ff_unit)
         feedback_step(ref_model, out_r, ff_r)
-        t_step_ref = statistics.median(_time(lambda: feedback_step(ref_model, out_r, ff_r), 3))
-        t_step_ref *= 1e3
+        t_step_ref = min(_time(lambda: feedback_step(ref_model, out_r, ff_r), 3)) * 1e3
 
     # 3. run_cycles forward + backward vs its convolutions and linear maps, forward + backward
     img = image.clone().requires_grad_()

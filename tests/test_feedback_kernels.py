@@ -279,6 +279,68 @@ def test_cpu_kernels_are_deterministic_across_thread_counts():
         assert torch.equal(a, c)
 
 
+# --- stage fusions: InsNorm·Bias·AdaReLU·AdaPool and AdaPool·AdaReLU feedback --------------------
+def _stage_inputs(dtype, gated, shape=(2, 3, 8, 10)):
+    x = torch.randn(shape, dtype=dtype)
+    pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    hidden = torch.randn(shape, dtype=dtype) if gated else None
+    pool_hidden = torch.randint(-1, 2, pooled).to(dtype) if gated else None
+    return x, torch.randn(shape[1], dtype=dtype), hidden, pool_hidden
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize("gated", [False, True], ids=["first-pass", "gated"])
+def test_stage_fusions_match_the_reference(backend, dtype, gated):
+    x, b, h, hp = _stage_inputs(dtype, gated)
+    ref_in, ker_in = _leaves(x, b, h), _leaves(x, b, h)
+    u_ref, m_ref = _reference_fused(*ref_in, 0.2, False)
+    y_ref, amax_ref, amin_ref = _reference_pool(u_ref, hp, 2)
+    y, m, amax, amin = functional.ins_bias_ada_relu_pool2d(*ker_in, hp, 0.2, 2, backend=backend)
+    assert torch.equal(m, m_ref) and torch.equal(amax, amax_ref) and torch.equal(amin, amin_ref)
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for a, c in zip(_grads(y, ker_in, g), _grads(y_ref, ref_in, g)):
+        assert_close(a, c)
+    # feedback: unpool then gate, both outputs used (the gate's hidden and what goes down)
+    z = torch.randn_like(y)
+    (zr,), (zk,) = _leaves(z), _leaves(z)
+    size = tuple(x.shape[2:])
+    ur = functional.ada_unpool2d(zr, amax, amin, hp, 2, size, backend="reference")
+    out_r = reference.gate(ur, m)
+    u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, 2, size, backend=backend)
+    assert torch.equal(u, ur) and torch.equal(out, out_r)
+    g1, g2 = torch.randn_like(u), torch.randn_like(u)
+    (want,) = torch.autograd.grad((ur * g1).sum() + (out_r * g2).sum(), zr)
+    (got,) = torch.autograd.grad((u * g1).sum() + (out * g2).sum(), zk)
+    assert_close(got, want)
+
+
+def test_stage_fusions_gradcheck_and_opcheck_cpu():
+    x, b, h, hp = (None if t is None else t.requires_grad_() for t in _stage_inputs(F64, True))
+
+    def stage(x, b, h):
+        return functional.ins_bias_ada_relu_pool2d(x, b, h, hp, 0.3, 2, backend="cpu")[0]
+
+    assert torch.autograd.gradcheck(stage, (x, b, h))
+    _, m, amax, amin = functional.ins_bias_ada_relu_pool2d(x, b, h, hp, 0.3, 2, backend="cpu")
+    z = torch.randn(2, 3, 4, 5, dtype=F64, requires_grad=True)
+
+    def unpool_gate(z):
+        return functional.ada_unpool_gate(z, amax, amin, hp, m, 2, (8, 10), backend="cpu")
+
+    assert torch.autograd.gradcheck(unpool_gate, (z,))
+    assert torch.autograd.gradgradcheck(unpool_gate, (z,))
+    xt = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
+    torch.library.opcheck(_ops.ins_bias_ada_relu_pool2d_cpp, (xt, b, h, hp, 0.3, 1e-8, False, 2))
+    torch.library.opcheck(
+        _ops.ins_bias_ada_relu_pool2d_cpp, (x, None, None, None, 0.1, 1e-8, True, 2)
+    )
+    torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, hp, amax, amin, m, 2, 8, 10))
+    m11 = torch.randn(2, 3, 8, 11) > 0  # a column past the last window
+    torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, None, amax, amin, m11, 2, 8, 11))
+
+
 # --- gradcheck, opcheck, compile -----------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
@@ -455,12 +517,14 @@ def test_small_network_triton_equals_reference():
 
 
 def test_models_run_the_fused_ops(monkeypatch):
-    calls = {"fwd": 0, "fb": 0, "relu": 0}
-    real_fwd, real_fb, real_relu = (
-        functional.ins_bias_ada_relu,
-        functional.ins_norm_gate,
-        functional.ada_relu,
-    )
+    names = {
+        "fwd": "ins_bias_ada_relu",
+        "fwd_pool": "ins_bias_ada_relu_pool2d",
+        "fb": "ins_norm_gate",
+        "fb_pool": "ada_unpool_gate",
+        "relu": "ada_relu",
+    }
+    calls = dict.fromkeys(names, 0)
 
     def spy(key, real):
         def wrapped(*args, **kwargs):
@@ -469,18 +533,18 @@ def test_models_run_the_fused_ops(monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(functional, "ins_bias_ada_relu", spy("fwd", real_fwd))
-    monkeypatch.setattr(functional, "ins_norm_gate", spy("fb", real_fb))
-    monkeypatch.setattr(functional, "ada_relu", spy("relu", real_relu))
+    for key, name in names.items():
+        monkeypatch.setattr(functional, name, spy(key, getattr(functional, name)))
     model = CNNF(10, cycles=1, backend="cpu")
     model.run_cycles(torch.randn(2, 1, 28, 28))
-    # 4 conv stages x 2 forward passes fused; stages 1 and 2 fused top-down; relu5/6 unfused
-    assert calls == {"fwd": 8, "fb": 2, "relu": 4}
+    # two forward passes: stages 1-2 fused, stages 3-4 fused with their pools; one feedback:
+    # stages 1-2 norm + gate, stages 3-4 unpool + gate; relu5 / relu6 run alone
+    assert calls == {"fwd": 4, "fwd_pool": 4, "fb": 2, "fb_pool": 2, "relu": 4}
     assert set(model.state_dict()) == set(CNNF(10, backend="reference").state_dict())
-    calls.update(fwd=0, fb=0, relu=0)
+    calls.update(dict.fromkeys(names, 0))
     model.set_backend("reference")  # the reference runs the plain composition
     model.run_cycles(torch.randn(2, 1, 28, 28))
-    assert calls == {"fwd": 0, "fb": 0, "relu": 12}
+    assert calls == {"fwd": 0, "fwd_pool": 0, "fb": 0, "fb_pool": 0, "relu": 12}
 
 
 # --- errors --------------------------------------------------------------------------------------

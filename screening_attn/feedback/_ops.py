@@ -11,7 +11,9 @@ Three families, each with the same ops in every implementation:
   its ``*_backward`` op; double backward raises;
 * AdaPool: ``ada_pool2d``, ``ada_unpool2d`` (its feedback and its backward) and
   ``ada_pool2d_gather`` (the unpool's backward); each is the others' backward, so any order of
-  derivatives works.
+  derivatives works;
+* CPU stage fusions: ``ins_bias_ada_relu_pool2d`` and ``ada_unpool_gate``, whose backward
+  composes the ops above.
 """
 
 from __future__ import annotations
@@ -290,6 +292,83 @@ def _register_pool(o: PoolOps) -> None:
 _POOL_FAKES = (_fake_ada_pool2d, _fake_ada_unpool2d, _fake_ada_pool2d_gather)
 
 
+# --- CPU stage fusions ----------------------------------------------------------------------------
+# InsNorm -> Bias -> AdaReLU -> AdaPool bottom-up, AdaPool -> AdaReLU feedback top-down: C++ CPU
+# kernels only (functional.py composes the ops above elsewhere). Their backward ops are the
+# existing ones, composed.
+def _fake_ins_bias_ada_relu_pool2d(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    pool_hidden: Tensor | None,
+    eta: float,
+    eps: float,
+    centered: bool,
+    kernel_size: int,
+):
+    shape = _pooled(x, kernel_size)
+    positions = x.new_empty(shape, dtype=torch.uint8)
+    mask = _contiguous_like(x, torch.bool)
+    return x.new_empty(shape), mask, _new_rstd(x), positions, torch.empty_like(positions)
+
+
+def _fake_ada_unpool_gate(
+    z: Tensor,
+    hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    mask: Tensor,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> tuple[Tensor, Tensor]:
+    full = (z.shape[0], z.shape[1], height, width)
+    return z.new_empty(full), z.new_empty(full)
+
+
+def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
+    def setup_norm_pool(ctx, inputs, output):
+        x, bias, hidden, pool_hidden, eta, _, centered, k = inputs
+        ctx.eta, ctx.centered, ctx.k = eta, centered, k
+        ctx.gated, ctx.has_bias = hidden is not None, bias is not None
+        ctx.size = (x.shape[2], x.shape[3])
+        _, mask, rstd, argmax, argmin = output
+        ctx.save_for_backward(x, mask, rstd, pool_hidden, argmax, argmin)
+        ctx.mark_non_differentiable(rstd)
+
+    def backward_norm_pool(ctx, grad_y, *_):
+        x, mask, rstd, pool_hidden, argmax, argmin = ctx.saved_tensors
+        grad_u = pool.ada_unpool2d(grad_y, pool_hidden, argmax, argmin, ctx.k, *ctx.size)
+        gx, gh, gb = norm.ins_bias_ada_relu_backward(
+            grad_u, x, mask, rstd, ctx.eta, ctx.gated, ctx.has_bias, ctx.centered
+        )
+        bias_grad, hidden_grad = gb if ctx.has_bias else None, gh if ctx.gated else None
+        return gx, bias_grad, hidden_grad, None, None, None, None, None
+
+    def setup_unpool_gate(ctx, inputs, output):
+        _, hidden, argmax, argmin, mask, k, _, _ = inputs
+        ctx.k = k
+        ctx.save_for_backward(hidden, argmax, argmin, mask)
+
+    def backward_unpool_gate(ctx, grad_u, grad_out):
+        hidden, argmax, argmin, mask = ctx.saved_tensors
+        grad = grad_u + gate(grad_out, mask)
+        gz = pool.ada_pool2d_gather(grad, hidden, argmax, argmin, ctx.k)
+        return gz, None, None, None, None, None, None, None
+
+    ops = torch.ops.screening_attn
+    torch.library.register_fake(ops.ins_bias_ada_relu_pool2d.default)(
+        _fake_ins_bias_ada_relu_pool2d
+    )
+    torch.library.register_fake(ops.ada_unpool_gate.default)(_fake_ada_unpool_gate)
+    torch.library.register_autograd(
+        ops.ins_bias_ada_relu_pool2d.default, backward_norm_pool, setup_context=setup_norm_pool
+    )
+    torch.library.register_autograd(
+        ops.ada_unpool_gate.default, backward_unpool_gate, setup_context=setup_unpool_gate
+    )
+
+
 # --- C++ ops (CPU, and CUDA when compiled) -------------------------------------------------------
 if _backend.C_ERROR is None:
     ada_relu_cpp = torch.ops.screening_attn.ada_relu.default
@@ -301,12 +380,15 @@ if _backend.C_ERROR is None:
     _register_autograd(ada_relu_cpp, ada_relu_backward_cpp, ada_relu_feedback_cpp)
 
     _cpp = torch.ops.screening_attn
+    ins_bias_ada_relu_pool2d_cpp = _cpp.ins_bias_ada_relu_pool2d.default
+    ada_unpool_gate_cpp = _cpp.ada_unpool_gate.default
     norm_cpp = NormOps(*(getattr(_cpp, name).default for name in NormOps._fields))
     pool_cpp = PoolOps(*(getattr(_cpp, name).default for name in PoolOps._fields))
     for _op, _fake in zip((*norm_cpp, *pool_cpp), (*_NORM_FAKES, *_POOL_FAKES)):
         torch.library.register_fake(_op)(_fake)
     _register_norm(norm_cpp)
     _register_pool(pool_cpp)
+    _register_stage_fusions(norm_cpp, pool_cpp, ada_relu_feedback_cpp)
 
 
 # --- Triton ops ----------------------------------------------------------------------------------

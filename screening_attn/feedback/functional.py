@@ -20,8 +20,10 @@ __all__ = [
     "ada_relu",
     "ada_relu_feedback",
     "ada_unpool2d",
+    "ada_unpool_gate",
     "feedback_update",
     "ins_bias_ada_relu",
+    "ins_bias_ada_relu_pool2d",
     "ins_norm",
     "ins_norm_gate",
 ]
@@ -380,6 +382,86 @@ def ada_unpool2d(
         return reference.ada_unpool2d(z, imax, imin, pos, neg, (height, width))
     ops = _ops.pool_triton if impl == "triton" else _ops.pool_cpp
     return ops.ada_unpool2d(z, hidden, argmax, argmin, k, height, width)
+
+
+# --- Stage fusions -------------------------------------------------------------------------------
+def ins_bias_ada_relu_pool2d(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    pool_hidden: Tensor | None,
+    eta: float,
+    kernel_size: int,
+    *,
+    eps: float = 1e-8,
+    centered: bool = False,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A CNN-F stage that ends in a pool: :func:`ins_bias_ada_relu` then :func:`ada_pool2d`
+    (gated by ``pool_hidden``).
+
+    On the CPU one kernel: each gated plane is pooled from a cache-resident scratch plane, so
+    the full-resolution activation is never written (8 bytes per float32 element saved, the
+    write and the pool's read). Other backends run the two ops.
+
+    Returns:
+        ``(y, mask, argmax, argmin)``: the pooled output, the gate's mask (full resolution) and
+        the pool's window positions, as the two ops return them.
+    """
+    impl = _backend.resolve("ins_bias_ada_relu_pool2d", backend, x.device, _NORM_BACKENDS)
+    if impl != "cpu":
+        u, mask = ins_bias_ada_relu(x, bias, hidden, eta, eps=eps, centered=centered, backend=impl)
+        y, argmax, argmin = ada_pool2d(u, pool_hidden, kernel_size, backend=impl)
+        return y, mask, argmax, argmin
+    eps, centered, eta = _check_eps(eps), check_bool("centered", centered), _check_eta(eta)
+    _check_plane("x", x, centered)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_same_device_dtype("x", x, bias=bias)
+    if hidden is not None:
+        _check_like("hidden", hidden, "x", x)
+    k = _check_kernel_size(kernel_size)
+    if pool_hidden is not None:
+        check_tensor("pool_hidden", pool_hidden, ndim=4)
+        check_same_device_dtype("x", x, pool_hidden=pool_hidden)
+    y, mask, _, argmax, argmin = _ops.ins_bias_ada_relu_pool2d_cpp(
+        x, bias, hidden, pool_hidden, eta, eps, centered, k
+    )
+    return y, mask, argmax, argmin
+
+
+def ada_unpool_gate(
+    z: Tensor,
+    argmax: Tensor,
+    argmin: Tensor,
+    hidden: Tensor | None,
+    mask: Tensor,
+    kernel_size: int,
+    output_size: tuple[int, int],
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Top-down AdaPool then AdaReLU: ``u = ada_unpool2d(z, ...)`` (the gate's new hidden) and
+    ``u * mask``. One pass on the CPU (the unpooled plane is gated while in cache); other
+    backends run the two ops.
+
+    Returns:
+        ``(u, out)``, both `(N, C, H, W)`.
+    """
+    impl = _backend.resolve("ada_unpool_gate", backend, z.device, _POOL_BACKENDS)
+    if impl != "cpu":
+        u = ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size, backend=impl)
+        return u, ada_relu_feedback(u, mask, backend=impl)
+    check_tensor("z", z, ndim=4)
+    k = _check_kernel_size(kernel_size)
+    height, width = (check_int("output_size", v, minimum=1) for v in output_size)
+    _check_positions("argmax", argmax, tuple(z.shape), z.device)
+    _check_positions("argmin", argmin, tuple(z.shape), z.device)
+    if hidden is not None:
+        _check_like("hidden", hidden, "z", z)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', mask)!r}")
+    return _ops.ada_unpool_gate_cpp(z, hidden, argmax, argmin, mask, k, height, width)
 
 
 # --- Feedback update -----------------------------------------------------------------------------

@@ -8,11 +8,13 @@ layers' feedbacks in reverse order.
 
 Fused kernels: where a ``FeedbackSequential`` holds ``InsNorm, Bias, AdaReLU`` in a row, its
 ``forward`` runs the three as one op (:func:`~screening_attn.feedback.functional.
-ins_bias_ada_relu`, one pass over the activation); where it holds ``AdaReLU`` followed by an
-``InsNorm(top_down=True)``, its ``feedback`` runs the top-down norm and the gate as one op
-(:func:`~screening_attn.feedback.functional.ins_norm_gate`). The layers keep their own
-parameters and state (so ``state_dict`` names do not change); fusion needs the norm and the
-gate on the same backend, other than ``"reference"``, which always runs the plain composition.
+ins_bias_ada_relu`, one pass over the activation), with a following ``AdaPool2d`` too
+(``ins_bias_ada_relu_pool2d``); where it holds ``AdaReLU`` followed by an
+``InsNorm(top_down=True)`` or by an ``AdaPool2d``, its ``feedback`` runs the two feedbacks as
+one op (``ins_norm_gate``, ``ada_unpool_gate``). The layers keep their own parameters and state
+(so ``state_dict`` names do not change) and their checks; fusion needs the fused layers on one
+backend, other than ``"reference"``, which always runs the plain composition. (Forward hooks of
+the individual fused layers do not fire.)
 
 Example::
 
@@ -55,7 +57,9 @@ __all__ = [
     "Flatten",
     "GlobalAvgPool2d",
     "InsNorm",
+    "ada_unpool_gate_layers",
     "ins_bias_ada_relu_layers",
+    "ins_bias_ada_relu_pool_layers",
     "ins_norm",
     "ins_norm_gate_layers",
 ]
@@ -285,7 +289,7 @@ class AdaPool2d(FeedbackModule):
         self.backend = _check_backend(backend)
         self._clear_state()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_forward(self, x: Tensor) -> None:
         check_tensor("x", x, ndim=4)
         k = self.kernel_size
         if x.shape[2] < k or x.shape[3] < k:
@@ -299,14 +303,13 @@ class AdaPool2d(FeedbackModule):
                     f"x pools to shape {pooled} but the stored feedback signal has shape "
                     f"{tuple(self.hidden.shape)}; call reset() before a new input"
                 )
-        y, self._argmax, self._argmin = functional.ada_pool2d(
-            x, self.hidden, k, backend=self.backend
-        )
-        self._gate = self.hidden
-        self.input_size = (x.shape[2], x.shape[3])
-        return y
 
-    def feedback(self, z: Tensor) -> Tensor:
+    def _store(self, x: Tensor, argmax: Tensor, argmin: Tensor) -> None:
+        """The state a forward leaves for the next feedback."""
+        self._argmax, self._argmin, self._gate = argmax, argmin, self.hidden
+        self.input_size = (x.shape[2], x.shape[3])
+
+    def _check_feedback(self, z: Tensor) -> None:
         if self._argmax is None:
             raise RuntimeError("AdaPool2d.feedback needs a forward pass first (no gates stored)")
         check_tensor("z", z, ndim=4)
@@ -315,6 +318,17 @@ class AdaPool2d(FeedbackModule):
                 f"z must have the shape of the last forward output {tuple(self._argmax.shape)}, "
                 f"got {tuple(z.shape)}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_forward(x)
+        y, argmax, argmin = functional.ada_pool2d(
+            x, self.hidden, self.kernel_size, backend=self.backend
+        )
+        self._store(x, argmax, argmin)
+        return y
+
+    def feedback(self, z: Tensor) -> Tensor:
+        self._check_feedback(z)
         self.hidden = z
         return functional.ada_unpool2d(
             z,
@@ -512,13 +526,11 @@ class GlobalAvgPool2d(FeedbackModule):
         return z[:, :, None, None].expand(-1, -1, *self.size)
 
 
-def _fused_backend(ins: FeedbackModule, relu: FeedbackModule) -> str | None:
-    """The backend of a fused norm + gate, or None when they run unfused: both on the same
-    backend, and not the reference (the reference is the plain composition)."""
-    backend = getattr(relu, "backend", None)
-    if backend is None or backend == "reference" or getattr(ins, "backend", None) != backend:
-        return None
-    return backend
+def _same_kernel_backend(*layers: nn.Module) -> bool:
+    """Layers run fused only on one backend, and not the reference (which is, by definition,
+    the plain composition)."""
+    backends = {getattr(layer, "backend", None) for layer in layers}
+    return len(backends) == 1 and backends.pop() not in (None, "reference")
 
 
 def _fuses_forward(ins: nn.Module, bias: nn.Module, relu: nn.Module) -> bool:
@@ -527,7 +539,15 @@ def _fuses_forward(ins: nn.Module, bias: nn.Module, relu: nn.Module) -> bool:
         and ins.bottom_up
         and isinstance(bias, Bias)
         and isinstance(relu, AdaReLU)
-        and _fused_backend(ins, relu) is not None
+        and _same_kernel_backend(ins, relu)
+    )
+
+
+def _fuses_forward_pool(ins: nn.Module, bias: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    return (
+        _fuses_forward(ins, bias, relu)
+        and isinstance(pool, AdaPool2d)
+        and _same_kernel_backend(relu, pool)
     )
 
 
@@ -537,8 +557,64 @@ def _fuses_feedback(relu: nn.Module, ins: nn.Module) -> bool:
         isinstance(relu, AdaReLU)
         and isinstance(ins, InsNorm)
         and ins.top_down
-        and _fused_backend(ins, relu) is not None
+        and _same_kernel_backend(ins, relu)
     )
+
+
+def _fuses_unpool_gate(relu: nn.Module, pool: nn.Module) -> bool:
+    """``relu`` followed by ``pool``: top-down, ``pool.feedback`` then ``relu.feedback``."""
+    return (
+        isinstance(relu, AdaReLU)
+        and isinstance(pool, AdaPool2d)
+        and _same_kernel_backend(relu, pool)
+    )
+
+
+def ins_bias_ada_relu_pool_layers(
+    ins: InsNorm, bias: Bias, relu: AdaReLU, pool: AdaPool2d, x: Tensor
+) -> Tensor:
+    """``pool(relu(bias(ins(x))))``, as one op where the layers allow it (on the CPU one kernel
+    that never writes the full-resolution activation); the gate and the pool keep their state."""
+    if not _fuses_forward_pool(ins, bias, relu, pool):
+        return pool(ins_bias_ada_relu_layers(ins, bias, relu, x))
+    check_tensor("x", x, ndim=4)
+    _check_channels("x", x, 1, bias.num_channels, "channels")
+    relu._check_forward(x)
+    pool._check_forward(x)
+    y, relu.mask, argmax, argmin = functional.ins_bias_ada_relu_pool2d(
+        x,
+        bias.bias,
+        relu.hidden,
+        pool.hidden,
+        relu.res_param,
+        pool.kernel_size,
+        eps=ins.eps,
+        centered=ins.centered,
+        backend=relu.backend,
+    )
+    pool._store(x, argmax, argmin)
+    return y
+
+
+def ada_unpool_gate_layers(relu: AdaReLU, pool: AdaPool2d, z: Tensor) -> Tensor:
+    """``relu.feedback(pool.feedback(z))``, as one op where the layers allow it."""
+    if not _fuses_unpool_gate(relu, pool):
+        return relu.feedback(pool.feedback(z))
+    pool._check_feedback(z)
+    if relu.mask is None or relu.mask.shape[2:] != pool.input_size:
+        return relu.feedback(pool.feedback(z))  # not the pool's input: let the layers complain
+    pool.hidden = z
+    relu.hidden, out = functional.ada_unpool_gate(
+        z,
+        pool._argmax,
+        pool._argmin,
+        pool._gate,
+        relu.mask,
+        pool.kernel_size,
+        pool.input_size,
+        backend=relu.backend,
+    )
+    return out
 
 
 def ins_bias_ada_relu_layers(ins: InsNorm, bias: Bias, relu: AdaReLU, x: Tensor) -> Tensor:
@@ -624,6 +700,13 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
             if i == at:
                 captured = x
             if (
+                at not in (i + 1, i + 2, i + 3)
+                and i + 3 < len(units)
+                and _fuses_forward_pool(*units[i : i + 4])
+            ):
+                x = ins_bias_ada_relu_pool_layers(*units[i : i + 4], x)
+                i += 4
+            elif (
                 at not in (i + 1, i + 2)
                 and i + 2 < len(units)
                 and _fuses_forward(*units[i : i + 3])
@@ -650,6 +733,9 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
         while i >= stop:
             if i - 1 >= stop and _fuses_feedback(units[i - 1], units[i]):
                 z = ins_norm_gate_layers(units[i], units[i - 1], z)
+                i -= 2
+            elif i - 1 >= stop and _fuses_unpool_gate(units[i - 1], units[i]):
+                z = ada_unpool_gate_layers(units[i - 1], units[i], z)
                 i -= 2
             else:
                 z = units[i].feedback(z)
