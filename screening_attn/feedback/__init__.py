@@ -1,7 +1,17 @@
 """CNN-F recurrent generative feedback (SPEC §3)."""
 
 from screening_attn.feedback.convert import convert_paper_state_dict
-from screening_attn.feedback.functional import ada_relu, ada_relu_feedback
+from screening_attn.feedback.functional import (
+    ada_pool2d,
+    ada_relu,
+    ada_relu_feedback,
+    ada_unpool2d,
+    ada_unpool_gate,
+    feedback_update,
+    ins_bias_ada_relu,
+    ins_bias_ada_relu_pool2d,
+    ins_norm_gate,
+)
 from screening_attn.feedback.layers import (
     AdaPool2d,
     AdaReLU,
@@ -13,7 +23,11 @@ from screening_attn.feedback.layers import (
     Flatten,
     GlobalAvgPool2d,
     InsNorm,
+    ada_unpool_gate_layers,
+    ins_bias_ada_relu_layers,
+    ins_bias_ada_relu_pool_layers,
     ins_norm,
+    ins_norm_gate_layers,
 )
 from screening_attn.feedback.models import (
     CNNF,
@@ -38,9 +52,20 @@ __all__ = [
     "GlobalAvgPool2d",
     "InsNorm",
     "WideBasicBlock",
+    "ada_pool2d",
     "ada_relu",
     "ada_relu_feedback",
+    "ada_unpool2d",
+    "ada_unpool_gate",
+    "ada_unpool_gate_layers",
     "convert_paper_state_dict",
     "feedback_step",
+    "feedback_update",
+    "ins_bias_ada_relu",
+    "ins_bias_ada_relu_layers",
+    "ins_bias_ada_relu_pool2d",
+    "ins_bias_ada_relu_pool_layers",
     "ins_norm",
+    "ins_norm_gate",
+    "ins_norm_gate_layers",
 ]

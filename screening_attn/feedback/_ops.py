@@ -1,12 +1,24 @@
 """Registration glue of the CNN-F ops: fakes and autograd for the C++ ops
-(``torch.ops.screening_attn.ada_relu*``, schemas in csrc/feedback.cpp) and the Triton ops made
-here with ``torch.library.custom_op`` (kernels in kernels/feedback.py).
+(``torch.ops.screening_attn.*``, schemas in csrc/feedback.cpp) and the Triton ops made here
+with ``torch.library.custom_op`` (kernels in kernels/feedback.py).
 
-Each forward op has its own backward op; all three ops are linear in their gradient inputs, so
-double backward is implemented too.
+Three families, each with the same ops in every implementation:
+
+* the AdaReLU gate: ``ada_relu``, ``ada_relu_backward``, ``ada_relu_feedback``; linear in their
+  gradient inputs, so double backward works;
+* the instance-norm family: ``ins_norm``, ``ins_bias_ada_relu`` (bottom-up InsNorm -> Bias ->
+  AdaReLU in one pass) and ``ins_norm_gate`` (top-down InsNorm -> AdaReLU feedback), each with
+  its ``*_backward`` op; double backward raises;
+* AdaPool: ``ada_pool2d``, ``ada_unpool2d`` (its feedback and its backward) and
+  ``ada_pool2d_gather`` (the unpool's backward); each is the others' backward, so any order of
+  derivatives works;
+* CPU stage fusions: ``ins_bias_ada_relu_pool2d`` and ``ada_unpool_gate``, whose backward
+  composes the ops above.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -68,6 +80,295 @@ def _register_autograd(fwd, bwd, feedback) -> None:
     torch.library.register_autograd(feedback, backward_feedback, setup_context=setup_feedback)
 
 
+# --- Instance-norm family -------------------------------------------------------------------------
+def _acc_dtype(x: Tensor) -> torch.dtype:
+    """dtype of the per-plane statistic rstd: float64 for float64 inputs, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _contiguous_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+
+
+def _new_rstd(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=_acc_dtype(x))
+
+
+def _fake_ins_norm(x: Tensor, eps: float, centered: bool) -> tuple[Tensor, Tensor]:
+    return _contiguous_like(x), _new_rstd(x)
+
+
+def _fake_ins_norm_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, centered: bool) -> Tensor:
+    return _contiguous_like(x)
+
+
+def _fake_ins_bias_ada_relu(
+    x: Tensor, bias: Tensor | None, hidden: Tensor | None, eta: float, eps: float, centered: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _contiguous_like(x), _contiguous_like(x, torch.bool), _new_rstd(x)
+
+
+def _fake_ins_bias_ada_relu_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    rstd: Tensor,
+    eta: float,
+    gated: bool,
+    has_bias: bool,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    gh = _contiguous_like(x) if gated else x.new_empty((0,))
+    return _contiguous_like(x), gh, x.new_empty((x.shape[1] if has_bias else 0,))
+
+
+def _fake_ins_norm_gate(
+    z: Tensor, mask: Tensor, eps: float, centered: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _contiguous_like(z), _contiguous_like(z), _new_rstd(z)
+
+
+def _fake_ins_norm_gate_backward(
+    grad_zn: Tensor, grad_out: Tensor, z: Tensor, mask: Tensor, rstd: Tensor, centered: bool
+) -> Tensor:
+    return _contiguous_like(z)
+
+
+class NormOps(NamedTuple):
+    """One implementation's instance-norm family (op overloads or custom ops)."""
+
+    ins_norm: object
+    ins_norm_backward: object
+    ins_bias_ada_relu: object
+    ins_bias_ada_relu_backward: object
+    ins_norm_gate: object
+    ins_norm_gate_backward: object
+
+
+def _no_double_backward(op, name: str) -> None:
+    def setup(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"screening_attn: double backward of {name} is not implemented (its backward "
+            "op has no derivative); first-order gradients work"
+        )
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
+
+
+def _register_norm(o: NormOps) -> None:
+    """Fakes are registered by the caller; this adds autograd to one implementation."""
+
+    def setup_ins(ctx, inputs, output):
+        x, _, centered = inputs
+        ctx.centered = centered
+        ctx.save_for_backward(x, output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    def backward_ins(ctx, grad_y, _grad_rstd):
+        x, rstd = ctx.saved_tensors
+        return o.ins_norm_backward(grad_y, x, rstd, ctx.centered), None, None
+
+    def setup_fused(ctx, inputs, output):
+        x, bias, hidden, eta, _, centered = inputs
+        ctx.eta, ctx.centered = eta, centered
+        ctx.gated, ctx.has_bias = hidden is not None, bias is not None
+        ctx.save_for_backward(x, output[1], output[2])
+        ctx.mark_non_differentiable(output[2])
+
+    def backward_fused(ctx, grad_y, _grad_mask, _grad_rstd):
+        x, mask, rstd = ctx.saved_tensors
+        gx, gh, gb = o.ins_bias_ada_relu_backward(
+            grad_y, x, mask, rstd, ctx.eta, ctx.gated, ctx.has_bias, ctx.centered
+        )
+        return gx, gb if ctx.has_bias else None, gh if ctx.gated else None, None, None, None
+
+    def setup_gate(ctx, inputs, output):
+        z, mask, _, centered = inputs
+        ctx.centered = centered
+        ctx.save_for_backward(z, mask, output[2])
+        ctx.mark_non_differentiable(output[2])
+
+    def backward_gate(ctx, grad_zn, grad_out, _grad_rstd):
+        z, mask, rstd = ctx.saved_tensors
+        gz = o.ins_norm_gate_backward(grad_zn, grad_out, z, mask, rstd, ctx.centered)
+        return gz, None, None, None
+
+    torch.library.register_autograd(o.ins_norm, backward_ins, setup_context=setup_ins)
+    torch.library.register_autograd(o.ins_bias_ada_relu, backward_fused, setup_context=setup_fused)
+    torch.library.register_autograd(o.ins_norm_gate, backward_gate, setup_context=setup_gate)
+    _no_double_backward(o.ins_norm_backward, "ins_norm")
+    _no_double_backward(o.ins_bias_ada_relu_backward, "ins_bias_ada_relu")
+    _no_double_backward(o.ins_norm_gate_backward, "ins_norm_gate")
+
+
+_NORM_FAKES = (
+    _fake_ins_norm,
+    _fake_ins_norm_backward,
+    _fake_ins_bias_ada_relu,
+    _fake_ins_bias_ada_relu_backward,
+    _fake_ins_norm_gate,
+    _fake_ins_norm_gate_backward,
+)
+
+
+# --- AdaPool -------------------------------------------------------------------------------------
+def _pooled(x: Tensor, k: int) -> tuple[int, int, int, int]:
+    return (x.shape[0], x.shape[1], x.shape[2] // k, x.shape[3] // k)
+
+
+def _fake_ada_pool2d(x: Tensor, hidden: Tensor | None, kernel_size: int):
+    shape = _pooled(x, kernel_size)
+    positions = x.new_empty(shape, dtype=torch.uint8)
+    return x.new_empty(shape), positions, torch.empty_like(positions)
+
+
+def _fake_ada_unpool2d(
+    z: Tensor,
+    hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> Tensor:
+    return z.new_empty((z.shape[0], z.shape[1], height, width))
+
+
+def _fake_ada_pool2d_gather(
+    grad: Tensor, hidden: Tensor | None, argmax: Tensor, argmin: Tensor, kernel_size: int
+) -> Tensor:
+    return grad.new_empty(_pooled(grad, kernel_size))
+
+
+class PoolOps(NamedTuple):
+    ada_pool2d: object
+    ada_unpool2d: object
+    ada_pool2d_gather: object
+
+
+def _register_pool(o: PoolOps) -> None:
+    """Autograd of one implementation's AdaPool ops. The gates come from ``hidden``'s signs,
+    piecewise constant: ``hidden`` gets no gradient."""
+
+    def setup_pool(ctx, inputs, output):
+        x, hidden, k = inputs
+        ctx.k, ctx.size = k, (x.shape[2], x.shape[3])
+        ctx.save_for_backward(hidden, output[1], output[2])
+
+    def backward_pool(ctx, grad_y, _grad_argmax, _grad_argmin):
+        hidden, argmax, argmin = ctx.saved_tensors
+        return o.ada_unpool2d(grad_y, hidden, argmax, argmin, ctx.k, *ctx.size), None, None
+
+    def setup_unpool(ctx, inputs, output):
+        _, hidden, argmax, argmin, k, _, _ = inputs
+        ctx.k = k
+        ctx.save_for_backward(hidden, argmax, argmin)
+
+    def backward_unpool(ctx, grad_out):
+        hidden, argmax, argmin = ctx.saved_tensors
+        gz = o.ada_pool2d_gather(grad_out, hidden, argmax, argmin, ctx.k)
+        return gz, None, None, None, None, None, None
+
+    def setup_gather(ctx, inputs, output):
+        grad, hidden, argmax, argmin, k = inputs
+        ctx.k, ctx.size = k, (grad.shape[2], grad.shape[3])
+        ctx.save_for_backward(hidden, argmax, argmin)
+
+    def backward_gather(ctx, grad_gz):
+        hidden, argmax, argmin = ctx.saved_tensors
+        gg = o.ada_unpool2d(grad_gz, hidden, argmax, argmin, ctx.k, *ctx.size)
+        return gg, None, None, None, None
+
+    torch.library.register_autograd(o.ada_pool2d, backward_pool, setup_context=setup_pool)
+    torch.library.register_autograd(o.ada_unpool2d, backward_unpool, setup_context=setup_unpool)
+    torch.library.register_autograd(
+        o.ada_pool2d_gather, backward_gather, setup_context=setup_gather
+    )
+
+
+_POOL_FAKES = (_fake_ada_pool2d, _fake_ada_unpool2d, _fake_ada_pool2d_gather)
+
+
+# --- CPU stage fusions ----------------------------------------------------------------------------
+# InsNorm -> Bias -> AdaReLU -> AdaPool bottom-up, AdaPool -> AdaReLU feedback top-down: C++ CPU
+# kernels only (functional.py composes the ops above elsewhere). Their backward ops are the
+# existing ones, composed.
+def _fake_ins_bias_ada_relu_pool2d(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    pool_hidden: Tensor | None,
+    eta: float,
+    eps: float,
+    centered: bool,
+    kernel_size: int,
+):
+    shape = _pooled(x, kernel_size)
+    positions = x.new_empty(shape, dtype=torch.uint8)
+    mask = _contiguous_like(x, torch.bool)
+    return x.new_empty(shape), mask, _new_rstd(x), positions, torch.empty_like(positions)
+
+
+def _fake_ada_unpool_gate(
+    z: Tensor,
+    hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    mask: Tensor,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> tuple[Tensor, Tensor]:
+    full = (z.shape[0], z.shape[1], height, width)
+    return z.new_empty(full), z.new_empty(full)
+
+
+def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
+    def setup_norm_pool(ctx, inputs, output):
+        x, bias, hidden, pool_hidden, eta, _, centered, k = inputs
+        ctx.eta, ctx.centered, ctx.k = eta, centered, k
+        ctx.gated, ctx.has_bias = hidden is not None, bias is not None
+        ctx.size = (x.shape[2], x.shape[3])
+        _, mask, rstd, argmax, argmin = output
+        ctx.save_for_backward(x, mask, rstd, pool_hidden, argmax, argmin)
+        ctx.mark_non_differentiable(rstd)
+
+    def backward_norm_pool(ctx, grad_y, *_):
+        x, mask, rstd, pool_hidden, argmax, argmin = ctx.saved_tensors
+        grad_u = pool.ada_unpool2d(grad_y, pool_hidden, argmax, argmin, ctx.k, *ctx.size)
+        gx, gh, gb = norm.ins_bias_ada_relu_backward(
+            grad_u, x, mask, rstd, ctx.eta, ctx.gated, ctx.has_bias, ctx.centered
+        )
+        bias_grad, hidden_grad = gb if ctx.has_bias else None, gh if ctx.gated else None
+        return gx, bias_grad, hidden_grad, None, None, None, None, None
+
+    def setup_unpool_gate(ctx, inputs, output):
+        _, hidden, argmax, argmin, mask, k, _, _ = inputs
+        ctx.k = k
+        ctx.save_for_backward(hidden, argmax, argmin, mask)
+
+    def backward_unpool_gate(ctx, grad_u, grad_out):
+        hidden, argmax, argmin, mask = ctx.saved_tensors
+        grad = grad_u + gate(grad_out, mask)
+        gz = pool.ada_pool2d_gather(grad, hidden, argmax, argmin, ctx.k)
+        return gz, None, None, None, None, None, None, None
+
+    ops = torch.ops.screening_attn
+    torch.library.register_fake(ops.ins_bias_ada_relu_pool2d.default)(
+        _fake_ins_bias_ada_relu_pool2d
+    )
+    torch.library.register_fake(ops.ada_unpool_gate.default)(_fake_ada_unpool_gate)
+    torch.library.register_autograd(
+        ops.ins_bias_ada_relu_pool2d.default, backward_norm_pool, setup_context=setup_norm_pool
+    )
+    torch.library.register_autograd(
+        ops.ada_unpool_gate.default, backward_unpool_gate, setup_context=setup_unpool_gate
+    )
+
+
 # --- C++ ops (CPU, and CUDA when compiled) -------------------------------------------------------
 if _backend.C_ERROR is None:
     ada_relu_cpp = torch.ops.screening_attn.ada_relu.default
@@ -77,6 +378,17 @@ if _backend.C_ERROR is None:
     torch.library.register_fake(ada_relu_backward_cpp)(_fake_ada_relu_backward)
     torch.library.register_fake(ada_relu_feedback_cpp)(_fake_ada_relu_feedback)
     _register_autograd(ada_relu_cpp, ada_relu_backward_cpp, ada_relu_feedback_cpp)
+
+    _cpp = torch.ops.screening_attn
+    ins_bias_ada_relu_pool2d_cpp = _cpp.ins_bias_ada_relu_pool2d.default
+    ada_unpool_gate_cpp = _cpp.ada_unpool_gate.default
+    norm_cpp = NormOps(*(getattr(_cpp, name).default for name in NormOps._fields))
+    pool_cpp = PoolOps(*(getattr(_cpp, name).default for name in PoolOps._fields))
+    for _op, _fake in zip((*norm_cpp, *pool_cpp), (*_NORM_FAKES, *_POOL_FAKES)):
+        torch.library.register_fake(_op)(_fake)
+    _register_norm(norm_cpp)
+    _register_pool(pool_cpp)
+    _register_stage_fusions(norm_cpp, pool_cpp, ada_relu_feedback_cpp)
 
 
 # --- Triton ops ----------------------------------------------------------------------------------
@@ -132,3 +444,238 @@ if _backend.HAS_TRITON:
     ada_relu_backward_triton.register_fake(_fake_ada_relu_backward)
     ada_relu_feedback_triton.register_fake(_fake_ada_relu_feedback)
     _register_autograd(ada_relu_triton, ada_relu_backward_triton, ada_relu_feedback_triton)
+
+    # Instance-norm family: one program per (n, c) plane.
+    def _acc(x: Tensor):
+        import triton.language as tl
+
+        return tl.float64 if x.dtype == torch.float64 else tl.float32
+
+    def _mask_bytes(mask: Tensor) -> Tensor:
+        return mask.contiguous().view(torch.uint8)
+
+    def _norm_forward(x, bias, hidden, gate, eta, eps, centered, mode):
+        from screening_attn._kernels import feedback as k
+
+        x = x.contiguous()
+        y = torch.empty_like(x)
+        out = torch.empty_like(x) if mode == 3 else y
+        mask = torch.empty_like(x, dtype=torch.bool) if mode in (1, 2) else None
+        rstd = _new_rstd(x)
+        n = x.shape[2] * x.shape[3]
+        if rstd.numel() and n:
+            k.ins_norm_fwd_kernel[(rstd.numel(),)](
+                x,
+                x if bias is None else bias.contiguous(),
+                x if hidden is None else hidden.contiguous(),
+                y if gate is None else _mask_bytes(gate),
+                y,
+                out,
+                y if mask is None else mask.view(torch.uint8),
+                rstd,
+                x.shape[1],
+                n,
+                eta,
+                eps,
+                GATE=mode,
+                HAS_BIAS=bias is not None,
+                CENTERED=centered,
+                ACC=_acc(x),
+                BLOCK=k.plane_block(n),
+            )
+        elif rstd.numel():  # empty planes: the mean of nothing is NaN, as in the reference
+            rstd.fill_(float("nan"))
+        return y, out, mask, rstd
+
+    def _norm_backward(g0, g1, mask, x, rstd, scale1, eta, write_gh, write_gb, centered):
+        from screening_attn._kernels import feedback as k
+
+        x = x.contiguous()
+        gx = torch.empty_like(x)
+        gh = torch.empty_like(x) if write_gh else x.new_empty((0,))
+        parts = x.new_empty(rstd.shape) if write_gb else None
+        n = x.shape[2] * x.shape[3]
+        if rstd.numel() and n:
+            k.ins_norm_bwd_kernel[(rstd.numel(),)](
+                x if g0 is None else g0.contiguous(),
+                x if g1 is None else g1.contiguous(),
+                x if mask is None else _mask_bytes(mask),
+                x,
+                rstd.contiguous(),
+                gx,
+                gx if not write_gh else gh,
+                gx if parts is None else parts,
+                n,
+                scale1,
+                eta,
+                HAS_G0=g0 is not None,
+                HAS_G1=g1 is not None,
+                WRITE_GH=write_gh,
+                WRITE_GB=write_gb,
+                CENTERED=centered,
+                ACC=_acc(x),
+                BLOCK=k.plane_block(n),
+            )
+        elif parts is not None:
+            parts.zero_()
+        gb = parts.sum(0) if write_gb else x.new_empty((0,))  # (N, C) -> (C,), in order
+        return gx, gh, gb
+
+    @torch.library.custom_op(f"{_LIB}::ins_norm_triton", mutates_args=())
+    def ins_norm_triton(x: Tensor, eps: float, centered: bool) -> tuple[Tensor, Tensor]:
+        y, _, _, rstd = _norm_forward(x, None, None, None, 0.0, eps, centered, 0)
+        return y, rstd
+
+    @torch.library.custom_op(f"{_LIB}::ins_norm_backward_triton", mutates_args=())
+    def ins_norm_backward_triton(grad_y: Tensor, x: Tensor, rstd: Tensor, centered: bool) -> Tensor:
+        return _norm_backward(grad_y, None, None, x, rstd, 1.0, 0.0, False, False, centered)[0]
+
+    @torch.library.custom_op(f"{_LIB}::ins_bias_ada_relu_triton", mutates_args=())
+    def ins_bias_ada_relu_triton(
+        x: Tensor,
+        bias: Tensor | None,
+        hidden: Tensor | None,
+        eta: float,
+        eps: float,
+        centered: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        mode = 1 if hidden is None else 2
+        y, _, mask, rstd = _norm_forward(x, bias, hidden, None, eta, eps, centered, mode)
+        return y, mask, rstd
+
+    @torch.library.custom_op(f"{_LIB}::ins_bias_ada_relu_backward_triton", mutates_args=())
+    def ins_bias_ada_relu_backward_triton(
+        grad_y: Tensor,
+        x: Tensor,
+        mask: Tensor,
+        rstd: Tensor,
+        eta: float,
+        gated: bool,
+        has_bias: bool,
+        centered: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        scale1 = 1.0 - eta if gated else 1.0
+        return _norm_backward(None, grad_y, mask, x, rstd, scale1, eta, gated, has_bias, centered)
+
+    @torch.library.custom_op(f"{_LIB}::ins_norm_gate_triton", mutates_args=())
+    def ins_norm_gate_triton(
+        z: Tensor, mask: Tensor, eps: float, centered: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        zn, out, _, rstd = _norm_forward(z, None, None, mask, 0.0, eps, centered, 3)
+        return zn, out, rstd
+
+    @torch.library.custom_op(f"{_LIB}::ins_norm_gate_backward_triton", mutates_args=())
+    def ins_norm_gate_backward_triton(
+        grad_zn: Tensor, grad_out: Tensor, z: Tensor, mask: Tensor, rstd: Tensor, centered: bool
+    ) -> Tensor:
+        return _norm_backward(grad_zn, grad_out, mask, z, rstd, 1.0, 0.0, False, False, centered)[0]
+
+    norm_triton = NormOps(
+        ins_norm_triton,
+        ins_norm_backward_triton,
+        ins_bias_ada_relu_triton,
+        ins_bias_ada_relu_backward_triton,
+        ins_norm_gate_triton,
+        ins_norm_gate_backward_triton,
+    )
+
+    # AdaPool: one lane per pooled output (forward, gather) or per output element (unpool).
+    _POOL_BLOCK = 256
+
+    def _pool_grid(total: int):
+        return ((total + _POOL_BLOCK - 1) // _POOL_BLOCK,)
+
+    @torch.library.custom_op(f"{_LIB}::ada_pool2d_triton", mutates_args=())
+    def ada_pool2d_triton(
+        x: Tensor, hidden: Tensor | None, kernel_size: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        from screening_attn._kernels import feedback as k
+
+        x = x.contiguous()
+        shape = _pooled(x, kernel_size)
+        y = x.new_empty(shape)
+        argmax = x.new_empty(shape, dtype=torch.uint8)
+        argmin = torch.empty_like(argmax)
+        if y.numel():
+            k.ada_pool_fwd_kernel[_pool_grid(y.numel())](
+                x,
+                x if hidden is None else hidden.contiguous(),
+                y,
+                argmax,
+                argmin,
+                y.numel(),
+                x.shape[2],
+                x.shape[3],
+                shape[2],
+                shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=_POOL_BLOCK,
+            )
+        return y, argmax, argmin
+
+    @torch.library.custom_op(f"{_LIB}::ada_unpool2d_triton", mutates_args=())
+    def ada_unpool2d_triton(
+        z: Tensor,
+        hidden: Tensor | None,
+        argmax: Tensor,
+        argmin: Tensor,
+        kernel_size: int,
+        height: int,
+        width: int,
+    ) -> Tensor:
+        from screening_attn._kernels import feedback as k
+
+        z = z.contiguous()
+        out = z.new_empty((z.shape[0], z.shape[1], height, width))
+        if out.numel():
+            k.ada_unpool_kernel[_pool_grid(out.numel())](
+                z,
+                z if hidden is None else hidden.contiguous(),
+                argmax.contiguous(),
+                argmin.contiguous(),
+                out,
+                out.numel(),
+                height,
+                width,
+                z.shape[2],
+                z.shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=_POOL_BLOCK,
+            )
+        return out
+
+    @torch.library.custom_op(f"{_LIB}::ada_pool2d_gather_triton", mutates_args=())
+    def ada_pool2d_gather_triton(
+        grad: Tensor, hidden: Tensor | None, argmax: Tensor, argmin: Tensor, kernel_size: int
+    ) -> Tensor:
+        from screening_attn._kernels import feedback as k
+
+        grad = grad.contiguous()
+        shape = _pooled(grad, kernel_size)
+        gz = grad.new_empty(shape)
+        if gz.numel():
+            k.ada_pool_gather_kernel[_pool_grid(gz.numel())](
+                grad,
+                grad if hidden is None else hidden.contiguous(),
+                argmax.contiguous(),
+                argmin.contiguous(),
+                gz,
+                gz.numel(),
+                grad.shape[2],
+                grad.shape[3],
+                shape[2],
+                shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=_POOL_BLOCK,
+            )
+        return gz
+
+    pool_triton = PoolOps(ada_pool2d_triton, ada_unpool2d_triton, ada_pool2d_gather_triton)
+
+    for _op, _fake in zip((*norm_triton, *pool_triton), (*_NORM_FAKES, *_POOL_FAKES)):
+        _op.register_fake(_fake)
+    _register_norm(norm_triton)
+    _register_pool(pool_triton)

@@ -6,6 +6,16 @@ signal that gates the next ``forward``. ``reset()`` forgets it. Put the layers i
 ``FeedbackSequential`` to get the feedback version of your own CNN: its ``feedback`` runs the
 layers' feedbacks in reverse order.
 
+Fused kernels: where a ``FeedbackSequential`` holds ``InsNorm, Bias, AdaReLU`` in a row, its
+``forward`` runs the three as one op (:func:`~screening_attn.feedback.functional.
+ins_bias_ada_relu`, one pass over the activation), with a following ``AdaPool2d`` too
+(``ins_bias_ada_relu_pool2d``); where it holds ``AdaReLU`` followed by an
+``InsNorm(top_down=True)`` or by an ``AdaPool2d``, its ``feedback`` runs the two feedbacks as
+one op (``ins_norm_gate``, ``ada_unpool_gate``). The layers keep their own parameters and state
+(so ``state_dict`` names do not change) and their checks; fusion needs the fused layers on one
+backend, other than ``"reference"``, which always runs the plain composition. (Forward hooks of
+the individual fused layers do not fire.)
+
 Example::
 
     net = FeedbackSequential(
@@ -34,7 +44,7 @@ from screening_attn._validate import (
     check_same_device_dtype,
     check_tensor,
 )
-from screening_attn.feedback import functional, reference
+from screening_attn.feedback import functional
 
 __all__ = [
     "AdaPool2d",
@@ -47,7 +57,11 @@ __all__ = [
     "Flatten",
     "GlobalAvgPool2d",
     "InsNorm",
+    "ada_unpool_gate_layers",
+    "ins_bias_ada_relu_layers",
+    "ins_bias_ada_relu_pool_layers",
     "ins_norm",
+    "ins_norm_gate_layers",
 ]
 
 
@@ -81,17 +95,9 @@ def _check_eps(eps: object) -> float:
     return value
 
 
-def _ins_norm(name: str, x: Tensor, eps: float, centered: bool) -> Tensor:
-    check_tensor(name, x, ndim=4)
-    if centered and x.shape[2] * x.shape[3] < 2:
-        raise ValueError(
-            f"{name} needs at least 2 elements in H x W for centered=True (unbiased variance), "
-            f"got shape {tuple(x.shape)}"
-        )
-    return reference.ins_norm(x, eps, centered)
-
-
-def ins_norm(x: Tensor, eps: float = 1e-8, centered: bool = False) -> Tensor:
+def ins_norm(
+    x: Tensor, eps: float = 1e-8, centered: bool = False, *, backend: str = "auto"
+) -> Tensor:
     """CNN-F's instance norm (SPEC §3): ``x / sqrt(mean_{H,W}(x^2) + eps)`` per (n, c).
 
     Args:
@@ -99,6 +105,7 @@ def ins_norm(x: Tensor, eps: float = 1e-8, centered: bool = False) -> Tensor:
         eps (float): added under the square root, >= 0. Default: ``1e-8``.
         centered (bool): use the unbiased variance (as ``torch.var``) instead of the mean square;
             only the denominator changes, ``x`` is not centered. Default: ``False``.
+        backend (str): where it runs (SPEC §4). Default: ``"auto"``.
 
     Returns:
         Tensor shaped and typed like ``x``.
@@ -108,7 +115,7 @@ def ins_norm(x: Tensor, eps: float = 1e-8, centered: bool = False) -> Tensor:
         >>> y = ins_norm(torch.randn(2, 3, 8, 8))
         >>> y.square().mean(dim=(2, 3))  # ~1 for every (n, c)
     """
-    return _ins_norm("x", x, _check_eps(eps), check_bool("centered", centered))
+    return functional._ins_norm("x", x, eps, centered, backend)
 
 
 class FeedbackModule(nn.Module):
@@ -145,6 +152,7 @@ class InsNorm(FeedbackModule):
         centered (bool): unbiased variance instead of the mean square. Default: ``False``.
         bottom_up (bool): normalize in ``forward``. Default: ``True``.
         top_down (bool): normalize in ``feedback``. Default: ``False``.
+        backend (str): where it runs (SPEC §4). Default: ``"auto"``.
     """
 
     def __init__(
@@ -154,23 +162,29 @@ class InsNorm(FeedbackModule):
         *,
         bottom_up: bool = True,
         top_down: bool = False,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.eps = _check_eps(eps)
         self.centered = check_bool("centered", centered)
         self.bottom_up = check_bool("bottom_up", bottom_up)
         self.top_down = check_bool("top_down", top_down)
+        self.backend = _check_backend(backend)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _ins_norm("x", x, self.eps, self.centered) if self.bottom_up else x
+        if not self.bottom_up:
+            return x
+        return functional._ins_norm("x", x, self.eps, self.centered, self.backend)
 
     def feedback(self, z: Tensor) -> Tensor:
-        return _ins_norm("z", z, self.eps, self.centered) if self.top_down else z
+        if not self.top_down:
+            return z
+        return functional._ins_norm("z", z, self.eps, self.centered, self.backend)
 
     def extra_repr(self) -> str:
         return (
             f"eps={self.eps}, centered={self.centered}, bottom_up={self.bottom_up}, "
-            f"top_down={self.top_down}"
+            f"top_down={self.top_down}, backend={self.backend!r}"
         )
 
 
@@ -216,16 +230,14 @@ class AdaReLU(FeedbackModule):
         self.hidden: Tensor | None = None
         self.mask: Tensor | None = None
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_forward(self, x: Tensor) -> None:
         if self.hidden is not None and self.hidden.shape != x.shape:
             raise ValueError(
                 f"x has shape {tuple(x.shape)} but the stored feedback signal has shape "
                 f"{tuple(self.hidden.shape)}; call reset() before a new input"
             )
-        y, self.mask = functional.ada_relu(x, self.hidden, self.res_param, backend=self.backend)
-        return y
 
-    def feedback(self, z: Tensor) -> Tensor:
+    def _check_feedback(self, z: Tensor) -> None:
         if self.mask is None:
             raise RuntimeError("AdaReLU.feedback needs a forward pass first (no gates stored)")
         check_tensor("z", z, ndim=self.mask.dim())
@@ -234,6 +246,14 @@ class AdaReLU(FeedbackModule):
                 f"z must have the shape of the last forward input {tuple(self.mask.shape)}, "
                 f"got {tuple(z.shape)}"
             )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_forward(x)
+        y, self.mask = functional.ada_relu(x, self.hidden, self.res_param, backend=self.backend)
+        return y
+
+    def feedback(self, z: Tensor) -> Tensor:
+        self._check_feedback(z)
         self.hidden = z
         return functional.ada_relu_feedback(z, self.mask, backend=self.backend)
 
@@ -252,14 +272,24 @@ class AdaPool2d(FeedbackModule):
     ``hidden > 0``, the min where ``hidden < 0`` and 0 where it is 0. ``feedback(z)`` stores
     ``hidden = z`` and unpools ``z`` to the positions the last ``forward`` selected. Ties pick
     the first element of the window in row-major order, for max and for min.
+
+    The state between the passes is compact: the uint8 window positions of the max and the min
+    (1 byte each per output) and a reference to the ``hidden`` that gated the forward (its signs
+    are the masks). ``argmax``, ``argmin``, ``pos_mask`` and ``neg_mask`` give them in the
+    reference's form (int64 plane indices as ``max_pool2d``'s, bool masks).
+
+    Args:
+        kernel_size (int): k in [1, 16].
+        backend (str): where it runs (SPEC §4). Default: ``"auto"``.
     """
 
-    def __init__(self, kernel_size: int) -> None:
+    def __init__(self, kernel_size: int, *, backend: str = "auto") -> None:
         super().__init__()
-        self.kernel_size = check_int("kernel_size", kernel_size, minimum=1)
+        self.kernel_size = functional._check_kernel_size(kernel_size)
+        self.backend = _check_backend(backend)
         self._clear_state()
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_forward(self, x: Tensor) -> None:
         check_tensor("x", x, ndim=4)
         k = self.kernel_size
         if x.shape[2] < k or x.shape[3] < k:
@@ -273,36 +303,76 @@ class AdaPool2d(FeedbackModule):
                     f"x pools to shape {pooled} but the stored feedback signal has shape "
                     f"{tuple(self.hidden.shape)}; call reset() before a new input"
                 )
-        y, self.argmax, self.argmin, self.pos_mask, self.neg_mask = reference.ada_pool2d(
-            x, self.hidden, k
-        )
+
+    def _store(self, x: Tensor, argmax: Tensor, argmin: Tensor) -> None:
+        """The state a forward leaves for the next feedback."""
+        self._argmax, self._argmin, self._gate = argmax, argmin, self.hidden
         self.input_size = (x.shape[2], x.shape[3])
+
+    def _check_feedback(self, z: Tensor) -> None:
+        if self._argmax is None:
+            raise RuntimeError("AdaPool2d.feedback needs a forward pass first (no gates stored)")
+        check_tensor("z", z, ndim=4)
+        if z.shape != self._argmax.shape:
+            raise ValueError(
+                f"z must have the shape of the last forward output {tuple(self._argmax.shape)}, "
+                f"got {tuple(z.shape)}"
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_forward(x)
+        y, argmax, argmin = functional.ada_pool2d(
+            x, self.hidden, self.kernel_size, backend=self.backend
+        )
+        self._store(x, argmax, argmin)
         return y
 
     def feedback(self, z: Tensor) -> Tensor:
-        if self.argmax is None:
-            raise RuntimeError("AdaPool2d.feedback needs a forward pass first (no gates stored)")
-        check_tensor("z", z, ndim=4)
-        if z.shape != self.argmax.shape:
-            raise ValueError(
-                f"z must have the shape of the last forward output {tuple(self.argmax.shape)}, "
-                f"got {tuple(z.shape)}"
-            )
+        self._check_feedback(z)
         self.hidden = z
-        return reference.ada_unpool2d(
-            z, self.argmax, self.argmin, self.pos_mask, self.neg_mask, self.input_size
+        return functional.ada_unpool2d(
+            z,
+            self._argmax,
+            self._argmin,
+            self._gate,
+            self.kernel_size,
+            self.input_size,
+            backend=self.backend,
         )
+
+    def _plane_indices(self, positions: Tensor | None) -> Tensor | None:
+        if positions is None:
+            return None
+        return functional._plane_indices(positions, self.kernel_size, self.input_size[1])
+
+    @property
+    def argmax(self) -> Tensor | None:
+        """int64 flat indices into each input plane of the last forward's maxima."""
+        return self._plane_indices(self._argmax)
+
+    @property
+    def argmin(self) -> Tensor | None:
+        """As ``argmax`` for the minima; ``None`` unless the last forward was gated."""
+        return None if self._gate is None else self._plane_indices(self._argmin)
+
+    @property
+    def pos_mask(self) -> Tensor | None:
+        """``hidden > 0`` of the last forward (``None`` if it was not gated)."""
+        return None if self._gate is None else self._gate > 0
+
+    @property
+    def neg_mask(self) -> Tensor | None:
+        return None if self._gate is None else self._gate < 0
 
     def _clear_state(self) -> None:
         self.hidden: Tensor | None = None
-        self.argmax: Tensor | None = None
-        self.argmin: Tensor | None = None
-        self.pos_mask: Tensor | None = None
-        self.neg_mask: Tensor | None = None
+        self._gate: Tensor | None = None
+        self._argmax: Tensor | None = None
+        self._argmin: Tensor | None = None
         self.input_size: tuple[int, int] | None = None
 
     def extra_repr(self) -> str:
-        return f"kernel_size={self.kernel_size}"
+        return f"kernel_size={self.kernel_size}, backend={self.backend!r}"
 
 
 class FeedbackConv2d(FeedbackModule):
@@ -456,6 +526,129 @@ class GlobalAvgPool2d(FeedbackModule):
         return z[:, :, None, None].expand(-1, -1, *self.size)
 
 
+def _same_kernel_backend(*layers: nn.Module) -> bool:
+    """Layers run fused only on one backend, and not the reference (which is, by definition,
+    the plain composition)."""
+    backends = {getattr(layer, "backend", None) for layer in layers}
+    return len(backends) == 1 and backends.pop() not in (None, "reference")
+
+
+def _fuses_forward(ins: nn.Module, bias: nn.Module, relu: nn.Module) -> bool:
+    return (
+        isinstance(ins, InsNorm)
+        and ins.bottom_up
+        and isinstance(bias, Bias)
+        and isinstance(relu, AdaReLU)
+        and _same_kernel_backend(ins, relu)
+    )
+
+
+def _fuses_forward_pool(ins: nn.Module, bias: nn.Module, relu: nn.Module, pool: nn.Module) -> bool:
+    return (
+        _fuses_forward(ins, bias, relu)
+        and isinstance(pool, AdaPool2d)
+        and _same_kernel_backend(relu, pool)
+    )
+
+
+def _fuses_feedback(relu: nn.Module, ins: nn.Module) -> bool:
+    """``relu`` followed by ``ins`` bottom-up: top-down, ``ins.feedback`` then ``relu.feedback``."""
+    return (
+        isinstance(relu, AdaReLU)
+        and isinstance(ins, InsNorm)
+        and ins.top_down
+        and _same_kernel_backend(ins, relu)
+    )
+
+
+def _fuses_unpool_gate(relu: nn.Module, pool: nn.Module) -> bool:
+    """``relu`` followed by ``pool``: top-down, ``pool.feedback`` then ``relu.feedback``."""
+    return (
+        isinstance(relu, AdaReLU)
+        and isinstance(pool, AdaPool2d)
+        and _same_kernel_backend(relu, pool)
+    )
+
+
+def ins_bias_ada_relu_pool_layers(
+    ins: InsNorm, bias: Bias, relu: AdaReLU, pool: AdaPool2d, x: Tensor
+) -> Tensor:
+    """``pool(relu(bias(ins(x))))``, as one op where the layers allow it (on the CPU one kernel
+    that never writes the full-resolution activation); the gate and the pool keep their state."""
+    if not _fuses_forward_pool(ins, bias, relu, pool):
+        return pool(ins_bias_ada_relu_layers(ins, bias, relu, x))
+    check_tensor("x", x, ndim=4)
+    _check_channels("x", x, 1, bias.num_channels, "channels")
+    relu._check_forward(x)
+    pool._check_forward(x)
+    y, relu.mask, argmax, argmin = functional.ins_bias_ada_relu_pool2d(
+        x,
+        bias.bias,
+        relu.hidden,
+        pool.hidden,
+        relu.res_param,
+        pool.kernel_size,
+        eps=ins.eps,
+        centered=ins.centered,
+        backend=relu.backend,
+    )
+    pool._store(x, argmax, argmin)
+    return y
+
+
+def ada_unpool_gate_layers(relu: AdaReLU, pool: AdaPool2d, z: Tensor) -> Tensor:
+    """``relu.feedback(pool.feedback(z))``, as one op where the layers allow it."""
+    if not _fuses_unpool_gate(relu, pool):
+        return relu.feedback(pool.feedback(z))
+    pool._check_feedback(z)
+    if relu.mask is None or relu.mask.shape[2:] != pool.input_size:
+        return relu.feedback(pool.feedback(z))  # not the pool's input: let the layers complain
+    pool.hidden = z
+    relu.hidden, out = functional.ada_unpool_gate(
+        z,
+        pool._argmax,
+        pool._argmin,
+        pool._gate,
+        relu.mask,
+        pool.kernel_size,
+        pool.input_size,
+        backend=relu.backend,
+    )
+    return out
+
+
+def ins_bias_ada_relu_layers(ins: InsNorm, bias: Bias, relu: AdaReLU, x: Tensor) -> Tensor:
+    """``relu(bias(ins(x)))``, as one fused op when the layers allow it (see the module doc),
+    with the layers' parameters and state: the gate's mask is stored in ``relu``."""
+    if not _fuses_forward(ins, bias, relu):
+        return relu(bias(ins(x)))
+    check_tensor("x", x, ndim=4)
+    _check_channels("x", x, 1, bias.num_channels, "channels")
+    relu._check_forward(x)
+    y, relu.mask = functional.ins_bias_ada_relu(
+        x,
+        bias.bias,
+        relu.hidden,
+        relu.res_param,
+        eps=ins.eps,
+        centered=ins.centered,
+        backend=relu.backend,
+    )
+    return y
+
+
+def ins_norm_gate_layers(ins: InsNorm, relu: AdaReLU, z: Tensor) -> Tensor:
+    """``relu.feedback(ins.feedback(z))``, as one fused op when the layers allow it: the
+    normalized ``z`` becomes ``relu``'s hidden, the gated one is returned."""
+    if not _fuses_feedback(relu, ins):
+        return relu.feedback(ins.feedback(z))
+    relu._check_feedback(z)
+    relu.hidden, out = functional.ins_norm_gate(
+        z, relu.mask, eps=ins.eps, centered=ins.centered, backend=relu.backend
+    )
+    return out
+
+
 class FeedbackSequential(FeedbackModule, nn.Sequential):
     """A chain of feedback layers (an ``nn.Sequential``, also built from an ``OrderedDict``).
 
@@ -497,24 +690,54 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
             return FeedbackSequential(OrderedDict(list(self._modules.items())[idx]))
         return super().__getitem__(idx)
 
+    @staticmethod
+    def _run(units: list[FeedbackModule], x: Tensor, start: int, at: int) -> tuple[Tensor, Tensor]:
+        """Units ``start, start+1, ...`` on ``x``; also returns the input of unit ``at``.
+        ``InsNorm, Bias, AdaReLU`` in a row run fused, unless ``at`` falls inside them."""
+        captured = x
+        i = start
+        while i < len(units):
+            if i == at:
+                captured = x
+            if (
+                at not in (i + 1, i + 2, i + 3)
+                and i + 3 < len(units)
+                and _fuses_forward_pool(*units[i : i + 4])
+            ):
+                x = ins_bias_ada_relu_pool_layers(*units[i : i + 4], x)
+                i += 4
+            elif (
+                at not in (i + 1, i + 2)
+                and i + 2 < len(units)
+                and _fuses_forward(*units[i : i + 3])
+            ):
+                x = ins_bias_ada_relu_layers(*units[i : i + 3], x)
+                i += 3
+            else:
+                x = units[i](x)
+                i += 1
+        return x, x if at == len(units) else captured
+
     def forward(self, x: Tensor, start: int = 0) -> Tensor:
         units = self.units()
-        for unit in units[self._index("start", start, units) :]:
-            x = unit(x)
-        return x
+        return self._run(units, x, self._index("start", start, units), -1)[0]
 
     def forward_capture(self, x: Tensor, at: int) -> tuple[Tensor, Tensor]:
         units = self.units()
-        at = self._index("at", at, units)
-        captured = None
-        for i, unit in enumerate(units):
-            if i == at:
-                captured = x
-            x = unit(x)
-        return x, x if captured is None else captured  # at == len(units): the output itself
+        return self._run(units, x, 0, self._index("at", at, units))  # at == len: the output
 
     def feedback(self, z: Tensor, stop: int = 0) -> Tensor:
         units = self.units()
-        for unit in reversed(units[self._index("stop", stop, units) :]):
-            z = unit.feedback(z)
+        stop = self._index("stop", stop, units)
+        i = len(units) - 1
+        while i >= stop:
+            if i - 1 >= stop and _fuses_feedback(units[i - 1], units[i]):
+                z = ins_norm_gate_layers(units[i], units[i - 1], z)
+                i -= 2
+            elif i - 1 >= stop and _fuses_unpool_gate(units[i - 1], units[i]):
+                z = ada_unpool_gate_layers(units[i - 1], units[i], z)
+                i -= 2
+            else:
+                z = units[i].feedback(z)
+                i -= 1
         return z

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from screening_attn._validate import check_finite_float, check_int
-from screening_attn.feedback import reference
+from screening_attn.feedback import functional
 from screening_attn.feedback.layers import (
     AdaPool2d,
     AdaReLU,
@@ -26,6 +26,9 @@ from screening_attn.feedback.layers import (
     Flatten,
     GlobalAvgPool2d,
     InsNorm,
+    _check_backend,
+    ins_bias_ada_relu_layers,
+    ins_norm_gate_layers,
 )
 
 __all__ = ["CNNF", "CNNFWideResNet", "FeedbackNetwork", "WideBasicBlock", "feedback_step"]
@@ -34,6 +37,10 @@ __all__ = ["CNNF", "CNNFWideResNet", "FeedbackNetwork", "WideBasicBlock", "feedb
 def feedback_step(model: FeedbackNetwork, out: Tensor, ff: Tensor) -> tuple[Tensor, Tensor]:
     """One CNN-F cycle: ``rec = model.feedback(out)``; ``ff = ff + eta (rec - ff)``;
     ``out = model.forward(ff, start=model.ff_unit)``, gated by the stored feedback.
+
+    The unit the fused kernels and the benchmarks target: with compiled backends the norm /
+    bias / gate layers run fused (see :mod:`~screening_attn.feedback.layers`), the pools run
+    their kernels and the update is one ``torch.lerp``; convolutions and linear maps are torch's.
 
     Args:
         model (FeedbackNetwork): after a forward pass (its gates set).
@@ -45,7 +52,7 @@ def feedback_step(model: FeedbackNetwork, out: Tensor, ff: Tensor) -> tuple[Tens
         ``(out, ff)``: the new logits and the updated feature map.
     """
     rec = model.feedback(out)
-    ff = reference.feedback_update(ff, rec, model.res_param)
+    ff = functional.feedback_update(ff, rec, model.res_param, backend=model.backend)
     return model.forward(ff, start=model.ff_unit), ff
 
 
@@ -58,6 +65,8 @@ class FeedbackNetwork(FeedbackSequential):
             (0 = the input image). Default: ``0``.
         cycles (int): feedback cycles of ``run_cycles``/``run_average``. Default: ``2``.
         res_param (float): the step ``eta`` of ``ff <- ff + eta (rec - ff)``. Default: ``0.1``.
+        backend (str): where that update runs (``"reference"``: the plain formula, else
+            ``torch.lerp``); ``set_backend`` sets it with the layers'. Default: ``"auto"``.
 
     ``forward(x)`` is one bottom-up pass from the input (gated by whatever feedback is stored),
     ``feedback(z)`` reconstructs ``ff`` (it stops at ``ff_unit``), ``reset()`` clears the gates.
@@ -69,11 +78,13 @@ class FeedbackNetwork(FeedbackSequential):
         ff_unit: int = 0,
         cycles: int = 2,
         res_param: float = 0.1,
+        backend: str = "auto",
     ) -> None:
         super().__init__(*layers)
         self.ff_unit = self._index("ff_unit", ff_unit, self.units())
         self.cycles = check_int("cycles", cycles, minimum=0)
         self.res_param = check_finite_float("res_param", res_param)
+        self.backend = _check_backend(backend)
 
     def feedback(self, z: Tensor, stop: int | None = None) -> Tensor:
         return super().feedback(z, self.ff_unit if stop is None else stop)
@@ -102,18 +113,19 @@ class FeedbackNetwork(FeedbackSequential):
 def _stage(
     i: int, cin: int, cout: int, res_param: float, backend: str
 ) -> list[tuple[str, FeedbackModule]]:
-    """conv (3x3, pad 1) -> ins -> bias -> AdaReLU, named as the paper's code."""
+    """conv (3x3, pad 1) -> ins -> bias -> AdaReLU, named as the paper's code (the last three
+    run as one fused op, see :mod:`~screening_attn.feedback.layers`)."""
     return [
         (f"conv{i}", FeedbackConv2d(cin, cout, 3, padding=1)),
-        (f"ins{i}", InsNorm()),
+        (f"ins{i}", InsNorm(backend=backend)),
         (f"ins{i}_bias", Bias(cout)),
         (f"relu{i}", AdaReLU(res_param, backend=backend)),
     ]
 
 
-def _top_down_norm(i: int) -> tuple[str, FeedbackModule]:
+def _top_down_norm(i: int, backend: str) -> tuple[str, FeedbackModule]:
     """Where the paper's feedback normalizes the signal entering stage ``i``'s gates."""
-    return f"ins{i}_fb", InsNorm(bottom_up=False, top_down=True)
+    return f"ins{i}_fb", InsNorm(bottom_up=False, top_down=True, backend=backend)
 
 
 class CNNF(FeedbackNetwork):
@@ -130,7 +142,8 @@ class CNNF(FeedbackNetwork):
             Default: ``0``.
         cycles (int): feedback cycles. Default: ``2``.
         res_param (float): the step eta of AdaReLU and of the ``ff`` update. Default: ``0.1``.
-        backend (str): where the AdaReLU gates run (SPEC §4). Default: ``"auto"``.
+        backend (str): where the norms, gates, pools and the update run (SPEC §4).
+            Default: ``"auto"``.
 
     Example::
 
@@ -154,15 +167,15 @@ class CNNF(FeedbackNetwork):
         eta = check_finite_float("res_param", res_param)
         layers = [
             *_stage(1, 1, 16, eta, backend),
-            _top_down_norm(1),
+            _top_down_norm(1, backend),
             *_stage(2, 16, 32, eta, backend),
-            _top_down_norm(2),
+            _top_down_norm(2, backend),
             *_stage(3, 32, 32, eta, backend),
-            ("pool3", AdaPool2d(2)),
-            _top_down_norm(3),
+            ("pool3", AdaPool2d(2, backend=backend)),
+            _top_down_norm(3, backend),
             *_stage(4, 32, 64, eta, backend),
-            ("pool4", AdaPool2d(2)),
-            _top_down_norm(4),
+            ("pool4", AdaPool2d(2, backend=backend)),
+            _top_down_norm(4, backend),
             ("flatten", Flatten()),
             ("fc1", FeedbackLinear(3136, 1000)),
             ("fc1_bias", Bias(1000)),
@@ -174,7 +187,9 @@ class CNNF(FeedbackNetwork):
             ("fc3_bias", Bias(num_classes)),
         ]
         ff_unit = [name for name, _ in layers].index(f"conv{ind + 1}")
-        super().__init__(OrderedDict(layers), ff_unit=ff_unit, cycles=cycles, res_param=eta)
+        super().__init__(
+            OrderedDict(layers), ff_unit=ff_unit, cycles=cycles, res_param=eta, backend=backend
+        )
         self.ind = ind
 
 
@@ -198,11 +213,11 @@ class WideBasicBlock(FeedbackModule):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        self.ins1 = InsNorm(top_down=True)
+        self.ins1 = InsNorm(top_down=True, backend=backend)
         self.ins1_bias = Bias(in_planes)
         self.relu1 = AdaReLU(res_param, backend=backend)
         self.conv1 = FeedbackConv2d(in_planes, out_planes, 3, stride, 1)
-        self.ins2 = InsNorm(top_down=True)
+        self.ins2 = InsNorm(top_down=True, backend=backend)
         self.ins2_bias = Bias(out_planes)
         self.relu2 = AdaReLU(res_param, backend=backend)
         self.conv2 = FeedbackConv2d(out_planes, out_planes, 3, 1, 1)
@@ -211,17 +226,18 @@ class WideBasicBlock(FeedbackModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        a = self.relu1(self.ins1_bias(self.ins1(x)))
-        h = self.conv2(self.relu2(self.ins2_bias(self.ins2(self.conv1(a)))))
+        a = ins_bias_ada_relu_layers(self.ins1, self.ins1_bias, self.relu1, x)
+        h = ins_bias_ada_relu_layers(self.ins2, self.ins2_bias, self.relu2, self.conv1(a))
+        h = self.conv2(h)
         return (x if self.conv_shortcut is None else self.conv_shortcut(a)) + h
 
     def feedback(self, z: Tensor) -> Tensor:
         # the biases' feedback is the identity
-        g = self.relu2.feedback(self.ins2.feedback(self.conv2.feedback(z)))
-        g = self.ins1.feedback(self.conv1.feedback(g))
+        g = ins_norm_gate_layers(self.ins2, self.relu2, self.conv2.feedback(z))
+        g = self.conv1.feedback(g)
         if self.conv_shortcut is None:
-            return z + self.relu1.feedback(g)
-        return self.relu1.feedback(self.conv_shortcut.feedback(z) + g)
+            return z + ins_norm_gate_layers(self.ins1, self.relu1, g)
+        return self.relu1.feedback(self.conv_shortcut.feedback(z) + self.ins1.feedback(g))
 
 
 class CNNFWideResNet(FeedbackNetwork):
@@ -280,15 +296,21 @@ class CNNFWideResNet(FeedbackNetwork):
             block1=group(width[0], width[1], 1),
             block2=group(width[1], width[2], 2),
             block3=group(width[2], width[3], 2),
-            ins1=InsNorm(),
+            ins1=InsNorm(backend=backend),
             ins1_bias=Bias(width[3]),
             relu=AdaReLU(eta, backend=backend),
-            ins1_fb=InsNorm(bottom_up=False, top_down=True),
+            ins1_fb=InsNorm(bottom_up=False, top_down=True, backend=backend),
             pool=GlobalAvgPool2d(),
             fc=FeedbackLinear(width[3], num_classes),
             fc_bias=Bias(num_classes),
         )
         # units(): conv1, block1[0], ..., block1[n-1], block2[0], ...; ind = k >= 1 feeds back
         # the output of block1[k-1], the input of unit k + 1.
-        super().__init__(layers, ff_unit=0 if ind == 0 else ind + 1, cycles=cycles, res_param=eta)
+        super().__init__(
+            layers,
+            ff_unit=0 if ind == 0 else ind + 1,
+            cycles=cycles,
+            res_param=eta,
+            backend=backend,
+        )
         self.ind = ind

@@ -45,4 +45,96 @@ inline void check_ada_relu_backward(const at::Tensor& grad, const at::Tensor& ma
   check_mask(mask, grad, "grad");
 }
 
+inline void check_floating_4d(const at::Tensor& x, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), name,
+                   " must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 4, name, " must be 4-d (N, C, H, W), got shape ", x.sizes());
+}
+
+// The instance norm's plane: H W >= 1, and >= 2 for the unbiased variance.
+inline void check_ins_norm(const at::Tensor& x, const char* name, bool centered) {
+  check_floating_4d(x, name);
+  TORCH_CHECK_VALUE(!centered || x.size(2) * x.size(3) >= 2, name,
+                    " needs at least 2 elements in H x W for centered=True, got shape ",
+                    x.sizes());
+}
+
+inline void check_ins_bias_ada_relu(const at::Tensor& x, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& hidden, bool centered) {
+  check_ins_norm(x, "x", centered);
+  if (bias.has_value()) {
+    check_same_dtype_device(x, "x", *bias, "bias");
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == x.size(1),
+                      "bias must have shape (C,) = (", x.size(1), ",), got ", bias->sizes());
+  }
+  if (hidden.has_value()) {
+    check_same_dtype_device(x, "x", *hidden, "hidden");
+    check_same_shape(x, "x", *hidden, "hidden");
+  }
+}
+
+// rstd: one value per (n, c) plane of `like`, in the accumulation type (double for double).
+inline void check_rstd(const at::Tensor& rstd, const at::Tensor& like) {
+  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(rstd.scalar_type() == acc, "rstd must be ", acc, ", got ", rstd.scalar_type());
+  TORCH_CHECK_VALUE(rstd.dim() == 2 && rstd.size(0) == like.size(0) && rstd.size(1) == like.size(1),
+                    "rstd must have shape (N, C) = (", like.size(0), ", ", like.size(1), "), got ",
+                    rstd.sizes());
+  TORCH_CHECK_VALUE(rstd.device() == like.device(), "rstd must be on the device of x");
+}
+
+inline void check_ins_backward(const at::Tensor& grad, const char* grad_name, const at::Tensor& x,
+                               const at::Tensor& rstd, bool centered) {
+  check_ins_norm(x, "x", centered);
+  check_same_dtype_device(x, "x", grad, grad_name);
+  check_same_shape(x, "x", grad, grad_name);
+  check_rstd(rstd, x);
+}
+
+// AdaPool: k x k windows, stride k; positions are window-local uint8, so k * k <= 256.
+inline void check_pool_kernel_size(int64_t k) {
+  TORCH_CHECK_VALUE(k >= 1 && k <= 16, "kernel_size must be in [1, 16], got ", k);
+}
+
+inline void check_pool_hidden(const std::optional<at::Tensor>& hidden, const at::Tensor& like,
+                              const char* like_name, at::IntArrayRef pooled) {
+  if (!hidden.has_value()) return;
+  check_same_dtype_device(like, like_name, *hidden, "hidden");
+  TORCH_CHECK_VALUE(hidden->sizes() == pooled, "hidden must have the pooled shape ", pooled,
+                    ", got ", hidden->sizes());
+}
+
+inline void check_pool_positions(const at::Tensor& pos, const char* name, const at::Tensor& like,
+                                 const char* like_name, at::IntArrayRef pooled) {
+  TORCH_CHECK_TYPE(pos.scalar_type() == at::kByte, name, " must be a uint8 tensor, got ",
+                   pos.scalar_type());
+  TORCH_CHECK_VALUE(pos.sizes() == pooled, name, " must have the pooled shape ", pooled, ", got ",
+                    pos.sizes());
+  TORCH_CHECK_VALUE(pos.device() == like.device(), name, " must be on the device of ", like_name);
+}
+
+inline void check_ada_pool2d(const at::Tensor& x, const std::optional<at::Tensor>& hidden,
+                             int64_t k) {
+  check_floating_4d(x, "x");
+  check_pool_kernel_size(k);
+  TORCH_CHECK_VALUE(x.size(2) >= k && x.size(3) >= k, "x must be at least ", k, "x", k,
+                    " (kernel_size) in H and W, got shape ", x.sizes());
+  check_pool_hidden(hidden, x, "x", {x.size(0), x.size(1), x.size(2) / k, x.size(3) / k});
+}
+
+// z: pooled (N, C, Ho, Wo); the plane it unpools to is height x width, Ho = height / k.
+inline void check_ada_unpool2d(const at::Tensor& z, const char* z_name,
+                               const std::optional<at::Tensor>& hidden, const at::Tensor& argmax,
+                               const at::Tensor& argmin, int64_t k, int64_t height,
+                               int64_t width) {
+  check_floating_4d(z, z_name);
+  check_pool_kernel_size(k);
+  TORCH_CHECK_VALUE(height / k == z.size(2) && width / k == z.size(3), z_name, " of shape ",
+                    z.sizes(), " is not the ", k, "x", k, " pooling of a ", height, "x", width,
+                    " plane");
+  check_pool_hidden(hidden, z, z_name, z.sizes());
+  check_pool_positions(argmax, "argmax", z, z_name, z.sizes());
+  check_pool_positions(argmin, "argmin", z, z_name, z.sizes());
+}
+
 }  // namespace screening_attn

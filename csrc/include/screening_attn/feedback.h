@@ -1,9 +1,21 @@
-// Elementwise math of the CNN-F gates (SPEC §3), shared by the CPU and CUDA kernels.
+// Elementwise and per-plane math of the CNN-F ops (SPEC §3), shared by the CPU and CUDA kernels.
+// The Triton kernels (kernels/feedback.py) write the same formulas.
 #pragma once
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
+#include <cstdint>
+
 namespace screening_attn {
+
+// 1 or 0 as a number, written as a select: GCC vectorizes it, not a bool -> float conversion.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t as_number(bool b) {
+  return b ? acc_t(1) : acc_t(0);
+}
+
+// --- Gates -------------------------------------------------------------------------------------
 
 // AdaReLU: x' = x + eta (h - x), open where x' h > 0 (plain ReLU without feedback).
 // y = x' * open, not `open ? x' : 0`, so a NaN input stays NaN as in the reference.
@@ -12,13 +24,13 @@ C10_HOST_DEVICE inline acc_t ada_relu_value(acc_t x, acc_t h, acc_t eta, bool ha
                                             bool* open) {
   acc_t xr = has_hidden ? x + eta * (h - x) : x;
   *open = has_hidden ? xr * h > acc_t(0) : xr > acc_t(0);
-  return xr * acc_t(*open);
+  return xr * as_number<acc_t>(*open);
 }
 
 // z [open]: the gate's feedback pass, and the backward of the ungated forward.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t gate(acc_t z, bool open) {
-  return z * acc_t(open);
+  return z * as_number<acc_t>(open);
 }
 
 // Backward of the gated AdaReLU: d/dx = (1 - eta) g [open], d/dh = eta g [open].
@@ -27,6 +39,88 @@ C10_HOST_DEVICE inline void ada_relu_grad(acc_t g, bool open, acc_t eta, acc_t* 
   acc_t gm = gate(g, open);
   *gx = gm * (acc_t(1) - eta);
   *gh = gm * eta;
+}
+
+// --- Instance norm over one (n, c) plane of `count` elements ------------------------------------
+// Forward: u = x r (+ bias), r = 1 / sqrt(power + eps), power = sum(x^2) / count, or with
+// `centered` the unbiased variance sum((x - mean)^2) / (count - 1) (x itself is not shifted).
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ins_divisor(int64_t count, bool centered) {
+  return static_cast<acc_t>(centered ? count - 1 : count);
+}
+
+// `power_sum` is sum(x^2), or sum((x - mean)^2) when centered.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ins_rstd(acc_t power_sum, int64_t count, bool centered, acc_t eps) {
+#if defined(__CUDA_ARCH__)
+  return acc_t(1) / ::sqrt(power_sum / ins_divisor<acc_t>(count, centered) + eps);
+#else
+  return acc_t(1) / std::sqrt(power_sum / ins_divisor<acc_t>(count, centered) + eps);
+#endif
+}
+
+// Backward: with gu = dL/du and S = sum(gu x) over the plane,
+//   dL/dx = r gu - coef (x - mean),   coef = r^3 S / divisor,   mean = 0 unless centered
+// (d r / d power = -r^3 / 2; d power / d x_i = 2 (x_i - mean) / divisor; the mean's own
+// derivative drops out because sum(x - mean) = 0).
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ins_grad_coef(acc_t rstd, acc_t sum_gu_x, int64_t count,
+                                           bool centered) {
+  return rstd * rstd * rstd * sum_gu_x / ins_divisor<acc_t>(count, centered);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ins_grad(acc_t gu, acc_t x, acc_t rstd, acc_t coef, acc_t mean) {
+  return rstd * gu - coef * (x - mean);
+}
+
+// --- AdaPool (k x k windows, stride k) ----------------------------------------------------------
+// Windows are scanned in row-major order; a candidate replaces the best so far only if strictly
+// better, so ties keep the first element. NaN beats any number (and the first NaN stays), as
+// torch.argmax / argmin do. Positions are stored window-local: p = row * k + col, in a uint8.
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool pool_beats_max(acc_t v, acc_t best) {
+  return v > best || (v != v && best == best);
+}
+
+template <typename acc_t>
+C10_HOST_DEVICE inline bool pool_beats_min(acc_t v, acc_t best) {
+  return v < best || (v != v && best == best);
+}
+
+// Offset of window position `pos` from the window's first element, in a plane of width `W`.
+C10_HOST_DEVICE inline int64_t pool_offset(int pos, int k, int64_t width) {
+  return (pos / k) * width + pos % k;
+}
+
+// Forward output: [h > 0] max + [h < 0] min (0 where h = 0), or the max before any feedback.
+// Products, not selects, so that a NaN window stays NaN as in the reference.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ada_pool_value(acc_t vmax, acc_t vmin, acc_t h, bool has_hidden) {
+  return has_hidden ? vmax * as_number<acc_t>(h > acc_t(0)) + vmin * as_number<acc_t>(h < acc_t(0)) : vmax;
+}
+
+// Unpool (the feedback, and the forward's backward): the value at window position `pos` of
+// unpool(z [h > 0], argmax) + unpool(z [h < 0], argmin), or of unpool(z, argmax) before any
+// feedback.
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ada_unpool_value(acc_t z, acc_t h, bool has_hidden, int pos,
+                                              int argmax, int argmin) {
+  if (!has_hidden) return pos == argmax ? z : acc_t(0);
+  const acc_t to_max = pos == argmax ? z * as_number<acc_t>(h > acc_t(0)) : acc_t(0);
+  const acc_t to_min = pos == argmin ? z * as_number<acc_t>(h < acc_t(0)) : acc_t(0);
+  return to_max + to_min;
+}
+
+// Gather (the unpool's backward): dL/dz = g[argmax] [h > 0] + g[argmin] [h < 0], or g[argmax].
+template <typename acc_t>
+C10_HOST_DEVICE inline acc_t ada_pool_gather_value(acc_t g_at_max, acc_t g_at_min, acc_t h,
+                                                   bool has_hidden) {
+  return has_hidden ? g_at_max * as_number<acc_t>(h > acc_t(0)) +
+                          g_at_min * as_number<acc_t>(h < acc_t(0))
+                    : g_at_max;
 }
 
 }  // namespace screening_attn
