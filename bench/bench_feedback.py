@@ -190,12 +190,15 @@ def _grads(model, *tensors) -> dict[str, torch.Tensor]:
 
 def _check_cnnf(op: str, provider: str, mode: str, N: int, ind: int, cycles: int) -> None:
     """Run ``op`` from scratch with ``provider`` and with the reference (same weights, same
-    inputs) and compare logits, the fed-back map and every gradient."""
+    inputs) and compare logits, the fed-back map and every gradient. In float64: in float32 the
+    fused norm's different summation order can legitimately flip a gate or a pool's choice
+    where a value sits within rounding of zero or of a tie, and a whole network amplifies that
+    into visibly different logits."""
     results = []
     for p in (provider, "reference"):
-        model = _model(p, ind, cycles)
-        x = _images(N)
-        g = _randn(N, NUM_CLASSES, seed=SEED + 4)
+        model = _model(p, ind, cycles).double()
+        x = _images(N).double()
+        g = _randn(N, NUM_CLASSES, seed=SEED + 4).double()
         if op == "feedback_step":
             out, ff = _prepare_step(model, x, mode == "fwd+bwd")
             _step_run(model, mode, out, ff, g)  # a second cycle: gates set by the first one
@@ -206,11 +209,11 @@ def _check_cnnf(op: str, provider: str, mode: str, N: int, ind: int, cycles: int
             results.append(({"logits": _cycles_run(model, mode, x, g)}, _grads(model, x)))
     (got, got_grads), (want, want_grads) = results
     for name in want:
-        check_close(name, got[name], want[name], rtol=1e-3, atol=1e-4)
+        check_close(name, got[name], want[name], rtol=1e-7, atol=1e-9)
     if set(got_grads) != set(want_grads):
         raise CheckFailed(f"gradients of {sorted(got_grads)}, expected {sorted(want_grads)}")
     for name in want_grads:
-        check_close(name, got_grads[name], want_grads[name], rtol=1e-3, atol=1e-4)
+        check_close(name, got_grads[name], want_grads[name], rtol=1e-7, atol=1e-9)
 
 
 @functools.cache

@@ -306,7 +306,10 @@ class AdaPool2d(FeedbackModule):
 
     def _store(self, x: Tensor, argmax: Tensor, argmin: Tensor) -> None:
         """The state a forward leaves for the next feedback."""
-        self._argmax, self._argmin, self._gate = argmax, argmin, self.hidden
+        # The gate is read for its signs only: detached, so a later feedback pass does not
+        # reach back into the graph of the cycle that produced it.
+        gate = None if self.hidden is None else self.hidden.detach()
+        self._argmax, self._argmin, self._gate = argmax, argmin, gate
         self.input_size = (x.shape[2], x.shape[3])
 
     def _check_feedback(self, z: Tensor) -> None:
