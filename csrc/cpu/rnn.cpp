@@ -1,0 +1,462 @@
+// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas and
+// the time loops that call these: csrc/rnn.cpp). Every kernel is parallel over the B batch
+// rows (at::parallel_for); a row's work is sequential and vectorized over the Hd features. The
+// element math (scores, activations, LSTM cell) is shared with the CUDA kernels
+// (include/screening_attn/rnn.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#include "screening_attn/rnn.h"
+#include "screening_attn/rnn_checks.h"
+
+namespace screening_attn {
+
+int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
+
+namespace {
+
+// The row kernels are compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SCREENING_ATTN_RNN_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SCREENING_ATTN_RNN_CLONES
+#endif
+#define SCREENING_ATTN_INLINE __attribute__((always_inline)) inline
+
+// Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
+
+// What one batch row reads in an attention step.
+template <typename T>
+struct Memory {
+  const T* hidden;  // (T', B, Hd): h_j of row b at (j B + b) Hd
+  const T* uah;     // (T', B, Hd): Ua h_j, same layout
+  const T* v;       // (Hd)
+  int64_t B, Hd;
+  const T* h(int64_t j, int64_t b) const { return hidden + (j * B + b) * Hd; }
+  const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
+};
+
+// Candidates of row b at step t: the window t-nw .. t-1, then the filled slots. Returns their
+// number; pos[c] is candidate c's time step, col[c] its column in the alpha record
+// (window: 0 .. nw-1; slot s: window + s).
+inline int64_t candidates(const int64_t* slots, int64_t rho, int64_t t, int64_t nw, int64_t window,
+                          int64_t* pos, int64_t* col) {
+  int64_t nc = 0;
+  for (int64_t k = 0; k < nw; ++k, ++nc) {
+    pos[nc] = t - nw + k;
+    col[nc] = k;
+  }
+  for (int64_t s = 0; s < rho; ++s) {
+    const int64_t j = slots[s];
+    if (j < 0) continue;
+    TORCH_CHECK_VALUE(j < t - nw, "slot ", s, " holds step ", j,
+                      ", which is not older than the window of step ", t);
+    pos[nc] = j;
+    col[nc] = window + s;
+    ++nc;
+  }
+  return nc;
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE T score_impl(const T* q, const T* k, const T* v, int64_t n) {
+  T e = 0;
+#pragma omp simd reduction(+ : e)
+  for (int64_t d = 0; d < n; ++d) e += score_term(q[d], k[d], v[d]);
+  return e;
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE void axpy_impl(T a, const T* x, T* y, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE T dot_impl(const T* a, const T* b, int64_t n) {
+  T acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
+  return acc;
+}
+
+// Backward of one candidate's score and value: u = de v (1 - z²) to dq and dk, de z to dv,
+// a gc to dh (the value path).
+template <typename T>
+SCREENING_ATTN_INLINE void candidate_backward_impl(const T* q, const T* k, const T* v, T de, T a,
+                                                   const T* gc, T* dq, T* dk, T* dh, T* dv,
+                                                   int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    const T u = score_term_backward(q[d], k[d], v[d], de, &dv[d]);
+    dq[d] += u;
+    dk[d] += u;
+    dh[d] += a * gc[d];
+  }
+}
+
+SCREENING_ATTN_RNN_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
+  axpy_impl(a, x, y, n);
+}
+void axpy(double a, const double* x, double* y, int64_t n) { axpy_impl(a, x, y, n); }
+SCREENING_ATTN_RNN_CLONES float dot(const float* a, const float* b, int64_t n) {
+  return dot_impl(a, b, n);
+}
+double dot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
+SCREENING_ATTN_RNN_CLONES float score(const float* q, const float* k, const float* v, int64_t n) {
+  return score_impl(q, k, v, n);
+}
+double score(const double* q, const double* k, const double* v, int64_t n) {
+  return score_impl(q, k, v, n);
+}
+SCREENING_ATTN_RNN_CLONES void candidate_backward(const float* q, const float* k, const float* v,
+                                                  float de, float a, const float* gc, float* dq,
+                                                  float* dk, float* dh, float* dv, int64_t n) {
+  candidate_backward_impl(q, k, v, de, a, gc, dq, dk, dh, dv, n);
+}
+void candidate_backward(const double* q, const double* k, const double* v, double de, double a,
+                        const double* gc, double* dq, double* dk, double* dh, double* dv,
+                        int64_t n) {
+  candidate_backward_impl(q, k, v, de, a, gc, dq, dk, dh, dv, n);
+}
+
+// ---- attention step --------------------------------------------------------------------------
+
+// Row b of step t: scores over the candidates, softmax, context, s_t = ½ (h_{t-1} + attn c_t),
+// relevancy of the window, then the screening of step t-window (it just left the window).
+template <typename T>
+void attend_row(const Memory<T>& m, const T* q, int64_t b, int64_t t, int64_t window, T attn,
+                int64_t* slots, T* slot_score, int64_t rho, T* relevancy, T* s, T* alpha,
+                int64_t* cand, int64_t* pos, int64_t* col, T* e) {
+  const int64_t Hd = m.Hd, nw = std::min(t, window);
+  std::copy(slots, slots + rho, cand);  // the slots this step attends to, for the backward
+  const int64_t nc = candidates(slots, rho, t, nw, window, pos, col);
+  T mx = -std::numeric_limits<T>::infinity();
+  for (int64_t c = 0; c < nc; ++c) {
+    e[c] = score(q, m.k(pos[c], b), m.v, Hd);
+    mx = std::max(mx, e[c]);
+  }
+  T z = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    e[c] = exp_nonpositive(e[c] - mx);
+    z += e[c];
+  }
+  const T inv = T(1) / z;
+  std::fill(alpha, alpha + window + rho, T(0));
+  std::fill(s, s + Hd, T(0));
+  for (int64_t c = 0; c < nc; ++c) {
+    const T a = e[c] * inv;
+    alpha[col[c]] = a;
+    if (c < nw) relevancy[pos[c] * m.B + b] += a;
+    axpy(a, m.h(pos[c], b), s, Hd);  // s = c_t for now
+  }
+  const T* h_prev = m.h(t - 1, b);
+#pragma omp simd
+  for (int64_t d = 0; d < Hd; ++d) s[d] = T(0.5) * (h_prev[d] + attn * s[d]);
+  if (t >= window) {  // step t - window has left the window: its relevancy is final
+    const int64_t leaving = t - window;
+    const T r = relevancy[leaving * m.B + b];
+    const int slot = screen_slot(slots, slot_score, static_cast<int>(rho), r);
+    if (slot >= 0) {
+      slots[slot] = leaving;
+      slot_score[slot] = r;
+    }
+  }
+}
+
+void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
+                         const at::Tensor& uah_, const at::Tensor& v_,
+                         const at::Tensor& slot_index, const at::Tensor& slot_score,
+                         const at::Tensor& relevancy, const at::Tensor& s,
+                         const at::Tensor& alpha, const at::Tensor& cand, int64_t t,
+                         int64_t window, double attn) {
+  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
+                    t, window);
+  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
+  const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
+    using T = scalar_t;
+    const Memory<T> m{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                      B, Hd};
+    const int64_t nmax = std::min(t, window) + rho;
+    at::parallel_for(0, B, grain_for(nmax * Hd), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> pos(nmax), col(nmax);
+      std::vector<T> e(nmax);
+      for (int64_t b = begin; b < end; ++b) {
+        attend_row<T>(m, query.const_data_ptr<T>() + b * query.stride(0), b, t, window,
+                      static_cast<T>(attn), slot_index.mutable_data_ptr<int64_t>() + b * rho,
+                      slot_score.mutable_data_ptr<T>() + b * rho, rho,
+                      relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>() + b * s.stride(0),
+                      alpha.mutable_data_ptr<T>() + b * alpha.stride(0),
+                      cand.mutable_data_ptr<int64_t>() + b * cand.stride(0), pos.data(),
+                      col.data(), e.data());
+      }
+    });
+  });
+}
+
+// Row b of the backward of step t, given gs = dL/ds_t: with gc = ½ attn gs,
+// dα_c = gc·h_c, de_c = α_c (dα_c - Σ α dα); dh_{t-1} += ½ gs; then per candidate
+// dq, dk_c += de_c v (1 - z_c²), dv += de_c z_c, dh_c += α_c gc.
+template <typename T>
+void attend_backward_row(const Memory<T>& m, const T* gs, const T* q, const T* alpha,
+                         const int64_t* slots, int64_t rho, int64_t b, int64_t t, int64_t window,
+                         T attn, T* grad_hidden, T* grad_uah, T* grad_v, T* grad_q, int64_t* pos,
+                         int64_t* col, T* ga, T* gc) {
+  const int64_t Hd = m.Hd, B = m.B, nw = std::min(t, window);
+  const int64_t nc = candidates(slots, rho, t, nw, window, pos, col);
+  T* gh_prev = grad_hidden + ((t - 1) * B + b) * Hd;
+#pragma omp simd
+  for (int64_t d = 0; d < Hd; ++d) {
+    gc[d] = T(0.5) * attn * gs[d];
+    gh_prev[d] += T(0.5) * gs[d];
+  }
+  T delta = 0;
+  for (int64_t c = 0; c < nc; ++c) {
+    ga[c] = dot(gc, m.h(pos[c], b), Hd);
+    delta += alpha[col[c]] * ga[c];
+  }
+  std::fill(grad_q, grad_q + Hd, T(0));
+  for (int64_t c = 0; c < nc; ++c) {
+    const T a = alpha[col[c]];
+    const int64_t off = (pos[c] * B + b) * Hd;
+    candidate_backward(q, m.k(pos[c], b), m.v, a * (ga[c] - delta), a, gc, grad_q,
+                       grad_uah + off, grad_hidden + off, grad_v, Hd);
+  }
+}
+
+void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& query_,
+                                  const at::Tensor& hidden_, const at::Tensor& uah_,
+                                  const at::Tensor& v_, const at::Tensor& alpha_,
+                                  const at::Tensor& cand_, const at::Tensor& grad_hidden,
+                                  const at::Tensor& grad_uah, const at::Tensor& grad_v,
+                                  const at::Tensor& grad_query, int64_t t, int64_t window,
+                                  double attn) {
+  check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
+                             grad_uah, grad_v, grad_query, t, window);
+  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor grad_s = grad_s_.stride(-1) == 1 ? grad_s_ : grad_s_.contiguous();
+  const at::Tensor alpha = alpha_.stride(-1) == 1 ? alpha_ : alpha_.contiguous();
+  const at::Tensor cand = cand_.contiguous();
+  const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
+  const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
+    using T = scalar_t;
+    const Memory<T> m{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                      B, Hd};
+    const int64_t nmax = std::min(t, window) + rho;
+    at::parallel_for(0, B, grain_for(nmax * Hd), [&](int64_t begin, int64_t end) {
+      std::vector<int64_t> pos(nmax), col(nmax);
+      std::vector<T> ga(nmax), gc(Hd);
+      for (int64_t b = begin; b < end; ++b) {
+        attend_backward_row<T>(m, grad_s.const_data_ptr<T>() + b * grad_s.stride(0),
+                               query.const_data_ptr<T>() + b * query.stride(0),
+                               alpha.const_data_ptr<T>() + b * alpha.stride(0),
+                               cand.const_data_ptr<int64_t>() + b * rho, rho, b, t, window,
+                               static_cast<T>(attn), grad_hidden.mutable_data_ptr<T>(),
+                               grad_uah.mutable_data_ptr<T>(),
+                               grad_v.mutable_data_ptr<T>() + b * Hd,
+                               grad_query.mutable_data_ptr<T>() + b * grad_query.stride(0),
+                               pos.data(), col.data(), ga.data(), gc.data());
+      }
+    });
+  });
+}
+
+// ---- RelRNN activation: h = φ(pre) ----------------------------------------------------------
+
+template <int NL, typename T>
+SCREENING_ATTN_INLINE void activation_row_impl(const T* pre, const T* mb, T* h, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) h[d] = activate<NL>(pre[d], NL == kModRelu ? mb[d] : T(0));
+}
+
+template <int NL, typename T>
+SCREENING_ATTN_INLINE void activation_backward_row_impl(const T* g, const T* h, T* gpre, T* gb,
+                                                        int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    T gbd = 0;
+    gpre[d] = activate_backward<NL>(g[d], h[d], &gbd);
+    if constexpr (NL == kModRelu) gb[d] += gbd;
+  }
+}
+
+template <int NL>
+SCREENING_ATTN_RNN_CLONES void activation_row(const float* pre, const float* mb, float* h,
+                                              int64_t n) {
+  activation_row_impl<NL>(pre, mb, h, n);
+}
+template <int NL>
+void activation_row(const double* pre, const double* mb, double* h, int64_t n) {
+  activation_row_impl<NL>(pre, mb, h, n);
+}
+template <int NL>
+SCREENING_ATTN_RNN_CLONES void activation_backward_row(const float* g, const float* h,
+                                                       float* gpre, float* gb, int64_t n) {
+  activation_backward_row_impl<NL>(g, h, gpre, gb, n);
+}
+template <int NL>
+void activation_backward_row(const double* g, const double* h, double* gpre, double* gb,
+                             int64_t n) {
+  activation_backward_row_impl<NL>(g, h, gpre, gb, n);
+}
+
+// Calls f(std::integral_constant<int, NL>) for the runtime code nl.
+template <typename F>
+void dispatch_nonlinearity(int nl, F&& f) {
+  switch (nl) {
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
+    default: return f(std::integral_constant<int, kModRelu>{});
+  }
+}
+
+template <typename T>
+const T* row(const at::Tensor& x, int64_t b) {
+  return x.const_data_ptr<T>() + b * x.stride(0);
+}
+template <typename T>
+T* mrow(const at::Tensor& x, int64_t b) {
+  return x.mutable_data_ptr<T>() + b * x.stride(0);
+}
+
+void rnn_activation_cpu(const at::Tensor& pre_, const std::optional<at::Tensor>& modrelu_b,
+                        c10::string_view nonlinearity, const at::Tensor& h) {
+  const int nl = parse_nonlinearity(nonlinearity);
+  check_activation(pre_, modrelu_b, nl, h);
+  const at::Tensor pre = pre_.stride(-1) == 1 ? pre_ : pre_.contiguous();
+  const at::Tensor mb = nl == kModRelu ? modrelu_b->contiguous() : at::Tensor();
+  const int64_t B = pre.size(0), Hd = pre.size(1);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_activation_cpu", [&] {
+    using T = scalar_t;
+    const T* mbp = mb.defined() ? mb.const_data_ptr<T>() : nullptr;
+    dispatch_nonlinearity(nl, [&](auto NL) {
+      at::parallel_for(0, B, grain_for(8 * Hd), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          activation_row<NL.value>(row<T>(pre, b), mbp, mrow<T>(h, b), Hd);
+        }
+      });
+    });
+  });
+}
+
+void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_,
+                                 c10::string_view nonlinearity, const at::Tensor& grad_pre,
+                                 const at::Tensor& grad_b) {
+  const int nl = parse_nonlinearity(nonlinearity);
+  check_activation_backward(grad_h_, h_, grad_pre, grad_b);
+  const int64_t B = grad_h_.size(0), Hd = grad_h_.size(1);
+  const at::Tensor g = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
+  const at::Tensor h = h_.stride(-1) == 1 ? h_ : h_.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnn_activation_backward_cpu", [&] {
+    using T = scalar_t;
+    dispatch_nonlinearity(nl, [&](auto NL) {
+      at::parallel_for(0, B, grain_for(8 * Hd), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          activation_backward_row<NL.value>(row<T>(g, b), row<T>(h, b), mrow<T>(grad_pre, b),
+                                            mrow<T>(grad_b, b), Hd);
+        }
+      });
+    });
+  });
+}
+
+// ---- RelLSTM cell ----------------------------------------------------------------------------
+
+// One row: gates [f | i | o | g] pre-activations -> the gates, in place; cell, h.
+template <typename T>
+SCREENING_ATTN_INLINE void lstm_row_impl(T* gates, const T* c_prev, T* cell, T* h, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    lstm_cell(gates[d], gates[n + d], gates[2 * n + d], gates[3 * n + d], c_prev[d], &gates[d],
+              &gates[n + d], &gates[2 * n + d], &gates[3 * n + d], &cell[d], &h[d]);
+  }
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE void lstm_backward_row_impl(const T* gh, const T* gates, const T* cell,
+                                                  const T* c_prev, T* gc, T* ga, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    lstm_cell_backward(gh[d], gates[d], gates[n + d], gates[2 * n + d], gates[3 * n + d], cell[d],
+                       c_prev[d], &gc[d], &ga[d], &ga[n + d], &ga[2 * n + d], &ga[3 * n + d]);
+  }
+}
+
+SCREENING_ATTN_RNN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
+                                        int64_t n) {
+  lstm_row_impl(gates, c_prev, cell, h, n);
+}
+void lstm_row(double* gates, const double* c_prev, double* cell, double* h, int64_t n) {
+  lstm_row_impl(gates, c_prev, cell, h, n);
+}
+SCREENING_ATTN_RNN_CLONES void lstm_backward_row(const float* gh, const float* gates,
+                                                 const float* cell, const float* c_prev,
+                                                 float* gc, float* ga, int64_t n) {
+  lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
+}
+void lstm_backward_row(const double* gh, const double* gates, const double* cell,
+                       const double* c_prev, double* gc, double* ga, int64_t n) {
+  lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
+}
+
+void lstm_cell_cpu(const at::Tensor& gates, const at::Tensor& cell_prev_, const at::Tensor& cell,
+                   const at::Tensor& h) {
+  check_lstm_cell(gates, cell_prev_, cell, h);
+  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const int64_t B = gates.size(0), Hd = gates.size(1) / 4;
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B, grain_for(32 * Hd), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_row(mrow<T>(gates, b), row<T>(cp, b), mrow<T>(cell, b), mrow<T>(h, b), Hd);
+      }
+    });
+  });
+}
+
+void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
+                            const at::Tensor& cell_, const at::Tensor& cell_prev_,
+                            const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
+  check_lstm_cell_backward(grad_h_, gates_, cell_, cell_prev_, grad_cell, grad_gates);
+  const at::Tensor gh = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
+  const at::Tensor gates = gates_.stride(-1) == 1 ? gates_ : gates_.contiguous();
+  const at::Tensor cell = cell_.stride(-1) == 1 ? cell_ : cell_.contiguous();
+  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const int64_t B = gh.size(0), Hd = gh.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "lstm_cell_backward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B, grain_for(32 * Hd), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_backward_row(row<T>(gh, b), row<T>(gates, b), row<T>(cell, b), row<T>(cp, b),
+                          mrow<T>(grad_cell, b), mrow<T>(grad_gates, b), Hd);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
+  m.impl("rnn_attend_step", &rnn_attend_step_cpu);
+  m.impl("rnn_attend_step_backward", &rnn_attend_step_backward_cpu);
+  m.impl("rnn_activation", &rnn_activation_cpu);
+  m.impl("rnn_activation_backward", &rnn_activation_backward_cpu);
+  m.impl("lstm_cell", &lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+}
+
+}  // namespace screening_attn
