@@ -45,25 +45,12 @@ struct Memory {
   const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
 };
 
-// Candidates of row b at step t: the window t-nw .. t-1, then the filled slots. Returns their
-// number; pos[c] is candidate c's time step, col[c] its column in the alpha record
-// (window: 0 .. nw-1; slot s: window + s).
+// step_candidates (rnn.h), raising on a bad slot.
 inline int64_t candidates(const int64_t* slots, int64_t rho, int64_t t, int64_t nw, int64_t window,
                           int64_t* pos, int64_t* col) {
-  int64_t nc = 0;
-  for (int64_t k = 0; k < nw; ++k, ++nc) {
-    pos[nc] = t - nw + k;
-    col[nc] = k;
-  }
-  for (int64_t s = 0; s < rho; ++s) {
-    const int64_t j = slots[s];
-    if (j < 0) continue;
-    TORCH_CHECK_VALUE(j < t - nw, "slot ", s, " holds step ", j,
-                      ", which is not older than the window of step ", t);
-    pos[nc] = j;
-    col[nc] = window + s;
-    ++nc;
-  }
+  const int64_t nc = step_candidates(slots, rho, t, nw, window, pos, col);
+  TORCH_CHECK_VALUE(nc >= 0, "slot_index holds a step that is not older than the window of step ",
+                    t, " (window ", window, ")");
   return nc;
 }
 

@@ -63,6 +63,32 @@ C10_HOST_DEVICE inline double sigmoid_(double x) {
 #endif
 }
 
+// ---- candidates of one batch row at step t >= 1 -----------------------------------------------
+
+// The window t-nw .. t-1 (nw = min(t, window)), then the filled slots (slot < 0: empty). Writes
+// each candidate's time step to pos and its column in the step's weight record to col (window:
+// 0 .. nw-1; slot s: window + s). Returns their number, or -1 if a slot holds a step that is
+// not older than the window (a bad state passed to the op by hand).
+template <typename index_t>
+C10_HOST_DEVICE inline int64_t step_candidates(const index_t* slots, int64_t rho, int64_t t,
+                                               int64_t nw, int64_t window, int64_t* pos,
+                                               int64_t* col) {
+  int64_t nc = 0;
+  for (int64_t k = 0; k < nw; ++k, ++nc) {
+    pos[nc] = t - nw + k;
+    col[nc] = k;
+  }
+  for (int64_t s = 0; s < rho; ++s) {
+    const int64_t j = static_cast<int64_t>(slots[s]);
+    if (j < 0) continue;
+    if (j >= t - nw) return -1;
+    pos[nc] = j;
+    col[nc] = window + s;
+    ++nc;
+  }
+  return nc;
+}
+
 // ---- additive attention score: e = Σ_d v_d tanh(q_d + k_d), with q = Va s and k = Ua h --------
 
 // One term: z = tanh(q + k), returns v z.
