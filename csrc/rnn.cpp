@@ -104,6 +104,9 @@ void lstm_cell_backward(const Tensor& grad_h, const Tensor& gates, const Tensor&
   op.call(grad_h, gates, cell, cell_prev, grad_cell, grad_gates);
 }
 
+// Steps per chunk of the backward: its weight gradients are products over the chunk.
+constexpr int64_t kChunk = 64;
+
 // out = a @ b into a preallocated (possibly row-strided) view.
 void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
 
@@ -237,9 +240,10 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   return {h, index, score, sc.relevancy, s, pq, uah, rec.alpha, rec.cand};
 }
 
-// Reverse time. gH, gK: dL/dh_j, dL/duah_j, complete for step t once the steps after it are
-// done; gpq[t] = [dL/dpre_t | dL/dQ_{t+1}]. Weight gradients: one product over all steps at the
-// end (pairing gpq[t] with s_t).
+// Reverse time. gH, gK: dL/dh_j, dL/duah_j (T, B, Hd), complete for step t once the steps after
+// it are done. g[t] = [dL/dpre_t | dL/dQ_{t+1}] lives in a buffer of kChunk steps: when a chunk
+// is done, its weight gradients (pairing g[t] with s_t) and dL/dx are products over the whole
+// chunk. So the backward allocates two (T, B, Hd) buffers, not four.
 Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& h0,
                           const Tensor& U_weight, const Tensor& V_weight, const Tensor& Ua_weight,
                           const Tensor& Va_weight, const Tensor& v, const Tensor& h,
@@ -263,38 +267,48 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   const auto opt = h.options();
   Tensor gH = at::empty({T, B, Hd}, opt);
   gH.copy_(grad_h);
-  Tensor gK = at::zeros({T, B, Hd}, opt), gpq = at::empty({T, B, 2 * Hd}, opt);
+  Tensor gK = at::zeros({T, B, Hd}, opt);
+  const int64_t K = std::min(T, kChunk);
+  Tensor chunk = at::empty({K, B, 2 * Hd}, opt);
+  Tensor carry = at::zeros({B, Hd}, opt);  // dL/dQ_{t0} of the chunk below, from step t0
   Tensor gs = at::empty({B, Hd}, opt), gv = at::zeros({B, Hd}, opt), gb = at::zeros({B, Hd}, opt);
-  gpq[T - 1].narrow(1, Hd, Hd).zero_();  // there is no query Q_T
   const Tensor W = at::cat({V_weight, Va_weight}, 0);  // (2Hd, Hd): [gpre | gQ] -> gs
+  Tensor grad_x = at::empty({T, B, I}, opt), grad_U = at::zeros({Hd, I}, opt);
+  Tensor grad_U_bias = at::zeros({Hd}, opt), grad_W = at::zeros({2 * Hd, Hd}, opt);
+  Tensor grad_h0, grad_V0, grad_Va0;
 
-  for (int64_t t = T - 1; t >= 1; --t) {
-    Tensor gH_t = gH[t], gpq_t = gpq[t];
-    gH_t.addmm_(gK[t], Ua_weight);  // uah_t = Ua h_t
-    activation_backward(gH_t, h[t], nonlinearity, gpq_t.narrow(1, 0, Hd), gb);
-    mm_into(gs, gpq_t, W);
-    attend_step_backward(gs, pq[t - 1].narrow(1, Hd, Hd), h, uah, v, alpha[t], cand[t], gH, gK,
-                         gv, gpq[t - 1].narrow(1, Hd, Hd), t, window, attn);
+  for (int64_t t1 = T; t1 > 0; t1 -= K) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
+    Tensor g = chunk.narrow(0, 0, n);  // g[t - t0]
+    g[n - 1].narrow(1, Hd, Hd).copy_(carry);  // dL/dQ_{t1} (0 for the last step: no query)
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      Tensor gH_t = gH[t], g_t = g[t - t0];
+      gH_t.addmm_(gK[t], Ua_weight);  // uah_t = Ua h_t
+      Tensor gpre = g_t.narrow(1, 0, Hd);
+      activation_backward(gH_t, h[t], nonlinearity, gpre, gb);
+      if (t == 0) {
+        const Tensor gq1 = g_t.narrow(1, Hd, Hd);
+        gpre.addmm_(gq1, Va_weight);  // pre_0 is also the state of the first query
+        grad_h0 = at::mm(gpre, V_weight);
+        grad_V0 = at::mm(gpre.t(), h0);
+        grad_Va0 = at::mm(gq1.t(), pq[0].narrow(1, 0, Hd));
+        break;
+      }
+      mm_into(gs, g_t, W);
+      attend_step_backward(gs, pq[t - 1].narrow(1, Hd, Hd), h, uah, v, alpha[t], cand[t], gH, gK,
+                           gv, t > t0 ? g[t - 1 - t0].narrow(1, Hd, Hd) : carry, t, window, attn);
+    }
+    const Tensor flat = g.view({n * B, 2 * Hd}), gpre = flat.narrow(1, 0, Hd);
+    const Tensor xc = x.narrow(0, t0, n).view({n * B, I});
+    mm_into(grad_x.narrow(0, t0, n).view({n * B, I}), gpre, U_weight);
+    grad_U.addmm_(gpre.t(), xc);
+    grad_U_bias.add_(gpre.sum(0));
+    const int64_t skip = t0 == 0 ? B : 0;  // step 0's V and Va inputs are h0 and pre_0
+    grad_W.addmm_(flat.narrow(0, skip, n * B - skip).t(),
+                  s.narrow(0, t0, n).view({n * B, Hd}).narrow(0, skip, n * B - skip));
   }
-  Tensor gH0 = gH[0];
-  gH0.addmm_(gK[0], Ua_weight);
-  Tensor gpre0 = gpq[0].narrow(1, 0, Hd);
-  activation_backward(gH0, h[0], nonlinearity, gpre0, gb);
-  const Tensor gq1 = gpq[0].narrow(1, Hd, Hd);
-  gpre0.addmm_(gq1, Va_weight);  // pre_0 is also the state of the first query
-  Tensor grad_h0 = at::mm(gpre0, V_weight);
-
-  const Tensor gpre = gpq.view({T * B, 2 * Hd}).narrow(1, 0, Hd);
-  Tensor grad_x = at::mm(gpre, U_weight).view({T, B, I});
-  Tensor grad_U = at::mm(gpre.t(), x.view({T * B, I}));
-  Tensor grad_U_bias = gpre.sum(0);
-  Tensor grad_W = at::zeros({2 * Hd, Hd}, opt);  // d[V; Va] of steps >= 1
-  if (T > 1) {
-    grad_W = at::mm(gpq.narrow(0, 1, T - 1).view({(T - 1) * B, 2 * Hd}).t(),
-                    s.narrow(0, 1, T - 1).reshape({(T - 1) * B, Hd}));
-  }
-  Tensor grad_V = grad_W.narrow(0, 0, Hd).addmm(gpre0.t(), h0);
-  Tensor grad_Va = grad_W.narrow(0, Hd, Hd).addmm(gq1.t(), pq[0].narrow(1, 0, Hd));
+  Tensor grad_V = grad_W.narrow(0, 0, Hd).add(grad_V0);
+  Tensor grad_Va = grad_W.narrow(0, Hd, Hd).add(grad_Va0);
   Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
   return {grad_x, grad_h0, grad_U, grad_U_bias, grad_V, grad_Ua, grad_Va,
           gv.sum(0).view(v.sizes()), gb.sum(0)};
@@ -375,35 +389,45 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   const auto opt = h.options();
   Tensor gH = at::empty({T, B, Hd}, opt);
   gH.copy_(grad_h);
-  Tensor gK = at::zeros({T, B, Hd}, opt), gpq = at::empty({T, B, 5 * Hd}, opt);
+  Tensor gK = at::zeros({T, B, Hd}, opt);
+  const int64_t K = std::min(T, kChunk);
+  Tensor chunk = at::empty({K, B, 5 * Hd}, opt);  // [dL/dgates_t | dL/dQ_{t+1}], as for RelRNN
+  Tensor carry = at::zeros({B, Hd}, opt);
   Tensor gs = at::empty({B, Hd}, opt), gv = at::zeros({B, Hd}, opt);
   Tensor gcell = at::zeros({B, Hd}, opt);
   const Tensor cell_init = at::zeros({B, Hd}, opt);
-  gpq[T - 1].narrow(1, 4 * Hd, Hd).zero_();  // there is no query Q_T
   const Tensor Wc = at::cat({W_.narrow(1, 0, Hd), Va_weight}, 0);  // (5Hd, Hd)
+  const Tensor Wx = W_.narrow(1, Hd, I);
+  Tensor grad_x = at::empty({T, B, I}, opt), grad_sq = at::zeros({5 * Hd, Hd}, opt);
+  Tensor grad_Wx = at::zeros({4 * Hd, I}, opt), grad_bias = at::zeros({4 * Hd}, opt);
 
-  for (int64_t t = T - 1; t >= 0; --t) {
-    Tensor gH_t = gH[t], gpq_t = gpq[t];
-    gH_t.addmm_(gK[t], Ua_weight);
-    lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t], t > 0 ? cell[t - 1] : cell_init,
-                       gcell, gpq_t.narrow(1, 0, 4 * Hd));
-    mm_into(gs, gpq_t, Wc);
-    if (t > 0) {
-      attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t], gH,
-                           gK, gv, gpq[t - 1].narrow(1, 4 * Hd, Hd), t, window, 1.0);
+  for (int64_t t1 = T; t1 > 0; t1 -= K) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
+    Tensor g = chunk.narrow(0, 0, n);
+    g[n - 1].narrow(1, 4 * Hd, Hd).copy_(carry);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      Tensor gH_t = gH[t], g_t = g[t - t0];
+      gH_t.addmm_(gK[t], Ua_weight);
+      lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t],
+                         t > 0 ? cell[t - 1] : cell_init, gcell, g_t.narrow(1, 0, 4 * Hd));
+      mm_into(gs, g_t, Wc);
+      if (t > 0) {
+        attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t],
+                             gH, gK, gv, t > t0 ? g[t - 1 - t0].narrow(1, 4 * Hd, Hd) : carry, t,
+                             window, 1.0);
+      }
     }
+    const Tensor flat = g.view({n * B, 5 * Hd}), ggates = flat.narrow(1, 0, 4 * Hd);
+    const Tensor xc = x.narrow(0, t0, n).view({n * B, I});
+    grad_sq.addmm_(flat.t(), s.narrow(0, t0, n).view({n * B, Hd}));  // d[W_s; Va], s_0 = h0
+    grad_Wx.addmm_(ggates.t(), xc);
+    grad_bias.add_(ggates.sum(0));
+    mm_into(grad_x.narrow(0, t0, n).view({n * B, I}), ggates, Wx);
   }
-  Tensor grad_h0 = gs;  // s_0 = h0
-
-  const Tensor gflat = gpq.view({T * B, 5 * Hd});
-  const Tensor ggates = gflat.narrow(1, 0, 4 * Hd);
-  const Tensor grad_sq = at::mm(gflat.t(), s.reshape({T * B, Hd}));  // d[W_s; Va]
-  Tensor grad_W =
-      at::cat({grad_sq.narrow(0, 0, 4 * Hd), at::mm(ggates.t(), x.view({T * B, I}))}, 1);
-  Tensor grad_x = at::mm(ggates, W_.narrow(1, Hd, I)).view({T, B, I});
+  Tensor grad_W = at::cat({grad_sq.narrow(0, 0, 4 * Hd), grad_Wx}, 1);
   Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
-  return {grad_x, grad_h0, grad_W, ggates.sum(0), grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd),
-          gv.sum(0).view(v.sizes())};
+  return {grad_x, gs, grad_W, grad_bias, grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd),
+          gv.sum(0).view(v.sizes())};  // gs = dL/ds_0 = dL/dh0
 }
 
 }  // namespace

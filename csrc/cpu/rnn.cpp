@@ -34,17 +34,6 @@ namespace {
 // Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
 int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
 
-// What one batch row reads in an attention step.
-template <typename T>
-struct Memory {
-  const T* hidden;  // (T', B, Hd): h_j of row b at (j B + b) Hd
-  const T* uah;     // (T', B, Hd): Ua h_j, same layout
-  const T* v;       // (Hd)
-  int64_t B, Hd;
-  const T* h(int64_t j, int64_t b) const { return hidden + (j * B + b) * Hd; }
-  const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
-};
-
 // step_candidates (rnn.h), raising on a bad slot.
 inline int64_t candidates(const int64_t* slots, int64_t rho, int64_t t, int64_t nw, int64_t window,
                           int64_t* pos, int64_t* col) {
@@ -54,110 +43,186 @@ inline int64_t candidates(const int64_t* slots, int64_t rho, int64_t t, int64_t 
   return nc;
 }
 
-template <typename T>
-SCREENING_ATTN_INLINE T score_impl(const T* q, const T* k, const T* v, int64_t n) {
-  T e = 0;
-#pragma omp simd reduction(+ : e)
-  for (int64_t d = 0; d < n; ++d) e += score_term(q[d], k[d], v[d]);
-  return e;
-}
-
-template <typename T>
-SCREENING_ATTN_INLINE void axpy_impl(T a, const T* x, T* y, int64_t n) {
+// Σ_{d < n} f(d) over explicit 64-byte lane vectors, then a tree over the lanes: GCC's epilogue
+// for `omp simd reduction` adds the lanes one at a time, which costs as much as the loop at
+// Hd = 128.
+template <typename T, typename F>
+SCREENING_ATTN_INLINE T lane_sum(int64_t n, F&& f) {
+  constexpr int L = 64 / sizeof(T);
+  alignas(64) T acc[L] = {};
+  int64_t d = 0;
+  for (; d + L <= n; d += L) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
-}
-
-template <typename T>
-SCREENING_ATTN_INLINE T dot_impl(const T* a, const T* b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += a[d] * b[d];
-  return acc;
-}
-
-// Backward of one candidate's score and value: u = de v (1 - z²) to dq and dk, de z to dv,
-// a gc to dh (the value path).
-template <typename T>
-SCREENING_ATTN_INLINE void candidate_backward_impl(const T* q, const T* k, const T* v, T de, T a,
-                                                   const T* gc, T* dq, T* dk, T* dh, T* dv,
-                                                   int64_t n) {
+    for (int i = 0; i < L; ++i) acc[i] += f(d + i);
+  }
+  T tail = 0;
+  for (; d < n; ++d) tail += f(d);
+#pragma GCC unroll 8
+  for (int w = L / 2; w >= 1; w /= 2) {
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) {
-    const T u = score_term_backward(q[d], k[d], v[d], de, &dv[d]);
-    dq[d] += u;
-    dk[d] += u;
-    dh[d] += a * gc[d];
+    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
   }
+  return acc[0] + tail;
 }
 
-SCREENING_ATTN_RNN_CLONES void axpy(float a, const float* x, float* y, int64_t n) {
-  axpy_impl(a, x, y, n);
-}
-void axpy(double a, const double* x, double* y, int64_t n) { axpy_impl(a, x, y, n); }
-SCREENING_ATTN_RNN_CLONES float dot(const float* a, const float* b, int64_t n) {
-  return dot_impl(a, b, n);
-}
-double dot(const double* a, const double* b, int64_t n) { return dot_impl(a, b, n); }
-SCREENING_ATTN_RNN_CLONES float score(const float* q, const float* k, const float* v, int64_t n) {
-  return score_impl(q, k, v, n);
-}
-double score(const double* q, const double* k, const double* v, int64_t n) {
-  return score_impl(q, k, v, n);
-}
-SCREENING_ATTN_RNN_CLONES void candidate_backward(const float* q, const float* k, const float* v,
-                                                  float de, float a, const float* gc, float* dq,
-                                                  float* dk, float* dh, float* dv, int64_t n) {
-  candidate_backward_impl(q, k, v, de, a, gc, dq, dk, dh, dv, n);
-}
-void candidate_backward(const double* q, const double* k, const double* v, double de, double a,
-                        const double* gc, double* dq, double* dk, double* dh, double* dv,
-                        int64_t n) {
-  candidate_backward_impl(q, k, v, de, a, gc, dq, dk, dh, dv, n);
-}
-
-// ---- attention step --------------------------------------------------------------------------
-
-// Row b of step t: scores over the candidates, softmax, context, s_t = ½ (h_{t-1} + attn c_t),
-// relevancy of the window, then the screening of step t-window (it just left the window).
+// One attention step, all rows. hidden, uah: (T', B, Hd), row b of step j at (j B + b) Hd.
 template <typename T>
-void attend_row(const Memory<T>& m, const T* q, int64_t b, int64_t t, int64_t window, T attn,
-                int64_t* slots, T* slot_score, int64_t rho, T* relevancy, T* s, T* alpha,
-                int64_t* cand, int64_t* pos, int64_t* col, T* e) {
-  const int64_t Hd = m.Hd, nw = std::min(t, window);
-  std::copy(slots, slots + rho, cand);  // the slots this step attends to, for the backward
-  const int64_t nc = candidates(slots, rho, t, nw, window, pos, col);
-  T mx = -std::numeric_limits<T>::infinity();
-  for (int64_t c = 0; c < nc; ++c) {
-    e[c] = score(q, m.k(pos[c], b), m.v, Hd);
-    mx = std::max(mx, e[c]);
-  }
-  T z = 0;
-  for (int64_t c = 0; c < nc; ++c) {
-    e[c] = exp_nonpositive(e[c] - mx);
-    z += e[c];
-  }
-  const T inv = T(1) / z;
-  std::fill(alpha, alpha + window + rho, T(0));
-  std::fill(s, s + Hd, T(0));
-  for (int64_t c = 0; c < nc; ++c) {
-    const T a = e[c] * inv;
-    alpha[col[c]] = a;
-    if (c < nw) relevancy[pos[c] * m.B + b] += a;
-    axpy(a, m.h(pos[c], b), s, Hd);  // s = c_t for now
-  }
-  const T* h_prev = m.h(t - 1, b);
+struct Step {
+  const T* hidden;
+  const T* uah;
+  const T* v;  // (Hd)
+  const T* q;  // (B, Hd) queries, row stride ldq
+  int64_t ldq, B, Hd, t, window, rho;
+  T attn;
+  const T* h(int64_t j, int64_t b) const { return hidden + (j * B + b) * Hd; }
+  const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
+};
+
+template <typename T>
+struct Forward {
+  Step<T> st;
+  int64_t* slots;   // (B, ρ)
+  T* slot_score;    // (B, ρ)
+  T* relevancy;     // (T', B)
+  T* s;             // (B, Hd), row stride lds
+  T* alpha;         // (B, window + ρ), row stride lda
+  int64_t* cand;    // (B, ρ), row stride ldc
+  int64_t lds, lda, ldc;
+};
+
+template <typename T>
+struct Backward {
+  Step<T> st;
+  const T* gs;       // (B, Hd) dL/ds_t, row stride ldg
+  const T* alpha;    // (B, window + ρ), row stride lda
+  const int64_t* cand;  // (B, ρ)
+  T* gh;             // (T', B, Hd) += dL/dh_j
+  T* gk;             // (T', B, Hd) += dL/duah_j
+  T* gv;             // (B, Hd) += dL/dv per row
+  T* gq;             // (B, Hd) = dL/dquery, row stride ldgq
+  int64_t ldg, lda, ldgq;
+};
+
+// Rows [begin, end) of step t: scores over the candidates, softmax, context,
+// s_t = ½ (h_{t-1} + attn c_t), relevancy of the window, then the screening of step t-window
+// (it has just left the window).
+template <typename T>
+SCREENING_ATTN_INLINE void attend_rows_impl(const Forward<T>& f, int64_t begin, int64_t end) {
+  const Step<T>& st = f.st;
+  const int64_t Hd = st.Hd, t = st.t, window = st.window, rho = st.rho;
+  const int64_t nw = std::min(t, window), nmax = nw + rho;
+  std::vector<int64_t> pos(nmax), col(nmax);
+  std::vector<T> e(nmax);
+  const T* v = st.v;
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t* slots = f.slots + b * rho;
+    T* slot_score = f.slot_score + b * rho;
+    T* alpha = f.alpha + b * f.lda;
+    T* s = f.s + b * f.lds;
+    const T* q = st.q + b * st.ldq;
+    std::copy(slots, slots + rho, f.cand + b * f.ldc);  // the slots attended, for the backward
+    const int64_t nc = candidates(slots, rho, t, nw, window, pos.data(), col.data());
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* k = st.k(pos[c], b);
+      e[c] = lane_sum<T>(Hd, [&](int64_t d) { return score_term(q[d], k[d], v[d]); });
+      mx = std::max(mx, e[c]);
+    }
+    T z = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      e[c] = exp_nonpositive(e[c] - mx);
+      z += e[c];
+    }
+    const T inv = T(1) / z;
+    std::fill(alpha, alpha + window + rho, T(0));
+    std::fill(s, s + Hd, T(0));
+    for (int64_t c = 0; c < nc; ++c) {
+      const T a = e[c] * inv;
+      alpha[col[c]] = a;
+      if (c < nw) f.relevancy[pos[c] * st.B + b] += a;
+      const T* hc = st.h(pos[c], b);
 #pragma omp simd
-  for (int64_t d = 0; d < Hd; ++d) s[d] = T(0.5) * (h_prev[d] + attn * s[d]);
-  if (t >= window) {  // step t - window has left the window: its relevancy is final
-    const int64_t leaving = t - window;
-    const T r = relevancy[leaving * m.B + b];
-    const int slot = screen_slot(slots, slot_score, static_cast<int>(rho), r);
-    if (slot >= 0) {
-      slots[slot] = leaving;
-      slot_score[slot] = r;
+      for (int64_t d = 0; d < Hd; ++d) s[d] += a * hc[d];  // s = c_t for now
+    }
+    const T* h_prev = st.h(t - 1, b);
+#pragma omp simd
+    for (int64_t d = 0; d < Hd; ++d) s[d] = T(0.5) * (h_prev[d] + st.attn * s[d]);
+    if (t >= window) {
+      const int64_t leaving = t - window;
+      const T r = f.relevancy[leaving * st.B + b];
+      const int slot = screen_slot(slots, slot_score, static_cast<int>(rho), r);
+      if (slot >= 0) {
+        slots[slot] = leaving;
+        slot_score[slot] = r;
+      }
     }
   }
+}
+
+// Rows [begin, end) of the backward of step t, given gs = dL/ds_t: with gc = ½ attn gs,
+// dα_c = gc·h_c, de_c = α_c (dα_c - Σ α dα); dh_{t-1} += ½ gs; then per candidate
+// dq, dk_c += de_c v (1 - z_c²), dv += de_c z_c, dh_c += α_c gc. A row writes only its own
+// rows of gh, gk (its candidates are distinct steps): no races, the same bits on any thread
+// count.
+template <typename T>
+SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64_t begin,
+                                                     int64_t end) {
+  const Step<T>& st = g.st;
+  const int64_t Hd = st.Hd, B = st.B, t = st.t, window = st.window, rho = st.rho;
+  const int64_t nw = std::min(t, window), nmax = nw + rho;
+  std::vector<int64_t> pos(nmax), col(nmax);
+  std::vector<T> ga(nmax), gc_buf(Hd);
+  T* gc = gc_buf.data();
+  const T* v = st.v;
+  for (int64_t b = begin; b < end; ++b) {
+    const T* gs = g.gs + b * g.ldg;
+    const T* alpha = g.alpha + b * g.lda;
+    const T* q = st.q + b * st.ldq;
+    T* gq = g.gq + b * g.ldgq;
+    T* gv = g.gv + b * Hd;
+    const int64_t nc = candidates(g.cand + b * rho, rho, t, nw, window, pos.data(), col.data());
+    T* gh_prev = g.gh + ((t - 1) * B + b) * Hd;
+#pragma omp simd
+    for (int64_t d = 0; d < Hd; ++d) {
+      gc[d] = T(0.5) * st.attn * gs[d];
+      gh_prev[d] += T(0.5) * gs[d];
+      gq[d] = T(0);
+    }
+    T delta = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* hc = st.h(pos[c], b);
+      ga[c] = lane_sum<T>(Hd, [&](int64_t d) { return gc[d] * hc[d]; });
+      delta += alpha[col[c]] * ga[c];
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const T a = alpha[col[c]], de = a * (ga[c] - delta);
+      const int64_t off = (pos[c] * B + b) * Hd;
+      const T* k = st.uah + off;
+      T* dk = g.gk + off;
+      T* dh = g.gh + off;
+#pragma omp simd
+      for (int64_t d = 0; d < Hd; ++d) {
+        const T u = score_term_backward(q[d], k[d], v[d], de, &gv[d]);
+        gq[d] += u;
+        dk[d] += u;
+        dh[d] += a * gc[d];
+      }
+    }
+  }
+}
+
+SCREENING_ATTN_RNN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
+  attend_rows_impl(f, begin, end);
+}
+void attend_rows(const Forward<double>& f, int64_t begin, int64_t end) {
+  attend_rows_impl(f, begin, end);
+}
+SCREENING_ATTN_RNN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
+                                                    int64_t end) {
+  attend_backward_rows_impl(g, begin, end);
+}
+void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end) {
+  attend_backward_rows_impl(g, begin, end);
 }
 
 void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
@@ -173,53 +238,16 @@ void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
     using T = scalar_t;
-    const Memory<T> m{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                      B, Hd};
-    const int64_t nmax = std::min(t, window) + rho;
-    at::parallel_for(0, B, grain_for(nmax * Hd), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> pos(nmax), col(nmax);
-      std::vector<T> e(nmax);
-      for (int64_t b = begin; b < end; ++b) {
-        attend_row<T>(m, query.const_data_ptr<T>() + b * query.stride(0), b, t, window,
-                      static_cast<T>(attn), slot_index.mutable_data_ptr<int64_t>() + b * rho,
-                      slot_score.mutable_data_ptr<T>() + b * rho, rho,
-                      relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>() + b * s.stride(0),
-                      alpha.mutable_data_ptr<T>() + b * alpha.stride(0),
-                      cand.mutable_data_ptr<int64_t>() + b * cand.stride(0), pos.data(),
-                      col.data(), e.data());
-      }
-    });
+    const Forward<T> f{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                        query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho,
+                        static_cast<T>(attn)},
+                       slot_index.mutable_data_ptr<int64_t>(), slot_score.mutable_data_ptr<T>(),
+                       relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),
+                       alpha.mutable_data_ptr<T>(), cand.mutable_data_ptr<int64_t>(), s.stride(0),
+                       alpha.stride(0), cand.stride(0)};
+    at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
+                     [&](int64_t begin, int64_t end) { attend_rows(f, begin, end); });
   });
-}
-
-// Row b of the backward of step t, given gs = dL/ds_t: with gc = ½ attn gs,
-// dα_c = gc·h_c, de_c = α_c (dα_c - Σ α dα); dh_{t-1} += ½ gs; then per candidate
-// dq, dk_c += de_c v (1 - z_c²), dv += de_c z_c, dh_c += α_c gc.
-template <typename T>
-void attend_backward_row(const Memory<T>& m, const T* gs, const T* q, const T* alpha,
-                         const int64_t* slots, int64_t rho, int64_t b, int64_t t, int64_t window,
-                         T attn, T* grad_hidden, T* grad_uah, T* grad_v, T* grad_q, int64_t* pos,
-                         int64_t* col, T* ga, T* gc) {
-  const int64_t Hd = m.Hd, B = m.B, nw = std::min(t, window);
-  const int64_t nc = candidates(slots, rho, t, nw, window, pos, col);
-  T* gh_prev = grad_hidden + ((t - 1) * B + b) * Hd;
-#pragma omp simd
-  for (int64_t d = 0; d < Hd; ++d) {
-    gc[d] = T(0.5) * attn * gs[d];
-    gh_prev[d] += T(0.5) * gs[d];
-  }
-  T delta = 0;
-  for (int64_t c = 0; c < nc; ++c) {
-    ga[c] = dot(gc, m.h(pos[c], b), Hd);
-    delta += alpha[col[c]] * ga[c];
-  }
-  std::fill(grad_q, grad_q + Hd, T(0));
-  for (int64_t c = 0; c < nc; ++c) {
-    const T a = alpha[col[c]];
-    const int64_t off = (pos[c] * B + b) * Hd;
-    candidate_backward(q, m.k(pos[c], b), m.v, a * (ga[c] - delta), a, gc, grad_q,
-                       grad_uah + off, grad_hidden + off, grad_v, Hd);
-  }
 }
 
 void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& query_,
@@ -239,24 +267,16 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
     using T = scalar_t;
-    const Memory<T> m{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                      B, Hd};
-    const int64_t nmax = std::min(t, window) + rho;
-    at::parallel_for(0, B, grain_for(nmax * Hd), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> pos(nmax), col(nmax);
-      std::vector<T> ga(nmax), gc(Hd);
-      for (int64_t b = begin; b < end; ++b) {
-        attend_backward_row<T>(m, grad_s.const_data_ptr<T>() + b * grad_s.stride(0),
-                               query.const_data_ptr<T>() + b * query.stride(0),
-                               alpha.const_data_ptr<T>() + b * alpha.stride(0),
-                               cand.const_data_ptr<int64_t>() + b * rho, rho, b, t, window,
-                               static_cast<T>(attn), grad_hidden.mutable_data_ptr<T>(),
-                               grad_uah.mutable_data_ptr<T>(),
-                               grad_v.mutable_data_ptr<T>() + b * Hd,
-                               grad_query.mutable_data_ptr<T>() + b * grad_query.stride(0),
-                               pos.data(), col.data(), ga.data(), gc.data());
-      }
-    });
+    const Backward<T> g{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(),
+                         v.const_data_ptr<T>(), query.const_data_ptr<T>(), query.stride(0), B, Hd,
+                         t, window, rho, static_cast<T>(attn)},
+                        grad_s.const_data_ptr<T>(), alpha.const_data_ptr<T>(),
+                        cand.const_data_ptr<int64_t>(), grad_hidden.mutable_data_ptr<T>(),
+                        grad_uah.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>(),
+                        grad_query.mutable_data_ptr<T>(), grad_s.stride(0), alpha.stride(0),
+                        grad_query.stride(0)};
+    at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
+                     [&](int64_t begin, int64_t end) { attend_backward_rows(g, begin, end); });
   });
 }
 
