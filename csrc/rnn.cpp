@@ -426,7 +426,7 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   }
   Tensor grad_W = at::cat({grad_sq.narrow(0, 0, 4 * Hd), grad_Wx}, 1);
   Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
-  return {grad_x, gs, grad_W, grad_bias, grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd),
+  return {grad_x, gs, grad_W, grad_bias, grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd).clone(),
           gv.sum(0).view(v.sizes())};  // gs = dL/ds_0 = dL/dh0
 }
 

@@ -79,9 +79,12 @@ def products_run(kind: str, module, x, g):
             Wx, bias = module.U.weight, module.U.bias  # the input part, up front
             Ws = torch.cat([module.V.weight, module.Va.weight])  # (2Hd, Hd)
         else:
-            Wcat = torch.cat([module.Wf.weight, module.Wi.weight, module.Wo.weight, module.Wg.weight])
-            Wx, bias = Wcat[:, Hd:].contiguous(), torch.cat(
-                [module.Wf.bias, module.Wi.bias, module.Wo.bias, module.Wg.bias]
+            Wcat = torch.cat(
+                [module.Wf.weight, module.Wi.weight, module.Wo.weight, module.Wg.weight]
+            )
+            Wx, bias = (
+                Wcat[:, Hd:].contiguous(),
+                torch.cat([module.Wf.bias, module.Wi.bias, module.Wo.bias, module.Wg.bias]),
             )
             Ws = torch.cat([Wcat[:, :Hd], module.Va.weight])  # (5Hd, Hd)
         WsT, Ua, UaT = Ws.t(), module.Ua.weight.detach(), module.Ua.weight.detach().t()

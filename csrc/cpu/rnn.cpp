@@ -34,13 +34,17 @@ namespace {
 // Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
 int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
 
-// step_candidates (rnn.h), raising on a bad slot.
-inline int64_t candidates(const int64_t* slots, int64_t rho, int64_t t, int64_t nw, int64_t window,
-                          int64_t* pos, int64_t* col) {
-  const int64_t nc = step_candidates(slots, rho, t, nw, window, pos, col);
-  TORCH_CHECK_VALUE(nc >= 0, "slot_index holds a step that is not older than the window of step ",
-                    t, " (window ", window, ")");
-  return nc;
+// Every filled slot must hold a step older than step t's window (else a candidate would repeat).
+// Checked before the row loops: an exception must not cross the target_clones functions.
+void check_slots(const at::Tensor& slots, const char* name, int64_t t, int64_t window) {
+  const at::Tensor c = slots.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  const int64_t oldest_window_step = t - std::min(t, window);
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] < oldest_window_step, name, " holds step ", p[i],
+                      ", which is not older than the window of step ", t, " (window ", window,
+                      ")");
+  }
 }
 
 // Σ_{d < n} f(d) over explicit 64-byte lane vectors, then a tree over the lanes: GCC's epilogue
@@ -121,7 +125,7 @@ SCREENING_ATTN_INLINE void attend_rows_impl(const Forward<T>& f, int64_t begin, 
     T* s = f.s + b * f.lds;
     const T* q = st.q + b * st.ldq;
     std::copy(slots, slots + rho, f.cand + b * f.ldc);  // the slots attended, for the backward
-    const int64_t nc = candidates(slots, rho, t, nw, window, pos.data(), col.data());
+    const int64_t nc = step_candidates(slots, rho, t, nw, window, pos.data(), col.data());
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < nc; ++c) {
       const T* k = st.k(pos[c], b);
@@ -180,7 +184,8 @@ SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64
     const T* q = st.q + b * st.ldq;
     T* gq = g.gq + b * g.ldgq;
     T* gv = g.gv + b * Hd;
-    const int64_t nc = candidates(g.cand + b * rho, rho, t, nw, window, pos.data(), col.data());
+    const int64_t nc =
+        step_candidates(g.cand + b * rho, rho, t, nw, window, pos.data(), col.data());
     T* gh_prev = g.gh + ((t - 1) * B + b) * Hd;
 #pragma omp simd
     for (int64_t d = 0; d < Hd; ++d) {
@@ -233,6 +238,7 @@ void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
                          int64_t window, double attn) {
   check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
                     t, window);
+  check_slots(slot_index, "slot_index", t, window);
   const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
@@ -259,6 +265,7 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
                                   double attn) {
   check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
                              grad_uah, grad_v, grad_query, t, window);
+  check_slots(cand_, "cand", t, window);
   const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
   const at::Tensor grad_s = grad_s_.stride(-1) == 1 ? grad_s_ : grad_s_.contiguous();
   const at::Tensor alpha = alpha_.stride(-1) == 1 ? alpha_ : alpha_.contiguous();
