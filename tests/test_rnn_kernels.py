@@ -73,8 +73,9 @@ def check(
     backend="cpu",
     device="cpu",
     x=None,
+    model=None,
 ):
-    m = make(kind, I, Hd, window, relevant, nonlinearity, dtype, device, seed)
+    m = model or make(kind, I, Hd, window, relevant, nonlinearity, dtype, device, seed)
     gen = torch.Generator().manual_seed(seed + 1)
     if x is None:
         x = torch.randn(T, B, I, generator=gen, dtype=F64)
@@ -189,6 +190,28 @@ def test_exact_ties_lowest_slot_is_evicted(dtype):
     assert st.relevant_index.tolist() == [[0, 3, 2], [0, 4, 2]]
     assert st.relevant_score.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]]
     assert st.relevancy.T.tolist() == [[1, 0, 0, 0.5, 0, 0], [1, 0, 0, 0, 0.5, 0]]
+
+
+@pytest.mark.parametrize(
+    "kind, nonlinearity", [("rnn", "modrelu"), ("rnn", "identity"), ("lstm", "")]
+)
+def test_paper_checkpoint_runs_identically(kind, nonlinearity):
+    # A state_dict saved by the paper's code (its copy-task model: "rnn." + "lin.") loads as it
+    # is, and the fused kernels then give the reference's outputs, slots and gradients on a
+    # copy-task input.
+    m = make(kind, 10, 6, 4, 3, nonlinearity or "tanh")
+    ckpt = {f"rnn.{k}": 0.4 * torch.randn_like(t) for k, t in m.state_dict().items()}
+    ckpt["lin.weight"] = torch.randn(9, 6, dtype=F64)
+    m.load_state_dict({k.removeprefix("rnn."): t for k, t in ckpt.items() if k.startswith("rnn.")})
+    seq = torch.zeros(40, 3, dtype=torch.long)
+    seq[:8] = torch.randint(1, 9, (8, 3))
+    seq[31] = 9
+    x = torch.nn.functional.one_hot(seq, 10).to(F64)
+    assert torch.equal(
+        m.U.weight if kind == "rnn" else m.Wf.weight,
+        ckpt["rnn.U.weight" if kind == "rnn" else "rnn.Wf.weight"],
+    )
+    check(kind, x=x, I=10, Hd=6, window=4, relevant=3, model=m, seed=1)
 
 
 # ------------------------------------------------------------------------------------------------
