@@ -58,7 +58,11 @@ struct Shared {
 
 template <typename acc_t>
 size_t shared_bytes(int64_t nmax) {
-  return nmax * (2 * sizeof(int64_t) + sizeof(acc_t));
+  const size_t bytes = nmax * (2 * sizeof(int64_t) + sizeof(acc_t));
+  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "the CUDA RelRNN/RelLSTM step holds its ", nmax,
+                    " candidates (window + filled slots) in shared memory: at most ",
+                    48 * 1024 / (2 * sizeof(int64_t) + sizeof(acc_t)), " are supported");
+  return bytes;
 }
 
 // One block per row b: scores, softmax, context, s_t, relevancy, screening (as attend_row in
