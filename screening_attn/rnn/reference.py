@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from screening_attn import _backend, _validate
+from screening_attn.rnn import _ops
 
 __all__ = [
     "NONLINEARITIES",
@@ -247,9 +248,38 @@ def rel_lstm_reference(
     return torch.stack(hs), memory.state()
 
 
-# Backends per op. Compiled kernels add their entry point here (and their name to the tuple).
-_RNN_IMPLS = {"reference": rel_rnn_reference}
-_LSTM_IMPLS = {"reference": rel_lstm_reference}
+def _with_state(fused):
+    """A compiled entry point (``screening_attn.rnn._ops``) with the reference's return value."""
+
+    def run(*args, **kwargs) -> tuple[Tensor, RelState]:
+        h, index, score, relevancy = fused(*args, **kwargs)
+        return h, RelState(index, score, relevancy)
+
+    return run
+
+
+# Backends per op. "cpu" and "cuda" are the same registered ops (csrc/rnn.cpp), which dispatch
+# on the device; _backend.resolve says why one can't run (extension not loaded, no CUDA build).
+_RNN_IMPLS = {
+    "reference": rel_rnn_reference,
+    "cpu": _with_state(_ops.rel_rnn_fused),
+    "cuda": _with_state(_ops.rel_rnn_fused),
+}
+_LSTM_IMPLS = {
+    "reference": rel_lstm_reference,
+    "cpu": _with_state(_ops.rel_lstm_fused),
+    "cuda": _with_state(_ops.rel_lstm_fused),
+}
+_CPU_DTYPES = (torch.float32, torch.float64)
+
+
+def _resolve(op: str, backend: str, x: Tensor, impls: dict) -> str:
+    impl = _backend.resolve(op, backend, x.device, tuple(impls))
+    if impl == "cpu" and x.dtype not in _CPU_DTYPES:
+        if backend != "auto":
+            raise TypeError(f"backend='cpu' takes float32 or float64 inputs, got {x.dtype}")
+        impl = "reference"  # half precision on CPU: only the reference computes it
+    return impl
 
 
 def _check_sizes(input_size: object, hidden_size: object, window: object, relevant: object):
@@ -416,8 +446,9 @@ class RelRNN(nn.Module):
             h0 (Tensor | None): `(B, hidden_size)`, the state before step 0. Default: zeros.
             attn (float): factor on the context, ``s_t = ½ (h_{t-1} + attn · c_t)``.
                 Default: ``1.0``.
-            backend (str): ``"auto"`` or ``"reference"`` (compiled kernels: see SPEC §4).
-                Default: ``"auto"``.
+            backend (str): ``"auto"`` (the fused C++ kernels for float32/float64 CPU tensors
+                and for CUDA tensors, else the reference), ``"reference"``, ``"cpu"`` or
+                ``"cuda"`` (SPEC §4). Default: ``"auto"``.
 
         Returns:
             ``h`` `(T, B, hidden_size)`, every h_t; and a :class:`RelState`.
@@ -427,7 +458,7 @@ class RelRNN(nn.Module):
         """
         x, h0 = _check_forward(self, x, h0)
         attn = _validate.check_finite_float("attn", attn)
-        impl = _backend.resolve("rel_rnn", backend, x.device, tuple(_RNN_IMPLS))
+        impl = _resolve("rel_rnn", backend, x, _RNN_IMPLS)
         b = self.nonlinearity.b if isinstance(self.nonlinearity, ModReLU) else None
         return _RNN_IMPLS[impl](
             x,
@@ -529,13 +560,14 @@ class RelLSTM(nn.Module):
             x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
             h0 (Tensor | None): `(B, hidden_size)`, the first attention query and the state fed
                 to the gates at t = 0. Default: zeros.
-            backend (str): ``"auto"`` or ``"reference"``. Default: ``"auto"``.
+            backend (str): ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"``, as for
+                :meth:`RelRNN.forward`. Default: ``"auto"``.
 
         Returns:
             ``h`` `(T, B, hidden_size)` and a :class:`RelState`.
         """
         x, h0 = _check_forward(self, x, h0)
-        impl = _backend.resolve("rel_lstm", backend, x.device, tuple(_LSTM_IMPLS))
+        impl = _resolve("rel_lstm", backend, x, _LSTM_IMPLS)
         return _LSTM_IMPLS[impl](
             x,
             h0,

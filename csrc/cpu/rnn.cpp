@@ -1,0 +1,476 @@
+// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas and
+// the time loops that call these: csrc/rnn.cpp). Every kernel is parallel over the B batch
+// rows (at::parallel_for); a row's work is sequential and vectorized over the Hd features. The
+// element math (scores, activations, LSTM cell) is shared with the CUDA kernels
+// (include/screening_attn/rnn.h).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <string_view>
+#include <vector>
+
+#include "screening_attn/rnn.h"
+#include "screening_attn/rnn_checks.h"
+
+namespace screening_attn {
+
+int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
+
+namespace {
+
+// The row kernels are compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define SCREENING_ATTN_RNN_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SCREENING_ATTN_RNN_CLONES
+#endif
+#define SCREENING_ATTN_INLINE __attribute__((always_inline)) inline
+
+// Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
+
+// Every filled slot must hold a step older than step t's window (else a candidate would repeat).
+// Checked before the row loops: an exception must not cross the target_clones functions.
+void check_slots(const at::Tensor& slots, const char* name, int64_t t, int64_t window) {
+  const at::Tensor c = slots.contiguous();
+  const int64_t* p = c.const_data_ptr<int64_t>();
+  const int64_t oldest_window_step = t - std::min(t, window);
+  for (int64_t i = 0; i < c.numel(); ++i) {
+    TORCH_CHECK_VALUE(p[i] < oldest_window_step, name, " holds step ", p[i],
+                      ", which is not older than the window of step ", t, " (window ", window,
+                      ")");
+  }
+}
+
+// Σ_{d < n} f(d) over explicit 64-byte lane vectors, then a tree over the lanes: GCC's epilogue
+// for `omp simd reduction` adds the lanes one at a time, which costs as much as the loop at
+// Hd = 128.
+template <typename T, typename F>
+SCREENING_ATTN_INLINE T lane_sum(int64_t n, F&& f) {
+  constexpr int L = 64 / sizeof(T);
+  alignas(64) T acc[L] = {};
+  int64_t d = 0;
+  for (; d + L <= n; d += L) {
+#pragma omp simd
+    for (int i = 0; i < L; ++i) acc[i] += f(d + i);
+  }
+  T tail = 0;
+  for (; d < n; ++d) tail += f(d);
+#pragma GCC unroll 8
+  for (int w = L / 2; w >= 1; w /= 2) {
+#pragma omp simd
+    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+  }
+  return acc[0] + tail;
+}
+
+// One attention step, all rows. hidden, uah: (T', B, Hd), row b of step j at (j B + b) Hd.
+template <typename T>
+struct Step {
+  const T* hidden;
+  const T* uah;
+  const T* v;  // (Hd)
+  const T* q;  // (B, Hd) queries, row stride ldq
+  int64_t ldq, B, Hd, t, window, rho;
+  T attn;
+  const T* h(int64_t j, int64_t b) const { return hidden + (j * B + b) * Hd; }
+  const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
+};
+
+template <typename T>
+struct Forward {
+  Step<T> st;
+  int64_t* slots;   // (B, ρ)
+  T* slot_score;    // (B, ρ)
+  T* relevancy;     // (T', B)
+  T* s;             // (B, Hd), row stride lds
+  T* alpha;         // (B, window + ρ), row stride lda
+  int64_t* cand;    // (B, ρ), row stride ldc
+  int64_t lds, lda, ldc;
+};
+
+template <typename T>
+struct Backward {
+  Step<T> st;
+  const T* gs;       // (B, Hd) dL/ds_t, row stride ldg
+  const T* alpha;    // (B, window + ρ), row stride lda
+  const int64_t* cand;  // (B, ρ)
+  T* gh;             // (T', B, Hd) += dL/dh_j
+  T* gk;             // (T', B, Hd) += dL/duah_j
+  T* gv;             // (B, Hd) += dL/dv per row
+  T* gq;             // (B, Hd) = dL/dquery, row stride ldgq
+  int64_t ldg, lda, ldgq;
+};
+
+// Rows [begin, end) of step t: scores over the candidates, softmax, context,
+// s_t = ½ (h_{t-1} + attn c_t), relevancy of the window, then the screening of step t-window
+// (it has just left the window).
+template <typename T>
+SCREENING_ATTN_INLINE void attend_rows_impl(const Forward<T>& f, int64_t begin, int64_t end) {
+  const Step<T>& st = f.st;
+  const int64_t Hd = st.Hd, t = st.t, window = st.window, rho = st.rho;
+  const int64_t nw = std::min(t, window), nmax = nw + rho;
+  std::vector<int64_t> pos(nmax), col(nmax);
+  std::vector<T> e(nmax);
+  const T* v = st.v;
+  for (int64_t b = begin; b < end; ++b) {
+    int64_t* slots = f.slots + b * rho;
+    T* slot_score = f.slot_score + b * rho;
+    T* alpha = f.alpha + b * f.lda;
+    T* s = f.s + b * f.lds;
+    const T* q = st.q + b * st.ldq;
+    std::copy(slots, slots + rho, f.cand + b * f.ldc);  // the slots attended, for the backward
+    const int64_t nc = step_candidates(slots, rho, t, nw, window, pos.data(), col.data());
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* k = st.k(pos[c], b);
+      e[c] = lane_sum<T>(Hd, [&](int64_t d) { return score_term(q[d], k[d], v[d]); });
+      mx = std::max(mx, e[c]);
+    }
+    T z = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      e[c] = exp_nonpositive(e[c] - mx);
+      z += e[c];
+    }
+    const T inv = T(1) / z;
+    std::fill(alpha, alpha + window + rho, T(0));
+    std::fill(s, s + Hd, T(0));
+    for (int64_t c = 0; c < nc; ++c) {
+      const T a = e[c] * inv;
+      alpha[col[c]] = a;
+      if (c < nw) f.relevancy[pos[c] * st.B + b] += a;
+      const T* hc = st.h(pos[c], b);
+#pragma omp simd
+      for (int64_t d = 0; d < Hd; ++d) s[d] += a * hc[d];  // s = c_t for now
+    }
+    const T* h_prev = st.h(t - 1, b);
+#pragma omp simd
+    for (int64_t d = 0; d < Hd; ++d) s[d] = T(0.5) * (h_prev[d] + st.attn * s[d]);
+    if (t >= window) {
+      const int64_t leaving = t - window;
+      const T r = f.relevancy[leaving * st.B + b];
+      const int slot = screen_slot(slots, slot_score, static_cast<int>(rho), r);
+      if (slot >= 0) {
+        slots[slot] = leaving;
+        slot_score[slot] = r;
+      }
+    }
+  }
+}
+
+// Rows [begin, end) of the backward of step t, given gs = dL/ds_t: with gc = ½ attn gs,
+// dα_c = gc·h_c, de_c = α_c (dα_c - Σ α dα); dh_{t-1} += ½ gs; then per candidate
+// dq, dk_c += de_c v (1 - z_c²), dv += de_c z_c, dh_c += α_c gc. A row writes only its own
+// rows of gh, gk (its candidates are distinct steps): no races, the same bits on any thread
+// count.
+template <typename T>
+SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64_t begin,
+                                                     int64_t end) {
+  const Step<T>& st = g.st;
+  const int64_t Hd = st.Hd, B = st.B, t = st.t, window = st.window, rho = st.rho;
+  const int64_t nw = std::min(t, window), nmax = nw + rho;
+  std::vector<int64_t> pos(nmax), col(nmax);
+  std::vector<T> ga(nmax), gc_buf(Hd);
+  T* gc = gc_buf.data();
+  const T* v = st.v;
+  for (int64_t b = begin; b < end; ++b) {
+    const T* gs = g.gs + b * g.ldg;
+    const T* alpha = g.alpha + b * g.lda;
+    const T* q = st.q + b * st.ldq;
+    T* gq = g.gq + b * g.ldgq;
+    T* gv = g.gv + b * Hd;
+    const int64_t nc =
+        step_candidates(g.cand + b * rho, rho, t, nw, window, pos.data(), col.data());
+    T* gh_prev = g.gh + ((t - 1) * B + b) * Hd;
+#pragma omp simd
+    for (int64_t d = 0; d < Hd; ++d) {
+      gc[d] = T(0.5) * st.attn * gs[d];
+      gh_prev[d] += T(0.5) * gs[d];
+      gq[d] = T(0);
+    }
+    T delta = 0;
+    for (int64_t c = 0; c < nc; ++c) {
+      const T* hc = st.h(pos[c], b);
+      ga[c] = lane_sum<T>(Hd, [&](int64_t d) { return gc[d] * hc[d]; });
+      delta += alpha[col[c]] * ga[c];
+    }
+    for (int64_t c = 0; c < nc; ++c) {
+      const T a = alpha[col[c]], de = a * (ga[c] - delta);
+      const int64_t off = (pos[c] * B + b) * Hd;
+      const T* k = st.uah + off;
+      T* dk = g.gk + off;
+      T* dh = g.gh + off;
+#pragma omp simd
+      for (int64_t d = 0; d < Hd; ++d) {
+        const T u = score_term_backward(q[d], k[d], v[d], de, &gv[d]);
+        gq[d] += u;
+        dk[d] += u;
+        dh[d] += a * gc[d];
+      }
+    }
+  }
+}
+
+SCREENING_ATTN_RNN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
+  attend_rows_impl(f, begin, end);
+}
+void attend_rows(const Forward<double>& f, int64_t begin, int64_t end) {
+  attend_rows_impl(f, begin, end);
+}
+SCREENING_ATTN_RNN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
+                                                    int64_t end) {
+  attend_backward_rows_impl(g, begin, end);
+}
+void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end) {
+  attend_backward_rows_impl(g, begin, end);
+}
+
+void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
+                         const at::Tensor& uah_, const at::Tensor& v_,
+                         const at::Tensor& slot_index, const at::Tensor& slot_score,
+                         const at::Tensor& relevancy, const at::Tensor& s,
+                         const at::Tensor& alpha, const at::Tensor& cand, int64_t t,
+                         int64_t window, double attn) {
+  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
+                    t, window);
+  check_slots(slot_index, "slot_index", t, window);
+  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
+  const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
+    using T = scalar_t;
+    const Forward<T> f{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                        query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho,
+                        static_cast<T>(attn)},
+                       slot_index.mutable_data_ptr<int64_t>(), slot_score.mutable_data_ptr<T>(),
+                       relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),
+                       alpha.mutable_data_ptr<T>(), cand.mutable_data_ptr<int64_t>(), s.stride(0),
+                       alpha.stride(0), cand.stride(0)};
+    at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
+                     [&](int64_t begin, int64_t end) { attend_rows(f, begin, end); });
+  });
+}
+
+void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& query_,
+                                  const at::Tensor& hidden_, const at::Tensor& uah_,
+                                  const at::Tensor& v_, const at::Tensor& alpha_,
+                                  const at::Tensor& cand_, const at::Tensor& grad_hidden,
+                                  const at::Tensor& grad_uah, const at::Tensor& grad_v,
+                                  const at::Tensor& grad_query, int64_t t, int64_t window,
+                                  double attn) {
+  check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
+                             grad_uah, grad_v, grad_query, t, window);
+  check_slots(cand_, "cand", t, window);
+  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor grad_s = grad_s_.stride(-1) == 1 ? grad_s_ : grad_s_.contiguous();
+  const at::Tensor alpha = alpha_.stride(-1) == 1 ? alpha_ : alpha_.contiguous();
+  const at::Tensor cand = cand_.contiguous();
+  const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
+  const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
+    using T = scalar_t;
+    const Backward<T> g{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(),
+                         v.const_data_ptr<T>(), query.const_data_ptr<T>(), query.stride(0), B, Hd,
+                         t, window, rho, static_cast<T>(attn)},
+                        grad_s.const_data_ptr<T>(), alpha.const_data_ptr<T>(),
+                        cand.const_data_ptr<int64_t>(), grad_hidden.mutable_data_ptr<T>(),
+                        grad_uah.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>(),
+                        grad_query.mutable_data_ptr<T>(), grad_s.stride(0), alpha.stride(0),
+                        grad_query.stride(0)};
+    at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
+                     [&](int64_t begin, int64_t end) { attend_backward_rows(g, begin, end); });
+  });
+}
+
+// ---- RelRNN activation: h = φ(pre) ----------------------------------------------------------
+
+template <int NL, typename T>
+SCREENING_ATTN_INLINE void activation_row_impl(const T* pre, const T* mb, T* h, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) h[d] = activate<NL>(pre[d], NL == kModRelu ? mb[d] : T(0));
+}
+
+template <int NL, typename T>
+SCREENING_ATTN_INLINE void activation_backward_row_impl(const T* g, const T* h, T* gpre, T* gb,
+                                                        int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    T gbd = 0;
+    gpre[d] = activate_backward<NL>(g[d], h[d], &gbd);
+    if constexpr (NL == kModRelu) gb[d] += gbd;
+  }
+}
+
+template <int NL>
+SCREENING_ATTN_RNN_CLONES void activation_row(const float* pre, const float* mb, float* h,
+                                              int64_t n) {
+  activation_row_impl<NL>(pre, mb, h, n);
+}
+template <int NL>
+void activation_row(const double* pre, const double* mb, double* h, int64_t n) {
+  activation_row_impl<NL>(pre, mb, h, n);
+}
+template <int NL>
+SCREENING_ATTN_RNN_CLONES void activation_backward_row(const float* g, const float* h,
+                                                       float* gpre, float* gb, int64_t n) {
+  activation_backward_row_impl<NL>(g, h, gpre, gb, n);
+}
+template <int NL>
+void activation_backward_row(const double* g, const double* h, double* gpre, double* gb,
+                             int64_t n) {
+  activation_backward_row_impl<NL>(g, h, gpre, gb, n);
+}
+
+// Calls f(std::integral_constant<int, NL>) for the runtime code nl.
+template <typename F>
+void dispatch_nonlinearity(int nl, F&& f) {
+  switch (nl) {
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
+    default: return f(std::integral_constant<int, kModRelu>{});
+  }
+}
+
+template <typename T>
+const T* row(const at::Tensor& x, int64_t b) {
+  return x.const_data_ptr<T>() + b * x.stride(0);
+}
+template <typename T>
+T* mrow(const at::Tensor& x, int64_t b) {
+  return x.mutable_data_ptr<T>() + b * x.stride(0);
+}
+
+void rnn_activation_cpu(const at::Tensor& pre_, const std::optional<at::Tensor>& modrelu_b,
+                        c10::string_view nonlinearity, const at::Tensor& h) {
+  const int nl = parse_nonlinearity(nonlinearity);
+  check_activation(pre_, modrelu_b, nl, h);
+  const at::Tensor pre = pre_.stride(-1) == 1 ? pre_ : pre_.contiguous();
+  const at::Tensor mb = nl == kModRelu ? modrelu_b->contiguous() : at::Tensor();
+  const int64_t B = pre.size(0), Hd = pre.size(1);
+  AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_activation_cpu", [&] {
+    using T = scalar_t;
+    const T* mbp = mb.defined() ? mb.const_data_ptr<T>() : nullptr;
+    dispatch_nonlinearity(nl, [&](auto NL) {
+      at::parallel_for(0, B, grain_for(8 * Hd), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          activation_row<NL.value>(row<T>(pre, b), mbp, mrow<T>(h, b), Hd);
+        }
+      });
+    });
+  });
+}
+
+void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_,
+                                 c10::string_view nonlinearity, const at::Tensor& grad_pre,
+                                 const at::Tensor& grad_b) {
+  const int nl = parse_nonlinearity(nonlinearity);
+  check_activation_backward(grad_h_, h_, grad_pre, grad_b);
+  const int64_t B = grad_h_.size(0), Hd = grad_h_.size(1);
+  const at::Tensor g = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
+  const at::Tensor h = h_.stride(-1) == 1 ? h_ : h_.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnn_activation_backward_cpu", [&] {
+    using T = scalar_t;
+    dispatch_nonlinearity(nl, [&](auto NL) {
+      at::parallel_for(0, B, grain_for(8 * Hd), [&](int64_t begin, int64_t end) {
+        for (int64_t b = begin; b < end; ++b) {
+          activation_backward_row<NL.value>(row<T>(g, b), row<T>(h, b), mrow<T>(grad_pre, b),
+                                            mrow<T>(grad_b, b), Hd);
+        }
+      });
+    });
+  });
+}
+
+// ---- RelLSTM cell ----------------------------------------------------------------------------
+
+// One row: gates [f | i | o | g] pre-activations -> the gates, in place; cell, h.
+template <typename T>
+SCREENING_ATTN_INLINE void lstm_row_impl(T* gates, const T* c_prev, T* cell, T* h, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    lstm_cell(gates[d], gates[n + d], gates[2 * n + d], gates[3 * n + d], c_prev[d], &gates[d],
+              &gates[n + d], &gates[2 * n + d], &gates[3 * n + d], &cell[d], &h[d]);
+  }
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE void lstm_backward_row_impl(const T* gh, const T* gates, const T* cell,
+                                                  const T* c_prev, T* gc, T* ga, int64_t n) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) {
+    lstm_cell_backward(gh[d], gates[d], gates[n + d], gates[2 * n + d], gates[3 * n + d], cell[d],
+                       c_prev[d], &gc[d], &ga[d], &ga[n + d], &ga[2 * n + d], &ga[3 * n + d]);
+  }
+}
+
+SCREENING_ATTN_RNN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
+                                        int64_t n) {
+  lstm_row_impl(gates, c_prev, cell, h, n);
+}
+void lstm_row(double* gates, const double* c_prev, double* cell, double* h, int64_t n) {
+  lstm_row_impl(gates, c_prev, cell, h, n);
+}
+SCREENING_ATTN_RNN_CLONES void lstm_backward_row(const float* gh, const float* gates,
+                                                 const float* cell, const float* c_prev,
+                                                 float* gc, float* ga, int64_t n) {
+  lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
+}
+void lstm_backward_row(const double* gh, const double* gates, const double* cell,
+                       const double* c_prev, double* gc, double* ga, int64_t n) {
+  lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
+}
+
+void lstm_cell_cpu(const at::Tensor& gates, const at::Tensor& cell_prev_, const at::Tensor& cell,
+                   const at::Tensor& h) {
+  check_lstm_cell(gates, cell_prev_, cell, h);
+  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const int64_t B = gates.size(0), Hd = gates.size(1) / 4;
+  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B, grain_for(32 * Hd), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_row(mrow<T>(gates, b), row<T>(cp, b), mrow<T>(cell, b), mrow<T>(h, b), Hd);
+      }
+    });
+  });
+}
+
+void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
+                            const at::Tensor& cell_, const at::Tensor& cell_prev_,
+                            const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
+  check_lstm_cell_backward(grad_h_, gates_, cell_, cell_prev_, grad_cell, grad_gates);
+  const at::Tensor gh = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
+  const at::Tensor gates = gates_.stride(-1) == 1 ? gates_ : gates_.contiguous();
+  const at::Tensor cell = cell_.stride(-1) == 1 ? cell_ : cell_.contiguous();
+  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const int64_t B = gh.size(0), Hd = gh.size(1);
+  AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "lstm_cell_backward_cpu", [&] {
+    using T = scalar_t;
+    at::parallel_for(0, B, grain_for(32 * Hd), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        lstm_backward_row(row<T>(gh, b), row<T>(gates, b), row<T>(cell, b), row<T>(cp, b),
+                          mrow<T>(grad_cell, b), mrow<T>(grad_gates, b), Hd);
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
+  m.impl("rnn_attend_step", &rnn_attend_step_cpu);
+  m.impl("rnn_attend_step_backward", &rnn_attend_step_backward_cpu);
+  m.impl("rnn_activation", &rnn_activation_cpu);
+  m.impl("rnn_activation_backward", &rnn_activation_backward_cpu);
+  m.impl("lstm_cell", &lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &lstm_cell_backward_cpu);
+}
+
+}  // namespace screening_attn

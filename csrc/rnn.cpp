@@ -1,0 +1,512 @@
+// RelRNN / RelLSTM (SPEC §2): schemas, and the time loops of the sequence ops.
+//
+// Step ops (kernels: csrc/cpu/rnn.cpp, csrc/cuda/rnn.cu) do everything between a step's matrix
+// products, for all batch rows at once; their state lives in tensors they update in place
+// (declared `Tensor(a!)`). The sequence ops below run the loop over time: the matrix products
+// with ATen (BLAS / cuBLAS), the rest through the step ops; they are device-generic and
+// registered for CPU (and CUDA). Fakes and autograd: screening_attn/rnn/_ops.py.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <string_view>
+
+#include "screening_attn/rnn.h"
+#include "screening_attn/rnn_checks.h"
+
+namespace screening_attn {
+
+int parse_nonlinearity(std::string_view name) {
+  if (name == "tanh") return kTanh;
+  if (name == "relu") return kRelu;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "identity") return kIdentity;
+  if (name == "modrelu") return kModRelu;
+  C10_THROW_ERROR(ValueError, c10::str("nonlinearity must be one of ('tanh', 'relu', 'sigmoid', "
+                                       "'identity', 'modrelu'), got '",
+                                       name, "'"));
+}
+
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Tensors9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Tensors10 =
+    std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// ---- the step ops, called through the dispatcher (so the loop runs on any device) ------------
+
+void attend_step(const Tensor& query, const Tensor& hidden, const Tensor& uah, const Tensor& v,
+                 const Tensor& slot_index, const Tensor& slot_score, const Tensor& relevancy,
+                 const Tensor& s, const Tensor& alpha, const Tensor& cand, int64_t t,
+                 int64_t window, double attn) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::rnn_attend_step", "")
+                       .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const Tensor&, int64_t, int64_t, double)>();
+  op.call(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t, window,
+          attn);
+}
+
+void attend_step_backward(const Tensor& grad_s, const Tensor& query, const Tensor& hidden,
+                          const Tensor& uah, const Tensor& v, const Tensor& alpha,
+                          const Tensor& cand, const Tensor& grad_hidden, const Tensor& grad_uah,
+                          const Tensor& grad_v, const Tensor& grad_query, int64_t t,
+                          int64_t window, double attn) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("screening_attn::rnn_attend_step_backward", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, int64_t, int64_t, double)>();
+  op.call(grad_s, query, hidden, uah, v, alpha, cand, grad_hidden, grad_uah, grad_v, grad_query,
+          t, window, attn);
+}
+
+void activation(const Tensor& pre, const OptTensor& modrelu_b, c10::string_view nonlinearity,
+                const Tensor& h) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::rnn_activation", "")
+                       .typed<void(const Tensor&, const OptTensor&, c10::string_view,
+                                   const Tensor&)>();
+  op.call(pre, modrelu_b, nonlinearity, h);
+}
+
+void activation_backward(const Tensor& grad_h, const Tensor& h, c10::string_view nonlinearity,
+                         const Tensor& grad_pre, const Tensor& grad_b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::rnn_activation_backward", "")
+                       .typed<void(const Tensor&, const Tensor&, c10::string_view, const Tensor&,
+                                   const Tensor&)>();
+  op.call(grad_h, h, nonlinearity, grad_pre, grad_b);
+}
+
+void lstm_cell(const Tensor& gates, const Tensor& cell_prev, const Tensor& cell,
+               const Tensor& h) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("screening_attn::lstm_cell", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+  op.call(gates, cell_prev, cell, h);
+}
+
+void lstm_cell_backward(const Tensor& grad_h, const Tensor& gates, const Tensor& cell,
+                        const Tensor& cell_prev, const Tensor& grad_cell,
+                        const Tensor& grad_gates) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::lstm_cell_backward", "")
+                       .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                   const Tensor&, const Tensor&)>();
+  op.call(grad_h, gates, cell, cell_prev, grad_cell, grad_gates);
+}
+
+// Steps per chunk of the backward: its weight gradients are products over the chunk.
+constexpr int64_t kChunk = 64;
+
+// out = a @ b into a preallocated (possibly row-strided) view.
+void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
+
+// ---- shared by both networks -----------------------------------------------------------------
+
+void check_sequence(const Tensor& x, const Tensor& h0, int64_t Hd, int64_t window,
+                    int64_t relevant,
+                    std::initializer_list<std::pair<const Tensor*, const char*>> weights) {
+  TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
+                   x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) >= 1,
+                    "x must have shape (T >= 1, B, input_size), got ", x.sizes());
+  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
+  TORCH_CHECK_VALUE(relevant >= 0, "relevant must be >= 0, got ", relevant);
+  TORCH_CHECK_VALUE(h0.dim() == 2 && h0.size(0) == x.size(1) && h0.size(1) == Hd,
+                    "h0 must have shape (B, hidden_size) = (", x.size(1), ", ", Hd, "), got ",
+                    h0.sizes());
+  check_same_dtype_device(x, "x", h0, "h0");
+  for (const auto& [w, name] : weights) check_same_dtype_device(x, "x", *w, name);
+}
+
+void check_weight(const Tensor& w, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, name,
+                    " must have shape (", rows, ", ", cols, "), got ", w.sizes());
+}
+
+// The loop state: the relevant set (slot positions and scores) and every state's relevancy.
+// Only min(relevant, T - window) slots can ever fill (states 0 .. T-1-window are screened), so
+// the loop keeps that many and pads the result to `relevant` slots.
+struct Screening {
+  Tensor slot_index, slot_score, relevancy;
+  int64_t window, relevant, live;
+
+  Screening(int64_t T, int64_t B, int64_t window_, int64_t relevant_, const Tensor& like)
+      : window(std::min(window_, T)),  // a window >= T never slides: same as T
+        relevant(relevant_),
+        live(std::min(relevant_, std::max<int64_t>(0, T - std::min(window_, T)))) {
+    const auto acc = like.options().dtype(rnn_acc_type(like.scalar_type()));
+    slot_index = at::full({B, live}, -1, like.options().dtype(at::kLong));
+    slot_score = at::full({B, live}, -std::numeric_limits<double>::infinity(), acc);
+    relevancy = at::zeros({T, B}, acc);
+  }
+
+  // (B, relevant) outputs: the live slots, then empty ones.
+  std::pair<Tensor, Tensor> result() const {
+    if (live == relevant) return {slot_index, slot_score};
+    const int64_t B = slot_index.size(0);
+    return {at::cat({slot_index, at::full({B, relevant - live}, -1, slot_index.options())}, 1),
+            at::cat({slot_score, at::full({B, relevant - live},
+                                          -std::numeric_limits<double>::infinity(),
+                                          slot_score.options())},
+                    1)};
+  }
+};
+
+// Records of the forward, for the backward: per step t >= 1 the softmax weights over
+// [window columns | slots] and the slots attended (-1: empty).
+struct Records {
+  Tensor alpha, cand;
+  Records(int64_t T, int64_t B, const Screening& sc, const Tensor& like) {
+    alpha = at::empty({T, B, sc.window + sc.live},
+                      like.options().dtype(rnn_acc_type(like.scalar_type())));
+    cand = at::empty({T, B, sc.live}, like.options().dtype(at::kLong));
+    alpha[0].zero_();  // step 0 does not attend
+    cand[0].fill_(-1);
+  }
+};
+
+// ---- RelRNN ----------------------------------------------------------------------------------
+//
+// pq (T, B, 2Hd) holds per step [pre_t | Q_{t+1}]: it starts as [U x_t + b | 0] (the input part
+// of every step in one product up front), and each step adds s_t [V; Va]ᵀ in one product.
+// t = 0: pre_0 = U x_0 + V h0, h_0 = φ(pre_0), and pre_0 is also the first query's state (s_0).
+// t >= 1: s_t from the attention step with the query Q_t = Va s_{t-1}; h_t = φ(pre_t).
+// Every step: uah_t = Ua h_t, once per state.
+// Saved for the backward: s (s[0] = h0, the input of V at t = 0), pq, uah, alpha, cand.
+
+Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
+                 const OptTensor& U_bias, const Tensor& V_weight, const Tensor& Ua_weight,
+                 const Tensor& Va_weight, const Tensor& v, const OptTensor& modrelu_b,
+                 int64_t window, int64_t relevant, c10::string_view nonlinearity, double attn) {
+  const int64_t Hd = V_weight.dim() == 2 ? V_weight.size(0) : -1;
+  check_sequence(x_, h0_, Hd, window, relevant,
+                 {{&U_weight, "U_weight"}, {&V_weight, "V_weight"}, {&Ua_weight, "Ua_weight"},
+                  {&Va_weight, "Va_weight"}, {&v, "v"}});
+  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2);
+  check_weight(U_weight, "U_weight", Hd, I);
+  check_weight(V_weight, "V_weight", Hd, Hd);
+  check_weight(Ua_weight, "Ua_weight", Hd, Hd);
+  check_weight(Va_weight, "Va_weight", Hd, Hd);
+  TORCH_CHECK_VALUE(v.numel() == Hd, "v must have hidden_size = ", Hd, " elements, got ",
+                    v.sizes());
+  if (U_bias) {
+    check_same_dtype_device(x_, "x", *U_bias, "U_bias");
+    TORCH_CHECK_VALUE(U_bias->numel() == Hd, "U_bias must have hidden_size = ", Hd,
+                      " elements, got ", U_bias->sizes());
+  }
+  check_modrelu_b(x_, modrelu_b, parse_nonlinearity(nonlinearity), Hd);
+  const Tensor x = x_.contiguous(), h0 = h0_.contiguous();
+  const auto opt = x.options();
+
+  Screening sc(T, B, window, relevant, x);
+  Records rec(T, B, sc, x);
+  Tensor h = at::empty({T, B, Hd}, opt), s = at::empty({T, B, Hd}, opt);
+  Tensor uah = at::empty({T, B, Hd}, opt), pq = at::empty({T, B, 2 * Hd}, opt);
+  Tensor ux = pq.view({T * B, 2 * Hd}).narrow(1, 0, Hd);
+  if (U_bias) {
+    at::addmm_out(ux, U_bias->reshape({Hd}), x.view({T * B, I}), U_weight.t());
+  } else {
+    at::mm_out(ux, x.view({T * B, I}), U_weight.t());
+  }
+  pq.narrow(2, Hd, Hd).zero_();
+  const Tensor W = at::cat({V_weight, Va_weight}, 0).t();  // (Hd, 2Hd): s -> [P | Q]
+  const Tensor UaT = Ua_weight.t();
+
+  s[0].copy_(h0);
+  Tensor pre0 = pq[0].narrow(1, 0, Hd);
+  pre0.addmm_(h0, V_weight.t());
+  activation(pre0, modrelu_b, nonlinearity, h[0]);
+  mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
+  mm_into(uah[0], h[0], UaT);
+  for (int64_t t = 1; t < T; ++t) {
+    attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
+                sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn);
+    Tensor pq_t = pq[t];
+    pq_t.addmm_(s[t], W);
+    activation(pq_t.narrow(1, 0, Hd), modrelu_b, nonlinearity, h[t]);
+    mm_into(uah[t], h[t], UaT);
+  }
+  auto [index, score] = sc.result();
+  return {h, index, score, sc.relevancy, s, pq, uah, rec.alpha, rec.cand};
+}
+
+// Reverse time. gH, gK: dL/dh_j, dL/duah_j (T, B, Hd), complete for step t once the steps after
+// it are done. g[t] = [dL/dpre_t | dL/dQ_{t+1}] lives in a buffer of kChunk steps: when a chunk
+// is done, its weight gradients (pairing g[t] with s_t) and dL/dx are products over the whole
+// chunk. So the backward allocates two (T, B, Hd) buffers, not four.
+Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& h0,
+                          const Tensor& U_weight, const Tensor& V_weight, const Tensor& Ua_weight,
+                          const Tensor& Va_weight, const Tensor& v, const Tensor& h,
+                          const Tensor& s, const Tensor& pq, const Tensor& uah,
+                          const Tensor& alpha, const Tensor& cand, int64_t window,
+                          c10::string_view nonlinearity, double attn) {
+  TORCH_CHECK_VALUE(h.dim() == 3, "h must be (T, B, Hd), got ", h.sizes());
+  const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
+  check_same_shape(h, "h", grad_h, "grad_h");
+  check_same_dtype_device(h, "h", grad_h, "grad_h");
+  check_same_shape(h, "h", s, "s");
+  check_same_shape(h, "h", uah, "uah");
+  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(0) == T && x_.size(1) == B,
+                    "x must have shape (T, B, input_size) with (T, B) = (", T, ", ", B, ")");
+  TORCH_CHECK_VALUE(pq.dim() == 3 && pq.size(0) == T && pq.size(2) == 2 * Hd && alpha.dim() == 3 &&
+                        cand.dim() == 3,
+                    "pq, alpha and cand must come from rel_rnn");
+  const int64_t I = x_.size(2);
+  window = std::min(window, T);
+  const Tensor x = x_.contiguous();
+  const auto opt = h.options();
+  Tensor gH = at::empty({T, B, Hd}, opt);
+  gH.copy_(grad_h);
+  Tensor gK = at::zeros({T, B, Hd}, opt);
+  const int64_t K = std::min(T, kChunk);
+  Tensor chunk = at::empty({K, B, 2 * Hd}, opt);
+  Tensor carry = at::zeros({B, Hd}, opt);  // dL/dQ_{t0} of the chunk below, from step t0
+  Tensor gs = at::empty({B, Hd}, opt), gv = at::zeros({B, Hd}, opt), gb = at::zeros({B, Hd}, opt);
+  const Tensor W = at::cat({V_weight, Va_weight}, 0);  // (2Hd, Hd): [gpre | gQ] -> gs
+  Tensor grad_x = at::empty({T, B, I}, opt), grad_U = at::zeros({Hd, I}, opt);
+  Tensor grad_U_bias = at::zeros({Hd}, opt), grad_W = at::zeros({2 * Hd, Hd}, opt);
+  Tensor grad_h0, grad_V0, grad_Va0;
+
+  for (int64_t t1 = T; t1 > 0; t1 -= K) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
+    Tensor g = chunk.narrow(0, 0, n);  // g[t - t0]
+    g[n - 1].narrow(1, Hd, Hd).copy_(carry);  // dL/dQ_{t1} (0 for the last step: no query)
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      Tensor gH_t = gH[t], g_t = g[t - t0];
+      gH_t.addmm_(gK[t], Ua_weight);  // uah_t = Ua h_t
+      Tensor gpre = g_t.narrow(1, 0, Hd);
+      activation_backward(gH_t, h[t], nonlinearity, gpre, gb);
+      if (t == 0) {
+        const Tensor gq1 = g_t.narrow(1, Hd, Hd);
+        gpre.addmm_(gq1, Va_weight);  // pre_0 is also the state of the first query
+        grad_h0 = at::mm(gpre, V_weight);
+        grad_V0 = at::mm(gpre.t(), h0);
+        grad_Va0 = at::mm(gq1.t(), pq[0].narrow(1, 0, Hd));
+        break;
+      }
+      mm_into(gs, g_t, W);
+      attend_step_backward(gs, pq[t - 1].narrow(1, Hd, Hd), h, uah, v, alpha[t], cand[t], gH, gK,
+                           gv, t > t0 ? g[t - 1 - t0].narrow(1, Hd, Hd) : carry, t, window, attn);
+    }
+    const Tensor flat = g.view({n * B, 2 * Hd}), gpre = flat.narrow(1, 0, Hd);
+    const Tensor xc = x.narrow(0, t0, n).view({n * B, I});
+    mm_into(grad_x.narrow(0, t0, n).view({n * B, I}), gpre, U_weight);
+    grad_U.addmm_(gpre.t(), xc);
+    grad_U_bias.add_(gpre.sum(0));
+    const int64_t skip = t0 == 0 ? B : 0;  // step 0's V and Va inputs are h0 and pre_0
+    grad_W.addmm_(flat.narrow(0, skip, n * B - skip).t(),
+                  s.narrow(0, t0, n).view({n * B, Hd}).narrow(0, skip, n * B - skip));
+  }
+  Tensor grad_V = grad_W.narrow(0, 0, Hd).add(grad_V0);
+  Tensor grad_Va = grad_W.narrow(0, Hd, Hd).add(grad_Va0);
+  Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
+  return {grad_x, grad_h0, grad_U, grad_U_bias, grad_V, grad_Ua, grad_Va,
+          gv.sum(0).view(v.sizes()), gb.sum(0)};
+}
+
+// ---- RelLSTM ---------------------------------------------------------------------------------
+//
+// W = [Wf; Wi; Wo; Wg] (4Hd, Hd + I) acting on [s_t, x_t], bias (4Hd). pq (T, B, 5Hd) holds per
+// step [gates_t | Q_{t+1}]: it starts as [W_x x_t + bias | 0] (one product up front), each step
+// adds s_t [W_s; Va]ᵀ (s_0 = h0), and the cell turns the gate pre-activations into the gates
+// f, i, o, g in place. Saved: cell, s, pq, uah, alpha, cand.
+
+Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const Tensor& bias,
+                   const Tensor& Ua_weight, const Tensor& Va_weight, const Tensor& v,
+                   int64_t window, int64_t relevant) {
+  const int64_t Hd = Ua_weight.dim() == 2 ? Ua_weight.size(0) : -1;
+  check_sequence(x_, h0_, Hd, window, relevant,
+                 {{&W_, "W"}, {&bias, "bias"}, {&Ua_weight, "Ua_weight"},
+                  {&Va_weight, "Va_weight"}, {&v, "v"}});
+  const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2);
+  check_weight(W_, "W", 4 * Hd, Hd + I);
+  check_weight(Ua_weight, "Ua_weight", Hd, Hd);
+  check_weight(Va_weight, "Va_weight", Hd, Hd);
+  TORCH_CHECK_VALUE(bias.numel() == 4 * Hd, "bias must have 4 hidden_size = ", 4 * Hd,
+                    " elements, got ", bias.sizes());
+  TORCH_CHECK_VALUE(v.numel() == Hd, "v must have hidden_size = ", Hd, " elements, got ",
+                    v.sizes());
+  const Tensor x = x_.contiguous(), h0 = h0_.contiguous();
+  const auto opt = x.options();
+
+  Screening sc(T, B, window, relevant, x);
+  Records rec(T, B, sc, x);
+  Tensor h = at::empty({T, B, Hd}, opt), cell = at::empty({T, B, Hd}, opt);
+  Tensor s = at::empty({T, B, Hd}, opt), uah = at::empty({T, B, Hd}, opt);
+  Tensor pq = at::empty({T, B, 5 * Hd}, opt);
+  Tensor xg = pq.view({T * B, 5 * Hd}).narrow(1, 0, 4 * Hd);
+  at::addmm_out(xg, bias.reshape({4 * Hd}), x.view({T * B, I}), W_.narrow(1, Hd, I).t());
+  pq.narrow(2, 4 * Hd, Hd).zero_();
+  const Tensor Wc = at::cat({W_.narrow(1, 0, Hd), Va_weight}, 0).t();  // (Hd, 5Hd)
+  const Tensor UaT = Ua_weight.t();
+  const Tensor cell_init = at::zeros({B, Hd}, opt);
+
+  s[0].copy_(h0);
+  for (int64_t t = 0; t < T; ++t) {
+    if (t > 0) {
+      attend_step(pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
+                  sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, 1.0);
+    }
+    Tensor pq_t = pq[t];
+    pq_t.addmm_(s[t], Wc);
+    lstm_cell(pq_t.narrow(1, 0, 4 * Hd), t > 0 ? cell[t - 1] : cell_init, cell[t], h[t]);
+    mm_into(uah[t], h[t], UaT);
+  }
+  auto [index, score] = sc.result();
+  return {h, index, score, sc.relevancy, cell, s, pq, uah, rec.alpha, rec.cand};
+}
+
+Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& W_,
+                           const Tensor& Ua_weight, const Tensor& Va_weight, const Tensor& v,
+                           const Tensor& h, const Tensor& cell, const Tensor& s, const Tensor& pq,
+                           const Tensor& uah, const Tensor& alpha, const Tensor& cand,
+                           int64_t window) {
+  TORCH_CHECK_VALUE(h.dim() == 3, "h must be (T, B, Hd), got ", h.sizes());
+  const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
+  check_same_shape(h, "h", grad_h, "grad_h");
+  check_same_dtype_device(h, "h", grad_h, "grad_h");
+  check_same_shape(h, "h", cell, "cell");
+  check_same_shape(h, "h", s, "s");
+  check_same_shape(h, "h", uah, "uah");
+  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(0) == T && x_.size(1) == B,
+                    "x must have shape (T, B, input_size) with (T, B) = (", T, ", ", B, ")");
+  TORCH_CHECK_VALUE(pq.dim() == 3 && pq.size(0) == T && pq.size(2) == 5 * Hd && alpha.dim() == 3 &&
+                        cand.dim() == 3,
+                    "pq, alpha and cand must come from rel_lstm");
+  const int64_t I = x_.size(2);
+  window = std::min(window, T);
+  const Tensor x = x_.contiguous();
+  const auto opt = h.options();
+  Tensor gH = at::empty({T, B, Hd}, opt);
+  gH.copy_(grad_h);
+  Tensor gK = at::zeros({T, B, Hd}, opt);
+  const int64_t K = std::min(T, kChunk);
+  Tensor chunk = at::empty({K, B, 5 * Hd}, opt);  // [dL/dgates_t | dL/dQ_{t+1}], as for RelRNN
+  Tensor carry = at::zeros({B, Hd}, opt);
+  Tensor gs = at::empty({B, Hd}, opt), gv = at::zeros({B, Hd}, opt);
+  Tensor gcell = at::zeros({B, Hd}, opt);
+  const Tensor cell_init = at::zeros({B, Hd}, opt);
+  const Tensor Wc = at::cat({W_.narrow(1, 0, Hd), Va_weight}, 0);  // (5Hd, Hd)
+  const Tensor Wx = W_.narrow(1, Hd, I);
+  Tensor grad_x = at::empty({T, B, I}, opt), grad_sq = at::zeros({5 * Hd, Hd}, opt);
+  Tensor grad_Wx = at::zeros({4 * Hd, I}, opt), grad_bias = at::zeros({4 * Hd}, opt);
+
+  for (int64_t t1 = T; t1 > 0; t1 -= K) {
+    const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
+    Tensor g = chunk.narrow(0, 0, n);
+    g[n - 1].narrow(1, 4 * Hd, Hd).copy_(carry);
+    for (int64_t t = t1 - 1; t >= t0; --t) {
+      Tensor gH_t = gH[t], g_t = g[t - t0];
+      gH_t.addmm_(gK[t], Ua_weight);
+      lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t],
+                         t > 0 ? cell[t - 1] : cell_init, gcell, g_t.narrow(1, 0, 4 * Hd));
+      mm_into(gs, g_t, Wc);
+      if (t > 0) {
+        attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t],
+                             gH, gK, gv, t > t0 ? g[t - 1 - t0].narrow(1, 4 * Hd, Hd) : carry, t,
+                             window, 1.0);
+      }
+    }
+    const Tensor flat = g.view({n * B, 5 * Hd}), ggates = flat.narrow(1, 0, 4 * Hd);
+    const Tensor xc = x.narrow(0, t0, n).view({n * B, I});
+    grad_sq.addmm_(flat.t(), s.narrow(0, t0, n).view({n * B, Hd}));  // d[W_s; Va], s_0 = h0
+    grad_Wx.addmm_(ggates.t(), xc);
+    grad_bias.add_(ggates.sum(0));
+    mm_into(grad_x.narrow(0, t0, n).view({n * B, I}), ggates, Wx);
+  }
+  Tensor grad_W = at::cat({grad_sq.narrow(0, 0, 4 * Hd), grad_Wx}, 1);
+  Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
+  return {grad_x, gs, grad_W, grad_bias, grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd).clone(),
+          gv.sum(0).view(v.sizes())};  // gs = dL/ds_0 = dL/dh0
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
+  // ---- step ops: one time step t >= 1 of every batch row. hidden, uah: (T', B, Hd), the states
+  // h_j and Ua h_j of steps j < t (read only); query (B, Hd) = Va s_{t-1}. Window: steps
+  // t - min(t, window) .. t-1; relevant set: slot_index (B, ρ) (-1: empty), slot_score (B, ρ).
+  // Writes s (B, Hd) = ½ (h_{t-1} + attn c_t), the weights alpha (B, window + ρ) over
+  // [window | slots] (0 where no candidate), cand (B, ρ) = the slots attended; adds the window's
+  // weights to relevancy (T', B); then screens step t - window into the slots.
+  m.def(
+      "rnn_attend_step(Tensor query, Tensor hidden, Tensor uah, Tensor v, Tensor(a!) slot_index,"
+      " Tensor(b!) slot_score, Tensor(c!) relevancy, Tensor(d!) s, Tensor(e!) alpha,"
+      " Tensor(f!) cand, int t, int window, float attn) -> ()");
+  // Given grad_s = dL/ds_t: adds to grad_hidden, grad_uah (T', B, Hd) and grad_v (B, Hd, per
+  // row); writes grad_query (B, Hd) = dL/dquery.
+  m.def(
+      "rnn_attend_step_backward(Tensor grad_s, Tensor query, Tensor hidden, Tensor uah, Tensor v,"
+      " Tensor alpha, Tensor cand, Tensor(a!) grad_hidden, Tensor(b!) grad_uah,"
+      " Tensor(c!) grad_v, Tensor(d!) grad_query, int t, int window, float attn) -> ()");
+  // h = φ(pre); (B, Hd) each.
+  m.def("rnn_activation(Tensor pre, Tensor? modrelu_b, str nonlinearity, Tensor(a!) h) -> ()");
+  // grad_pre = dL/dpre from h = φ(pre) alone (modrelu too); adds dL/dmodrelu_b per row to
+  // grad_b (B, Hd) for modrelu.
+  m.def(
+      "rnn_activation_backward(Tensor grad_h, Tensor h, str nonlinearity, Tensor(a!) grad_pre,"
+      " Tensor(b!) grad_b) -> ()");
+  // gates (B, 4Hd): in, the [f | i | o | g] pre-activations; out, the gates f, i, o = σ(·),
+  // g = tanh(·). cell = f cell_prev + i g, h = o tanh(cell).
+  m.def(
+      "lstm_cell(Tensor(a!) gates, Tensor cell_prev, Tensor(b!) cell, Tensor(c!) h) -> ()");
+  // grad_cell: in, dL/dcell_t from step t+1; out, dL/dcell_{t-1}. Writes grad_gates (B, 4Hd).
+  m.def(
+      "lstm_cell_backward(Tensor grad_h, Tensor gates, Tensor cell, Tensor cell_prev,"
+      " Tensor(a!) grad_cell, Tensor(b!) grad_gates) -> ()");
+
+  // ---- sequence ops: x (T, B, I), h0 (B, Hd). Return h (T, B, Hd), the state
+  // (relevant_index (B, ρ), relevant_score (B, ρ), relevancy (T, B)) and the records the backward
+  // needs. Backward: gradients of every input, screening decisions fixed.
+  m.def(
+      "rel_rnn(Tensor x, Tensor h0, Tensor U_weight, Tensor? U_bias, Tensor V_weight,"
+      " Tensor Ua_weight, Tensor Va_weight, Tensor v, Tensor? modrelu_b, int window,"
+      " int relevant, str nonlinearity, float attn) -> (Tensor h, Tensor relevant_index,"
+      " Tensor relevant_score, Tensor relevancy, Tensor s, Tensor pq, Tensor uah, Tensor alpha,"
+      " Tensor cand)");
+  m.def(
+      "rel_rnn_backward(Tensor grad_h, Tensor x, Tensor h0, Tensor U_weight, Tensor V_weight,"
+      " Tensor Ua_weight, Tensor Va_weight, Tensor v, Tensor h, Tensor s, Tensor pq,"
+      " Tensor uah, Tensor alpha, Tensor cand, int window,"
+      " str nonlinearity, float attn) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_U_weight,"
+      " Tensor grad_U_bias, Tensor grad_V_weight, Tensor grad_Ua_weight, Tensor grad_Va_weight,"
+      " Tensor grad_v, Tensor grad_modrelu_b)");
+  m.def(
+      "rel_lstm(Tensor x, Tensor h0, Tensor W, Tensor bias, Tensor Ua_weight, Tensor Va_weight,"
+      " Tensor v, int window, int relevant) -> (Tensor h, Tensor relevant_index,"
+      " Tensor relevant_score, Tensor relevancy, Tensor cell, Tensor s, Tensor pq, Tensor uah,"
+      " Tensor alpha, Tensor cand)");
+  m.def(
+      "rel_lstm_backward(Tensor grad_h, Tensor x, Tensor W, Tensor Ua_weight, Tensor Va_weight,"
+      " Tensor v, Tensor h, Tensor cell, Tensor s, Tensor pq, Tensor uah,"
+      " Tensor alpha, Tensor cand, int window) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_W,"
+      " Tensor grad_bias, Tensor grad_Ua_weight, Tensor grad_Va_weight, Tensor grad_v)");
+}
+
+TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
+  m.impl("rel_rnn", &rel_rnn);
+  m.impl("rel_rnn_backward", &rel_rnn_backward);
+  m.impl("rel_lstm", &rel_lstm);
+  m.impl("rel_lstm_backward", &rel_lstm_backward);
+}
+
+#ifdef SCREENING_ATTN_WITH_CUDA
+TORCH_LIBRARY_IMPL(screening_attn, CUDA, m) {
+  m.impl("rel_rnn", &rel_rnn);
+  m.impl("rel_rnn_backward", &rel_rnn_backward);
+  m.impl("rel_lstm", &rel_lstm);
+  m.impl("rel_lstm_backward", &rel_lstm_backward);
+}
+#endif
+
+}  // namespace screening_attn

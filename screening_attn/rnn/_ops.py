@@ -1,0 +1,233 @@
+"""Registration glue of the RelRNN / RelLSTM kernels (schemas and time loops in csrc/rnn.cpp,
+step kernels in csrc/cpu/rnn.cpp and csrc/cuda/rnn.cu): fakes for every op, autograd for the
+two sequence ops, and the entry points the modules call (``rel_rnn_fused``,
+``rel_lstm_fused``, with the signatures of ``rel_rnn_reference`` / ``rel_lstm_reference``).
+
+The sequence ops ``rel_rnn`` / ``rel_lstm`` run the whole forward (a loop over time of fused
+step ops and matrix products) and return, next to ``h`` and the screening state, what their
+backward ops need: the per-step states and the softmax weights over each step's candidates.
+Their backward ops run the loop in reverse time (exact backpropagation through time with the
+screening decisions fixed). The step ops update their state in place (``Tensor(a!)``
+arguments) and return nothing; they are not differentiable on their own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from screening_attn import _backend
+
+_OPS = torch.ops.screening_attn if _backend.C_ERROR is None else None
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Softmax weights and relevancy: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _live(T: int, window: int, relevant: int) -> tuple[int, int]:
+    """(effective window, slots that can ever fill): as csrc/rnn.cpp's ``Screening``."""
+    window = min(window, T)
+    return window, min(relevant, max(0, T - window))
+
+
+def _fake_rel_rnn(x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v, modrelu_b,
+                  window, relevant, nonlinearity, attn):  # fmt: skip
+    T, B, _ = x.shape
+    Hd = V_weight.shape[0]
+    w, live = _live(T, window, relevant)
+    acc = _acc(x.dtype)
+    state = x.new_empty(T, B, Hd)
+    return (
+        state,
+        x.new_empty(B, relevant, dtype=torch.int64),
+        x.new_empty(B, relevant, dtype=acc),
+        x.new_empty(T, B, dtype=acc),
+        torch.empty_like(state),
+        x.new_empty(T, B, 2 * Hd),
+        torch.empty_like(state),
+        x.new_empty(T, B, w + live, dtype=acc),
+        x.new_empty(T, B, live, dtype=torch.int64),
+    )
+
+
+def _fake_rel_rnn_backward(grad_h, x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s,
+                           pq, uah, alpha, cand, window, nonlinearity, attn):  # fmt: skip
+    Hd = V_weight.shape[0]
+    return (
+        x.new_empty(x.shape),
+        h0.new_empty(h0.shape),
+        U_weight.new_empty(U_weight.shape),
+        U_weight.new_empty(Hd),
+        V_weight.new_empty(V_weight.shape),
+        Ua_weight.new_empty(Ua_weight.shape),
+        Va_weight.new_empty(Va_weight.shape),
+        v.new_empty(v.shape),
+        U_weight.new_empty(Hd),
+    )
+
+
+def _fake_rel_lstm(x, h0, W, bias, Ua_weight, Va_weight, v, window, relevant):
+    T, B, _ = x.shape
+    Hd = Ua_weight.shape[0]
+    w, live = _live(T, window, relevant)
+    acc = _acc(x.dtype)
+    state = x.new_empty(T, B, Hd)
+    return (
+        state,
+        x.new_empty(B, relevant, dtype=torch.int64),
+        x.new_empty(B, relevant, dtype=acc),
+        x.new_empty(T, B, dtype=acc),
+        torch.empty_like(state),
+        torch.empty_like(state),
+        x.new_empty(T, B, 5 * Hd),
+        torch.empty_like(state),
+        x.new_empty(T, B, w + live, dtype=acc),
+        x.new_empty(T, B, live, dtype=torch.int64),
+    )
+
+
+def _fake_rel_lstm_backward(grad_h, x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha,
+                            cand, window):  # fmt: skip
+    return (
+        x.new_empty(x.shape),
+        h.new_empty(h.shape[1:]),
+        W.new_empty(W.shape),
+        W.new_empty(W.shape[0]),
+        Ua_weight.new_empty(Ua_weight.shape),
+        Va_weight.new_empty(Va_weight.shape),
+        v.new_empty(v.shape),
+    )
+
+
+def _fake_nothing(*args):
+    return None
+
+
+# ---- autograd of the sequence ops -----------------------------------------------------------
+
+
+def _setup_rnn(ctx, inputs, output):
+    x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v, modrelu_b = inputs[:9]
+    ctx.window, _, ctx.nonlinearity, ctx.attn = inputs[9:]
+    ctx.has_bias, ctx.has_b = U_bias is not None, modrelu_b is not None
+    h, _, _, _, s, pq, uah, alpha, cand = output
+    ctx.save_for_backward(x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s, pq, uah,
+                          alpha, cand)  # fmt: skip
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_rnn(ctx, grad_h, *_):
+    x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, *records = ctx.saved_tensors
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    gx, gh0, gU, gUb, gV, gUa, gVa, gv, gb = _OPS.rel_rnn_backward.default(
+        grad_h, x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, *records, ctx.window,
+        ctx.nonlinearity, ctx.attn,
+    )  # fmt: skip
+    return (gx, gh0, gU, gUb if ctx.has_bias else None, gV, gUa, gVa, gv,
+            gb if ctx.has_b else None, None, None, None, None)  # fmt: skip
+
+
+def _setup_lstm(ctx, inputs, output):
+    x, _, W, _, Ua_weight, Va_weight, v, window, _ = inputs
+    ctx.window = window
+    h, _, _, _, cell, s, pq, uah, alpha, cand = output
+    ctx.save_for_backward(x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha, cand)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _backward_lstm(ctx, grad_h, *_):
+    x, W, Ua_weight, Va_weight, v, h, *records = ctx.saved_tensors
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    gx, gh0, gW, gbias, gUa, gVa, gv = _OPS.rel_lstm_backward.default(
+        grad_h, x, W, Ua_weight, Va_weight, v, h, *records, ctx.window
+    )
+    return gx, gh0, gW, gbias, gUa, gVa, gv, None, None
+
+
+def _nothing_to_save(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "RelRNN/RelLSTM: double backward is not implemented (the backward op is not "
+        "differentiable); use backend='reference' for higher-order gradients"
+    )
+
+
+if _OPS is not None:
+    torch.library.register_fake(_OPS.rel_rnn.default)(_fake_rel_rnn)
+    torch.library.register_fake(_OPS.rel_rnn_backward.default)(_fake_rel_rnn_backward)
+    torch.library.register_fake(_OPS.rel_lstm.default)(_fake_rel_lstm)
+    torch.library.register_fake(_OPS.rel_lstm_backward.default)(_fake_rel_lstm_backward)
+    for _name in ("rnn_attend_step", "rnn_attend_step_backward", "rnn_activation",
+                  "rnn_activation_backward", "lstm_cell", "lstm_cell_backward"):  # fmt: skip
+        torch.library.register_fake(getattr(_OPS, _name).default)(_fake_nothing)
+    torch.library.register_autograd(_OPS.rel_rnn.default, _backward_rnn, setup_context=_setup_rnn)
+    torch.library.register_autograd(
+        _OPS.rel_lstm.default, _backward_lstm, setup_context=_setup_lstm
+    )
+    for _op in (_OPS.rel_rnn_backward.default, _OPS.rel_lstm_backward.default):
+        torch.library.register_autograd(_op, _no_double_backward, setup_context=_nothing_to_save)
+
+
+# ---- entry points (signatures of the reference functions) -----------------------------------
+
+
+def rel_rnn_fused(
+    x: Tensor,
+    h0: Tensor | None,
+    U_weight: Tensor,
+    U_bias: Tensor | None,
+    V_weight: Tensor,
+    Ua_weight: Tensor,
+    Va_weight: Tensor,
+    v: Tensor,
+    modrelu_b: Tensor | None = None,
+    *,
+    window: int,
+    relevant: int,
+    nonlinearity: str = "tanh",
+    attn: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RelRNN forward through the fused kernels: ``(h, relevant_index, relevant_score,
+    relevancy)``; differentiable in ``h`` (backpropagation through time)."""
+    if h0 is None:
+        h0 = x.new_zeros(x.shape[1], V_weight.shape[0])
+    out = _OPS.rel_rnn.default(
+        x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v,
+        modrelu_b if nonlinearity == "modrelu" else None, window, relevant, nonlinearity, attn,
+    )  # fmt: skip
+    return out[0], out[1], out[2], out[3]
+
+
+def rel_lstm_fused(
+    x: Tensor,
+    h0: Tensor | None,
+    Wf_weight: Tensor,
+    Wf_bias: Tensor,
+    Wi_weight: Tensor,
+    Wi_bias: Tensor,
+    Wo_weight: Tensor,
+    Wo_bias: Tensor,
+    Wg_weight: Tensor,
+    Wg_bias: Tensor,
+    Ua_weight: Tensor,
+    Va_weight: Tensor,
+    v: Tensor,
+    *,
+    window: int,
+    relevant: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """RelLSTM forward through the fused kernels; as :func:`rel_rnn_fused`. The four gate
+    weights are concatenated (autograd splits their gradient)."""
+    if h0 is None:
+        h0 = x.new_zeros(x.shape[1], Ua_weight.shape[0])
+    W = torch.cat([Wf_weight, Wi_weight, Wo_weight, Wg_weight])
+    bias = torch.cat([Wf_bias, Wi_bias, Wo_bias, Wg_bias])
+    out = _OPS.rel_lstm.default(x, h0, W, bias, Ua_weight, Va_weight, v, window, relevant)
+    return out[0], out[1], out[2], out[3]

@@ -1,0 +1,501 @@
+"""The fused RelRNN / RelLSTM kernels (backend "cpu", and "cuda" on a GPU) against the reference:
+forward h, the final state (slots, scores, relevancy) and every gradient (all parameters, x, h0),
+float64 with exact selections and float32 within tolerances; awkward sizes (T = 1, T < ν, ν = 1,
+ρ = 0, ρ >= T, T across the backward's 64-step chunks); exact ties; torch.library checks of every
+op; torch.compile; NaN locality; determinism; errors."""
+
+import math
+
+import pytest
+import torch
+from _tolerances import TOL
+from conftest import needs_cuda
+
+from screening_attn import _backend
+from screening_attn.nn import RelLSTM, RelRNN
+from screening_attn.rnn import reference as rnn_reference
+
+F64, F32 = torch.float64, torch.float32
+OPS = torch.ops.screening_attn
+NONLINEARITIES = ["tanh", "relu", "sigmoid", "identity", "modrelu"]
+pytestmark = pytest.mark.skipif(_backend.C_ERROR is not None, reason=str(_backend.C_ERROR))
+
+
+def make(kind, I, Hd, window, relevant, nonlinearity="tanh", dtype=F64, device="cpu", seed=0):
+    torch.manual_seed(seed)
+    if kind == "rnn":
+        m = RelRNN(I, Hd, window, relevant, nonlinearity, dtype=dtype)
+    else:
+        m = RelLSTM(I, Hd, window, relevant, dtype=dtype)
+    with torch.no_grad():  # non-zero biases and a peaked v: rows screen differently
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or name == "nonlinearity.b":
+                p.uniform_(-0.5, 0.5)
+        m.v.mul_(3.0)
+    return m.to(device)
+
+
+def run(m, x, h0, g, backend, attn):
+    """h, state and the gradients of x, h0 and every parameter (zeros where unused)."""
+    kw = {"attn": attn} if isinstance(m, RelRNN) else {}
+    x = x.detach().requires_grad_()
+    h0 = None if h0 is None else h0.detach().requires_grad_()
+    h, state = m(x, h0, backend=backend, **kw)
+    inputs = [x, *([] if h0 is None else [h0]), *m.parameters()]
+    grads = torch.autograd.grad(h, inputs, g, allow_unused=True, materialize_grads=True)
+    return h, state, grads
+
+
+def near_tie(state, rtol=1e-5) -> bool:
+    """Some row holds two screened relevancies within rtol: float32 may then select otherwise."""
+    r = state.relevancy.double().T  # (B, T)
+    for row in r:
+        s, _ = row.sort()
+        if ((s[1:] - s[:-1]).abs() <= rtol * s[1:].abs()).any():
+            return True
+    return False
+
+
+def check(
+    kind,
+    *,
+    T=20,
+    B=3,
+    I=4,
+    Hd=5,
+    window=3,
+    relevant=2,
+    nonlinearity="tanh",
+    attn=1.3,
+    dtype=F64,
+    with_h0=True,
+    seed=0,
+    backend="cpu",
+    device="cpu",
+    x=None,
+    model=None,
+):
+    m = model or make(kind, I, Hd, window, relevant, nonlinearity, dtype, device, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    if x is None:
+        x = torch.randn(T, B, I, generator=gen, dtype=F64)
+    x = x.to(device, dtype)
+    T, B = x.shape[:2]
+    h0 = torch.randn(B, Hd, generator=gen, dtype=F64).to(device, dtype) if with_h0 else None
+    g = torch.randn(T, B, Hd, generator=gen, dtype=F64).to(device, dtype)
+    h, st, grads = run(m, x, h0, g, backend, attn)
+    rh, rst, rgrads = run(m, x, h0, g, "reference", attn)
+    assert h.dtype == dtype and h.shape == (T, B, Hd)
+    assert st.relevant_index.shape == st.relevant_score.shape == (B, relevant)
+    assert st.relevancy.shape == (T, B) and st.relevancy.dtype == rst.relevancy.dtype
+    assert st.relevant_score.dtype == rst.relevant_score.dtype
+    assert not st.relevant_score.requires_grad and not st.relevancy.requires_grad
+    if not torch.equal(st.relevant_index, rst.relevant_index):
+        assert dtype != F64, "float64 selections must match the reference exactly"
+        assert near_tie(rst), "float32 selection differs without a near tie"
+        return m
+    rtol, atol = TOL[dtype]
+    torch.testing.assert_close(st.relevant_score, rst.relevant_score, rtol=rtol, atol=atol)
+    torch.testing.assert_close(st.relevancy, rst.relevancy, rtol=rtol, atol=atol)
+    torch.testing.assert_close(h, rh, rtol=rtol, atol=atol)
+    names = ["x", *(["h0"] if with_h0 else []), *(n for n, _ in m.named_parameters())]
+    for name, a, b in zip(names, grads, rgrads, strict=True):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda s, n=name: f"d{n}: {s}")
+    return m
+
+
+# ------------------------------------------------------------------------------------------------
+# Against the reference.
+
+KINDS = [("rnn", nl) for nl in NONLINEARITIES] + [("lstm", "tanh")]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("kind", "nonlinearity"), KINDS, ids=lambda v: str(v))
+def test_matches_reference(kind, nonlinearity, dtype):
+    # T = 70 crosses the backward's 64-step chunks.
+    check(kind, T=70, nonlinearity=nonlinearity, dtype=dtype, seed=3)
+
+
+@pytest.mark.parametrize("attn", [0.0, 0.5, 2.0])
+def test_attn_factor(attn):
+    check("rnn", attn=attn)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+@pytest.mark.parametrize(
+    "T, B, window, relevant",
+    [
+        (1, 2, 3, 2),  # T = 1: no attention at all
+        (4, 2, 6, 2),  # T < window: nothing is screened
+        (30, 3, 1, 3),  # window 1: each state is screened right after its one window step
+        (30, 2, 4, 0),  # relevant 0: windowed attention
+        (12, 2, 2, 40),  # relevant >= T: every screened state is kept (padded slots)
+        (65, 1, 5, 3),  # one step past a chunk
+        (129, 2, 7, 4),  # three chunks
+        (9, 2, 2**40, 3),  # huge window: never slides
+        (1, 1, 1, 0),
+    ],
+    ids=lambda v: str(v),
+)
+def test_edge_sizes(kind, T, B, window, relevant, dtype):
+    check(kind, T=T, B=B, window=window, relevant=relevant, dtype=dtype, seed=T)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_without_h0_and_odd_sizes(kind):
+    check(kind, T=23, B=5, I=1, Hd=33, window=5, relevant=3, with_h0=False, seed=9)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact ties: the slot rule decides, as in the reference (tests/test_rnn_reference.py derives
+# these cases by hand).
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_all_zero_inputs_tie_exactly(kind, dtype):
+    # every state 0, every logit v·tanh(0) = 0: uniform attention, many exactly equal relevancies
+    m = make(kind, 2, 3, 2, 2, dtype=dtype)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    x = torch.zeros(40, 2, 2, dtype=dtype)
+    h, st = m(x, backend="cpu")
+    _, rst = m(x, backend="reference")
+    assert torch.equal(h, torch.zeros_like(h))
+    assert torch.equal(st.relevant_index, rst.relevant_index)
+    assert torch.equal(st.relevant_score, rst.relevant_score)
+    assert torch.equal(st.relevancy, rst.relevancy)
+    check(kind, x=torch.zeros(40, 2, 2), Hd=3, I=2, window=2, relevant=2, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_exact_ties_lowest_slot_is_evicted(dtype):
+    # The construction of test_rnn_reference.test_exact_ties_slot_rule: h_t = x_t, hot states
+    # (x = 0) share α exactly, cold ones (x = -5) get exactly 0; rows end in [0, 3, 2], [0, 4, 2].
+    m = RelRNN(1, 1, window=1, relevant=3, nonlinearity="identity", bias=False, dtype=dtype)
+    with torch.no_grad():
+        m.U.weight.fill_(1.0)
+        m.V.weight.zero_()
+        m.Va.weight.zero_()
+        m.Ua.weight.fill_(1.0)
+        m.v.fill_(1e4)
+    H, C = 0.0, -5.0
+    x = torch.tensor([[H, H], [C, C], [C, C], [H, C], [C, H], [H, C]], dtype=dtype).unsqueeze(2)
+    h, st = m(x, backend="cpu")
+    assert torch.equal(h, x)
+    assert st.relevant_index.tolist() == [[0, 3, 2], [0, 4, 2]]
+    assert st.relevant_score.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]]
+    assert st.relevancy.T.tolist() == [[1, 0, 0, 0.5, 0, 0], [1, 0, 0, 0, 0.5, 0]]
+
+
+@pytest.mark.parametrize(
+    "kind, nonlinearity", [("rnn", "modrelu"), ("rnn", "identity"), ("lstm", "")]
+)
+def test_paper_checkpoint_runs_identically(kind, nonlinearity):
+    # A state_dict saved by the paper's code (its copy-task model: "rnn." + "lin.") loads as it
+    # is, and the fused kernels then give the reference's outputs, slots and gradients on a
+    # copy-task input.
+    m = make(kind, 10, 6, 4, 3, nonlinearity or "tanh")
+    ckpt = {f"rnn.{k}": 0.4 * torch.randn_like(t) for k, t in m.state_dict().items()}
+    ckpt["lin.weight"] = torch.randn(9, 6, dtype=F64)
+    m.load_state_dict({k.removeprefix("rnn."): t for k, t in ckpt.items() if k.startswith("rnn.")})
+    seq = torch.zeros(40, 3, dtype=torch.long)
+    seq[:8] = torch.randint(1, 9, (8, 3))
+    seq[31] = 9
+    x = torch.nn.functional.one_hot(seq, 10).to(F64)
+    assert torch.equal(
+        m.U.weight if kind == "rnn" else m.Wf.weight,
+        ckpt["rnn.U.weight" if kind == "rnn" else "rnn.Wf.weight"],
+    )
+    check(kind, x=x, I=10, Hd=6, window=4, relevant=3, model=m, seed=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradcheck, torch.library, torch.compile.
+
+
+@pytest.mark.parametrize(
+    "kind, nonlinearity, seed", [("rnn", "tanh", 6), ("rnn", "modrelu", 2), ("lstm", "tanh", 0)]
+)
+def test_gradcheck(kind, nonlinearity, seed):
+    from torch.func import functional_call
+
+    m = make(kind, 2, 2, 2, 1, nonlinearity, seed=seed)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    x = torch.randn(8, 2, 2, dtype=F64, requires_grad=True)
+    h0 = torch.randn(2, 2, dtype=F64, requires_grad=True)
+    kw = {"attn": 0.8, "backend": "cpu"} if kind == "rnn" else {"backend": "cpu"}
+
+    def f(x, h0, *ps):
+        return functional_call(m, dict(zip(names, ps)), (x, h0), kw)[0]
+
+    assert torch.autograd.gradcheck(f, (x, h0, *params))
+
+
+def _rnn_args(T=9, B=2, I=3, Hd=4, window=2, relevant=2, nonlinearity="modrelu", attn=0.7):
+    m = make("rnn", I, Hd, window, relevant, nonlinearity, dtype=F32)
+    x = torch.randn(T, B, I)
+    h0 = torch.randn(Hd, B).T  # strided
+    b = m.nonlinearity.b if nonlinearity == "modrelu" else None
+    return (
+        x,
+        h0,
+        m.U.weight,
+        m.U.bias,
+        m.V.weight,
+        m.Ua.weight,
+        m.Va.weight,
+        m.v,
+        b,
+        window,
+        relevant,
+        nonlinearity,
+        attn,
+    )
+
+
+def _lstm_args(T=9, B=2, I=3, Hd=4, window=2, relevant=2):
+    m = make("lstm", I, Hd, window, relevant, dtype=F32)
+    W = torch.cat([m.Wf.weight, m.Wi.weight, m.Wo.weight, m.Wg.weight]).detach().requires_grad_()
+    b = torch.cat([m.Wf.bias, m.Wi.bias, m.Wo.bias, m.Wg.bias]).detach().requires_grad_()
+    x, h0 = torch.randn(T, B, I), torch.randn(B, Hd)
+    return (x, h0, W, b, m.Ua.weight, m.Va.weight, m.v, window, relevant)
+
+
+def test_opcheck_sequence_ops():
+    for args in [_rnn_args(), _rnn_args(T=1, nonlinearity="tanh"), _rnn_args(T=70, relevant=0)]:
+        torch.library.opcheck(OPS.rel_rnn.default, args)
+        out = OPS.rel_rnn(*args)
+        g = torch.randn_like(out[0])
+        x, h0, Uw, _, V, Ua, Va, v, _, window, _, nl, attn = args
+        saved = [t.detach() for t in out[4:]]
+        bargs = (g, x, h0, Uw, V, Ua, Va, v, out[0], *saved, window, nl, attn)
+        torch.library.opcheck(
+            OPS.rel_rnn_backward.default,
+            tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bargs),
+        )
+    for args in [_lstm_args(), _lstm_args(T=70, relevant=9)]:
+        torch.library.opcheck(OPS.rel_lstm.default, args)
+        out = OPS.rel_lstm(*args)
+        x, _, W, _, Ua, Va, v, window, _ = args
+        bargs = (torch.randn_like(out[0]), x, W, Ua, Va, v, out[0], *out[4:], window)
+        torch.library.opcheck(
+            OPS.rel_lstm_backward.default,
+            tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in bargs),
+        )
+
+
+def test_opcheck_step_ops():
+    T, B, Hd, window, rho, t = 6, 3, 4, 2, 2, 5
+    hidden, uah = torch.randn(T, B, Hd), torch.randn(T, B, Hd)
+    v = torch.randn(1, Hd, requires_grad=True)  # so that the autograd registration is checked
+    query = torch.randn(B, 2 * Hd)[:, Hd:]  # a row-strided view, as the loops pass it
+    # full slots whose scores no state can beat, so that opcheck's repeated calls see one state
+    slots = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    scores = torch.full((B, rho), 10.0)
+    out = (torch.empty(B, Hd), torch.empty(B, window + rho), torch.empty(B, rho, dtype=torch.long))
+    torch.library.opcheck(
+        OPS.rnn_attend_step.default,
+        (
+            query,
+            hidden,
+            uah,
+            v,
+            slots.clone(),
+            scores.clone(),
+            torch.zeros(T, B),
+            *out,
+            t,
+            window,
+            0.9,
+        ),
+    )
+    OPS.rnn_attend_step(
+        query,
+        hidden,
+        uah,
+        v,
+        slots.clone(),
+        scores.clone(),
+        torch.zeros(T, B),
+        *out,
+        t,
+        window,
+        0.9,
+    )
+    alpha, cand = out[1], out[2]
+    grads = (torch.zeros(T, B, Hd), torch.zeros(T, B, Hd), torch.zeros(B, Hd), torch.empty(B, Hd))
+    torch.library.opcheck(
+        OPS.rnn_attend_step_backward.default,
+        (torch.randn(B, Hd), query, hidden, uah, v, alpha, cand, *grads, t, window, 0.9),
+    )
+    pre = torch.randn(B, Hd, requires_grad=True)
+    for nl, b in [("tanh", None), ("modrelu", torch.randn(Hd))]:
+        torch.library.opcheck(OPS.rnn_activation.default, (pre, b, nl, torch.empty(B, Hd)))
+        torch.library.opcheck(
+            OPS.rnn_activation_backward.default,
+            (torch.randn(B, Hd), torch.randn(B, Hd), nl, torch.empty(B, Hd), torch.zeros(B, Hd)),
+        )
+    gates = torch.randn(B, 5 * Hd)[:, : 4 * Hd]
+    cell, h = torch.empty(B, Hd), torch.empty(B, Hd)
+    torch.library.opcheck(OPS.lstm_cell.default, (gates.clone(), pre, cell, h))
+    torch.library.opcheck(
+        OPS.lstm_cell_backward.default,
+        (
+            torch.randn(B, Hd),
+            torch.rand(B, 4 * Hd),
+            torch.randn(B, Hd),
+            torch.randn(B, Hd),
+            torch.zeros(B, Hd),
+            torch.empty(B, 5 * Hd)[:, : 4 * Hd],
+        ),
+    )
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_compile_fullgraph_matches_eager(kind):
+    torch._dynamo.reset()
+    m = make(kind, 3, 4, 3, 2, dtype=F32)
+    x = torch.randn(25, 2, 3, requires_grad=True)
+
+    def f(x):
+        h, state = m(x, backend="cpu")
+        return (h * h).sum() + state.relevancy.sum(), state.relevant_index
+
+    loss, index = f(x)
+    grads = torch.autograd.grad(loss, (x, *m.parameters()))
+    closs, cindex = torch.compile(f, fullgraph=True)(x)
+    cgrads = torch.autograd.grad(closs, (x, *m.parameters()))
+    assert torch.equal(index, cindex)
+    torch.testing.assert_close(closs, loss)
+    for a, b in zip(cgrads, grads):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatch, layouts, NaN, determinism, errors.
+
+
+def test_auto_picks_the_kernels_for_float32_and_float64(monkeypatch):
+    called = []
+    fused = rnn_reference._RNN_IMPLS["cpu"]
+
+    def spy(*args, **kwargs):
+        called.append(1)
+        return fused(*args, **kwargs)
+
+    monkeypatch.setitem(rnn_reference._RNN_IMPLS, "cpu", spy)
+    for dtype in (F32, F64):
+        m = make("rnn", 2, 3, 2, 1, dtype=dtype)
+        m(torch.randn(4, 1, 2, dtype=dtype))
+    assert called == [1, 1]
+    m = make("rnn", 2, 3, 2, 1, dtype=F32).to(torch.bfloat16)
+    h, _ = m(torch.randn(4, 1, 2, dtype=torch.bfloat16))  # auto: the reference
+    assert h.dtype == torch.bfloat16 and called == [1, 1]
+    with pytest.raises(TypeError, match="backend='cpu' takes float32 or float64"):
+        m(torch.randn(4, 1, 2, dtype=torch.bfloat16), backend="cpu")
+
+
+def test_non_contiguous_inputs():
+    m = make("rnn", 3, 4, 2, 2)
+    x = torch.randn(2, 30, 3, dtype=F64).transpose(0, 1)
+    h0 = torch.randn(4, 2, dtype=F64).T
+    h, s = m(x, h0, backend="cpu")
+    rh, rs = m(x.contiguous(), h0.contiguous(), backend="reference")
+    torch.testing.assert_close(h, rh, rtol=1e-10, atol=1e-10)
+    assert torch.equal(s.relevant_index, rs.relevant_index)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_nan_stays_in_its_row(kind):
+    m = make(kind, 3, 4, 2, 2)
+    x = torch.randn(30, 3, 3, dtype=F64)
+    clean, sc = m(x, backend="cpu")
+    x[4, 1, 0] = math.nan
+    h, s = m(x, backend="cpu")
+    assert h[4:, 1].isnan().all() and not h[:4, 1].isnan().any()
+    assert torch.equal(h[:, [0, 2]], clean[:, [0, 2]])
+    assert torch.equal(s.relevant_index[[0, 2]], sc.relevant_index[[0, 2]])
+
+
+def test_deterministic_across_runs_and_threads():
+    m = make("rnn", 4, 32, 5, 4, dtype=F32)
+    x = torch.randn(100, 8, 4, requires_grad=True)
+    g = torch.randn(100, 8, 32)
+    results, threads = [], torch.get_num_threads()
+    try:
+        for n in (1, 2, 2):
+            torch.set_num_threads(n)
+            h, _ = m(x, backend="cpu")
+            results.append((h, *torch.autograd.grad(h, (x, *m.parameters()), g)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_errors():
+    m = make("rnn", 3, 4, 2, 1, dtype=F32)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        m(x, backend="cuda")
+    with pytest.raises(RuntimeError, match="double backward is not implemented"):
+        xr = x.clone().requires_grad_()
+        h, _ = m(xr, backend="cpu")
+        (gx,) = torch.autograd.grad(h.sum(), xr, create_graph=True)
+        gx.sum().backward()
+    args = list(_rnn_args())
+    # direct op callers get the C++ checks
+    cases = [
+        ({0: torch.randn(5, 2)}, ValueError, r"x must have shape \(T >= 1, B, input_size\)"),
+        ({1: torch.randn(3, 4)}, ValueError, r"h0 must have shape \(B, hidden_size\)"),
+        ({4: args[4].double()}, TypeError, r"V_weight must have the dtype of x"),
+        ({2: torch.randn(4, 5)}, ValueError, r"U_weight must have shape \(4, 3\)"),
+        ({7: torch.randn(1, 5)}, ValueError, r"v must have hidden_size = 4 elements"),
+        ({9: 0}, ValueError, r"window must be >= 1"),
+        ({10: -1}, ValueError, r"relevant must be >= 0"),
+        ({11: "gelu"}, ValueError, r"nonlinearity must be one of"),
+        ({8: None}, ValueError, r"'modrelu' needs modrelu_b"),
+    ]
+    for change, exc, msg in cases:
+        bad = list(args)
+        for i, value in change.items():
+            bad[i] = value
+        with pytest.raises(exc, match=msg):
+            OPS.rel_rnn(*bad)
+    T, B, Hd = 6, 2, 3
+    hidden = torch.randn(T, B, Hd)
+    state = (
+        torch.tensor([[3], [-1]]),
+        torch.zeros(B, 1),
+        torch.zeros(T, B),
+        torch.empty(B, Hd),
+        torch.empty(B, 3),
+        torch.empty(B, 1, dtype=torch.long),
+    )
+    with pytest.raises(ValueError, match="not older than the window"):  # slot 3 is in the window
+        OPS.rnn_attend_step(torch.randn(B, Hd), hidden, hidden, torch.randn(Hd), *state, 4, 2, 1.0)
+    with pytest.raises(ValueError, match="t must be >= 1"):
+        OPS.rnn_attend_step(torch.randn(B, Hd), hidden, hidden, torch.randn(Hd), *state, 0, 2, 1.0)
+    with pytest.raises(TypeError, match="slot_score must have dtype Float"):
+        bad = (state[0], state[1].double(), *state[2:])
+        OPS.rnn_attend_step(torch.randn(B, Hd), hidden, hidden, torch.randn(Hd), *bad, 4, 2, 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA (skipped without a GPU; the sources are compiled by tests/test_build.py).
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize(("kind", "nonlinearity"), KINDS, ids=lambda v: str(v))
+def test_cuda_matches_reference(kind, nonlinearity, dtype):
+    if not _backend.cuda_compiled():
+        pytest.skip("screening_attn._C was built without CUDA")
+    check(kind, T=70, nonlinearity=nonlinearity, dtype=dtype, backend="cuda", device="cuda")
