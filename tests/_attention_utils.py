@@ -3,6 +3,8 @@ reference's, selections included (SPEC §1 "Numerics")."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from _tolerances import TOL
 
@@ -69,3 +71,23 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None):
     for name, a, b in zip("qkv", grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, n=name: f"d{n}: {m}")
     return True
+
+
+def check_nan_locality(run, q, k, v, positions, window=6, relevant=3):
+    """A NaN (Inf for k) at ``positions[name]`` of q, k or v gives exactly the reference's NaN
+    pattern, forward and backward. ``run(q, k, v, window, relevant) -> out``."""
+    for name, index in positions.items():
+        args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
+        args[name][index] = math.nan if name != "k" else math.inf
+        args = {n: x.requires_grad_() for n, x in args.items()}
+        out = run(*args.values(), window, relevant)
+        ref = screened_attention_reference(*args.values(), window, relevant)
+        assert torch.equal(out.isnan(), ref.isnan()), name
+        assert 0 < out.isnan().sum() < out.numel() // 2, name
+        torch.testing.assert_close(out, ref, equal_nan=True)
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, tuple(args.values()), g)
+        ref_grads = torch.autograd.grad(ref, tuple(args.values()), g)
+        for a, b in zip(grads, ref_grads):
+            assert torch.equal(a.isnan(), b.isnan()), name
+            torch.testing.assert_close(a, b, equal_nan=True)

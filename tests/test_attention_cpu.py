@@ -2,11 +2,9 @@
 the state, over dtypes and awkward sizes; torch.library checks; torch.compile; NaN locality;
 determinism."""
 
-import math
-
 import pytest
 import torch
-from _attention_utils import check_against_reference, make_qkv
+from _attention_utils import check_against_reference, check_nan_locality, make_qkv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -100,21 +98,8 @@ def test_nan_reaches_only_dependent_outputs():
     """A NaN/Inf in one key, value or query row gives the reference's NaN pattern, forward and
     backward (the GEMM path would smear 0·NaN over a whole block)."""
     q, k, v = make_qkv(1, 2, 150, 4, 4)
-    for name, index in [("v", (0, 1, 70, 2)), ("k", (0, 0, 3, 1)), ("q", (0, 1, 100, 0))]:
-        args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
-        args[name][index] = math.nan if name != "k" else math.inf
-        args = {n: x.requires_grad_() for n, x in args.items()}
-        out = screened_attention(*args.values(), 6, 3, backend="cpu")
-        ref = screened_attention_reference(*args.values(), 6, 3)
-        assert torch.equal(out.isnan(), ref.isnan()), name
-        assert 0 < out.isnan().sum() < out.numel() // 2, name
-        torch.testing.assert_close(out, ref, equal_nan=True)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, tuple(args.values()), g)
-        ref_grads = torch.autograd.grad(ref, tuple(args.values()), g)
-        for a, b in zip(grads, ref_grads):
-            assert torch.equal(a.isnan(), b.isnan()), name
-            torch.testing.assert_close(a, b, equal_nan=True)
+    positions = {"v": (0, 1, 70, 2), "k": (0, 0, 3, 1), "q": (0, 1, 100, 0)}
+    check_nan_locality(lambda *a: screened_attention(*a, backend="cpu"), q, k, v, positions)
 
 
 def test_deterministic_across_runs_and_threads():
