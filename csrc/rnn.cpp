@@ -128,6 +128,24 @@ void check_sequence(const Tensor& x, const Tensor& h0, int64_t Hd, int64_t windo
   for (const auto& [w, name] : weights) check_same_dtype_device(x, "x", *w, name);
 }
 
+// A sequence backward's inputs against the records its forward returned: the (T, B, Hd) ones
+// shaped like h, pq of width pq_blocks·Hd.
+void check_records(const Tensor& grad_h, const Tensor& x, const Tensor& h,
+                   std::initializer_list<std::pair<const Tensor&, const char*>> like_h,
+                   const Tensor& pq, int64_t pq_blocks, const Tensor& alpha, const Tensor& cand,
+                   const char* forward_op) {
+  TORCH_CHECK_VALUE(h.dim() == 3, "h must be (T, B, Hd), got ", h.sizes());
+  const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
+  check_same_shape(h, "h", grad_h, "grad_h");
+  check_same_dtype_device(h, "h", grad_h, "grad_h");
+  for (const auto& [t, name] : like_h) check_same_shape(h, "h", t, name);
+  TORCH_CHECK_VALUE(x.dim() == 3 && x.size(0) == T && x.size(1) == B,
+                    "x must have shape (T, B, input_size) with (T, B) = (", T, ", ", B, ")");
+  TORCH_CHECK_VALUE(pq.dim() == 3 && pq.size(0) == T && pq.size(2) == pq_blocks * Hd &&
+                        alpha.dim() == 3 && cand.dim() == 3,
+                    "pq, alpha and cand must come from ", forward_op);
+}
+
 void check_weight(const Tensor& w, const char* name, int64_t rows, int64_t cols) {
   TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, name,
                     " must have shape (", rows, ", ", cols, "), got ", w.sizes());
@@ -250,17 +268,8 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
                           const Tensor& s, const Tensor& pq, const Tensor& uah,
                           const Tensor& alpha, const Tensor& cand, int64_t window,
                           c10::string_view nonlinearity, double attn) {
-  TORCH_CHECK_VALUE(h.dim() == 3, "h must be (T, B, Hd), got ", h.sizes());
+  check_records(grad_h, x_, h, {{s, "s"}, {uah, "uah"}}, pq, 2, alpha, cand, "rel_rnn");
   const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
-  check_same_shape(h, "h", grad_h, "grad_h");
-  check_same_dtype_device(h, "h", grad_h, "grad_h");
-  check_same_shape(h, "h", s, "s");
-  check_same_shape(h, "h", uah, "uah");
-  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(0) == T && x_.size(1) == B,
-                    "x must have shape (T, B, input_size) with (T, B) = (", T, ", ", B, ")");
-  TORCH_CHECK_VALUE(pq.dim() == 3 && pq.size(0) == T && pq.size(2) == 2 * Hd && alpha.dim() == 3 &&
-                        cand.dim() == 3,
-                    "pq, alpha and cand must come from rel_rnn");
   const int64_t I = x_.size(2);
   window = std::min(window, T);
   const Tensor x = x_.contiguous();
@@ -371,18 +380,9 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
                            const Tensor& h, const Tensor& cell, const Tensor& s, const Tensor& pq,
                            const Tensor& uah, const Tensor& alpha, const Tensor& cand,
                            int64_t window) {
-  TORCH_CHECK_VALUE(h.dim() == 3, "h must be (T, B, Hd), got ", h.sizes());
+  check_records(grad_h, x_, h, {{cell, "cell"}, {s, "s"}, {uah, "uah"}}, pq, 5, alpha, cand,
+                "rel_lstm");
   const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
-  check_same_shape(h, "h", grad_h, "grad_h");
-  check_same_dtype_device(h, "h", grad_h, "grad_h");
-  check_same_shape(h, "h", cell, "cell");
-  check_same_shape(h, "h", s, "s");
-  check_same_shape(h, "h", uah, "uah");
-  TORCH_CHECK_VALUE(x_.dim() == 3 && x_.size(0) == T && x_.size(1) == B,
-                    "x must have shape (T, B, input_size) with (T, B) = (", T, ", ", B, ")");
-  TORCH_CHECK_VALUE(pq.dim() == 3 && pq.size(0) == T && pq.size(2) == 5 * Hd && alpha.dim() == 3 &&
-                        cand.dim() == 3,
-                    "pq, alpha and cand must come from rel_lstm");
   const int64_t I = x_.size(2);
   window = std::min(window, T);
   const Tensor x = x_.contiguous();
