@@ -94,14 +94,18 @@ def attention_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
 
 
 RNN_BASE = {"B": 16, "input_size": 32, "hidden": 128, "window": 10, "relevant": 15}
-RNN_T = {"quick": (100,), "default": (1000,), "full": (1000, 4000)}
+# T and 4T: the issue-4 target "time per step flat in T" compares them.
+RNN_T = {"quick": (100, 400), "default": (1000, 4000), "full": (1000, 4000)}
 RNN_OPS = ("rel_rnn", "rel_lstm")
 RNN_PROVIDERS = (
     "reference",
-    "cpu",  # a fused kernel, once one exists (skipped with the reason until then)
+    "cpu",  # the fused C++ kernels
     "triton",
-    "matmul_floor",  # the step's matrix products alone, T times: the eager floor
+    "products",  # the cpu provider's own matrix products alone: its floor
+    "matmul_floor",  # the matrix products of an eager step, T times
 )
+# Providers run at the smaller T only (the reference takes seconds per call at T=1000).
+RNN_FIRST_T_ONLY = ("reference", "matmul_floor")
 
 
 def rnn_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
@@ -110,6 +114,8 @@ def rnn_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
             shape = {**RNN_BASE, "T": T}
             for mode in MODES:
                 for provider in RNN_PROVIDERS:
+                    if provider in RNN_FIRST_T_ONLY and T != RNN_T[preset][0]:
+                        continue
                     yield _make("rnn", op, provider, mode, shape)
 
 
@@ -118,9 +124,10 @@ def rnn_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
 FEEDBACK_N = {"quick": (8,), "default": (64,), "full": (64, 256)}
 FEEDBACK_GATE_SHAPE = {"C": 32, "HW": 28}
 FEEDBACK_MODEL = {"ind": 0, "cycles": 2}
-FEEDBACK_OPS = ("ada_relu", "ada_relu_feedback", "feedback_step", "run_cycles")
+FEEDBACK_OPS = ("ada_relu", "ins_bias_ada_relu", "ada_relu_feedback", "feedback_step", "run_cycles")
 FEEDBACK_PROVIDERS = {
     "ada_relu": ("reference", "cpu", "triton"),
+    "ins_bias_ada_relu": ("reference", "cpu", "triton"),  # reference: the eager composition
     "ada_relu_feedback": ("reference", "cpu", "triton"),
     # reference = the eager composition (every gate in PyTorch ops); conv_floor = the same
     # convolutions and linear layers alone
@@ -131,7 +138,7 @@ FEEDBACK_PROVIDERS = {
 
 def feedback_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
     for op in FEEDBACK_OPS:
-        extra = FEEDBACK_GATE_SHAPE if op.startswith("ada_relu") else FEEDBACK_MODEL
+        extra = FEEDBACK_MODEL if op in ("feedback_step", "run_cycles") else FEEDBACK_GATE_SHAPE
         for N in FEEDBACK_N[preset]:
             shape = {"N": N, **extra}
             for mode in MODES:

@@ -4,9 +4,11 @@ One factory per op, ``setup_<op>(provider, mode, **shape)``: it builds the input
 model), checks the provider against the reference once, and returns the zero-argument callable
 to time. Ops and providers:
 
-* ``ada_relu`` (gated by a feedback signal, eta=0.1) and ``ada_relu_feedback`` (the gate's
-  top-down pass ``z * mask``) on a ``(N, 32, 28, 28)`` map: ``reference`` (PyTorch ops),
-  ``cpu`` (the C++ kernel), ``triton`` (GPU only);
+* ``ada_relu`` (gated by a feedback signal, eta=0.1), ``ins_bias_ada_relu`` (the fused
+  InsNorm -> Bias -> AdaReLU of a CNN-F stage, gated; its reference is the eager composition
+  the layers run unfused) and ``ada_relu_feedback`` (the gate's top-down pass ``z * mask``) on a
+  ``(N, 32, 28, 28)`` map: ``reference`` (PyTorch ops), ``cpu`` (the C++ kernel), ``triton``
+  (GPU only);
 * ``feedback_step`` (one cycle: feedback pass, ``ff`` update, gated forward pass from ``ff``)
   and ``run_cycles`` (reset, first pass, ``cycles`` cycles) on the paper's Fashion-MNIST
   ``CNNF``: ``reference`` is the eager composition (every gate in PyTorch ops), ``cpu`` the same
@@ -69,38 +71,57 @@ def _gate_inputs(N: int, C: int, HW: int):
     return _randn(*shape, seed=SEED), _randn(*shape, seed=SEED + 1), _randn(*shape, seed=SEED + 2)
 
 
-def _ada_relu_run(provider: str, mode: str, x, hidden, g):
-    """(y, mask, dx, dhidden) of one call (gradients None in fwd mode)."""
+def _gate_run(op: str, provider: str, mode: str, x, bias, hidden, g):
+    """(y, mask, dx, dhidden, dbias) of one ``ada_relu`` or ``ins_bias_ada_relu`` call
+    (gradients None in fwd mode)."""
+
+    def call():
+        if op == "ada_relu":
+            return fbf.ada_relu(x, hidden, ETA, backend=provider)
+        return fbf.ins_bias_ada_relu(x, bias, hidden, ETA, backend=provider)
+
     if mode == "fwd":
         with torch.no_grad():
-            y, mask = fbf.ada_relu(x, hidden, ETA, backend=provider)
-        return y, mask, None, None
-    clear_grads(x, hidden)
-    y, mask = fbf.ada_relu(x, hidden, ETA, backend=provider)
+            y, mask = call()
+        return y, mask, None, None, None
+    clear_grads(x, hidden, bias)
+    y, mask = call()
     y.backward(g)
-    return y, mask, x.grad, hidden.grad
+    return y, mask, x.grad, hidden.grad, bias.grad if op != "ada_relu" else None
 
 
-def setup_ada_relu(provider: str, mode: str, *, N, C, HW) -> Callable[[], object]:
-    """Gated AdaReLU ``(y, mask) = ada_relu(x, hidden, 0.1)``; backward to x and hidden."""
+def _setup_gate(op: str, provider: str, mode: str, N: int, C: int, HW: int):
     _available(provider)
     x, hidden, g = _gate_inputs(N, C, HW)
+    bias = _randn(C, seed=SEED + 5)
     if mode == "fwd+bwd":
-        x.requires_grad_()
-        hidden.requires_grad_()
+        for t in (x, hidden, bias):
+            t.requires_grad_()
     if provider != "reference":
         try:
-            got = _ada_relu_run(provider, mode, x, hidden, g)
+            got = _gate_run(op, provider, mode, x, bias, hidden, g)
             got = [t.clone() if t is not None else None for t in got]
-            want = _ada_relu_run("reference", mode, x, hidden, g)
+            want = _gate_run(op, "reference", mode, x, bias, hidden, g)
         except Exception as exc:
             raise _failed(exc) from exc
         check_close("y", got[0], want[0], **TOL)
         check_equal("mask", got[1], want[1])
         if mode == "fwd+bwd":
-            check_close("dx", got[2], want[2], **TOL)
-            check_close("dhidden", got[3], want[3], **TOL)
-    return functools.partial(_ada_relu_run, provider, mode, x, hidden, g)
+            for name, a, b in zip(("dx", "dhidden", "dbias"), got[2:], want[2:]):
+                if b is not None:
+                    check_close(name, a, b, **TOL)
+    return functools.partial(_gate_run, op, provider, mode, x, bias, hidden, g)
+
+
+def setup_ada_relu(provider: str, mode: str, *, N, C, HW) -> Callable[[], object]:
+    """Gated AdaReLU ``(y, mask) = ada_relu(x, hidden, 0.1)``; backward to x and hidden."""
+    return _setup_gate("ada_relu", provider, mode, N, C, HW)
+
+
+def setup_ins_bias_ada_relu(provider: str, mode: str, *, N, C, HW) -> Callable[[], object]:
+    """Fused InsNorm -> Bias -> gated AdaReLU ``ins_bias_ada_relu(x, bias, hidden, 0.1)``;
+    backward to x, bias and hidden."""
+    return _setup_gate("ins_bias_ada_relu", provider, mode, N, C, HW)
 
 
 def _gate_feedback_run(provider: str, mode: str, z, mask, g):
@@ -349,6 +370,7 @@ def setup_run_cycles(provider: str, mode: str, *, N, ind, cycles) -> Callable[[]
 
 SETUPS = {
     "ada_relu": setup_ada_relu,
+    "ins_bias_ada_relu": setup_ins_bias_ada_relu,
     "ada_relu_feedback": setup_ada_relu_feedback,
     "feedback_step": setup_feedback_step,
     "run_cycles": setup_run_cycles,

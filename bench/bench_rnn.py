@@ -6,10 +6,14 @@ Providers:
 
 * ``reference``, ``cpu``, ``triton``: ``module(x, backend=provider)``; backends the module does
   not have yet are skipped with the dispatcher's reason;
-* ``matmul_floor``: the matrix products of one step (query ``Va s``, scores ``(w, Hd) @ v``,
-  context ``α @ values``, ``V s`` or the four LSTM gates, ``Ua h``) run T times on fixed
-  inputs, plus ``U x`` once for RelRNN: what an eager step costs before any elementwise op,
-  softmax or screening.
+* ``products``: the fused kernels' own matrix products alone (csrc/rnn.cpp's loops): the same
+  products, shapes and order, the outputs written to buffers allocated inside the timed region
+  as the kernels' are, the inputs prepared beforehand; issued from Python (``out=`` variants),
+  so each carries a Python call the C++ loop does not. The floor of the ``cpu`` provider;
+* ``matmul_floor``: the matrix products of one *eager* step (query ``Va s``, scores
+  ``(w, Hd) @ v``, context ``α @ values``, ``V s`` or the four LSTM gates, ``Ua h``) run T times
+  on fixed inputs, plus ``U x`` once for RelRNN: what an eager step costs before any
+  elementwise op, softmax or screening.
 
 The check runs the provider at the benchmark's own shape and compares the first ``CHECK_T``
 steps with the float64 reference run on that prefix (the recurrence is causal; with an upstream
@@ -164,11 +168,71 @@ def _matmul_floor(op: str, mode: str, *, T, B, input_size, hidden, window, relev
     return run_bwd
 
 
+def _products(op: str, mode: str, module, x: torch.Tensor) -> Callable[[], object]:
+    """The matrix products of the ``cpu`` provider's loops, alone (see the module docstring).
+
+    RelRNN: per step ``s_t [V; Va]ᵀ`` (width n = 2Hd) and ``Ua h_t``; RelLSTM: ``s_t [W_s; Va]ᵀ``
+    (n = 5Hd) and ``Ua h_t``; ``U x`` (the gates' input part) for all steps up front. Backward:
+    per step ``dUa_h Ua`` and ``g_t [W_s; Va]``, then the weight gradients and ``dx`` as
+    products over all steps."""
+    T, B, I = x.shape
+    Hd = module.hidden_size
+    rnn = op == "rel_rnn"
+    n = (2 if rnn else 5) * Hd
+    gen = torch.Generator().manual_seed(SEED + 2)
+    s, h, gK, gpq = (torch.randn(T, B, k, generator=gen) for k in (Hd, Hd, Hd, n))
+    h0 = torch.randn(B, Hd, generator=gen)
+    x2 = x.detach().reshape(T * B, I)
+    with torch.no_grad():
+        if rnn:
+            Wx, bias = module.U.weight, module.U.bias
+            Ws = torch.cat([module.V.weight, module.Va.weight])  # (2Hd, Hd)
+        else:
+            gates = (module.Wf, module.Wi, module.Wo, module.Wg)
+            Wcat = torch.cat([g.weight for g in gates])
+            Wx, bias = Wcat[:, Hd:].contiguous(), torch.cat([g.bias for g in gates])
+            Ws = torch.cat([Wcat[:, :Hd], module.Va.weight])  # (5Hd, Hd)
+        WsT, Ua, UaT = Ws.t(), module.Ua.weight.detach(), module.Ua.weight.detach().t()
+    nx = Wx.shape[0]
+
+    def forward():
+        pq, uah = torch.empty(T, B, n), torch.empty(T, B, Hd)
+        torch.addmm(bias, x2, Wx.t(), out=pq.view(T * B, n)[:, :nx])
+        if rnn:  # step 0: V h0 and Va pre_0 separately
+            torch.mm(h0, module.V.weight.t(), out=pq[0, :, :Hd])
+            torch.mm(h0, module.Va.weight.t(), out=pq[0, :, Hd:])
+        for t in range(1 if rnn else 0, T):
+            torch.mm(s[t], WsT, out=pq[t])
+        for t in range(T):
+            torch.mm(h[t], UaT, out=uah[t])
+
+    def backward():
+        gH, gs = torch.empty(T, B, Hd), torch.empty(B, Hd)
+        for t in range(T - 1, -1, -1):
+            torch.mm(gK[t], Ua, out=gH[t])
+            torch.mm(gpq[t], Ws, out=gs)
+        gflat = gpq.view(T * B, n)
+        torch.mm(gflat[:, :nx], Wx)  # dx
+        torch.mm(gflat[:, :nx].t(), x2)  # dW_x
+        torch.mm(gflat.t(), s.view(T * B, Hd))  # d[W_s; Va]
+        torch.mm(gK.view(T * B, Hd).t(), h.view(T * B, Hd))  # dUa
+
+    def run():
+        with torch.no_grad():
+            forward()
+            if mode == "fwd+bwd":
+                backward()
+
+    return run
+
+
 def _setup(op: str, provider: str, mode: str, **shape) -> Callable[[], object]:
     T, B, I, Hd = shape["T"], shape["B"], shape["input_size"], shape["hidden"]
     if provider == "matmul_floor":
         return _matmul_floor(op, mode, **shape)
     module = make_module(op, I, Hd, shape["window"], shape["relevant"])
+    if provider == "products":
+        return _products(op, mode, module, make_inputs(T, B, I, Hd)[0])
     _available(module, provider)
     x, g = make_inputs(T, B, I, Hd)
     if mode == "fwd+bwd":
@@ -211,7 +275,7 @@ SETUPS = {"rel_rnn": setup_rel_rnn, "rel_lstm": setup_rel_lstm}
 
 
 def flops(op: str, provider: str, mode: str, shape: dict) -> float | None:
-    """The products of the matmul floor (2 FLOPs per MAC); backward twice the forward."""
+    """The products of the eager matmul floor (2 FLOPs per MAC); backward twice the forward."""
     T, B, I, Hd = shape["T"], shape["B"], shape["input_size"], shape["hidden"]
     w = shape["window"] + shape["relevant"]
     attend = 2 * B * Hd * Hd + 2 * B * w * Hd * 2  # Va s; scores and context

@@ -2,8 +2,8 @@
 [--threads N] [--baseline JSON [--fail-on-regression]] [--device cpu|cuda] [--out DIR]``.
 
 Runs the standard sweep of bench/_cases.py with its own timing loop, prints one table per op
-with ratios measured in the same run, a "targets" section (the issue-3 criteria), and writes
-``<out>/<machine>-<date>.json`` (every figure, machine, versions, git SHA) and PNG plots.
+with ratios measured in the same run, a "targets" section (the criteria of issues 3, 4 and 5),
+and writes ``<out>/<machine>-<date>.json`` (every figure, machine, versions, git SHA) and PNG plots.
 See bench/README.md for the columns.
 """
 
@@ -399,60 +399,57 @@ def print_tables(results: list[dict], out=sys.stdout) -> None:
             print(f"  skipped {provider}: {reason}", file=out)
 
 
-def targets(results: list[dict]) -> list[dict]:
+class _Targets:
+    """Collects target items: a measured value against its bound, or why it wasn't measured."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, issue, name, value, target, higher_is_better, missing):
+        item = {"issue": issue, "name": name, "value": value, "target": target}
+        item["higher_is_better"] = higher_is_better
+        if value is None:
+            item.update(status="not measured", note=missing)
+        else:
+            ok = value >= target if higher_is_better else value <= target
+            item["status"] = "PASS" if ok else "MISS"
+        self.items.append(item)
+
+
+def _time_ratio(a: dict | None, b: dict | None) -> float | None:
+    return a["median_s"] / b["median_s"] if a and b else None
+
+
+def _ratio(r: dict | None, key: str) -> float | None:
+    return r["ratios"].get(key) if r else None
+
+
+def _attention_targets(results: list[dict], out: _Targets) -> None:
+    """Issue 3: the screened-attention CPU kernel."""
     base = {k: _cases.ATTENTION_BASE[k] for k in ("B", "H", "D", "window", "relevant")}
-    out = []
 
     def cpu(T, mode):
+        shape = {**base, "T": T}
         return find(
-            results,
-            op="screened_attention",
-            provider="cpu",
-            mode=mode,
-            shape={**base, "T": T},
+            results, op="screened_attention", provider="cpu", mode=mode, shape=shape,
             ignore=("device",),
-        )
+        )  # fmt: skip
 
-    def add(name, value, target, higher_is_better, missing):
-        if value is None:
-            out.append(
-                {
-                    "name": name,
-                    "value": None,
-                    "target": target,
-                    "higher_is_better": higher_is_better,
-                    "status": "not measured",
-                    "note": missing,
-                }
-            )
-            return
-        ok = value >= target if higher_is_better else value <= target
-        out.append(
-            {
-                "name": name,
-                "value": value,
-                "target": target,
-                "higher_is_better": higher_is_better,
-                "status": "PASS" if ok else "MISS",
-            }
-        )
+    def add(*args):
+        out.add(3, *args)
 
     for mode, target in (("fwd", 20.0), ("fwd+bwd", 10.0)):
-        r = cpu(16384, mode)
-        v = r["ratios"].get("vs_dense") if r else None
         add(
             f"cpu {mode} speedup over dense SDPA at T=16384",
-            v,
+            _ratio(cpu(16384, mode), "vs_dense"),
             target,
             True,
             "needs cpu and sdpa_dense at T=16384 (default or --full)",
         )
     for mode in ("fwd", "fwd+bwd"):
-        a, b = cpu(32768, mode), cpu(8192, mode)
-        v = a["median_s"] / b["median_s"] if a and b else None
         add(
             f"cpu {mode} time(T=32768) / time(T=8192)",
-            v,
+            _time_ratio(cpu(32768, mode), cpu(8192, mode)),
             4.5,
             False,
             "needs cpu at T=8192 and T=32768 (--full)",
@@ -472,21 +469,108 @@ def targets(results: list[dict]) -> list[dict]:
             True,
             "needs cpu and sdpa_window or flex_window at one T",
         )
-    r = cpu(2048, "fwd+bwd")
-    v = r["ratios"].get("vs_ref") if r else None
     add(
         "cpu fwd+bwd speedup over the reference at T=2048",
-        v,
+        _ratio(cpu(2048, "fwd+bwd"), "vs_ref"),
         50.0,
         True,
         "needs cpu and reference fwd+bwd at T=2048 (default or --full)",
     )
-    return out
+
+
+def _rnn_targets(results: list[dict], out: _Targets) -> None:
+    """Issue 4: RelRNN / RelLSTM forward + backward on the fused CPU kernels, at the smaller
+    and the larger T of the preset (1000 and 4000 by default)."""
+    Ts = sorted({r["shape"]["T"] for r in results if r["family"] == "rnn"})
+    if not Ts:
+        return
+    T0, T1 = Ts[0], Ts[-1]
+
+    def get(op, provider, T):
+        shape = {**_cases.RNN_BASE, "T": T}
+        return find(results, op=op, provider=provider, mode="fwd+bwd", shape=shape)
+
+    for op in _cases.RNN_OPS:
+        cpu = get(op, "cpu", T0)
+        out.add(
+            4,
+            f"{op} cpu fwd+bwd speedup over the reference at T={T0}",
+            _ratio(cpu, "vs_ref"),
+            20.0,
+            True,
+            "needs cpu and reference",
+        )
+        out.add(
+            4,
+            f"{op} cpu fwd+bwd time / its matrix products alone at T={T0}",
+            _time_ratio(cpu, get(op, "products", T0)),
+            2.0,
+            False,
+            "needs cpu and products",
+        )
+        out.add(
+            4,
+            f"{op} cpu fwd+bwd time(T={T1}) / time(T={T0})",
+            _time_ratio(get(op, "cpu", T1), cpu) if T1 > T0 else None,
+            4.4,
+            False,
+            "needs cpu at two T (default or --full)",
+        )
+
+
+def _feedback_targets(results: list[dict], out: _Targets) -> None:
+    """Issue 5: the CNN-F fused kernels against the eager composition and against the
+    convolutions and linear maps alone (CNNF at the preset's batch)."""
+    Ns = sorted({r["shape"]["N"] for r in results if r["family"] == "feedback"})
+    if not Ns:
+        return
+    N = Ns[-1]
+
+    def get(op, provider, mode):
+        extra = _cases.FEEDBACK_GATE_SHAPE if op == "ins_bias_ada_relu" else _cases.FEEDBACK_MODEL
+        shape = {"N": N, **extra}
+        return find(results, op=op, provider=provider, mode=mode, shape=shape)
+
+    for mode in _cases.MODES:
+        out.add(
+            5,
+            f"ins_bias_ada_relu cpu {mode} speedup over its eager composition, N={N}",
+            _ratio(get("ins_bias_ada_relu", "cpu", mode), "vs_eager"),
+            2.0,
+            True,
+            "needs ins_bias_ada_relu cpu and reference",
+        )
+    for op, mode in (("feedback_step", "fwd"), ("run_cycles", "fwd+bwd")):
+        out.add(
+            5,
+            f"{op} cpu {mode} time / its convolutions and linear maps alone, N={N}",
+            _time_ratio(get(op, "cpu", mode), get(op, "conv_floor", mode)),
+            1.2,
+            False,
+            f"needs {op} cpu and conv_floor",
+        )
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The issues' criteria (3: attention, 4: RNNs, 5: CNN-F), for the families that ran."""
+    out = _Targets()
+    families = {r["family"] for r in results}
+    for family, collect in (
+        ("attention", _attention_targets),
+        ("rnn", _rnn_targets),
+        ("feedback", _feedback_targets),
+    ):
+        if family in families:
+            collect(results, out)
+    return out.items
 
 
 def print_targets(items: list[dict], out=sys.stdout) -> None:
-    print("\n== targets (issue 3), measured in this run ==", file=out)
+    issue = None
     for t in items:
+        if t["issue"] != issue:
+            issue = t["issue"]
+            print(f"\n== targets of issue {issue}, measured in this run ==", file=out)
         cmp = ">=" if t.get("higher_is_better", True) else "<="
         if t["value"] is None:
             print(
@@ -754,7 +838,7 @@ def main(argv=None) -> int:
     )
     add_ratios(results, meta["matmul_gflops"])
     print_tables(results)
-    target_items = targets(results) if "attention" in args.families else []
+    target_items = targets(results)
     if target_items:
         print_targets(target_items)
 
