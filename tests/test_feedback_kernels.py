@@ -99,9 +99,14 @@ def test_ins_norm_gate_and_ins_norm_match_reference(backend, dtype, shape, cente
     assert_close(zn, zn_ref)
     assert_close(out, out_ref)
     g1, g2 = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
-    (want,) = torch.autograd.grad((zn_ref * g1).sum() + (out_ref * g2).sum(), zr)
-    (got,) = torch.autograd.grad((zn * g1).sum() + (out * g2).sum(), zk)
+    (want,) = torch.autograd.grad((zn_ref * g1).sum() + (out_ref * g2).sum(), zr, retain_graph=True)
+    (got,) = torch.autograd.grad((zn * g1).sum() + (out * g2).sum(), zk, retain_graph=True)
     assert_close(got, want)
+    for ours, theirs in ((zn, zn_ref), (out, out_ref)):  # one output used: the other has no grad
+        assert_close(
+            torch.autograd.grad(ours, zk, g1, retain_graph=True)[0],
+            torch.autograd.grad(theirs, zr, g1, retain_graph=True)[0],
+        )
     y, y_ref = functional.ins_norm(zk, centered=centered, backend=backend), zn_ref.detach()
     assert_close(y, y_ref)
     y_ref = reference.ins_norm(zr, 1e-8, centered)
@@ -311,9 +316,14 @@ def test_stage_fusions_match_the_reference(backend, dtype, gated):
     u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, 2, size, backend=backend)
     assert torch.equal(u, ur) and torch.equal(out, out_r)
     g1, g2 = torch.randn_like(u), torch.randn_like(u)
-    (want,) = torch.autograd.grad((ur * g1).sum() + (out_r * g2).sum(), zr)
-    (got,) = torch.autograd.grad((u * g1).sum() + (out * g2).sum(), zk)
+    (want,) = torch.autograd.grad((ur * g1).sum() + (out_r * g2).sum(), zr, retain_graph=True)
+    (got,) = torch.autograd.grad((u * g1).sum() + (out * g2).sum(), zk, retain_graph=True)
     assert_close(got, want)
+    for ours, theirs in ((u, ur), (out, out_r)):  # one output used: the other has no grad
+        assert_close(
+            torch.autograd.grad(ours, zk, g1, retain_graph=True)[0],
+            torch.autograd.grad(theirs, zr, g1, retain_graph=True)[0],
+        )
 
 
 def test_stage_fusions_gradcheck_and_opcheck_cpu():

@@ -50,8 +50,13 @@ def _register_autograd(fwd, bwd, feedback) -> None:
         _, hidden, eta = inputs
         ctx.eta, ctx.gated = eta, hidden is not None
         ctx.save_for_backward(output[1])
+        # No zero-filled gradient for the mask (nor, below, for rstd or the pool positions):
+        # autograd would allocate and zero one per call for outputs that carry none.
+        ctx.set_materialize_grads(False)
 
     def backward_fwd(ctx, grad_y, _grad_mask):
+        if grad_y is None:  # undefined (not materialized): no gradient
+            return None, None, None
         (mask,) = ctx.saved_tensors
         if not ctx.gated:
             return feedback(grad_y, mask), None, None
@@ -166,8 +171,11 @@ def _register_norm(o: NormOps) -> None:
         ctx.centered = centered
         ctx.save_for_backward(x, output[1])
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)
 
     def backward_ins(ctx, grad_y, _grad_rstd):
+        if grad_y is None:
+            return None, None, None
         x, rstd = ctx.saved_tensors
         return o.ins_norm_backward(grad_y, x, rstd, ctx.centered), None, None
 
@@ -177,8 +185,11 @@ def _register_norm(o: NormOps) -> None:
         ctx.gated, ctx.has_bias = hidden is not None, bias is not None
         ctx.save_for_backward(x, output[1], output[2])
         ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
 
     def backward_fused(ctx, grad_y, _grad_mask, _grad_rstd):
+        if grad_y is None:
+            return None, None, None, None, None, None
         x, mask, rstd = ctx.saved_tensors
         gx, gh, gb = o.ins_bias_ada_relu_backward(
             grad_y, x, mask, rstd, ctx.eta, ctx.gated, ctx.has_bias, ctx.centered
@@ -190,9 +201,16 @@ def _register_norm(o: NormOps) -> None:
         ctx.centered = centered
         ctx.save_for_backward(z, mask, output[2])
         ctx.mark_non_differentiable(output[2])
+        ctx.set_materialize_grads(False)
 
     def backward_gate(ctx, grad_zn, grad_out, _grad_rstd):
+        if grad_zn is None and grad_out is None:
+            return None, None, None, None
         z, mask, rstd = ctx.saved_tensors
+        if grad_zn is None or grad_out is None:  # one of the two was not used
+            grad_zn, grad_out = (
+                g if g is not None else torch.zeros_like(z) for g in (grad_zn, grad_out)
+            )
         gz = o.ins_norm_gate_backward(grad_zn, grad_out, z, mask, rstd, ctx.centered)
         return gz, None, None, None
 
@@ -257,8 +275,11 @@ def _register_pool(o: PoolOps) -> None:
         x, hidden, k = inputs
         ctx.k, ctx.size = k, (x.shape[2], x.shape[3])
         ctx.save_for_backward(hidden, output[1], output[2])
+        ctx.set_materialize_grads(False)
 
     def backward_pool(ctx, grad_y, _grad_argmax, _grad_argmin):
+        if grad_y is None:
+            return None, None, None
         hidden, argmax, argmin = ctx.saved_tensors
         return o.ada_unpool2d(grad_y, hidden, argmax, argmin, ctx.k, *ctx.size), None, None
 
@@ -335,8 +356,11 @@ def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
         _, mask, rstd, argmax, argmin = output
         ctx.save_for_backward(x, mask, rstd, pool_hidden, argmax, argmin)
         ctx.mark_non_differentiable(rstd)
+        ctx.set_materialize_grads(False)
 
     def backward_norm_pool(ctx, grad_y, *_):
+        if grad_y is None:
+            return (None,) * 8
         x, mask, rstd, pool_hidden, argmax, argmin = ctx.saved_tensors
         grad_u = pool.ada_unpool2d(grad_y, pool_hidden, argmax, argmin, ctx.k, *ctx.size)
         gx, gh, gb = norm.ins_bias_ada_relu_backward(
@@ -349,10 +373,16 @@ def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
         _, hidden, argmax, argmin, mask, k, _, _ = inputs
         ctx.k = k
         ctx.save_for_backward(hidden, argmax, argmin, mask)
+        ctx.set_materialize_grads(False)
 
     def backward_unpool_gate(ctx, grad_u, grad_out):
+        if grad_u is None and grad_out is None:
+            return (None,) * 8
         hidden, argmax, argmin, mask = ctx.saved_tensors
-        grad = grad_u + gate(grad_out, mask)
+        if grad_out is None:  # only u was used
+            grad = grad_u
+        else:
+            grad = gate(grad_out, mask) if grad_u is None else grad_u + gate(grad_out, mask)
         gz = pool.ada_pool2d_gather(grad, hidden, argmax, argmin, ctx.k)
         return gz, None, None, None, None, None, None, None
 

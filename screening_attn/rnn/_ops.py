@@ -116,12 +116,15 @@ def _setup_rnn(ctx, inputs, output):
     ctx.save_for_backward(x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s, pq, uah,
                           alpha, cand)  # fmt: skip
     ctx.mark_non_differentiable(*output[1:])
+    # Else autograd hands the backward a zero tensor for each of them, pq (T, B, 2Hd or 5Hd)
+    # included: allocated, zeroed (page faults) and never read.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_rnn(ctx, grad_h, *_):
+    if grad_h is None:  # only the state was used (grads are not materialized): no gradient
+        return (None,) * 13
     x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, *records = ctx.saved_tensors
-    if grad_h is None:
-        grad_h = torch.zeros_like(h)
     gx, gh0, gU, gUb, gV, gUa, gVa, gv, gb = _OPS.rel_rnn_backward.default(
         grad_h, x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, *records, ctx.window,
         ctx.nonlinearity, ctx.attn,
@@ -136,12 +139,13 @@ def _setup_lstm(ctx, inputs, output):
     h, _, _, _, cell, s, pq, uah, alpha, cand = output
     ctx.save_for_backward(x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha, cand)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # as for RelRNN
 
 
 def _backward_lstm(ctx, grad_h, *_):
-    x, W, Ua_weight, Va_weight, v, h, *records = ctx.saved_tensors
     if grad_h is None:
-        grad_h = torch.zeros_like(h)
+        return (None,) * 9
+    x, W, Ua_weight, Va_weight, v, h, *records = ctx.saved_tensors
     gx, gh0, gW, gbias, gUa, gVa, gv = _OPS.rel_lstm_backward.default(
         grad_h, x, W, Ua_weight, Va_weight, v, h, *records, ctx.window
     )
