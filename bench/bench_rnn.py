@@ -7,9 +7,10 @@ Providers:
 * ``reference``, ``cpu``, ``triton``: ``module(x, backend=provider)``; backends the module does
   not have yet are skipped with the dispatcher's reason;
 * ``products``: the fused kernels' own matrix products alone (csrc/rnn.cpp's loops): the same
-  products, shapes and order, the outputs written to buffers allocated inside the timed region
-  as the kernels' are, the inputs prepared beforehand; issued from Python (``out=`` variants),
-  so each carries a Python call the C++ loop does not. The floor of the ``cpu`` provider;
+  products, shapes, order and routines (the per-step ones through the extension's
+  ``rnn_step_mm``), the outputs written to buffers allocated inside the timed region as the
+  kernels' are, the inputs prepared beforehand; issued from Python, so each carries a Python
+  call the C++ loop does not. The floor of the ``cpu`` provider;
 * ``matmul_floor``: the matrix products of one *eager* step (query ``Va s``, scores
   ``(w, Hd) @ v``, context ``α @ values``, ``V s`` or the four LSTM gates, ``Ua h``) run T times
   on fixed inputs, plus ``U x`` once for RelRNN: what an eager step costs before any
@@ -168,53 +169,63 @@ def _matmul_floor(op: str, mode: str, *, T, B, input_size, hidden, window, relev
     return run_bwd
 
 
-def _products(op: str, mode: str, module, x: torch.Tensor) -> Callable[[], object]:
-    """The matrix products of the ``cpu`` provider's loops, alone (see the module docstring).
+CHUNK = 64  # csrc/rnn.cpp's kChunk: the backward's weight gradients are products per chunk
 
-    RelRNN: per step ``s_t [V; Va]ᵀ`` (width n = 2Hd) and ``Ua h_t``; RelLSTM: ``s_t [W_s; Va]ᵀ``
-    (n = 5Hd) and ``Ua h_t``; ``U x`` (the gates' input part) for all steps up front. Backward:
-    per step ``dUa_h Ua`` and ``g_t [W_s; Va]``, then the weight gradients and ``dx`` as
-    products over all steps."""
+
+def _products(op: str, mode: str, module, x: torch.Tensor) -> Callable[[], object]:
+    """The matrix products of the ``cpu`` provider's loops, alone (see the module docstring),
+    on the routines csrc/rnn.cpp uses: per-step products through ``rnn_step_mm`` (its
+    ``step_mm``), the rest through torch.mm / addmm.
+
+    Forward: ``U x + b`` (the gates' input part) for all steps up front; per step
+    ``pq_t += s_t [V; Va]ᵀ`` (RelRNN, width n = 2Hd) or ``s_t [W_s; Va]ᵀ`` (RelLSTM, n = 5Hd) and
+    ``uah_t = Ua h_t``. Backward, in reverse time: per step ``gH_t += gK_t Ua`` and
+    ``gs = g_t [W_s; Va]``; per chunk of 64 steps ``dx``, ``dW_x`` and ``d[W_s; Va]``; ``dUa``
+    at the end."""
     T, B, I = x.shape
     Hd = module.hidden_size
     rnn = op == "rel_rnn"
-    n = (2 if rnn else 5) * Hd
+    n, nx = (2 * Hd, Hd) if rnn else (5 * Hd, 4 * Hd)
+    step_mm = torch.ops.screening_attn.rnn_step_mm
     gen = torch.Generator().manual_seed(SEED + 2)
     s, h, gK, gpq = (torch.randn(T, B, k, generator=gen) for k in (Hd, Hd, Hd, n))
     h0 = torch.randn(B, Hd, generator=gen)
     x2 = x.detach().reshape(T * B, I)
     with torch.no_grad():
         if rnn:
-            Wx, bias = module.U.weight, module.U.bias
-            Ws = torch.cat([module.V.weight, module.Va.weight])  # (2Hd, Hd)
+            Wx, bias, V = module.U.weight, module.U.bias, module.V.weight
+            Ws = torch.cat([V, module.Va.weight])  # (2Hd, Hd)
         else:
             gates = (module.Wf, module.Wi, module.Wo, module.Wg)
             Wcat = torch.cat([g.weight for g in gates])
             Wx, bias = Wcat[:, Hd:].contiguous(), torch.cat([g.bias for g in gates])
             Ws = torch.cat([Wcat[:, :Hd], module.Va.weight])  # (5Hd, Hd)
-        WsT, Ua, UaT = Ws.t(), module.Ua.weight.detach(), module.Ua.weight.detach().t()
-    nx = Wx.shape[0]
+        WsT, Ua = Ws.t().contiguous(), module.Ua.weight.detach()
+        UaT = Ua.t().contiguous()
 
     def forward():
         pq, uah = torch.empty(T, B, n), torch.empty(T, B, Hd)
         torch.addmm(bias, x2, Wx.t(), out=pq.view(T * B, n)[:, :nx])
         if rnn:  # step 0: V h0 and Va pre_0 separately
-            torch.mm(h0, module.V.weight.t(), out=pq[0, :, :Hd])
-            torch.mm(h0, module.Va.weight.t(), out=pq[0, :, Hd:])
+            pq[0, :, :Hd].addmm_(h0, V.t())
+            torch.mm(pq[0, :, :Hd], module.Va.weight.t(), out=pq[0, :, Hd:])
         for t in range(1 if rnn else 0, T):
-            torch.mm(s[t], WsT, out=pq[t])
-        for t in range(T):
-            torch.mm(h[t], UaT, out=uah[t])
+            step_mm(pq[t], s[t], WsT, True)
+            step_mm(uah[t], h[t], UaT, False)
 
     def backward():
         gH, gs = torch.empty(T, B, Hd), torch.empty(B, Hd)
-        for t in range(T - 1, -1, -1):
-            torch.mm(gK[t], Ua, out=gH[t])
-            torch.mm(gpq[t], Ws, out=gs)
-        gflat = gpq.view(T * B, n)
-        torch.mm(gflat[:, :nx], Wx)  # dx
-        torch.mm(gflat[:, :nx].t(), x2)  # dW_x
-        torch.mm(gflat.t(), s.view(T * B, Hd))  # d[W_s; Va]
+        grad_x = torch.empty(T, B, I)
+        grad_Wx, grad_Ws = torch.zeros(nx, I), torch.zeros(n, Hd)
+        for t1 in range(T, 0, -CHUNK):
+            t0 = max(0, t1 - CHUNK)
+            for t in range(t1 - 1, t0 - 1, -1):
+                step_mm(gH[t], gK[t], Ua, True)
+                step_mm(gs, gpq[t], Ws, False)
+            flat = gpq[t0:t1].reshape(-1, n)
+            torch.mm(flat[:, :nx], Wx, out=grad_x[t0:t1].view(-1, I))
+            grad_Wx.addmm_(flat[:, :nx].t(), x2[t0 * B : t1 * B])
+            grad_Ws.addmm_(flat.t(), s[t0:t1].reshape(-1, Hd))
         torch.mm(gK.view(T * B, Hd).t(), h.view(T * B, Hd))  # dUa
 
     def run():
@@ -232,6 +243,7 @@ def _setup(op: str, provider: str, mode: str, **shape) -> Callable[[], object]:
         return _matmul_floor(op, mode, **shape)
     module = make_module(op, I, Hd, shape["window"], shape["relevant"])
     if provider == "products":
+        _available(module, "cpu")  # it runs the extension's rnn_step_mm
         return _products(op, mode, module, make_inputs(T, B, I, Hd)[0])
     _available(module, provider)
     x, g = make_inputs(T, B, I, Hd)

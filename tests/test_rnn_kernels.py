@@ -290,6 +290,26 @@ def test_opcheck_sequence_ops():
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("m,k,n", [(16, 128, 256), (3, 5, 7), (1, 1, 1), (64, 640, 128)])
+def test_step_mm_matches_mm(dtype, accumulate, m, k, n):
+    """The loops' per-step product (torch's brgemm for float32 on the CPU, at::mm otherwise),
+    into a row-strided view as the loops write pq_t."""
+    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+    buf = torch.randn(m, n + 3, dtype=dtype)
+    out, before = buf[:, 1 : n + 1], buf.clone()
+    want = (out + a @ b) if accumulate else a @ b
+    OPS.rnn_step_mm(out, a, b, accumulate)
+    tol = {"rtol": 1e-5, "atol": 1e-5 * k**0.5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, want, **tol)
+    # the columns around the view are untouched
+    assert torch.equal(buf[:, 0], before[:, 0]) and torch.equal(buf[:, n + 1 :], before[:, n + 1 :])
+    with pytest.raises(ValueError, match="rnn_step_mm"):
+        OPS.rnn_step_mm(out, a, torch.randn(k + 1, n, dtype=dtype), accumulate)
+    torch.library.opcheck(OPS.rnn_step_mm.default, (out, a, b, accumulate))
+
+
 def test_opcheck_step_ops():
     T, B, Hd, window, rho, t = 6, 3, 4, 2, 2, 5
     hidden, uah = torch.randn(T, B, Hd), torch.randn(T, B, Hd)
