@@ -1,6 +1,8 @@
-# make bench  - the benchmark report (the main job)
-# make test   - the test suite (what CI runs)
-# Both create .venv, install torch and the rest, and build the extension on first use.
+# make bench     - the benchmark report (the main job)
+# make test      - the test suite (what CI runs)
+# make sanitize  - the C++ kernels' tests against an AddressSanitizer + UBSan build of _C, made
+#                  in build/sanitize (the optimized in-place build is left alone)
+# All create .venv, install torch and the rest, and build the extension on first use.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,11 +13,12 @@ TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 
-DEPS  := $(VENV)/.deps
-BUILT := $(VENV)/.built
+DEPS      := $(VENV)/.deps
+INSTALLED := $(VENV)/.installed
+BUILT     := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench bench-quick build lint clean
+.PHONY: test bench bench-quick build sanitize lint clean
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -29,8 +32,11 @@ $(DEPS): requirements-dev.txt | $(BIN)/python
 
 # The editable install (it maps kernels/ to screening_attn._kernels) skips the extension, which
 # ninja then builds, and later rebuilds, in place.
-$(BUILT): $(DEPS) $(SOURCES)
+$(INSTALLED): $(DEPS) setup.py pyproject.toml
 	SCREENING_ATTN_NO_EXT=1 $(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(BUILT): $(INSTALLED) $(SOURCES)
 	$(BIN)/python setup.py -q build_ext --inplace
 	touch $@
 
@@ -38,6 +44,28 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# The tests that run the C++ kernels against build/sanitize/.../_C*.so, which
+# SCREENING_ATTN_EXTENSION makes the package load (Triton's are deselected: under the interpreter
+# they never reach C++; so is test_build.py: nvcc crashes with libasan preloaded). CPython is not
+# built with ASan, so libasan is preloaded (it must come first), and leak checking is off: CPython
+# and torch keep allocations alive until exit by design. halt_on_error (and
+# -fno-sanitize-recover in setup.py) turn any report into a failed run; --capture=sys leaves
+# stderr to the sanitizers (pytest's fd capture would swallow a report that ends the process).
+# Here: about 2 min of tests; rebuilding the extension adds 5-8 min (a shared 2-core VM).
+SAN_DIR := build/sanitize
+SAN_TESTS := tests/test_attention_cpu.py tests/test_rnn_kernels.py tests/test_feedback_ops.py \
+	tests/test_feedback_kernels.py tests/test_feedback_reference.py tests/test_determinism.py
+SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	SCREENING_ATTN_EXTENSION="$$(ls $(SAN_DIR)/screening_attn/_C*.so)" \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+sanitize: $(INSTALLED)
+	SANITIZE=1 $(BIN)/python setup.py -q build_ext --force --build-lib $(SAN_DIR) \
+		--build-temp $(SAN_DIR)/tmp
+	$(SAN_ENV) $(BIN)/python -c "import screening_attn as s; i = s.build_info(); \
+		assert i['loaded'] and i['address_sanitizer'], i"
+	$(SAN_ENV) $(BIN)/python -m pytest $(SAN_TESTS) -q --capture=sys -k "not triton" $(PYTEST_ARGS)
 
 # One thread by default: this machine's two cores throttle under sustained load.
 # BASELINE=<json> compares with an earlier result and flags cases more than 10% slower.

@@ -1,7 +1,8 @@
 """Builds screening_attn._C (C++ CPU kernels always; CUDA kernels when torch has CUDA and a
-toolkit is found, or FORCE_CUDA=1). DEBUG=1 builds with -O0 -g; MAX_JOBS is honoured by ninja.
-SCREENING_ATTN_NO_EXT=1 installs the Python package alone (the Makefile then builds _C in place,
-once)."""
+toolkit is found, or FORCE_CUDA=1). DEBUG=1 builds with -O0 -g; SANITIZE=1 with AddressSanitizer
+and UndefinedBehaviorSanitizer (`make sanitize` builds that into build/sanitize and tests it);
+MAX_JOBS is honoured by ninja. SCREENING_ATTN_NO_EXT=1 installs the Python package alone (the
+Makefile then builds _C in place, once)."""
 
 import glob
 import os
@@ -12,6 +13,18 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEBUG = os.environ.get("DEBUG", "0") == "1"
+SANITIZE = os.environ.get("SANITIZE", "0") == "1"
+# -O1: fast enough to run the tests, with exact stack traces; -fno-sanitize-recover makes a UB
+# report abort the run instead of scrolling past; -fno-wrapv undoes Python's -fwrapv (first on
+# the command line), under which signed overflow is defined and UBSan would not check it.
+SANITIZE_FLAGS = [
+    "-fsanitize=address,undefined",
+    "-fno-omit-frame-pointer",
+    "-fno-sanitize-recover=undefined",
+    "-fno-wrapv",
+    "-O1",
+    "-g",
+]
 WITH_CUDA = os.environ.get("FORCE_CUDA", "0") == "1" or (
     torch.version.cuda is not None and CUDA_HOME is not None
 )
@@ -21,7 +34,7 @@ def extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3"]
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets GCC vectorize branch-free selects (exp_nonpositive in screening.h)
-    cxx = [*opt, "-fopenmp", "-fno-trapping-math", "-std=c++20"]
+    cxx = [*(SANITIZE_FLAGS if SANITIZE else opt), "-fopenmp", "-fno-trapping-math", "-std=c++20"]
     define = []
     kwargs = {}
     if WITH_CUDA:
@@ -42,7 +55,7 @@ def extension():
         sources,
         include_dirs=[os.path.join(ROOT, "csrc", "include")],
         define_macros=define,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=["-fopenmp", *(SANITIZE_FLAGS if SANITIZE else [])],
         **kwargs,
     )
 

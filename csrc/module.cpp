@@ -22,6 +22,11 @@ py::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+#ifdef __SANITIZE_ADDRESS__  // SANITIZE=1 (make sanitize)
+  info["address_sanitizer"] = true;
+#else
+  info["address_sanitizer"] = false;
+#endif
   info["num_threads"] = at::get_num_threads();
   info["parallel_info"] = at::get_parallel_info();
   return info;
@@ -32,5 +37,6 @@ py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "screening_attn compiled ops (registered under torch.ops.screening_attn)";
   m.def("build_info", &build_info,
-        "dict: cuda (bool), cuda_archs (str), openmp (bool), num_threads (int), parallel_info");
+        "dict: cuda (bool), cuda_archs (str), openmp (bool), address_sanitizer (bool), "
+        "num_threads (int), parallel_info");
 }

@@ -8,14 +8,42 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import types
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
-try:  # loading _C registers the C++ ops (TORCH_LIBRARY) as a side effect
-    from screening_attn import _C  # type: ignore[attr-defined]
+EXTENSION_ENV = "SCREENING_ATTN_EXTENSION"
 
+
+def _load_extension() -> types.ModuleType:
+    """Import screening_attn._C: the in-place build, or the file that $SCREENING_ATTN_EXTENSION
+    names (`make sanitize` points it at build/sanitize, leaving the optimized build alone)."""
+    path = os.environ.get(EXTENSION_ENV)
+    if not path:
+        from screening_attn import _C  # type: ignore[attr-defined]
+
+        return _C
+    spec = importlib.util.spec_from_file_location("screening_attn._C", path)
+    if spec is None or not os.path.isfile(path):
+        raise ImportError(f"{EXTENSION_ENV}={path!r} is not an extension module file")
+    module = importlib.util.module_from_spec(spec)
+    # registered first: a later `import screening_attn._C` must get this one, not load the
+    # in-place library (both would register the same ops)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[spec.name]
+        raise
+    sys.modules["screening_attn"]._C = module  # as the import statement would
+    return module
+
+
+try:  # loading _C registers the C++ ops (TORCH_LIBRARY) as a side effect
+    _C = _load_extension()
     C_ERROR: str | None = None
 except ImportError as exc:  # the reference backend still works without the extension
     _C = None
@@ -25,10 +53,11 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def build_info() -> dict:
-    """Facts about the compiled extension (empty dict with the reason when it is missing)."""
+    """Facts about the compiled extension: its file, build flags, threads (or the reason it is
+    missing)."""
     if _C is None:
         return {"loaded": False, "error": C_ERROR}
-    return {"loaded": True, **_C.build_info()}
+    return {"loaded": True, "path": _C.__file__, **_C.build_info()}
 
 
 def cuda_compiled() -> bool:

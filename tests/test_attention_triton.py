@@ -1,7 +1,7 @@
 """The Triton kernels of screened attention against the reference (never against another
 kernel): forward, every gradient and the state, over dtypes and awkward sizes; torch.library
-checks; torch.compile; determinism. Without a GPU they run under the Triton interpreter (set by
-conftest.py), which is slow: shapes stay small (T <= 256, B·H <= 4)."""
+checks; torch.compile (determinism: test_determinism.py). Without a GPU they run under the
+Triton interpreter (set by conftest.py), which is slow: shapes stay small (T <= 256, B·H <= 4)."""
 
 from __future__ import annotations
 
@@ -144,18 +144,6 @@ def test_empty_inputs():
         torch.testing.assert_close(out, ref)
         for name in ("relevant_index", "relevant_score", "relevancy", "span"):
             torch.testing.assert_close(getattr(state, name), getattr(ref_state, name))
-
-
-def test_deterministic():
-    """dK/dV have no atomics: every run gives the same bits."""
-    q, k, v = qkv(1, 2, 80, 8, 8, torch.float32)
-    g = torch.randn(1, 2, 80, 8, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        out, _ = run_triton(q, k, v, 5, 3)
-        runs.append((out, *torch.autograd.grad(out, (q, k, v), g)))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
 
 
 def test_opcheck():

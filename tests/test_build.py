@@ -1,9 +1,11 @@
 """The extension's build facts, and every CUDA source compiles for sm_80 and sm_90 (nvcc -c;
 nothing can run without a GPU, so compiling is the check here)."""
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,28 @@ def test_extension_loaded_with_openmp():
     assert info["loaded"], info.get("error")
     assert info["openmp"], "built without -fopenmp: at::parallel_for would run on one thread"
     assert info["cuda"] == (os.environ.get("FORCE_CUDA") == "1" or torch.version.cuda is not None)
+
+
+def _build_info_with_extension(path: Path) -> dict:
+    code = (
+        "import json, screening_attn; i = screening_attn.build_info(); "
+        "print(json.dumps({k: i.get(k) for k in ('loaded', 'path', 'error')}))"
+    )
+    env = {**os.environ, "SCREENING_ATTN_EXTENSION": str(path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_extension_file_named_by_the_environment(tmp_path):
+    """SCREENING_ATTN_EXTENSION (how `make sanitize` loads build/sanitize) replaces the in-place
+    build; a wrong path leaves the package importable and says why the kernels are missing."""
+    built = Path(screening_attn.build_info()["path"])
+    copy = tmp_path / built.name
+    shutil.copy(built, copy)
+    assert _build_info_with_extension(copy) == {"loaded": True, "path": str(copy), "error": None}
+    info = _build_info_with_extension(tmp_path / "missing" / built.name)
+    assert not info["loaded"] and "SCREENING_ATTN_EXTENSION=" in info["error"], info
 
 
 def test_there_are_cuda_sources():

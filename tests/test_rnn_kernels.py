@@ -2,7 +2,7 @@
 forward h, the final state (slots, scores, relevancy) and every gradient (all parameters, x, h0),
 float64 with exact selections and float32 within tolerances; awkward sizes (T = 1, T < ν, ν = 1,
 ρ = 0, ρ >= T, T across the backward's 64-step chunks); exact ties; torch.library checks of every
-op; torch.compile; NaN locality; determinism; errors."""
+op; torch.compile; NaN locality; errors (determinism: test_determinism.py)."""
 
 import math
 
@@ -398,7 +398,7 @@ def test_compile_fullgraph_matches_eager(kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# Dispatch, layouts, NaN, determinism, errors.
+# Dispatch, layouts, NaN, errors.
 
 
 def test_auto_picks_the_kernels_for_float32_and_float64(monkeypatch):
@@ -441,23 +441,6 @@ def test_nan_stays_in_its_row(kind):
     assert h[4:, 1].isnan().all() and not h[:4, 1].isnan().any()
     assert torch.equal(h[:, [0, 2]], clean[:, [0, 2]])
     assert torch.equal(s.relevant_index[[0, 2]], sc.relevant_index[[0, 2]])
-
-
-def test_deterministic_across_runs_and_threads():
-    m = make("rnn", 4, 32, 5, 4, dtype=F32)
-    x = torch.randn(100, 8, 4, requires_grad=True)
-    g = torch.randn(100, 8, 32)
-    results, threads = [], torch.get_num_threads()
-    try:
-        for n in (1, 2, 2):
-            torch.set_num_threads(n)
-            h, _ = m(x, backend="cpu")
-            results.append((h, *torch.autograd.grad(h, (x, *m.parameters()), g)))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
 
 
 def test_errors():
