@@ -113,6 +113,10 @@ def screened_attention(
     window, relevant, scale = check_inputs(q, k, v, window, relevant, scale)
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
+    if not return_state:
+        # At most T - window keys ever reach the set before the last query, so a larger ρ gives
+        # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
+        relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, AVAILABLE)
     if impl == "cpu" and q.dtype not in _CPU_DTYPES:
         if backend != "auto":
