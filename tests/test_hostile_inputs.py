@@ -399,6 +399,8 @@ def _rnn_ctor_cases():
         ),
         ("RelRNN-attn-nan", lambda: mod(x, attn=math.nan), ValueError, r"^attn must be a finite"),
         ("RelRNN-attn-bool", lambda: mod(x, attn=True), TypeError, r"^attn must be a finite"),
+        ("RelRNN-attn-inf", lambda: mod(x, attn=math.inf), ValueError, r"^attn must be a finite"),
+        ("RelRNN-attn-str", lambda: mod(x, attn="1"), TypeError, r"^attn must be a finite"),
         (
             "RelRNN-attn-tensor",
             lambda: mod(x, attn=torch.tensor(0.5)),
