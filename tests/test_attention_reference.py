@@ -566,6 +566,45 @@ def test_nan_propagates_to_affected_outputs_only():
         torch.testing.assert_close(out[0, 1:], clean[0, 1:])
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("name", ["q", "k", "v"])
+def test_non_finite_input_reaches_only_dependent_outputs_and_gradients(name, bad):
+    """A NaN or +Inf in one query row, key or value of row (b, h) = (1, 0): every other (b, h)
+    is bitwise unchanged, forward and every gradient; inside the row, the non-finite outputs are
+    the queries that see it (per the run's own mask M, exactly so for NaN), and the non-finite
+    gradients lie in what those queries touch: dq of those queries, dk and dv of their
+    candidates (dv of a bad value itself stays finite: it is Σ_t α_tj g_t)."""
+    B, H, T, D, window, relevant = 2, 2, 16, 3, 3, 2
+    q, k, v = make_qkv(B, H, T, D, dtype=torch.float64)
+    g = torch.randn(B, H, T, D, dtype=torch.float64)
+    clean = screened_attention(q, k, v, window, relevant)
+    clean_grads = torch.autograd.grad(clean, (q, k, v), g)
+    args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
+    j = 5
+    args[name][1, 0, j, 1] = bad
+    args = [x.requires_grad_() for x in args.values()]
+    out, state = screened_attention(*args, window, relevant, return_state=True)
+    grads = torch.autograd.grad(out, args, g)
+    for a, b in zip((out, *grads), (clean, *clean_grads)):  # the other (b, h) rows
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1, 1], b[1, 1])
+
+    m = state.candidate_mask(window)[1, 0]  # (T, T)
+    sees = torch.zeros(T, dtype=torch.bool)
+    if name == "q":
+        sees[j] = True
+    else:
+        sees = m[:, j].clone()
+    touched = m[sees].any(0)  # keys that those queries attend to
+    bad_out = ~out[1, 0].isfinite().all(-1)
+    assert bad_out.any() and not (bad_out & ~sees).any()
+    if math.isnan(bad):
+        assert torch.equal(bad_out, sees)
+    dq, dk, dv = (~x[1, 0].isfinite().all(-1) for x in grads)
+    assert not (dq & ~sees).any() and not (dk & ~touched).any() and not (dv & ~touched).any()
+    if name == "v":
+        assert not dv.any()
+
+
 def test_nan_relevancy_holds_its_slot():
     """SPEC §1 is silent on NaN scores. Decided: a NaN r counts as the smallest stored score
     (as torch.min/argmin treat NaN), and since `r_e > NaN` is False that slot is never
