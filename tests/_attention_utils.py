@@ -76,7 +76,9 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None):
 def check_nan_locality(run, q, k, v, positions, window=6, relevant=3):
     """A NaN and a +Inf at ``positions[name]`` of q, k or v give exactly the reference's pattern
     of non-finite values, forward and backward (the reference's own locality is tested against
-    the candidate mask in test_attention_reference.py). ``run(q, k, v, window, relevant) -> out``."""
+    the candidate mask in test_attention_reference.py).
+
+    ``run(q, k, v, window, relevant) -> out``."""
     for name, index in positions.items():
         for bad in (math.nan, math.inf):
             args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
