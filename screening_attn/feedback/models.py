@@ -136,7 +136,9 @@ class FeedbackNetwork(FeedbackSequential):
         return self.forward_capture(x, self.ff_unit)
 
     def run_cycles(self, x: Tensor) -> Tensor:
-        """Logits `(N, classes)` after ``cycles`` feedback cycles (differentiable)."""
+        """Logits `(N, classes)` after ``cycles`` feedback cycles (differentiable). ``N = 0``
+        gives `(0, classes)`; nothing mixes across the batch, so a NaN in one input reaches
+        only its own logits."""
         out, ff = self._first_pass(x)
         for _ in range(self.cycles):
             out, ff = feedback_step(self, out, ff)

@@ -447,7 +447,9 @@ class RelRNN(_validate.StateDictChecks, nn.Module):
         """Run the whole sequence.
 
         Args:
-            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            x (Tensor): `(T, B, input_size)`, T ≥ 1 (like ``torch.nn.RNN``; ``T = 0`` is a
+                ValueError), B ≥ 0 (``B = 0`` gives an empty ``h`` and state); dtype and device
+                of the parameters. A NaN in ``x[t, b]`` reaches row ``b`` from step ``t`` on only.
             h0 (Tensor | None): `(B, hidden_size)`, the state before step 0. Default: zeros.
             attn (float): factor on the context, ``s_t = ½ (h_{t-1} + attn · c_t)``.
                 Default: ``1.0``.
@@ -562,7 +564,7 @@ class RelLSTM(_validate.StateDictChecks, nn.Module):
         """Run the whole sequence.
 
         Args:
-            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            x (Tensor): `(T, B, input_size)`, T ≥ 1, B ≥ 0, as for :meth:`RelRNN.forward`.
             h0 (Tensor | None): `(B, hidden_size)`, the first attention query and the state fed
                 to the gates at t = 0. Default: zeros.
             backend (str): ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"``, as for
