@@ -138,12 +138,15 @@ def test_non_contiguous_inputs():
 
 def test_empty_inputs():
     for shape in [(0, 2, 5, 4), (1, 2, 0, 4), (1, 0, 5, 4), (1, 2, 5, 0)]:
-        x = torch.randn(shape, dtype=torch.float64, device=DEVICE)
+        x = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
         out, state = run_triton(x, x, x, 3, 2, scale=1.0)
-        ref, ref_state = screened_attention_reference(x, x, x, 3, 2, return_state=True)
+        ref, ref_state = screened_attention_reference(x, x, x, 3, 2, 1.0, return_state=True)
         torch.testing.assert_close(out, ref)
         for name in ("relevant_index", "relevant_score", "relevancy", "span"):
             torch.testing.assert_close(getattr(state, name), getattr(ref_state, name))
+        (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x, allow_unused=True)
+        torch.testing.assert_close(grad, ref_grad)
 
 
 def test_deterministic():

@@ -234,6 +234,25 @@ def test_nan_stays_local(backend):
     assert u.isnan().sum() == 1 and u[0, 1, 4:6, 0:2].isnan().any()
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_empty_batch(backend):
+    """N = 0 runs every op and a whole CNN-F (forward and backward) to empty results."""
+    x = torch.randn(0, 2, 4, 6, dtype=F64, requires_grad=True)
+    y, mask, amax, amin = functional.ins_bias_ada_relu_pool2d(
+        x, torch.zeros(2, dtype=F64), torch.randn_like(x), torch.randn(0, 2, 2, 3, dtype=F64),
+        0.1, 2, backend=backend,
+    )  # fmt: skip
+    u, out = functional.ada_unpool_gate(y, amax, amin, None, mask, 2, (4, 6), backend=backend)
+    zn, gated = functional.ins_norm_gate(out, mask, backend=backend)
+    assert y.shape == (0, 2, 2, 3) and u.shape == out.shape == zn.shape == x.shape
+    (grad,) = torch.autograd.grad((y.sum() + gated.sum()), x)
+    assert grad.shape == x.shape
+    model = CNNF(10, cycles=1, backend=backend)
+    logits = model.run_cycles(torch.randn(0, 1, 28, 28, requires_grad=True))
+    assert logits.shape == (0, 10)
+    logits.sum().backward()
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 def test_non_finite_stays_in_its_plane_forward_and_backward(backend, bad):

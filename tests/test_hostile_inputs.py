@@ -675,10 +675,15 @@ def test_integral_sizes_are_accepted():
 def test_huge_relevant_without_state_allocates_nothing_of_size_rho():
     """``relevant >= T - window`` is full causal attention; without ``return_state`` a huge
     value must not allocate ρ slots per row (with the state it has to: the state has ρ slots)."""
-    q = torch.randn(1, 2, 9, 3, dtype=torch.float64)
-    full = screened_attention(q, q, q, 3, 6)
+    q, k, v = torch.randn(3, 1, 2, 9, 3, dtype=torch.float64).unbind(0)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     for backend in ("reference", "cpu", "triton"):
-        torch.testing.assert_close(screened_attention(q, q, q, 3, 2**62, backend=backend), full)
+        torch.testing.assert_close(screened_attention(q, k, v, 3, 2**62, backend=backend), full)
+    # and below that, a larger relevant than T - window changes nothing either
+    torch.testing.assert_close(
+        screened_attention(q, k, v, 3, 7, backend="cpu"),
+        screened_attention_reference(q, k, v, 3, 7),  # not capped: the definition
+    )
 
 
 def test_triton_on_cpu_without_the_interpreter_says_why():

@@ -411,6 +411,21 @@ def test_non_contiguous_inputs():
     assert torch.equal(s.relevant_index, rs.relevant_index)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_empty_batch(kind, backend):
+    """B = 0 gives an empty h and state on every backend, gradients included (T = 0 is an
+    error, as for torch.nn.RNN: tests/test_hostile_inputs.py)."""
+    m = make(kind, 3, 4, 2, 2)
+    x = torch.randn(6, 0, 3, dtype=F64, requires_grad=True)
+    h, s = m(x, backend=backend)
+    assert h.shape == (6, 0, 4) and s.relevant_index.shape == (0, 2)
+    assert s.relevant_score.shape == (0, 2) and s.relevancy.shape == (6, 0)
+    grads = torch.autograd.grad(h.sum(), (x, *m.parameters()), allow_unused=True)
+    assert grads[0].shape == x.shape
+    assert all(g is None or not g.any() for g in grads[1:])  # a sum over no rows
+
+
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
 def test_nan_stays_in_its_row(kind, bad):
