@@ -619,3 +619,14 @@ def test_bad_nonlinearity_and_bias():
 
 
 # Malformed forward inputs, on every backend: tests/test_hostile_inputs.py.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_rnn_constructs_and_runs(dtype):
+    """The orthogonal init of V needs a QR, which has no half-precision CPU kernel: it is drawn
+    in float32 and cast (this used to raise NotImplementedError in the constructor)."""
+    m = RelRNN(3, 4, 2, 1, dtype=dtype)
+    w = m.V.weight.double()
+    assert (w @ w.T - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-2
+    h, _ = m(torch.randn(5, 2, 3, dtype=dtype))
+    assert h.dtype == dtype and h.isfinite().all()
