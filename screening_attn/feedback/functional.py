@@ -392,7 +392,8 @@ def ada_unpool2d(
 
     Args:
         z (Tensor): `(N, C, Ho, Wo)`.
-        argmax, argmin (Tensor): uint8 window positions from :func:`ada_pool2d`.
+        argmax, argmin (Tensor): uint8 window positions from :func:`ada_pool2d`, in
+            ``[0, k * k)`` (checked in eager mode: the kernels would drop others silently).
         hidden (Optional[Tensor]): `(N, C, Ho, Wo)`, or ``None``.
         kernel_size (int): k of the forward.
         output_size ((int, int)): (H, W) of the forward's input; ``H // k == Ho``.
