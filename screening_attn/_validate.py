@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
+from collections.abc import Mapping
 
 import torch
+from torch import nn
 
 __all__ = [
     "check_bool",
@@ -14,8 +17,11 @@ __all__ = [
     "check_finite_scale",
     "check_int",
     "check_same_device_dtype",
+    "check_state_dict",
     "check_tensor",
 ]
+
+INT64_MAX = 2**63 - 1  # sizes go to C++ ops as int64
 
 
 def _describe(value: object) -> str:
@@ -25,12 +31,20 @@ def _describe(value: object) -> str:
 
 
 def check_int(name: str, value: object, *, minimum: int) -> int:
-    """An integer size (bool is rejected) that is at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """An integer size in ``[minimum, 2**63 - 1]``: an int or any integral object that
+    ``operator.index`` accepts (numpy integers); bool, numpy bool and tensors are rejected (a
+    tensor size would be data-dependent under ``torch.compile``)."""
+    if isinstance(value, bool | torch.Tensor):
         raise TypeError(f"{name} must be an int >= {minimum}, got {_describe(value)}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
-    return int(value)
+    try:
+        index = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {minimum}, got {_describe(value)}") from None
+    if index < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {index}")
+    if index > INT64_MAX:
+        raise ValueError(f"{name} must be an int in [{minimum}, 2**63 - 1], got {index}")
+    return index
 
 
 def check_tensor(
@@ -43,9 +57,12 @@ def check_tensor(
     """A tensor of the given rank(s); floating point unless ``floating=False``."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {_describe(value)}")
-    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    ranks = (ndim,) if isinstance(ndim, int) else tuple(ndim)
     if value.dim() not in ranks:
-        want = " or ".join(f"{r}-d" for r in ranks)
+        if len(ranks) > 2 and ranks == tuple(range(ranks[0], ranks[-1] + 1)):
+            want = f"{ranks[0]}-d to {ranks[-1]}-d"
+        else:
+            want = " or ".join(f"{r}-d" for r in ranks)
         raise ValueError(f"{name} must be {want}, got shape {tuple(value.shape)}")
     if floating and not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
@@ -90,3 +107,53 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {_describe(value)}")
     return value
+
+
+class StateDictError(ValueError, RuntimeError):
+    """A state_dict that does not fit the module: a ValueError (SPEC §4) that is also the
+    RuntimeError ``nn.Module.load_state_dict`` raises, so handlers written for either catch it."""
+
+
+class StateDictTypeError(TypeError, RuntimeError):
+    """A state_dict entry that is not a tensor (also a RuntimeError, as :class:`StateDictError`)."""
+
+
+def check_state_dict(module: nn.Module, state_dict: object, *, strict: bool) -> None:
+    """What ``module.load_state_dict(state_dict, strict)`` would reject, as errors naming the
+    keys: a non-tensor entry (TypeError), a shape mismatch, and with ``strict`` missing or
+    unexpected keys (ValueError). Runs before torch copies anything."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(
+            f"state_dict must be a mapping of str to Tensor, got {_describe(state_dict)}"
+        )
+    expected = module.state_dict(keep_vars=True)
+    wrong = []
+    for key, value in state_dict.items():
+        if key not in expected:
+            continue
+        want = tuple(expected[key].shape)
+        if not isinstance(value, torch.Tensor):
+            raise StateDictTypeError(
+                f"state_dict[{key!r}] must be a Tensor of shape {want}, got {_describe(value)}"
+            )
+        if tuple(value.shape) != want:
+            wrong.append(f"state_dict[{key!r}] must have shape {want}, got {tuple(value.shape)}")
+    if wrong:
+        raise StateDictError(f"{type(module).__name__}: " + "; ".join(wrong))
+    if strict:
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            raise StateDictError(
+                f"state_dict must hold exactly the keys of {type(module).__name__} "
+                f"(strict=True); missing: {missing}, unexpected: {unexpected}"
+            )
+
+
+class StateDictChecks:
+    """Mixin for the package's modules: ``load_state_dict`` runs :func:`check_state_dict` first,
+    so a checkpoint of the wrong shape raises a ValueError naming the keys."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        check_state_dict(self, state_dict, strict=check_bool("strict", strict))
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

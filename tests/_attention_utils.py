@@ -74,20 +74,25 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None):
 
 
 def check_nan_locality(run, q, k, v, positions, window=6, relevant=3):
-    """A NaN (Inf for k) at ``positions[name]`` of q, k or v gives exactly the reference's NaN
-    pattern, forward and backward. ``run(q, k, v, window, relevant) -> out``."""
+    """A NaN and a +Inf at ``positions[name]`` of q, k or v give exactly the reference's pattern
+    of non-finite values, forward and backward (the reference's own locality is tested against
+    the candidate mask in test_attention_reference.py).
+
+    ``run(q, k, v, window, relevant) -> out``."""
     for name, index in positions.items():
-        args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
-        args[name][index] = math.nan if name != "k" else math.inf
-        args = {n: x.requires_grad_() for n, x in args.items()}
-        out = run(*args.values(), window, relevant)
-        ref = screened_attention_reference(*args.values(), window, relevant)
-        assert torch.equal(out.isnan(), ref.isnan()), name
-        assert 0 < out.isnan().sum() < out.numel() // 2, name
-        torch.testing.assert_close(out, ref, equal_nan=True)
-        g = torch.randn_like(out)
-        grads = torch.autograd.grad(out, tuple(args.values()), g)
-        ref_grads = torch.autograd.grad(ref, tuple(args.values()), g)
-        for a, b in zip(grads, ref_grads):
-            assert torch.equal(a.isnan(), b.isnan()), name
-            torch.testing.assert_close(a, b, equal_nan=True)
+        for bad in (math.nan, math.inf):
+            args = {n: x.detach().clone() for n, x in zip("qkv", (q, k, v))}
+            args[name][index] = bad
+            args = {n: x.requires_grad_() for n, x in args.items()}
+            out = run(*args.values(), window, relevant)
+            ref = screened_attention_reference(*args.values(), window, relevant)
+            what = f"{name}={bad}"
+            assert torch.equal(out.isnan(), ref.isnan()), what
+            assert 0 < (~out.isfinite()).sum() < out.numel() // 2, what
+            torch.testing.assert_close(out, ref, equal_nan=True, msg=what)
+            g = torch.randn_like(out)
+            grads = torch.autograd.grad(out, tuple(args.values()), g)
+            ref_grads = torch.autograd.grad(ref, tuple(args.values()), g)
+            for a, b in zip(grads, ref_grads):
+                assert torch.equal(a.isnan(), b.isnan()), what
+                torch.testing.assert_close(a, b, equal_nan=True, msg=what)

@@ -86,12 +86,15 @@ def test_non_contiguous_inputs():
 
 def test_empty_inputs():
     for shape in [(0, 2, 5, 4), (1, 2, 0, 4), (1, 0, 5, 4), (1, 2, 5, 0)]:
-        x = torch.randn(shape)
+        x = torch.randn(shape, requires_grad=True)
         out, state = screened_attention(x, x, x, 3, 2, return_state=True, backend="cpu")
         ref, ref_state = screened_attention_reference(x, x, x, 3, 2, return_state=True)
         torch.testing.assert_close(out, ref)
         torch.testing.assert_close(state.relevant_index, ref_state.relevant_index)
         torch.testing.assert_close(state.span, ref_state.span)
+        (grad,) = torch.autograd.grad(out.sum(), x, allow_unused=True)
+        (ref_grad,) = torch.autograd.grad(ref.sum(), x, allow_unused=True)
+        torch.testing.assert_close(grad, ref_grad)
 
 
 def test_nan_reaches_only_dependent_outputs():

@@ -239,6 +239,109 @@ def test_nan_stays_local(backend):
     assert u.isnan().sum() == 1 and u[0, 1, 4:6, 0:2].isnan().any()
 
 
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_empty_batch(backend):
+    """N = 0 runs every op and a whole CNN-F (forward and backward) to empty results."""
+    x = torch.randn(0, 2, 4, 6, dtype=F64, requires_grad=True)
+    y, mask, amax, amin = functional.ins_bias_ada_relu_pool2d(
+        x, torch.zeros(2, dtype=F64), torch.randn_like(x), torch.randn(0, 2, 2, 3, dtype=F64),
+        0.1, 2, backend=backend,
+    )  # fmt: skip
+    u, out = functional.ada_unpool_gate(y, amax, amin, None, mask, 2, (4, 6), backend=backend)
+    zn, gated = functional.ins_norm_gate(out, mask, backend=backend)
+    assert y.shape == (0, 2, 2, 3) and u.shape == out.shape == zn.shape == x.shape
+    (grad,) = torch.autograd.grad((y.sum() + gated.sum()), x)
+    assert grad.shape == x.shape
+    model = CNNF(10, cycles=1, backend=backend)
+    logits = model.run_cycles(torch.randn(0, 1, 28, 28, requires_grad=True))
+    assert logits.shape == (0, 10)
+    logits.sum().backward()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_non_finite_stays_in_its_plane_forward_and_backward(backend, bad):
+    """Every CNN-F op works per (n, c) plane: a NaN or +Inf in one element of plane (1, 1) leaves
+    every other plane bitwise unchanged, forward and the gradient of that input, and does reach
+    its own plane."""
+    g = torch.Generator().manual_seed(3)
+    x, hidden = torch.randn(2, 3, 2, 4, 6, dtype=F64, generator=g).unbind(0)
+    z = torch.randn(3, 2, 2, 3, dtype=F64, generator=g)
+    pool_hidden = torch.randn(3, 2, 2, 3, dtype=F64, generator=g)
+    bias, mask = torch.randn(2, dtype=F64, generator=g), hidden > 0
+    _, amax, amin = functional.ada_pool2d(x, pool_hidden, 2, backend=backend)
+    b = backend
+    ops = {  # name: (op of one tensor, the tensor, where the bad value goes)
+        "ada_relu": (lambda t: functional.ada_relu(t, hidden, 0.1, backend=b)[0], x),
+        "ada_relu_feedback": (lambda t: functional.ada_relu_feedback(t, mask, backend=b), x),
+        "ins_bias_ada_relu": (
+            lambda t: functional.ins_bias_ada_relu(t, bias, hidden, 0.1, backend=b)[0],
+            x,
+        ),
+        "ins_norm_gate": (lambda t: torch.cat(functional.ins_norm_gate(t, mask, backend=b)), x),
+        "ada_pool2d": (lambda t: functional.ada_pool2d(t, pool_hidden, 2, backend=b)[0], x),
+        "stage": (
+            lambda t: functional.ins_bias_ada_relu_pool2d(
+                t, bias, hidden, pool_hidden, 0.1, 2, backend=b
+            )[0],
+            x,
+        ),
+        "ada_unpool2d": (
+            lambda t: functional.ada_unpool2d(t, amax, amin, pool_hidden, 2, (4, 6), backend=b),
+            z,
+        ),
+        "ada_unpool_gate": (
+            lambda t: torch.cat(
+                functional.ada_unpool_gate(t, amax, amin, pool_hidden, mask, 2, (4, 6), backend=b)
+            ),
+            z,
+        ),
+        "feedback_update": (lambda t: functional.feedback_update(t, hidden, 0.1, backend=b), x),
+    }
+    for name, (op, t) in ops.items():
+        t = t.clone().requires_grad_()
+        clean = op(t)
+        grad_out = torch.randn(clean.shape, dtype=F64, generator=g)
+        (clean_grad,) = torch.autograd.grad(clean, t, grad_out)
+        tb = t.detach().clone()
+        tb[1, 1, 1, 1] = bad
+        tb.requires_grad_()
+        out = op(tb)
+        (grad,) = torch.autograd.grad(out, tb, grad_out)
+        n = 3 if name in ("ins_norm_gate", "ada_unpool_gate") else out.shape[0]  # cat of two
+        planes = [(i, c) for i in range(out.shape[0]) for c in range(2) if (i % n, c) != (1, 1)]
+        for i, c in planes:
+            assert torch.equal(out[i, c], clean[i, c]), (name, i, c)
+        for i, c in [(i, c) for i in range(3) for c in range(2) if (i, c) != (1, 1)]:
+            assert torch.equal(grad[i, c], clean_grad[i, c]), (name, i, c)
+        reached = not torch.equal(out[1, 1], clean[1, 1]) or not torch.equal(
+            grad[1, 1], clean_grad[1, 1]
+        )
+        assert reached, name
+
+
+def test_nan_in_one_image_leaves_the_others_logits_and_gradients():
+    """CNN-F run_cycles mixes nothing across the batch: a NaN or +Inf pixel in image 0 leaves
+    the logits and input gradients of image 1 unchanged (only the shared weights' gradients see
+    both). The per-op test above covers Triton; the whole network under its interpreter is slow."""
+    torch.manual_seed(0)
+    model = CNNF(10, cycles=1).double()
+    x = torch.randn(2, 1, 28, 28, dtype=F64)
+    for backend in ("reference", "cpu"):
+        model.set_backend(backend)
+        xc = x.clone().requires_grad_()
+        clean = model.run_cycles(xc)
+        (clean_grad,) = torch.autograd.grad(clean.sum(), xc)
+        for bad in (float("nan"), float("inf")):
+            xb = x.clone()
+            xb[0, 0, 10, 12] = bad
+            xb.requires_grad_()
+            out = model.run_cycles(xb)
+            (grad,) = torch.autograd.grad(out.sum(), xb)
+            assert torch.equal(out[1], clean[1]) and torch.equal(grad[1], clean_grad[1])
+            assert not out[0].isfinite().all() or not torch.equal(out[0], clean[0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_and_channels_last(backend):
     x = torch.randn(2, 4, 6, 10, dtype=F64)

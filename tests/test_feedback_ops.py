@@ -192,7 +192,7 @@ def test_errors_name_the_argument():
         ada_relu(torch.ones(2, 3, dtype=torch.int64))
     with pytest.raises(TypeError, match=r"x must be a torch\.Tensor"):
         ada_relu([1.0, 2.0])
-    with pytest.raises(TypeError, match="eta must be a float"):
+    with pytest.raises(TypeError, match="eta must be a finite float"):
         ada_relu(x, x, "0.1")
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
         ada_relu_feedback(x, torch.ones(2, 3))

@@ -431,16 +431,46 @@ def test_non_contiguous_inputs():
     assert torch.equal(s.relevant_index, rs.relevant_index)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_nan_stays_in_its_row(kind):
+def test_empty_batch(kind, backend):
+    """B = 0 gives an empty h and state on every backend, gradients included (T = 0 is an
+    error, as for torch.nn.RNN: tests/test_hostile_inputs.py)."""
     m = make(kind, 3, 4, 2, 2)
-    x = torch.randn(30, 3, 3, dtype=F64)
-    clean, sc = m(x, backend="cpu")
-    x[4, 1, 0] = math.nan
-    h, s = m(x, backend="cpu")
-    assert h[4:, 1].isnan().all() and not h[:4, 1].isnan().any()
+    x = torch.randn(6, 0, 3, dtype=F64, requires_grad=True)
+    h, s = m(x, backend=backend)
+    assert h.shape == (6, 0, 4) and s.relevant_index.shape == (0, 2)
+    assert s.relevant_score.shape == (0, 2) and s.relevancy.shape == (6, 0)
+    grads = torch.autograd.grad(h.sum(), (x, *m.parameters()), allow_unused=True)
+    assert grads[0].shape == x.shape
+    assert all(g is None or not g.any() for g in grads[1:])  # a sum over no rows
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_nan_stays_in_its_row(kind, bad):
+    """A NaN or +Inf in x[4, 1]: rows 0 and 2 are bitwise unchanged, forward, state and the
+    gradients of x and h0 (only the shared parameters' gradients see every row); row 1 is
+    untouched before step 4, and a NaN reaches every later step of it."""
+    m = make(kind, 3, 4, 2, 2)
+    x = torch.randn(30, 3, 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    clean, sc = m(x, h0, backend="cpu")
+    g = torch.randn_like(clean)
+    clean_grads = torch.autograd.grad(clean, (x, h0), g)
+    xb = x.detach().clone()
+    xb[4, 1, 0] = bad
+    xb.requires_grad_()
+    h, s = m(xb, h0, backend="cpu")
+    gx, gh0 = torch.autograd.grad(h, (xb, h0), g)
+    assert torch.equal(h[:4, 1], clean[:4, 1])
+    if math.isnan(bad):
+        assert h[4:, 1].isnan().all() and gx[:, 1].isnan().any()
     assert torch.equal(h[:, [0, 2]], clean[:, [0, 2]])
     assert torch.equal(s.relevant_index[[0, 2]], sc.relevant_index[[0, 2]])
+    assert torch.equal(s.relevancy[:, [0, 2]], sc.relevancy[:, [0, 2]])
+    assert torch.equal(gx[:, [0, 2]], clean_grads[0][:, [0, 2]])
+    assert torch.equal(gh0[[0, 2]], clean_grads[1][[0, 2]])
 
 
 def test_errors():

@@ -559,16 +559,31 @@ def test_non_contiguous_input_and_reference_backend():
     assert torch.equal(s.relevant_index, s2.relevant_index)
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_nan_stays_in_its_row(kind):
+def test_nan_stays_in_its_row(kind, bad):
+    """A NaN or +Inf in x[4, 1]: rows 0 and 2 are bitwise unchanged, forward, state and the
+    gradients of x and h0 (only the shared parameters' gradients see every row); row 1 is
+    untouched before step 4, and a NaN reaches every later step of it."""
     m = _model(kind, 3, 4, 2, 2)
-    x = torch.randn(10, 3, 3, dtype=F64)
-    clean, sc = m(x)
-    x[4, 1, 0] = math.nan
-    h, s = m(x)
-    assert h[4:, 1].isnan().all() and not h[:4, 1].isnan().any()
+    x = torch.randn(10, 3, 3, dtype=F64, requires_grad=True)
+    h0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    clean, sc = m(x, h0)
+    g = torch.randn_like(clean)
+    clean_grads = torch.autograd.grad(clean, (x, h0), g)
+    xb = x.detach().clone()
+    xb[4, 1, 0] = bad
+    xb.requires_grad_()
+    h, s = m(xb, h0)
+    gx, gh0 = torch.autograd.grad(h, (xb, h0), g)
+    assert torch.equal(h[:4, 1], clean[:4, 1])
+    if math.isnan(bad):
+        assert h[4:, 1].isnan().all() and gx[:, 1].isnan().any()
     assert torch.equal(h[:, [0, 2]], clean[:, [0, 2]])
     assert torch.equal(s.relevant_index[[0, 2]], sc.relevant_index[[0, 2]])
+    assert torch.equal(s.relevancy[:, [0, 2]], sc.relevancy[:, [0, 2]])
+    assert torch.equal(gx[:, [0, 2]], clean_grads[0][:, [0, 2]])
+    assert torch.equal(gh0[[0, 2]], clean_grads[1][[0, 2]])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -603,29 +618,15 @@ def test_bad_nonlinearity_and_bias():
         RelRNN(3, 4, 2, 1, "tanh", bias=1)
 
 
-@pytest.mark.parametrize("cls", [RelRNN, RelLSTM])
-def test_bad_forward_inputs(cls):
-    m = cls(3, 4, 2, 1)  # float32 parameters
-    x = torch.randn(5, 2, 3)
-    cases = [
-        (lambda: m(x[0]), ValueError, r"x must be 3-d"),
-        (lambda: m(x.numpy()), TypeError, r"x must be a torch.Tensor"),
-        (lambda: m(torch.randn(5, 2, 4)), ValueError, r"x must have shape \(T, B, input_size=3\)"),
-        (lambda: m(torch.randn(0, 2, 3)), ValueError, r"x must hold at least one time step"),
-        (lambda: m(x.long()), TypeError, r"x must be a floating-point"),
-        (lambda: m(x.double()), TypeError, r"x must have the dtype of the module's parameters"),
-        (lambda: m(x.to("meta")), ValueError, r"x must be on the device of the module's"),
-        (lambda: m(x, torch.randn(2, 5)), ValueError, r"h0 must have shape \(B, hidden_size\)"),
-        (lambda: m(x, torch.randn(1, 2, 4)), ValueError, r"h0 must be 2-d"),
-        (lambda: m(x, torch.randn(2, 4).double()), TypeError, r"h0 must have the dtype of x"),
-        (lambda: m(x, backend="triton"), ValueError, r"has no backend='triton'"),
-        (lambda: m(x, backend="refrence"), ValueError, r"backend must be one of"),
-    ]
-    if cls is RelRNN:
-        cases += [
-            (lambda: m(x, attn=math.inf), ValueError, r"attn must be a finite float"),
-            (lambda: m(x, attn="1"), TypeError, r"attn must be a finite float"),
-        ]
-    for call, exc, msg in cases:
-        with pytest.raises(exc, match=msg):
-            call()
+# Malformed forward inputs, on every backend: tests/test_hostile_inputs.py.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["float16", "bfloat16"])
+def test_half_precision_rnn_constructs_and_runs(dtype):
+    """The orthogonal init of V needs a QR, which has no half-precision CPU kernel: it is drawn
+    in float32 and cast (this used to raise NotImplementedError in the constructor)."""
+    m = RelRNN(3, 4, 2, 1, dtype=dtype)
+    w = m.V.weight.double()
+    assert (w @ w.T - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-2
+    h, _ = m(torch.randn(5, 2, 3, dtype=dtype))
+    assert h.dtype == dtype and h.isfinite().all()

@@ -88,10 +88,14 @@ def screened_attention(
     Empty inputs are fine: `T = 0` or `B = 0` (or `H = 0`) returns an empty `(B, H, T, Dv)`
     output, and with `return_state=True` a state whose slots are all empty (`-1`, `-inf`).
     With `D = 0` every logit is 0, so each query averages the values of its candidates.
+    Without `return_state`, `relevant` is capped at `T - window` (the same output), so a huge
+    value for full attention allocates nothing. A NaN or Inf in a query row reaches that
+    output row only, in a key or value only the outputs of the queries whose candidate set
+    holds it (and, through the relevancy, possibly the selection of its own (b, h) row).
 
     Raises:
         TypeError: a non-tensor, integer or mixed-dtype input, a non-integer (or bool)
-            `window`/`relevant`, or a non-real `scale`.
+            `window`/`relevant` (numpy integers are fine), or a non-real `scale`.
         ValueError: wrong rank, mismatched `(B, H, T, D)`, tensors on different devices,
             `window < 1`, `relevant < 0`, non-finite `scale`, or an unknown or unavailable
             `backend`.
@@ -113,6 +117,10 @@ def screened_attention(
     window, relevant, scale = check_inputs(q, k, v, window, relevant, scale)
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
+    if not return_state:
+        # At most T - window keys ever reach the set before the last query, so a larger ρ gives
+        # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
+        relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, AVAILABLE)
     if impl == "cpu" and q.dtype not in _CPU_DTYPES:
         if backend != "auto":

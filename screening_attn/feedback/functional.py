@@ -44,13 +44,17 @@ def _check_like(name: str, t: Tensor, like_name: str, like: Tensor) -> None:
 
 
 def _check_mask(mask: Tensor, like_name: str, like: Tensor) -> None:
+    _check_mask_shape(mask, like_name, tuple(like.shape), like.device)
+
+
+def _check_mask_shape(mask: Tensor, what: str, shape: tuple[int, ...], device) -> None:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
         raise TypeError(f"mask must be a bool tensor, got {got}")
-    if mask.shape != like.shape or mask.device != like.device:
+    if tuple(mask.shape) != shape or mask.device != device:
         raise ValueError(
-            f"mask must have the shape and device of {like_name} "
-            f"({tuple(like.shape)}, {like.device}), got ({tuple(mask.shape)}, {mask.device})"
+            f"mask must have the shape and device of {what} "
+            f"({shape}, {device}), got ({tuple(mask.shape)}, {mask.device})"
         )
 
 
@@ -84,9 +88,7 @@ def ada_relu(
     check_tensor("x", x, ndim=tuple(range(9)))
     if hidden is not None:
         _check_like("hidden", hidden, "x", x)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a float, got {eta!r} ({type(eta).__name__})")
-    eta = float(eta)
+    eta = _check_eta(eta)
     impl = _backend.resolve("ada_relu", backend, x.device, _ADA_RELU_BACKENDS)
     if impl == "reference":
         return reference.ada_relu(x, hidden, eta)
@@ -109,6 +111,10 @@ def ada_relu_feedback(z: Tensor, mask: Tensor, *, backend: str = "auto") -> Tens
     check_tensor("z", z, ndim=tuple(range(9)))
     _check_mask(mask, "z", z)
     impl = _backend.resolve("ada_relu_feedback", backend, z.device, _ADA_RELU_BACKENDS)
+    return _run_ada_relu_feedback(impl, z, mask)
+
+
+def _run_ada_relu_feedback(impl: str, z: Tensor, mask: Tensor) -> Tensor:
     if impl == "reference":
         return reference.gate(z, mask)
     if impl == "triton":
@@ -125,8 +131,6 @@ def _check_eps(eps: object) -> float:
 
 
 def _check_eta(eta: object) -> float:
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)):
-        raise TypeError(f"eta must be a float, got {eta!r} ({type(eta).__name__})")
     return check_finite_float("eta", eta)
 
 
@@ -213,6 +217,19 @@ def ins_bias_ada_relu(
         >>> y, mask = ins_bias_ada_relu(x, b)                                  # first pass
         >>> y, mask = ins_bias_ada_relu(x, b, torch.randn_like(x), eta=0.1)   # gated
     """
+    eta, eps, centered = _check_ins_bias_ada_relu(x, bias, hidden, eta, eps, centered)
+    impl = _backend.resolve("ins_bias_ada_relu", backend, x.device, _NORM_BACKENDS)
+    return _run_ins_bias_ada_relu(impl, x, bias, hidden, eta, eps, centered)
+
+
+def _check_ins_bias_ada_relu(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    eta: object,
+    eps: object,
+    centered: object,
+) -> tuple[float, float, bool]:
     eps, centered, eta = _check_eps(eps), check_bool("centered", centered), _check_eta(eta)
     _check_plane("x", x, centered)
     if bias is not None:
@@ -224,7 +241,18 @@ def ins_bias_ada_relu(
             )
     if hidden is not None:
         _check_like("hidden", hidden, "x", x)
-    impl = _backend.resolve("ins_bias_ada_relu", backend, x.device, _NORM_BACKENDS)
+    return eta, eps, centered
+
+
+def _run_ins_bias_ada_relu(
+    impl: str,
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    eta: float,
+    eps: float,
+    centered: bool,
+) -> tuple[Tensor, Tensor]:
     if impl == "reference":
         u = reference.ins_norm(x, eps, centered)
         if bias is not None:
@@ -308,6 +336,14 @@ def ada_pool2d(
         positions ``row * k + col`` of the max and of the min inside each window (1 byte per
         output instead of max_pool2d's 8-byte plane index); both are always computed.
     """
+    k = _check_ada_pool2d(x, hidden, kernel_size, "hidden")
+    impl = _backend.resolve("ada_pool2d", backend, x.device, _POOL_BACKENDS)
+    return _run_ada_pool2d(impl, x, hidden, k)
+
+
+def _check_ada_pool2d(
+    x: Tensor, hidden: Tensor | None, kernel_size: object, hidden_name: str
+) -> int:
     check_tensor("x", x, ndim=4)
     k = _check_kernel_size(kernel_size)
     if x.shape[2] < k or x.shape[3] < k:
@@ -316,13 +352,18 @@ def ada_pool2d(
         )
     pooled = (x.shape[0], x.shape[1], x.shape[2] // k, x.shape[3] // k)
     if hidden is not None:
-        check_tensor("hidden", hidden, ndim=4)
-        check_same_device_dtype("x", x, hidden=hidden)
+        check_tensor(hidden_name, hidden, ndim=4)
+        check_same_device_dtype("x", x, **{hidden_name: hidden})
         if tuple(hidden.shape) != pooled:
             raise ValueError(
-                f"hidden must have the pooled shape {pooled}, got {tuple(hidden.shape)}"
+                f"{hidden_name} must have the pooled shape {pooled}, got {tuple(hidden.shape)}"
             )
-    impl = _backend.resolve("ada_pool2d", backend, x.device, _POOL_BACKENDS)
+    return k
+
+
+def _run_ada_pool2d(
+    impl: str, x: Tensor, hidden: Tensor | None, k: int
+) -> tuple[Tensor, Tensor, Tensor]:
     if impl == "reference":
         y, argmax, argmin, _, _ = reference.ada_pool2d(x, hidden, k)
         if argmin is None:
@@ -351,7 +392,8 @@ def ada_unpool2d(
 
     Args:
         z (Tensor): `(N, C, Ho, Wo)`.
-        argmax, argmin (Tensor): uint8 window positions from :func:`ada_pool2d`.
+        argmax, argmin (Tensor): uint8 window positions from :func:`ada_pool2d`, in
+            ``[0, k * k)`` (checked in eager mode: the kernels would drop others silently).
         hidden (Optional[Tensor]): `(N, C, Ho, Wo)`, or ``None``.
         kernel_size (int): k of the forward.
         output_size ((int, int)): (H, W) of the forward's input; ``H // k == Ho``.
@@ -360,6 +402,19 @@ def ada_unpool2d(
     Returns:
         Tensor `(N, C, H, W)`: zero except at the selected positions.
     """
+    k, height, width = _check_ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)
+    impl = _backend.resolve("ada_unpool2d", backend, z.device, _POOL_BACKENDS)
+    return _run_ada_unpool2d(impl, z, argmax, argmin, hidden, k, height, width)
+
+
+def _check_ada_unpool2d(
+    z: Tensor,
+    argmax: Tensor,
+    argmin: Tensor,
+    hidden: Tensor | None,
+    kernel_size: object,
+    output_size: object,
+) -> tuple[int, int, int]:
     check_tensor("z", z, ndim=4)
     k = _check_kernel_size(kernel_size)
     if not isinstance(output_size, tuple | list) or len(output_size) != 2:
@@ -374,7 +429,28 @@ def ada_unpool2d(
     _check_positions("argmin", argmin, pooled, z.device)
     if hidden is not None:
         _check_like("hidden", hidden, "z", z)
-    impl = _backend.resolve("ada_unpool2d", backend, z.device, _POOL_BACKENDS)
+    # Out-of-window positions would be dropped silently by the kernels. A data-dependent check,
+    # so eager only (the layers pass what their own forward computed).
+    if not torch.compiler.is_compiling() and z.device.type != "meta":
+        for name, pos in (("argmax", argmax), ("argmin", argmin))[: 1 if hidden is None else 2]:
+            if pos.numel() and int(pos.max()) >= k * k:
+                raise ValueError(
+                    f"{name} must hold window positions row * k + col in [0, {k * k}), "
+                    f"got {int(pos.max())}"
+                )
+    return k, height, width
+
+
+def _run_ada_unpool2d(
+    impl: str,
+    z: Tensor,
+    argmax: Tensor,
+    argmin: Tensor,
+    hidden: Tensor | None,
+    k: int,
+    height: int,
+    width: int,
+) -> Tensor:
     if impl == "reference":
         imax, imin = _plane_indices(argmax, k, width), _plane_indices(argmin, k, width)
         pos = None if hidden is None else hidden > 0
@@ -408,22 +484,13 @@ def ins_bias_ada_relu_pool2d(
         ``(y, mask, argmax, argmin)``: the pooled output, the gate's mask (full resolution) and
         the pool's window positions, as the two ops return them.
     """
+    eta, eps, centered = _check_ins_bias_ada_relu(x, bias, hidden, eta, eps, centered)
+    k = _check_ada_pool2d(x, pool_hidden, kernel_size, "pool_hidden")
     impl = _backend.resolve("ins_bias_ada_relu_pool2d", backend, x.device, _NORM_BACKENDS)
     if impl != "cpu":
-        u, mask = ins_bias_ada_relu(x, bias, hidden, eta, eps=eps, centered=centered, backend=impl)
-        y, argmax, argmin = ada_pool2d(u, pool_hidden, kernel_size, backend=impl)
+        u, mask = _run_ins_bias_ada_relu(impl, x, bias, hidden, eta, eps, centered)
+        y, argmax, argmin = _run_ada_pool2d(impl, u, pool_hidden, k)
         return y, mask, argmax, argmin
-    eps, centered, eta = _check_eps(eps), check_bool("centered", centered), _check_eta(eta)
-    _check_plane("x", x, centered)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_same_device_dtype("x", x, bias=bias)
-    if hidden is not None:
-        _check_like("hidden", hidden, "x", x)
-    k = _check_kernel_size(kernel_size)
-    if pool_hidden is not None:
-        check_tensor("pool_hidden", pool_hidden, ndim=4)
-        check_same_device_dtype("x", x, pool_hidden=pool_hidden)
     y, mask, _, argmax, argmin = _ops.ins_bias_ada_relu_pool2d_cpp(
         x, bias, hidden, pool_hidden, eta, eps, centered, k
     )
@@ -448,19 +515,12 @@ def ada_unpool_gate(
     Returns:
         ``(u, out)``, both `(N, C, H, W)`.
     """
+    k, height, width = _check_ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)
+    _check_mask_shape(mask, "the unpooled output", (*z.shape[:2], height, width), z.device)
     impl = _backend.resolve("ada_unpool_gate", backend, z.device, _POOL_BACKENDS)
     if impl != "cpu":
-        u = ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size, backend=impl)
-        return u, ada_relu_feedback(u, mask, backend=impl)
-    check_tensor("z", z, ndim=4)
-    k = _check_kernel_size(kernel_size)
-    height, width = (check_int("output_size", v, minimum=1) for v in output_size)
-    _check_positions("argmax", argmax, tuple(z.shape), z.device)
-    _check_positions("argmin", argmin, tuple(z.shape), z.device)
-    if hidden is not None:
-        _check_like("hidden", hidden, "z", z)
-    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask must be a bool tensor, got {getattr(mask, 'dtype', mask)!r}")
+        u = _run_ada_unpool2d(impl, z, argmax, argmin, hidden, k, height, width)
+        return u, _run_ada_relu_feedback(impl, u, mask)
     return _ops.ada_unpool_gate_cpp(z, hidden, argmax, argmin, mask, k, height, width)
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from screening_attn import _backend
 from screening_attn._validate import (
+    StateDictChecks,
     check_bool,
     check_finite_float,
     check_int,
@@ -118,7 +119,7 @@ def ins_norm(
     return functional._ins_norm("x", x, eps, centered, backend)
 
 
-class FeedbackModule(nn.Module):
+class FeedbackModule(StateDictChecks, nn.Module):
     """Base of the CNN-F layers: ``forward(x)`` bottom-up, ``feedback(z)`` top-down."""
 
     def feedback(self, z: Tensor) -> Tensor:
@@ -430,6 +431,12 @@ class FeedbackConv2d(FeedbackModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check("x", x, self.in_channels)
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if x.shape[2] + 2 * ph < kh or x.shape[3] + 2 * pw < kw:
+            raise ValueError(
+                f"x must be at least the kernel size {self.kernel_size} in H and W after padding "
+                f"{self.padding}, got shape {tuple(x.shape)}"
+            )
         return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
 
     def feedback(self, z: Tensor) -> Tensor:
@@ -516,16 +523,18 @@ class GlobalAvgPool2d(FeedbackModule):
 
     def _clear_state(self) -> None:
         self.size: tuple[int, int] | None = None
+        self.channels: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         check_tensor("x", x, ndim=4)
-        self.size = (x.shape[2], x.shape[3])
+        self.size, self.channels = (x.shape[2], x.shape[3]), x.shape[1]
         return x.mean(dim=(2, 3))
 
     def feedback(self, z: Tensor) -> Tensor:
         if self.size is None:
             raise RuntimeError("GlobalAvgPool2d.feedback needs a forward pass first")
         check_tensor("z", z, ndim=2)
+        _check_channels("z", z, 1, self.channels, "channels (those of the last forward input)")
         return z[:, :, None, None].expand(-1, -1, *self.size)
 
 

@@ -13,7 +13,12 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
-from screening_attn._validate import check_finite_float, check_int
+from screening_attn._validate import (
+    check_finite_float,
+    check_int,
+    check_same_device_dtype,
+    check_tensor,
+)
 from screening_attn.feedback import functional
 from screening_attn.feedback.layers import (
     AdaPool2d,
@@ -51,7 +56,24 @@ def feedback_step(model: FeedbackNetwork, out: Tensor, ff: Tensor) -> tuple[Tens
     Returns:
         ``(out, ff)``: the new logits and the updated feature map.
     """
+    if not isinstance(model, FeedbackNetwork):
+        raise TypeError(f"model must be a FeedbackNetwork, got {type(model).__name__}")
+    check_tensor("out", out, ndim=tuple(range(1, 9)))
+    check_tensor("ff", ff, ndim=tuple(range(1, 9)))
+    check_same_device_dtype("out", out, ff=ff)
+    if model._out_shape is None:
+        raise RuntimeError("feedback_step needs a forward pass of the model first (no gates set)")
+    if tuple(out.shape) != model._out_shape:
+        raise ValueError(
+            f"out must have the shape of the model's last output {model._out_shape}, "
+            f"got {tuple(out.shape)}"
+        )
     rec = model.feedback(out)
+    if ff.shape != rec.shape:
+        raise ValueError(
+            f"ff must have the shape of the map fed back at unit {model.ff_unit}, "
+            f"{tuple(rec.shape)}, got {tuple(ff.shape)}"
+        )
     ff = functional.feedback_update(ff, rec, model.res_param, backend=model.backend)
     return model.forward(ff, start=model.ff_unit), ff
 
@@ -85,6 +107,26 @@ class FeedbackNetwork(FeedbackSequential):
         self.cycles = check_int("cycles", cycles, minimum=0)
         self.res_param = check_finite_float("res_param", res_param)
         self.backend = _check_backend(backend)
+        self._clear_state()
+
+    def _check_input(self, x: Tensor) -> None:
+        """Checks of the network's input (unit 0) beyond the first layer's own."""
+
+    def _clear_state(self) -> None:
+        self._out_shape: tuple[int, ...] | None = None  # of the last output, for feedback_step
+
+    def forward(self, x: Tensor, start: int = 0) -> Tensor:
+        if start == 0:
+            self._check_input(x)
+        out = super().forward(x, start)
+        self._out_shape = tuple(out.shape)
+        return out
+
+    def forward_capture(self, x: Tensor, at: int) -> tuple[Tensor, Tensor]:
+        self._check_input(x)
+        out, captured = super().forward_capture(x, at)
+        self._out_shape = tuple(out.shape)
+        return out, captured
 
     def feedback(self, z: Tensor, stop: int | None = None) -> Tensor:
         return super().feedback(z, self.ff_unit if stop is None else stop)
@@ -94,7 +136,9 @@ class FeedbackNetwork(FeedbackSequential):
         return self.forward_capture(x, self.ff_unit)
 
     def run_cycles(self, x: Tensor) -> Tensor:
-        """Logits `(N, classes)` after ``cycles`` feedback cycles (differentiable)."""
+        """Logits `(N, classes)` after ``cycles`` feedback cycles (differentiable). ``N = 0``
+        gives `(0, classes)`; nothing mixes across the batch, so a NaN in one input reaches
+        only its own logits."""
         out, ff = self._first_pass(x)
         for _ in range(self.cycles):
             out, ff = feedback_step(self, out, ff)
@@ -191,6 +235,14 @@ class CNNF(FeedbackNetwork):
             OrderedDict(layers), ff_unit=ff_unit, cycles=cycles, res_param=eta, backend=backend
         )
         self.ind = ind
+
+    def _check_input(self, x: Tensor) -> None:
+        check_tensor("x", x, ndim=4)
+        # two 2x2 pools must leave the 7 x 7 map that fc1 (3136 = 64 * 7 * 7) takes
+        if x.shape[1] != 1 or x.shape[2] // 4 != 7 or x.shape[3] // 4 != 7:
+            raise ValueError(
+                f"x must be images of shape (N, 1, 28, 28) (H, W in 28..31), got {tuple(x.shape)}"
+            )
 
 
 class WideBasicBlock(FeedbackModule):
@@ -314,3 +366,12 @@ class CNNFWideResNet(FeedbackNetwork):
             backend=backend,
         )
         self.ind = ind
+
+    def _check_input(self, x: Tensor) -> None:
+        check_tensor("x", x, ndim=4)
+        # the feedback of the two stride-2 stages maps even sizes back exactly
+        if x.shape[1] != 3 or x.shape[2] % 4 or x.shape[3] % 4 or min(x.shape[2:]) == 0:
+            raise ValueError(
+                f"x must be images of shape (N, 3, H, W) with H and W positive multiples of 4 "
+                f"(e.g. 32 x 32), got {tuple(x.shape)}"
+            )

@@ -344,7 +344,7 @@ def _make_nonlinearity(name: object, hidden_size: int, factory: dict) -> nn.Modu
     ]()
 
 
-class RelRNN(nn.Module):
+class RelRNN(_validate.StateDictChecks, nn.Module):
     r"""Self-attentive RNN with relevancy screening (Kerg et al. 2020, "RelRNN").
 
     Step t (``φ`` the nonlinearity, ``h0`` zeros when None):
@@ -426,7 +426,12 @@ class RelRNN(nn.Module):
         for lin in (self.U, self.V, self.Ua, self.Va):
             lin.reset_parameters()
         nn.init.xavier_normal_(self.U.weight)
-        nn.init.orthogonal_(self.V.weight)
+        if self.V.weight.dtype in (torch.float32, torch.float64):
+            nn.init.orthogonal_(self.V.weight)
+        else:  # QR has no half-precision CPU kernel: draw in float32, then cast
+            with torch.no_grad():
+                w = torch.empty_like(self.V.weight, dtype=torch.float32)
+                self.V.weight.copy_(nn.init.orthogonal_(w))
         nn.init.xavier_normal_(self.v)
         if isinstance(self.nonlinearity, ModReLU):
             self.nonlinearity.reset_parameters()
@@ -442,7 +447,9 @@ class RelRNN(nn.Module):
         """Run the whole sequence.
 
         Args:
-            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            x (Tensor): `(T, B, input_size)`, T ≥ 1 (like ``torch.nn.RNN``; ``T = 0`` is a
+                ValueError), B ≥ 0 (``B = 0`` gives an empty ``h`` and state); dtype and device
+                of the parameters. A NaN in ``x[t, b]`` reaches row ``b`` from step ``t`` on only.
             h0 (Tensor | None): `(B, hidden_size)`, the state before step 0. Default: zeros.
             attn (float): factor on the context, ``s_t = ½ (h_{t-1} + attn · c_t)``.
                 Default: ``1.0``.
@@ -484,7 +491,7 @@ class RelRNN(nn.Module):
         )
 
 
-class RelLSTM(nn.Module):
+class RelLSTM(_validate.StateDictChecks, nn.Module):
     r"""Self-attentive LSTM with relevancy screening (Kerg et al. 2020, "RelLSTM").
 
     The attention and screening of :class:`RelRNN`, with an LSTM cell: ``s_0 = h0`` (zeros when
@@ -557,7 +564,7 @@ class RelLSTM(nn.Module):
         """Run the whole sequence.
 
         Args:
-            x (Tensor): `(T, B, input_size)`, T ≥ 1; dtype and device of the parameters.
+            x (Tensor): `(T, B, input_size)`, T ≥ 1, B ≥ 0, as for :meth:`RelRNN.forward`.
             h0 (Tensor | None): `(B, hidden_size)`, the first attention query and the state fed
                 to the gates at t = 0. Default: zeros.
             backend (str): ``"auto"``, ``"reference"``, ``"cpu"`` or ``"cuda"``, as for
