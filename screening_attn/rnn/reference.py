@@ -185,7 +185,9 @@ def rel_rnn_reference(
     Hd = U_weight.shape[0]
     if h0 is None:
         h0 = x.new_zeros(B, Hd)
-    ux = F.linear(x, U_weight, U_bias)  # (T, B, Hd): the input part of every step at once
+    # The input part of every step at once; unbind, not ux[t]: the backward of T indexing ops
+    # would write T full-size (T, B, Hd) gradients (quadratic time), unbind's stacks them once.
+    ux = F.linear(x, U_weight, U_bias).unbind(0)
     memory = _Memory(window, relevant, T, h0)
     hs = []
     for t in range(T):
@@ -232,11 +234,12 @@ def rel_lstm_reference(
     memory = _Memory(window, relevant, T, h0)
     cell = x.new_zeros(B, Hd)
     s = h0  # s_0 = h0, no attention at t = 0
+    xs = x.unbind(0)  # not x[t]: see rel_rnn_reference
     hs = []
     for t in range(T):
         if t > 0:
             s = 0.5 * (hs[-1] + memory.attend(s, Va_weight, v))
-        inp = torch.cat([s, x[t]], 1)
+        inp = torch.cat([s, xs[t]], 1)
         f = torch.sigmoid(F.linear(inp, Wf_weight, Wf_bias))
         i = torch.sigmoid(F.linear(inp, Wi_weight, Wi_bias))
         o = torch.sigmoid(F.linear(inp, Wo_weight, Wo_bias))
