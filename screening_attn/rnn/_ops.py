@@ -116,6 +116,9 @@ def _setup_rnn(ctx, inputs, output):
     ctx.save_for_backward(x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s, pq, uah,
                           alpha, cand)  # fmt: skip
     ctx.mark_non_differentiable(*output[1:])
+    # Only h has a gradient: without this, autograd would allocate zero gradients for every
+    # record (s, pq, uah, alpha: ~5 (T, B, Hd) buffers) before calling the backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward_rnn(ctx, grad_h, *_):
@@ -136,6 +139,7 @@ def _setup_lstm(ctx, inputs, output):
     h, _, _, _, cell, s, pq, uah, alpha, cand = output
     ctx.save_for_backward(x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha, cand)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # as for RelRNN
 
 
 def _backward_lstm(ctx, grad_h, *_):
