@@ -1,5 +1,6 @@
 # make bench  - the benchmark report (the main job)
 # make test   - the test suite (what CI runs)
+# make fuzz   - tests/test_fuzz.py with 10x the examples, new random ones each run
 # Both create .venv, install torch and the rest, and build the extension on first use.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ DEPS  := $(VENV)/.deps
 BUILT := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench bench-quick build lint clean
+.PHONY: test fuzz bench bench-quick build lint clean
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -38,6 +39,12 @@ build: $(BUILT)
 
 test: $(BUILT)
 	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+
+# tests/test_fuzz.py with 10x the examples, freshly random each run (the "fuzz" profile of
+# tests/conftest.py; failures are saved in .hypothesis/ and replayed first next time).
+fuzz: $(BUILT)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -q \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 # One thread by default: this machine's two cores throttle under sustained load.
 # BASELINE=<json> compares with an earlier result and flags cases more than 10% slower.
