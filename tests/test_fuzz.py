@@ -13,6 +13,9 @@ examples; `make fuzz` multiplies every count by FUZZ_FACTOR = 10 and draws new o
   float32, float16, bfloat16), each CNN-F op 100 (planes up to 8 x 8; float64, float32, and
   float16 / bfloat16 for the gates, pools and the top-down norm).
 
+Time (`make test`): 110 s on this 2-core machine, 220 s while other jobs load it; the module runs
+on one thread whatever OMP_NUM_THREADS says.
+
 Selections (attention's relevant sets, RNN slots, gates, pool positions) must match the
 reference exactly in float64. In lower precision a differing selection is accepted only where
 the reference's decision was a near tie (then the example checks what it can and records a
@@ -47,6 +50,16 @@ HALF = (F16, BF16)
 CPU_EXAMPLES = 1000
 TRITON_ATTENTION_EXAMPLES = 20
 TRITON_FEEDBACK_EXAMPLES = 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The examples are tiny: a second thread only adds synchronisation, which costs 5x the
+    time when the other core is busy. (Results across thread counts: the determinism tests.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def fuzz(examples: int):
