@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from _attention_utils import check_against_reference, near_tie_explains
 from _rnn_utils import check as check_rnn
-from _tolerances import ROUNDING, assert_close, assert_low_precision_close
+from _tolerances import ROUNDING, TOL, assert_close, assert_low_precision_close
 from conftest import FUZZ_FACTOR
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
@@ -264,6 +264,36 @@ def leaves(*tensors):
     return [None if t is None else t.detach().requires_grad_() for t in tensors]
 
 
+def compare(got, want, exact_fn) -> None:
+    """Kernel results ``got`` against the reference's ``want`` (same dtype) by _tolerances.
+    Where float32 fails them on an ill-conditioned problem (an instance norm of two nearly
+    equal values, say), the kernel must be as accurate as the float32 reference: its error
+    against float64 (``exact_fn()``: the reference on the exactly upcast inputs, or None if
+    its selections differ) at most twice the reference's, plus float32's tolerance relative to
+    the largest entry."""
+    exact = ()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        try:
+            assert_close(a, b)
+        except AssertionError:
+            if a.dtype != F32:
+                raise
+            if exact == ():
+                exact = exact_fn()
+            if exact is None:
+                event("float64 selects otherwise: a near tie")
+                return
+            e = exact[i].detach().double()
+            err, ref_err = ((t.detach().double() - e).abs().max().item() for t in (a, b))
+            rtol, atol = TOL[F32]
+            assert err <= 2 * ref_err + rtol * e.abs().max().item() + atol, (i, err, ref_err)
+            event("float32 ill-conditioned: checked against float64")
+
+
+def upcast(*tensors):
+    return leaves(*(None if t is None else t.detach().double() for t in tensors))
+
+
 # ---- AdaReLU and its feedback gate (any shape) -------------------------------------------------
 
 
@@ -399,10 +429,14 @@ def check_ins_bias_ada_relu(backend, shape, with_bias, gated, centered, eta, off
         assert gate_near_ties(x, b, h, eta, centered, m != m_ref), "gate differs, no near tie"
         event("gate differs at a near tie")
         return
-    assert_close(y, y_ref)
     g = restride(randn(shape, dtype, gen), layouts[2])
-    for a, c in zip(grads(y, ker_in, g), grads(y_ref, ref_in, g)):
-        assert_close(a, c)
+
+    def exact():
+        ins = upcast(x, b, h)
+        y64, m64 = reference_fused(*ins, eta, centered)
+        return (y64, *grads(y64, ins, g.double())) if torch.equal(m64, m_ref) else None
+
+    compare((y, *grads(y, ker_in, g)), (y_ref, *grads(y_ref, ref_in, g)), exact)
 
 
 def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset, dtype,
@@ -417,7 +451,7 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
     mask = restride(torch.rand(shape, generator=gen) > 0.5, layouts[1])
     g1, g2 = randn(shape, dtype, gen), restride(randn(shape, dtype, gen), layouts[2])
 
-    def run(zz, impl):
+    def run(zz, impl, g1=g1, g2=g2):
         if impl == "reference":
             zn = reference.ins_norm(zz, 1e-8, centered)
             out, y = reference.gate(zn, mask), zn
@@ -432,9 +466,7 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
     got = run(*leaves(z), backend)
     want = run(*leaves(z), "reference")
     if dtype in HALF:
-        z64 = z.detach().double().requires_grad_()
-        (g1, g2) = (g1.double(), g2.double())
-        exact = run(z64, "reference")
+        exact = run(*upcast(z), "reference", g1.double(), g2.double())
         for a, e, lp in zip(got, exact, want):
             assert a.dtype == dtype
             if dtype == BF16 and backend == "triton" and a.device.type == "cpu":
@@ -448,8 +480,7 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
             else:
                 assert_low_precision_close(a, e.detach(), lp)
     else:
-        for a, b in zip(got, want):
-            assert_close(a, b)
+        compare(got, want, lambda: run(*upcast(z), "reference", g1.double(), g2.double()))
 
 
 def _norm_test(check, backend, half):
@@ -571,14 +602,26 @@ def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layou
         assert gate_near_ties(x, b, h, eta, centered, m != m_ref), "gate differs, no near tie"
         event("gate differs at a near tie")
         return
-    assert_close(y, y_ref)  # (also when a pool picked a near-tied element, below)
+    g = randn(pooled, dtype, gen)
+
+    def exact(with_grads=True):
+        ins = upcast(x, b, h)
+        u64, m64 = reference_fused(*ins, eta, centered)
+        hp64 = None if hp is None else hp.double()
+        y64, amax64, amin64 = functional.ada_pool2d(u64, hp64, k, backend="reference")
+        if not (torch.equal(m64, m_ref) and torch.equal(amax64, amax_ref)):
+            return None
+        if not torch.equal(amin64, amin_ref):
+            return None
+        return (y64, *grads(y64, ins, g.double())) if with_grads else (y64,)
+
+    # (the output also when a pool picked a near-tied element, below)
+    compare((y,), (y_ref,), lambda: exact(False))
     if not (torch.equal(amax, amax_ref) and torch.equal(amin, amin_ref)):
         assert dtype != F64, "float64 pool positions must match the reference exactly"
         event("pool position differs at a near tie")
         return
-    g = randn(pooled, dtype, gen)
-    for a, c in zip(grads(y, ker_in, g), grads(y_ref, ref_in, g)):
-        assert_close(a, c)
+    compare((y, *grads(y, ker_in, g)), (y_ref, *grads(y_ref, ref_in, g)), exact)
     # feedback: unpool then gate, both outputs used (the gate's hidden and what goes down)
     z = restride(randn(pooled, dtype, gen), layouts[2])
     (zr,), (zk,) = leaves(z), leaves(z)
