@@ -153,9 +153,42 @@ def check_attention(run, q, k, v, window, relevant, scale):
     if q.dtype in HALF:
         same = check_attention_half(run, q, k, v, window, relevant, scale)
     else:
-        same = check_against_reference(run, q, k, v, window, relevant, scale)
+        try:
+            same = check_against_reference(run, q, k, v, window, relevant, scale)
+        except AssertionError:
+            if q.dtype != F32:
+                raise
+            same = check_attention_conditioned(run, q, k, v, window, relevant, scale)
     if not same:
         event("selection differs at a near tie")
+
+
+def check_attention_conditioned(run, q, k, v, window, relevant, scale) -> bool:
+    """float32 beyond the elementwise tolerance (large logits: a peaked softmax amplifies
+    rounding): with the reference's selection, the kernel's output and gradients must be as
+    accurate as the float32 reference's against float64, plus float32's tolerance relative to
+    the largest entry (as compare() below)."""
+    out, state = run(q, k, v, window, relevant, scale)
+    ref, ref_state = screened_attention_reference(
+        q, k, v, window, relevant, scale=scale, return_state=True
+    )
+    if not torch.equal(state.span, ref_state.span):
+        assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"
+        return False
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out64 = F.scaled_dot_product_attention(*x64, attn_mask=ref_state.candidate_mask(window),
+                                           scale=scale)  # fmt: skip
+    g = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), g))
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), g))
+    exact = (out64, *torch.autograd.grad(out64, x64, g.double()))
+    rtol, atol = TOL[F32]
+    for a, b, e in zip(got, want, exact):
+        e = e.detach()
+        err, ref_err = ((t.detach().double() - e).abs().max().item() for t in (a, b))
+        assert err <= 2 * ref_err + rtol * e.abs().max().item() + atol, (err, ref_err)
+    event("float32 ill-conditioned: checked against float64")
+    return True
 
 
 def check_attention_half(run, q, k, v, window, relevant, scale) -> bool:
