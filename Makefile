@@ -1,5 +1,6 @@
 # make bench     - the benchmark report (the main job)
 # make test      - the test suite (what CI runs)
+# make fuzz      - tests/test_fuzz.py with 10x the examples, new random ones each run
 # make sanitize  - the C++ kernels' tests against an AddressSanitizer + UBSan build of _C, made
 #                  in build/sanitize (the optimized in-place build is left alone)
 # All create .venv, install torch and the rest, and build the extension on first use.
@@ -18,7 +19,7 @@ INSTALLED := $(VENV)/.installed
 BUILT     := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test bench bench-quick build sanitize lint clean
+.PHONY: test fuzz bench bench-quick build sanitize lint clean
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -52,10 +53,11 @@ test: $(BUILT)
 # and torch keep allocations alive until exit by design. halt_on_error (and
 # -fno-sanitize-recover in setup.py) turn any report into a failed run; --capture=sys leaves
 # stderr to the sanitizers (pytest's fd capture would swallow a report that ends the process).
-# Here: about 2 min of tests; rebuilding the extension adds 5-8 min (a shared 2-core VM).
+# Here: several minutes of tests (the fuzz file is the longest); rebuilding the extension adds 5-8 min (a shared 2-core VM).
 SAN_DIR := build/sanitize
 SAN_TESTS := tests/test_attention_cpu.py tests/test_rnn_kernels.py tests/test_feedback_ops.py \
-	tests/test_feedback_kernels.py tests/test_feedback_reference.py tests/test_determinism.py
+	tests/test_feedback_kernels.py tests/test_feedback_reference.py tests/test_determinism.py \
+	tests/test_hostile_inputs.py tests/test_fuzz.py
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	SCREENING_ATTN_EXTENSION="$$(ls $(SAN_DIR)/screening_attn/_C*.so)" \
@@ -66,6 +68,12 @@ sanitize: $(INSTALLED)
 	$(SAN_ENV) $(BIN)/python -c "import screening_attn as s; i = s.build_info(); \
 		assert i['loaded'] and i['address_sanitizer'], i"
 	$(SAN_ENV) $(BIN)/python -m pytest $(SAN_TESTS) -q --capture=sys -k "not triton" $(PYTEST_ARGS)
+
+# tests/test_fuzz.py with 10x the examples, freshly random each run (the "fuzz" profile of
+# tests/conftest.py; failures are saved in .hypothesis/ and replayed first next time).
+fuzz: $(BUILT)
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest tests/test_fuzz.py -q \
+		--hypothesis-show-statistics $(PYTEST_ARGS)
 
 # One thread by default: this machine's two cores throttle under sustained load.
 # BASELINE=<json> compares with an earlier result and flags cases more than 10% slower.

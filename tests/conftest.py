@@ -12,6 +12,25 @@ if not _has_cuda:
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+# Hypothesis profiles, picked by HYPOTHESIS_PROFILE: "ci" (the default, what `make test` runs)
+# draws fixed examples (derandomize) so that every run checks the same cases and a failure
+# reproduces; "fuzz" (`make fuzz`) draws new random examples each run, FUZZ_FACTOR times as many
+# in tests/test_fuzz.py, and keeps failing ones in .hypothesis/ (git-ignored) to replay first.
+settings.register_profile("ci", deadline=None, derandomize=True, database=None, print_blob=True)
+settings.register_profile(
+    "fuzz",
+    deadline=None,
+    database=DirectoryBasedExampleDatabase(
+        os.path.join(os.path.dirname(__file__), os.pardir, ".hypothesis", "examples")
+    ),
+    print_blob=True,
+)
+PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
+settings.load_profile(PROFILE)
+FUZZ_FACTOR = 10 if PROFILE == "fuzz" else 1
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

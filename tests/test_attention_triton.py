@@ -11,8 +11,6 @@ import pytest
 import torch
 from _attention_utils import check_against_reference, check_nan_locality, make_qkv
 from _tolerances import assert_low_precision_close
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from screening_attn import _backend
 from screening_attn.attention import _ops, screened_attention_reference
@@ -203,20 +201,7 @@ def test_errors(monkeypatch):
         gq.sum().backward()
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
-@given(
-    B=st.integers(1, 2),
-    H=st.integers(1, 2),
-    T=st.integers(1, 40),
-    D=st.integers(1, 20),
-    Dv=st.integers(1, 20),
-    window=st.integers(1, 24),
-    relevant=st.integers(0, 8),
-    seed=st.integers(0, 2**16),
-)
-def test_hypothesis_float64(B, H, T, D, Dv, window, relevant, seed):
-    q, k, v = qkv(B, H, T, D, Dv, torch.float64, seed)
-    assert check_against_reference(run_triton, q, k, v, window, relevant)
+# Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
 
 
 @pytest.mark.filterwarnings(

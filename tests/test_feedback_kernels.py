@@ -6,8 +6,6 @@ torch.library checks and torch.compile; the networks on the kernels against the 
 import pytest
 import torch
 from _tolerances import assert_close
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from screening_attn.feedback import (
     CNNF,
@@ -113,23 +111,7 @@ def test_ins_norm_gate_and_ins_norm_match_reference(backend, dtype, shape, cente
     assert_close(torch.autograd.grad(y, zk, g1)[0], torch.autograd.grad(y_ref, zr, g1)[0])
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    n=st.integers(1, 3),
-    c=st.integers(1, 3),
-    h=st.integers(1, 9),
-    w=st.integers(2, 9),
-    gated=st.booleans(),
-    centered=st.booleans(),
-    eta=st.floats(0.0, 1.0),
-)
-def test_cpu_fused_matches_reference_hypothesis(n, c, h, w, gated, centered, eta):
-    x, b = torch.randn(n, c, h, w, dtype=F64), torch.randn(c, dtype=F64)
-    hidden = torch.randn_like(x) if gated else None
-    y, m = functional.ins_bias_ada_relu(x, b, hidden, eta, centered=centered, backend="cpu")
-    y_ref, m_ref = _reference_fused(x, b, hidden, eta, centered)
-    assert torch.equal(m, m_ref)
-    assert_close(y, y_ref)
+# Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
 
 
 # --- AdaPool -------------------------------------------------------------------------------------

@@ -1,0 +1,682 @@
+"""Hypothesis fuzzing of every compiled backend against the reference (never against another
+kernel): screened attention (C++ CPU, Triton), RelRNN / RelLSTM (the C++ sequence kernels) and
+the CNN-F ops (C++ CPU, Triton), forward and gradients, over shapes with their edge cases
+(T = 1, T < ν, ν = 1, ρ = 0, ρ >= T, B = H = 1, small odd D, empty dims), dtypes and memory
+layouts (transposed, sliced, broadcast, channels_last views).
+
+Example counts per op (`make test`, the "ci" profile of conftest.py: fixed, derandomized
+examples; `make fuzz` multiplies every count by FUZZ_FACTOR = 10 and draws new ones each run):
+
+* every op's C++ CPU kernel: 1000 examples (float64 and float32);
+* the Triton kernels run under the interpreter, 10-1000x slower than the C++ kernels, so they
+  get fewer examples of smaller sizes: screened attention 20 (T <= 32, B·H <= 2; float64,
+  float32, float16, bfloat16), each CNN-F op 100 (planes up to 8 x 8; float64, float32, and
+  float16 / bfloat16 for the gates, pools and the top-down norm).
+
+Time (`make test`): 110 s on this 2-core machine, 220 s while other jobs load it; the module runs
+on one thread whatever OMP_NUM_THREADS says.
+
+Selections (attention's relevant sets, RNN slots, gates, pool positions) must match the
+reference exactly in float64. In lower precision a differing selection is accepted only where
+the reference's decision was a near tie (then the example checks what it can and records a
+Hypothesis event; `make fuzz` prints how often that happened).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _attention_utils import check_against_reference, near_tie_explains
+from _rnn_utils import check as check_rnn
+from _tolerances import ROUNDING, TOL, assert_close, assert_low_precision_close
+from conftest import FUZZ_FACTOR
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
+
+from screening_attn import _backend
+from screening_attn.attention import _ops as attention_ops
+from screening_attn.attention import screened_attention, screened_attention_reference
+from screening_attn.attention.state import ScreeningState
+from screening_attn.feedback import functional, reference
+
+pytestmark = pytest.mark.skipif(_backend.C_ERROR is not None, reason=str(_backend.C_ERROR))
+needs_triton = pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not installed")
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+HALF = (F16, BF16)
+CPU_EXAMPLES = 1000
+TRITON_ATTENTION_EXAMPLES = 20
+TRITON_FEEDBACK_EXAMPLES = 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The examples are tiny: a second thread only adds synchronisation, which costs 5x the
+    time when the other core is busy. (Results across thread counts: the determinism tests.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fuzz(examples: int):
+    """Settings of one fuzz test: ``examples`` (times FUZZ_FACTOR under `make fuzz`); the rest
+    (derandomize, database, deadline=None) comes from the loaded profile."""
+    return settings(max_examples=examples * FUZZ_FACTOR)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared strategies: layouts, dtypes, seeds.
+
+# Same values, other strides. "broadcast" repeats the first entry of dim 0 (stride 0), so it
+# changes the values: every layout's result is what both the kernel and the reference get.
+LAYOUTS = ("contiguous", "transposed", "permuted", "channels_last", "sliced", "strided_outer",
+           "broadcast")  # fmt: skip
+layouts = st.sampled_from(LAYOUTS)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def restride(x: torch.Tensor, layout: str, requires_grad: bool = False) -> torch.Tensor:
+    """``x`` (detached) seen through ``layout``; a leaf that requires grad if asked."""
+    x = x.detach()
+    n = x.dim()
+    if layout == "transposed" and n >= 2:  # the last two dims stored swapped
+        x = x.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "permuted" and n >= 3:  # dims 1 and 2 stored swapped ((B, T, H, D) storage)
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    elif layout == "channels_last" and n == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "sliced" and n >= 1:  # every other element of the last dim
+        y = x.new_zeros(*x.shape[:-1], 2 * x.shape[-1])[..., ::2]
+        x = y.copy_(x)
+    elif layout == "strided_outer" and n >= 1:  # every other row of dim 0, from offset 1
+        y = x.new_zeros(2 * x.shape[0] + 1, *x.shape[1:])[1::2]
+        x = y.copy_(x)
+    elif layout == "broadcast" and n >= 1 and x.shape[0] > 0:
+        x = x[:1].expand_as(x)
+    return x.requires_grad_(requires_grad)
+
+
+def randn(shape, dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tensor:
+    """Standard normal values drawn in float64 (so every dtype sees the same numbers), cast."""
+    return (torch.randn(shape, generator=gen, dtype=F64) * scale).to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# Screened attention.
+
+
+@st.composite
+def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes):
+    B = draw(st.integers(1, 2))
+    H = draw(st.integers(1, max(1, max_BH // B)))
+    T = draw(st.one_of(st.just(1), st.integers(1, max_T)))
+    D = draw(st.one_of(st.integers(1, 3), st.integers(1, max_D)))
+    Dv = draw(st.one_of(st.just(D), st.integers(1, max_D)))
+    window = draw(
+        st.one_of(st.just(1), st.integers(1, T + 1), st.integers(T, 2 * T + 20), st.just(2**40))
+    )
+    relevant = draw(st.one_of(st.just(0), st.integers(0, 8), st.integers(max(0, T - 1), T + 3)))
+    dtype = draw(st.sampled_from(dtypes))
+    # randn; peaked softmax (saturated rows, exact 0/1 weights); q = 0 (uniform attention:
+    # relevancies tie exactly and the slot rule alone decides)
+    mode = draw(st.sampled_from(["randn", "peaked", "zero_q"]))
+    scale = draw(st.one_of(st.none(), st.floats(0.1, 3.0)))
+    lay = draw(st.tuples(layouts, layouts, layouts))
+    gen = torch.Generator().manual_seed(draw(seeds))
+    q = randn((B, H, T, D), dtype, gen, 4.0 if mode == "peaked" else 1.0)
+    if mode == "zero_q":
+        q = torch.zeros_like(q)
+    k, v = randn((B, H, T, D), dtype, gen), randn((B, H, T, Dv), dtype, gen)
+    q, k, v = (restride(x, layout, True) for x, layout in zip((q, k, v), lay))
+    return q, k, v, window, relevant, scale
+
+
+def run_cpu(q, k, v, window, relevant, scale):
+    return screened_attention(q, k, v, window, relevant, scale=scale, return_state=True,
+                              backend="cpu")  # fmt: skip
+
+
+def run_triton(q, k, v, window, relevant, scale):
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    out, _, index, score, relevancy, span = attention_ops.screened_attention_triton(
+        q, k, v, window, relevant, scale
+    )
+    return out, ScreeningState(index, score, relevancy, span)
+
+
+def check_attention(run, q, k, v, window, relevant, scale):
+    if q.dtype in HALF:
+        same = check_attention_half(run, q, k, v, window, relevant, scale)
+    else:
+        try:
+            same = check_against_reference(run, q, k, v, window, relevant, scale)
+        except AssertionError:
+            if q.dtype != F32:
+                raise
+            same = check_attention_conditioned(run, q, k, v, window, relevant, scale)
+    if not same:
+        event("selection differs at a near tie")
+
+
+def check_attention_conditioned(run, q, k, v, window, relevant, scale) -> bool:
+    """float32 beyond the elementwise tolerance (large logits: a peaked softmax amplifies
+    rounding): with the reference's selection, the kernel's output and gradients must be as
+    accurate as the float32 reference's against float64, plus float32's tolerance relative to
+    the largest entry (as compare() below)."""
+    out, state = run(q, k, v, window, relevant, scale)
+    ref, ref_state = screened_attention_reference(
+        q, k, v, window, relevant, scale=scale, return_state=True
+    )
+    if not torch.equal(state.span, ref_state.span):
+        assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"
+        return False
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out64 = F.scaled_dot_product_attention(*x64, attn_mask=ref_state.candidate_mask(window),
+                                           scale=scale)  # fmt: skip
+    g = torch.randn_like(out)
+    got = (out, *torch.autograd.grad(out, (q, k, v), g))
+    want = (ref, *torch.autograd.grad(ref, (q, k, v), g))
+    exact = (out64, *torch.autograd.grad(out64, x64, g.double()))
+    rtol, atol = TOL[F32]
+    for a, b, e in zip(got, want, exact):
+        e = e.detach()
+        err, ref_err = ((t.detach().double() - e).abs().max().item() for t in (a, b))
+        assert err <= 2 * ref_err + rtol * e.abs().max().item() + atol, (err, ref_err)
+    event("float32 ill-conditioned: checked against float64")
+    return True
+
+
+def check_attention_half(run, q, k, v, window, relevant, scale) -> bool:
+    """fp16/bf16: the kernel and the reference both compute in float32 from the same inputs,
+    so their selections match but for near ties. Output and gradients: the low-precision rule
+    of _tolerances.py against a float64 oracle with that selection (masked softmax attention
+    on the exactly upcast inputs, SPEC §1)."""
+    out, state = run(q, k, v, window, relevant, scale)
+    ref, ref_state = screened_attention_reference(
+        q, k, v, window, relevant, scale=scale, return_state=True
+    )
+    assert out.dtype == q.dtype and state.relevancy.dtype == torch.float32
+    if not torch.equal(state.span, ref_state.span):
+        assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"
+        return False
+    assert torch.equal(state.relevant_index, ref_state.relevant_index)
+    torch.testing.assert_close(state.relevancy, ref_state.relevancy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state.relevant_score, ref_state.relevant_score, rtol=1e-5, atol=1e-5)
+    x64 = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    mask = ref_state.candidate_mask(window)
+    out64 = F.scaled_dot_product_attention(*x64, attn_mask=mask, scale=scale)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    grads64 = torch.autograd.grad(out64, x64, g.double())
+    assert_low_precision_close(out, out64.detach(), ref)
+    for a, b64, b_lp in zip(grads, grads64, ref_grads):
+        assert_low_precision_close(a, b64, b_lp)
+    return True
+
+
+@fuzz(CPU_EXAMPLES)
+@given(attention_cases(max_T=140, max_BH=4, max_D=9, dtypes=[F64, F32]))
+def test_attention_cpu(case):
+    check_attention(run_cpu, *case)
+
+
+@needs_triton
+@fuzz(TRITON_ATTENTION_EXAMPLES)
+@given(attention_cases(max_T=32, max_BH=2, max_D=16, dtypes=[F64, F32, F16, BF16]))
+def test_attention_triton(case):
+    check_attention(run_triton, *case)
+
+
+# ------------------------------------------------------------------------------------------------
+# RelRNN and RelLSTM: the C++ sequence kernels (backend "cpu") against the reference module.
+
+
+@st.composite
+def rnn_cases(draw, kind: str):
+    # T = 65 crosses the backward's 64-step chunks; the rest stay short (the reference is a
+    # Python loop over time)
+    T = draw(st.sampled_from([*range(1, 25), 65]))
+    case = {
+        "T": T,
+        "B": draw(st.integers(1, 3)),
+        "I": draw(st.integers(1, 4)),
+        "Hd": draw(st.integers(1, 7)),
+        "window": draw(st.one_of(st.just(1), st.integers(1, T + 1), st.just(2**40))),
+        "relevant": draw(st.one_of(st.just(0), st.integers(0, 4), st.integers(T, T + 2))),
+        "dtype": draw(st.sampled_from([F64, F32])),
+        "with_h0": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**16)),
+        "layout": draw(layouts),  # of x and h0
+    }
+    if kind == "rnn":
+        case["nonlinearity"] = draw(st.sampled_from(["tanh", "relu", "sigmoid", "identity",
+                                                     "modrelu"]))  # fmt: skip
+        case["attn"] = draw(st.one_of(st.just(1.0), st.floats(0.0, 2.0)))
+    return case
+
+
+@fuzz(CPU_EXAMPLES)
+@given(rnn_cases("rnn"))
+def test_rel_rnn_cpu(case):
+    layout = case.pop("layout")
+    check_rnn("rnn", restride=lambda x: restride(x, layout), **case)
+
+
+@fuzz(CPU_EXAMPLES)
+@given(rnn_cases("lstm"))
+def test_rel_lstm_cpu(case):
+    layout = case.pop("layout")
+    check_rnn("lstm", restride=lambda x: restride(x, layout), **case)
+
+
+# ------------------------------------------------------------------------------------------------
+# CNN-F ops.
+
+
+def examples_for(backend: str) -> int:
+    return CPU_EXAMPLES if backend == "cpu" else TRITON_FEEDBACK_EXAMPLES
+
+
+def dtypes_for(backend: str, half: bool = True) -> list[torch.dtype]:
+    return [F64, F32, *(HALF if half and backend == "triton" else ())]
+
+
+def grads(out, inputs, grad):
+    inputs = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, inputs, grad)
+
+
+def leaves(*tensors):
+    """Fresh leaves over the same memory (layouts kept), one set per run."""
+    return [None if t is None else t.detach().requires_grad_() for t in tensors]
+
+
+def compare(got, want, exact_fn) -> None:
+    """Kernel results ``got`` against the reference's ``want`` (same dtype) by _tolerances.
+    Where float32 fails them on an ill-conditioned problem (an instance norm of two nearly
+    equal values, say), the kernel must be as accurate as the float32 reference: its error
+    against float64 (``exact_fn()``: the reference on the exactly upcast inputs, or None if
+    its selections differ) at most twice the reference's, plus float32's tolerance relative to
+    the largest entry."""
+    exact = ()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        try:
+            assert_close(a, b)
+        except AssertionError:
+            if a.dtype != F32:
+                raise
+            if exact == ():
+                exact = exact_fn()
+            if exact is None:
+                event("float64 selects otherwise: a near tie")
+                return
+            e = exact[i].detach().double()
+            err, ref_err = ((t.detach().double() - e).abs().max().item() for t in (a, b))
+            rtol, atol = TOL[F32]
+            assert err <= 2 * ref_err + rtol * e.abs().max().item() + atol, (i, err, ref_err)
+            event("float32 ill-conditioned: checked against float64")
+
+
+def upcast(*tensors):
+    return leaves(*(None if t is None else t.detach().double() for t in tensors))
+
+
+# ---- AdaReLU and its feedback gate (any shape) -------------------------------------------------
+
+
+def ada_relu_case(backend):
+    return st.fixed_dictionaries(
+        {
+            "shape": st.lists(st.integers(0, 9), min_size=0, max_size=4).map(tuple),
+            "gated": st.booleans(),
+            "eta": st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+            "dtype": st.sampled_from(dtypes_for(backend)),
+            "layouts": st.tuples(layouts, layouts, layouts),
+            "seed": seeds,
+        }
+    )
+
+
+def check_ada_relu(backend, shape, gated, eta, dtype, layouts, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = restride(randn(shape, dtype, gen), layouts[0])
+    h = restride(randn(shape, dtype, gen), layouts[1]) if gated else None
+    # half inputs: the kernels compute in float32, so the oracle is the reference in float32 on
+    # the exactly upcast inputs, rounded once
+    ref_dtype = F32 if dtype in HALF else dtype
+    (xr, hr), (xk, hk) = (
+        leaves(x.to(ref_dtype), None if h is None else h.to(ref_dtype)),
+        leaves(x, h),
+    )
+    y_ref, m_ref = reference.ada_relu(xr, hr, eta)
+    y, m = functional.ada_relu(xk, hk, eta, backend=backend)
+    assert m.dtype == torch.bool and y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(m, m_ref)
+    g = restride(randn(shape, dtype, gen), layouts[2])
+    got, want = grads(y, [xk, hk], g), grads(y_ref, [xr, hr], g.to(ref_dtype))
+    z = restride(randn(shape, dtype, gen), layouts[2], True)
+    fb = functional.ada_relu_feedback(z, m, backend=backend)
+    (gz,) = torch.autograd.grad(fb, z, g)
+    if dtype in HALF:
+        rtol = 2 * ROUNDING[dtype]  # one rounding of a float32 value apart at most (1 ulp)
+        close = {"rtol": rtol, "atol": 1e-6}
+        torch.testing.assert_close(y.float(), y_ref.to(dtype).float(), **close)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.float(), b.to(dtype).float(), **close)
+    else:
+        assert_close(y, y_ref)
+        for a, b in zip(got, want):
+            assert_close(a, b)
+    assert torch.equal(fb, reference.gate(z.detach(), m))
+    assert torch.equal(gz, reference.gate(g, m))
+
+
+def _ada_relu_test(backend):
+    @fuzz(examples_for(backend))
+    @given(ada_relu_case(backend))
+    def test(case):
+        check_ada_relu(backend, **case)
+
+    return test
+
+
+test_ada_relu_cpu = _ada_relu_test("cpu")
+test_ada_relu_triton = needs_triton(_ada_relu_test("triton"))
+
+
+# ---- InsNorm family: ins_bias_ada_relu, ins_norm_gate, ins_norm --------------------------------
+
+
+@st.composite
+def planes(draw, backend: str, min_hw: int = 1):
+    """(N, C, H, W) with the edge cases N = C = 1, H = W = min_hw (the Triton interpreter
+    gets planes up to 8 x 8, the C++ kernels 12 x 12)."""
+    max_hw = max(min_hw, max_planes(backend))
+    return (
+        draw(st.integers(1, 3)),
+        draw(st.integers(1, 4)),
+        draw(st.one_of(st.just(min_hw), st.integers(min_hw, max_hw))),
+        draw(st.one_of(st.just(min_hw), st.integers(min_hw, max_hw))),
+    )
+
+
+def max_planes(backend: str) -> int:
+    return 12 if backend == "cpu" else 8
+
+
+def norm_case(backend, half: bool):
+    return st.fixed_dictionaries(
+        {
+            "shape": planes(backend),
+            "with_bias": st.booleans(),
+            "gated": st.booleans(),
+            "centered": st.booleans(),
+            "eta": st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+            # a large mean makes the centered variance differ from the mean square
+            "offset": st.sampled_from([0.0, 2.0]),
+            "dtype": st.sampled_from(dtypes_for(backend, half)),
+            "layouts": st.tuples(layouts, layouts, layouts),
+            "seed": seeds,
+        }
+    )
+
+
+def gate_near_ties(x, bias, hidden, eta, centered, where) -> bool:
+    """Every gate decision at ``where`` was within float32 noise of 0 (the reference's gate
+    argument, computed in float64 on the same inputs)."""
+    up = [None if t is None else t.detach().double() for t in (x, bias, hidden)]
+    u = reference.ins_norm(up[0], 1e-8, centered)
+    if up[1] is not None:
+        u = u + up[1].view(1, -1, 1, 1)
+    arg = u if up[2] is None else (u + eta * (up[2] - u)) * up[2]
+    return bool((arg[where].abs() <= 1e-4).all())
+
+
+def reference_fused(x, bias, hidden, eta, centered):
+    u = reference.ins_norm(x, 1e-8, centered)
+    if bias is not None:
+        u = u + bias.view(1, -1, 1, 1)
+    return reference.ada_relu(u, hidden, eta)
+
+
+def check_ins_bias_ada_relu(backend, shape, with_bias, gated, centered, eta, offset, dtype,
+                            layouts, seed):  # fmt: skip
+    if centered and shape[2] * shape[3] < 2:
+        shape = (*shape[:2], 1, 2)  # the unbiased variance needs two elements per plane
+    gen = torch.Generator().manual_seed(seed)
+    x = restride(randn(shape, dtype, gen, 3.0) + offset, layouts[0])
+    b = randn(shape[1], dtype, gen) if with_bias else None
+    h = restride(randn(shape, dtype, gen), layouts[1]) if gated else None
+    ref_in, ker_in = leaves(x, b, h), leaves(x, b, h)
+    y_ref, m_ref = reference_fused(*ref_in, eta, centered)
+    y, m = functional.ins_bias_ada_relu(*ker_in, eta, centered=centered, backend=backend)
+    assert m.dtype == torch.bool and y.dtype == dtype and y.shape == shape
+    if not torch.equal(m, m_ref):
+        assert dtype != F64, "float64 gates must match the reference exactly"
+        assert gate_near_ties(x, b, h, eta, centered, m != m_ref), "gate differs, no near tie"
+        event("gate differs at a near tie")
+        return
+    g = restride(randn(shape, dtype, gen), layouts[2])
+
+    def exact():
+        ins = upcast(x, b, h)
+        y64, m64 = reference_fused(*ins, eta, centered)
+        return (y64, *grads(y64, ins, g.double())) if torch.equal(m64, m_ref) else None
+
+    compare((y, *grads(y, ker_in, g)), (y_ref, *grads(y_ref, ref_in, g)), exact)
+
+
+def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset, dtype,
+                        layouts, seed):  # fmt: skip
+    """The top-down InsNorm·gate (zn, zn ⊙ mask) and the plain InsNorm; half inputs by the
+    low-precision rule against float64."""
+    del with_bias, gated, eta  # (shared strategy)
+    if centered and shape[2] * shape[3] < 2:
+        shape = (*shape[:2], 1, 2)
+    gen = torch.Generator().manual_seed(seed)
+    z = restride(randn(shape, dtype, gen, 3.0) + offset, layouts[0])
+    mask = restride(torch.rand(shape, generator=gen) > 0.5, layouts[1])
+    g1, g2 = randn(shape, dtype, gen), restride(randn(shape, dtype, gen), layouts[2])
+
+    def run(zz, impl, g1=g1, g2=g2):
+        if impl == "reference":
+            zn = reference.ins_norm(zz, 1e-8, centered)
+            out, y = reference.gate(zn, mask), zn
+        else:
+            zn, out = functional.ins_norm_gate(zz, mask, centered=centered, backend=impl)
+            y = functional.ins_norm(zz, centered=centered, backend=impl)
+        loss = (zn * g1).sum() + (out * g2).sum()
+        (gz,) = torch.autograd.grad(loss, zz, retain_graph=True)  # (y is zn for the reference)
+        (gy,) = torch.autograd.grad(y, zz, g1)
+        return zn, out, y, gz, gy
+
+    got = run(*leaves(z), backend)
+    want = run(*leaves(z), "reference")
+    if dtype in HALF:
+        exact = run(*upcast(z), "reference", g1.double(), g2.double())
+        for a, e, lp in zip(got, exact, want):
+            assert a.dtype == dtype
+            if dtype == BF16 and backend == "triton" and a.device.type == "cpu":
+                # The interpreter's float32 -> bfloat16 store truncates (a GPU rounds to
+                # nearest): up to one ulp of error, not half. kernels/feedback.py stores in the
+                # input dtype (screened attention stores through float32 on the CPU for this).
+                ulp = 2 * ROUNDING[BF16] * e.abs().max().item()
+                err = (a.double() - e).abs().max().item()
+                ref_err = (lp.double() - e).abs().max().item()
+                assert err <= 2 * ref_err + ulp + 1e-6, (err, ref_err, ulp)
+            else:
+                assert_low_precision_close(a, e.detach(), lp)
+    else:
+        compare(got, want, lambda: run(*upcast(z), "reference", g1.double(), g2.double()))
+
+
+def _norm_test(check, backend, half):
+    @fuzz(examples_for(backend))
+    @given(norm_case(backend, half))
+    def test(case):
+        check(backend, **case)
+
+    return test
+
+
+test_ins_bias_ada_relu_cpu = _norm_test(check_ins_bias_ada_relu, "cpu", False)
+test_ins_bias_ada_relu_triton = needs_triton(_norm_test(check_ins_bias_ada_relu, "triton", False))
+test_ins_norm_gate_cpu = _norm_test(check_ins_norm_gate, "cpu", True)
+test_ins_norm_gate_triton = needs_triton(_norm_test(check_ins_norm_gate, "triton", True))
+
+
+# ---- AdaPool2d and its unpool ------------------------------------------------------------------
+
+
+@st.composite
+def pool_cases(draw, backend):
+    k = draw(st.sampled_from([1, 2, 2, 3, 4]))
+    N, C, H, W = draw(planes(backend, min_hw=k))
+    return {
+        "shape": (N, C, H, W),
+        "k": k,
+        "gated": draw(st.booleans()),
+        "ties": draw(st.booleans()),  # values in {-1, 0, 1}: most windows hold ties
+        "dtype": draw(st.sampled_from(dtypes_for(backend))),
+        "layouts": draw(st.tuples(layouts, layouts, layouts)),
+        "seed": draw(seeds),
+    }
+
+
+def check_pool(backend, shape, k, gated, ties, dtype, layouts, seed):
+    """Selections are comparisons and the rest is copying: every result is exact, in every
+    dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    pooled = (*shape[:2], shape[2] // k, shape[3] // k)
+
+    def values(size):
+        if ties:
+            return torch.randint(-1, 2, size, generator=gen).to(dtype)
+        return randn(size, dtype, gen)
+
+    x = restride(values(shape), layouts[0])
+    # the gate's signs, zeros included (hidden = 0 gives 0)
+    hidden = restride(torch.randint(-1, 2, pooled, generator=gen).to(dtype), layouts[1])
+    hidden = hidden if gated else None
+    (xr,), (xk,) = leaves(x), leaves(x)
+    y_ref, amax_ref, amin_ref = functional.ada_pool2d(xr, hidden, k, backend="reference")
+    y, amax, amin = functional.ada_pool2d(xk, hidden, k, backend=backend)
+    assert amax.dtype == torch.uint8 and y.shape == pooled and y.dtype == dtype
+    assert torch.equal(amax, amax_ref) and torch.equal(amin, amin_ref)
+    assert torch.equal(y, y_ref)
+    g = restride(randn(pooled, dtype, gen), layouts[2])
+    assert torch.equal(torch.autograd.grad(y, xk, g)[0], torch.autograd.grad(y_ref, xr, g)[0])
+    # feedback: the unpool to the selected positions, and its backward (the gather)
+    (zr,), (zk,) = leaves(g), leaves(g)
+    size = shape[2:]
+    u_ref = functional.ada_unpool2d(zr, amax, amin, hidden, k, size, backend="reference")
+    u = functional.ada_unpool2d(zk, amax, amin, hidden, k, size, backend=backend)
+    assert u.shape == shape and torch.equal(u, u_ref)
+    gu = restride(randn(shape, dtype, gen), layouts[0])
+    assert torch.equal(torch.autograd.grad(u, zk, gu)[0], torch.autograd.grad(u_ref, zr, gu)[0])
+
+
+def _pool_test(backend):
+    @fuzz(examples_for(backend))
+    @given(pool_cases(backend))
+    def test(case):
+        check_pool(backend, **case)
+
+    return test
+
+
+test_ada_pool2d_cpu = _pool_test("cpu")
+test_ada_pool2d_triton = needs_triton(_pool_test("triton"))
+
+
+# ---- stage fusions: InsNorm·Bias·AdaReLU·AdaPool and AdaPool·AdaReLU feedback ------------------
+
+
+@st.composite
+def stage_cases(draw, backend):
+    k = draw(st.sampled_from([1, 2, 2, 3]))
+    N, C, H, W = draw(planes(backend, min_hw=k))
+    return {
+        "shape": (N, C, H, W),
+        "k": k,
+        "with_bias": draw(st.booleans()),
+        "gated": draw(st.booleans()),
+        "centered": draw(st.booleans()),
+        "eta": draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0))),
+        "dtype": draw(st.sampled_from(dtypes_for(backend, half=False))),
+        "layouts": draw(st.tuples(layouts, layouts, layouts)),
+        "seed": draw(seeds),
+    }
+
+
+def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layouts, seed):
+    if centered and shape[2] * shape[3] < 2:
+        shape = (*shape[:2], shape[2], 2)
+    gen = torch.Generator().manual_seed(seed)
+    pooled = (*shape[:2], shape[2] // k, shape[3] // k)
+    x = restride(randn(shape, dtype, gen, 3.0), layouts[0])
+    b = randn(shape[1], dtype, gen) if with_bias else None
+    h = restride(randn(shape, dtype, gen), layouts[1]) if gated else None
+    hp = torch.randint(-1, 2, pooled, generator=gen).to(dtype) if gated else None
+    ref_in, ker_in = leaves(x, b, h), leaves(x, b, h)
+    u_ref, m_ref = reference_fused(*ref_in, eta, centered)
+    y_ref, amax_ref, amin_ref = functional.ada_pool2d(u_ref, hp, k, backend="reference")
+    y, m, amax, amin = functional.ins_bias_ada_relu_pool2d(
+        *ker_in, hp, eta, k, centered=centered, backend=backend
+    )
+    if not torch.equal(m, m_ref):
+        assert dtype != F64, "float64 gates must match the reference exactly"
+        assert gate_near_ties(x, b, h, eta, centered, m != m_ref), "gate differs, no near tie"
+        event("gate differs at a near tie")
+        return
+    g = randn(pooled, dtype, gen)
+
+    def exact(with_grads=True):
+        ins = upcast(x, b, h)
+        u64, m64 = reference_fused(*ins, eta, centered)
+        hp64 = None if hp is None else hp.double()
+        y64, amax64, amin64 = functional.ada_pool2d(u64, hp64, k, backend="reference")
+        if not (torch.equal(m64, m_ref) and torch.equal(amax64, amax_ref)):
+            return None
+        if not torch.equal(amin64, amin_ref):
+            return None
+        return (y64, *grads(y64, ins, g.double())) if with_grads else (y64,)
+
+    # (the output also when a pool picked a near-tied element, below)
+    compare((y,), (y_ref,), lambda: exact(False))
+    if not (torch.equal(amax, amax_ref) and torch.equal(amin, amin_ref)):
+        assert dtype != F64, "float64 pool positions must match the reference exactly"
+        event("pool position differs at a near tie")
+        return
+    compare((y, *grads(y, ker_in, g)), (y_ref, *grads(y_ref, ref_in, g)), exact)
+    # feedback: unpool then gate, both outputs used (the gate's hidden and what goes down)
+    z = restride(randn(pooled, dtype, gen), layouts[2])
+    (zr,), (zk,) = leaves(z), leaves(z)
+    size = tuple(shape[2:])
+    ur = functional.ada_unpool2d(zr, amax, amin, hp, k, size, backend="reference")
+    out_r = reference.gate(ur, m)
+    u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, k, size, backend=backend)
+    assert torch.equal(u, ur) and torch.equal(out, out_r)
+    g1, g2 = randn(shape, dtype, gen), randn(shape, dtype, gen)
+    (want,) = torch.autograd.grad((ur * g1).sum() + (out_r * g2).sum(), zr)
+    (got,) = torch.autograd.grad((u * g1).sum() + (out * g2).sum(), zk)
+    assert_close(got, want)
+
+
+def _stage_test(backend):
+    @fuzz(examples_for(backend))
+    @given(stage_cases(backend))
+    def test(case):
+        check_stage(backend, **case)
+
+    return test
+
+
+test_stage_fusions_cpu = _stage_test("cpu")
+test_stage_fusions_triton = needs_triton(_stage_test("triton"))
