@@ -15,8 +15,8 @@ import dataclasses
 import pytest
 import torch
 from _attention_utils import make_qkv
-from test_rnn_kernels import make as make_rnn
-from test_rnn_kernels import run as run_rnn
+from _rnn_utils import make as make_rnn
+from _rnn_utils import run as run_rnn
 
 from screening_attn import _backend
 from screening_attn.attention import screened_attention
