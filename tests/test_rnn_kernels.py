@@ -365,20 +365,21 @@ def test_empty_batch(kind, backend):
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_nan_stays_in_its_row(kind, bad):
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_nan_stays_in_its_row(kind, bad, backend):
     """A NaN or +Inf in x[4, 1]: rows 0 and 2 are bitwise unchanged, forward, state and the
     gradients of x and h0 (only the shared parameters' gradients see every row); row 1 is
     untouched before step 4, and a NaN reaches every later step of it."""
     m = make(kind, 3, 4, 2, 2)
     x = torch.randn(30, 3, 3, dtype=F64, requires_grad=True)
     h0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
-    clean, sc = m(x, h0, backend="cpu")
+    clean, sc = m(x, h0, backend=backend)
     g = torch.randn_like(clean)
     clean_grads = torch.autograd.grad(clean, (x, h0), g)
     xb = x.detach().clone()
     xb[4, 1, 0] = bad
     xb.requires_grad_()
-    h, s = m(xb, h0, backend="cpu")
+    h, s = m(xb, h0, backend=backend)
     gx, gh0 = torch.autograd.grad(h, (xb, h0), g)
     assert torch.equal(h[:4, 1], clean[:4, 1])
     if math.isnan(bad):

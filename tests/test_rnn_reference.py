@@ -559,33 +559,6 @@ def test_non_contiguous_input_and_reference_backend():
     assert torch.equal(s.relevant_index, s2.relevant_index)
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
-@pytest.mark.parametrize("kind", ["rnn", "lstm"])
-def test_nan_stays_in_its_row(kind, bad):
-    """A NaN or +Inf in x[4, 1]: rows 0 and 2 are bitwise unchanged, forward, state and the
-    gradients of x and h0 (only the shared parameters' gradients see every row); row 1 is
-    untouched before step 4, and a NaN reaches every later step of it."""
-    m = _model(kind, 3, 4, 2, 2)
-    x = torch.randn(10, 3, 3, dtype=F64, requires_grad=True)
-    h0 = torch.randn(3, 4, dtype=F64, requires_grad=True)
-    clean, sc = m(x, h0)
-    g = torch.randn_like(clean)
-    clean_grads = torch.autograd.grad(clean, (x, h0), g)
-    xb = x.detach().clone()
-    xb[4, 1, 0] = bad
-    xb.requires_grad_()
-    h, s = m(xb, h0)
-    gx, gh0 = torch.autograd.grad(h, (xb, h0), g)
-    assert torch.equal(h[:4, 1], clean[:4, 1])
-    if math.isnan(bad):
-        assert h[4:, 1].isnan().all() and gx[:, 1].isnan().any()
-    assert torch.equal(h[:, [0, 2]], clean[:, [0, 2]])
-    assert torch.equal(s.relevant_index[[0, 2]], sc.relevant_index[[0, 2]])
-    assert torch.equal(s.relevancy[:, [0, 2]], sc.relevancy[:, [0, 2]])
-    assert torch.equal(gx[:, [0, 2]], clean_grads[0][:, [0, 2]])
-    assert torch.equal(gh0[[0, 2]], clean_grads[1][[0, 2]])
-
-
 # ------------------------------------------------------------------------------------------------
 # Bad input.
 
