@@ -466,10 +466,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_norm_gate_cpu(const at::Tenso
 at::Tensor ins_norm_gate_backward_cpu(const at::Tensor& grad_zn_, const at::Tensor& grad_out_,
                                       const at::Tensor& z_, const at::Tensor& mask_,
                                       const at::Tensor& rstd_, bool centered) {
-  check_ins_backward(grad_zn_, "grad_zn", z_, rstd_, centered);
-  check_same_dtype_device(z_, "x", grad_out_, "grad_out");
-  check_same_shape(z_, "x", grad_out_, "grad_out");
-  check_mask(mask_, z_, "x");
+  check_ins_norm_gate_backward(grad_zn_, grad_out_, z_, mask_, rstd_, centered);
   const at::Tensor gzn = grad_zn_.contiguous(), gout = grad_out_.contiguous();
   const at::Tensor z = z_.contiguous(), mask = mask_.contiguous(), rstd = rstd_.contiguous();
   at::Tensor gz = at::empty_like(z);

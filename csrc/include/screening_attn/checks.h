@@ -91,6 +91,16 @@ inline void check_ins_backward(const at::Tensor& grad, const char* grad_name, co
   check_rstd(rstd, x);
 }
 
+// ins_norm_gate's backward: both output gradients shaped like z, the forward's mask.
+inline void check_ins_norm_gate_backward(const at::Tensor& grad_zn, const at::Tensor& grad_out,
+                                         const at::Tensor& z, const at::Tensor& mask,
+                                         const at::Tensor& rstd, bool centered) {
+  check_ins_backward(grad_zn, "grad_zn", z, rstd, centered);
+  check_same_dtype_device(z, "x", grad_out, "grad_out");
+  check_same_shape(z, "x", grad_out, "grad_out");
+  check_mask(mask, z, "x");
+}
+
 // AdaPool: k x k windows, stride k; positions are window-local uint8, so k * k <= 256.
 inline void check_pool_kernel_size(int64_t k) {
   TORCH_CHECK_VALUE(k >= 1 && k <= 16, "kernel_size must be in [1, 16], got ", k);
