@@ -27,8 +27,9 @@ from screening_attn.feedback import (
 BACKENDS = ["cpu", "triton"]
 DTYPES = [torch.float32, torch.float64]
 F64 = torch.float64
-# (N, C, H, W); the last plane is larger than one Triton block (1024)
-NORM_SHAPES = [(1, 1, 1, 2), (2, 3, 5, 7), (1, 2, 33, 40)]
+# (N, C, H, W). Planes: shorter than one CPU vector (16 floats, 8 doubles), one float vector,
+# vectors and a tail; the last is larger than one Triton block (1024)
+NORM_SHAPES = [(1, 1, 1, 2), (1, 2, 4, 4), (2, 3, 5, 7), (1, 2, 33, 40)]
 
 
 def _name(v):

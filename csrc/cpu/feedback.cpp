@@ -10,10 +10,15 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <vector>
+
+// Vector arguments of the always-inline helpers (here and in feedback.h) never cross a call
+// boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
 
 #include "screening_attn/checks.h"
 #include "screening_attn/feedback.h"
@@ -29,16 +34,117 @@ int64_t plane_grain(int64_t plane_size) {
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// flatten: everything these entry points call, lambdas included, is compiled into each clone
+// (a lambda left out of line would run the vector code at the baseline ISA).
 #define SCREENING_ATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+  __attribute__((flatten, target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
-#define SCREENING_ATTN_VECTOR_CLONES
+#define SCREENING_ATTN_VECTOR_CLONES __attribute__((flatten))
 #endif
 #define SCREENING_ATTN_INLINE __attribute__((always_inline)) inline
 
 // GCC does not vectorize loads and stores of bool; the masks are read and written as bytes.
 uint8_t* as_bytes(bool* p) { return reinterpret_cast<uint8_t*>(p); }
 const uint8_t* as_bytes(const bool* p) { return reinterpret_cast<const uint8_t*>(p); }
+
+// L lanes of T as a GCC vector, for the per-plane loops: the formulas of feedback.h run
+// lane-wise on these. Left to `omp simd`, GCC vectorized those loops at the width of the uint8
+// masks (xmm registers, bytes packed lane by lane) and reduced into one accumulator: the norm
+// ops ran compute-bound at about 1.4 cycles per element, several times slower than these.
+template <typename T, int L>
+struct Lanes {
+  static constexpr int kLanes = L;
+  using Scalar = T;
+  // Dependent element types: GCC ignores vector_size on a non-dependent typedef in a template.
+  using IT = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  using BT = std::conditional_t<sizeof(T) != 0, uint8_t, void>;
+  typedef T V __attribute__((vector_size(L * sizeof(T))));
+  typedef IT I __attribute__((vector_size(L * sizeof(T))));  // compare results: -1 or 0
+  typedef BT B __attribute__((vector_size(L)));
+
+  static SCREENING_ATTN_INLINE V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static SCREENING_ATTN_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
+  static SCREENING_ATTN_INLINE V zeros() { return V{}; }
+  static SCREENING_ATTN_INLINE V splat(T v) { return zeros() + v; }
+  // Bytes (bool masks, pool positions) widened to lanes, and back (truncated).
+  static SCREENING_ATTN_INLINE I load_bytes(const uint8_t* p) {
+    I v;
+    for (int l = 0; l < L; ++l) v[l] = p[l];
+    return v;
+  }
+  static SCREENING_ATTN_INLINE void store_bytes(uint8_t* p, I v) {
+    B b;
+    for (int l = 0; l < L; ++l) b[l] = static_cast<uint8_t>(v[l]);
+    std::memcpy(p, &b, L);
+  }
+  // A bool mask: open lanes (compare results, -1) stored as 1.
+  static SCREENING_ATTN_INLINE void store_mask(uint8_t* p, I open) { store_bytes(p, open & 1); }
+  static SCREENING_ATTN_INLINE I lane() {
+    I v;
+    for (int l = 0; l < L; ++l) v[l] = l;
+    return v;
+  }
+  static SCREENING_ATTN_INLINE T sum(V v) {
+    T s = 0;
+    for (int l = 0; l < L; ++l) s += v[l];
+    return s;
+  }
+};
+
+template <typename T>
+using Wide = Lanes<T, 64 / sizeof(T)>;  // 16 floats, 8 doubles: one AVX-512 register
+
+// Planes of at least one vector run Wide<T> lanes, shorter ones one lane at a time.
+template <typename T>
+SCREENING_ATTN_INLINE bool wide_plane(int64_t n) {
+  return n >= Wide<T>::kLanes;
+}
+
+// f(i) on the chunks [i, i + L) of [0, n), n >= L: the last chunk is [n - L, n), overlapping the
+// one before; an elementwise f just rewrites equal values there, and no scalar tail remains.
+template <typename W, class F>
+SCREENING_ATTN_INLINE void for_chunks(int64_t n, F f) {
+  constexpr int L = W::kLanes;
+  int64_t i = 0;
+  for (; i + L <= n; i += L) f(i);
+  if (i < n) f(n - L);
+}
+
+// K sums over [0, n), n >= L, of the vectors f(i) returns per chunk (an std::array of K). The
+// overlapping last chunk counts only its new lanes. Four accumulators per sum, so that the
+// adds' latency does not bound the loop.
+template <typename W, int K, class F>
+SCREENING_ATTN_INLINE std::array<typename W::Scalar, K> plane_sums(int64_t n, F f) {
+  using V = typename W::V;
+  constexpr int L = W::kLanes;
+  std::array<V, K> acc[4] = {};
+  auto add = [&](std::array<V, K>& to, const std::array<V, K>& v) {
+    for (int k = 0; k < K; ++k) to[k] += v[k];
+  };
+  int64_t i = 0;
+  for (; i + 4 * L <= n; i += 4 * L) {
+    for (int u = 0; u < 4; ++u) add(acc[u], f(i + u * L));
+  }
+  for (; i + L <= n; i += L) add(acc[0], f(i));
+  if (i < n) {
+    const typename W::I fresh = W::lane() >= static_cast<typename W::IT>(i - (n - L));
+    std::array<V, K> v = f(n - L);
+    for (int k = 0; k < K; ++k) v[k] = fresh ? v[k] : W::zeros();
+    add(acc[1], v);
+  }
+  std::array<typename W::Scalar, K> out;
+  for (int k = 0; k < K; ++k) out[k] = W::sum((acc[0][k] + acc[1][k]) + (acc[2][k] + acc[3][k]));
+  return out;
+}
+
+template <typename W, class F>
+SCREENING_ATTN_INLINE typename W::Scalar plane_sum(int64_t n, F f) {
+  return plane_sums<W, 1>(n, [&](int64_t i) { return std::array<typename W::V, 1>{f(i)}; })[0];
+}
 
 // The gates' elementwise loops, outside the AT_DISPATCH lambdas (no pragmas in macro arguments).
 template <typename T>
@@ -150,55 +256,66 @@ struct NormFwd {
   bool centered;
 };
 
-template <typename T>
+template <typename W, typename T = typename W::Scalar>
 SCREENING_ATTN_INLINE T plane_rstd(const T* x, int64_t n, bool centered, T eps) {
-  T s = 0;
+  using V = typename W::V;
+  T s;
   if (!centered) {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += x[i] * x[i];
+    s = plane_sum<W>(n, [&](int64_t i) {
+      const V v = W::load(x + i);
+      return v * v;
+    });
   } else {
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += x[i];
-    const T mean = s / static_cast<T>(n);
-    s = 0;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < n; ++i) s += (x[i] - mean) * (x[i] - mean);
+    const T mean = plane_sum<W>(n, [&](int64_t i) { return W::load(x + i); }) / static_cast<T>(n);
+    s = plane_sum<W>(n, [&](int64_t i) {
+      const V d = W::load(x + i) - mean;
+      return d * d;
+    });
   }
   return ins_rstd<T>(s, n, centered, eps);
 }
 
 // Plane p; y goes to `y_plane` (the plane of a.y, or a scratch plane when a pool follows).
-template <typename T, Gate G>
+template <typename T, Gate G, typename W>
 SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p, T* y_plane) {
+  using V = typename W::V;
+  using I = typename W::I;
   const int64_t n = a.count;
   const int64_t off = p * n;
   const T* __restrict__ x = a.x + off;
   T* __restrict__ y = y_plane;
-  const T r = plane_rstd<T>(x, n, a.centered, a.eps);
+  const T r = plane_rstd<W>(x, n, a.centered, a.eps);
   a.rstd[p] = r;
   if constexpr (G == Gate::kNone) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) y[i] = x[i] * r;
+    for_chunks<W>(n, [&](int64_t i) { W::store(y + i, W::load(x + i) * r); });
   } else if constexpr (G == Gate::kFeedback) {
     const uint8_t* __restrict__ g = a.gate + off;
     T* __restrict__ out = a.out + off;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      const T u = x[i] * r;
-      y[i] = u;
-      out[i] = gate<T>(u, g[i] != 0);
-    }
+    for_chunks<W>(n, [&](int64_t i) {
+      const V u = W::load(x + i) * r;
+      W::store(y + i, u);
+      W::store(out + i, gate<V>(u, W::load_bytes(g + i) != 0));
+    });
   } else {
     const T b = a.bias != nullptr ? a.bias[p % a.channels] : T(0);
     const T* __restrict__ h = G == Gate::kAda ? a.hidden + off : x;
     uint8_t* __restrict__ m = a.mask + off;
-    const T eta = a.eta;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) {
-      bool open;
-      y[i] = ada_relu_value<T>(x[i] * r + b, h[i], eta, G == Gate::kAda, &open);
-      m[i] = open;
-    }
+    const V eta = W::splat(a.eta);
+    for_chunks<W>(n, [&](int64_t i) {
+      I open;
+      W::store(y + i, ada_relu_value<V>(W::load(x + i) * r + b, W::load(h + i), eta,
+                                        G == Gate::kAda, &open));
+      W::store_mask(m + i, open);
+    });
+  }
+}
+
+template <typename T, Gate G>
+SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p, T* y_plane) {
+  if (wide_plane<T>(a.count)) {
+    norm_forward_plane<T, G, Wide<T>>(a, p, y_plane);
+  } else {
+    norm_forward_plane<T, G, Lanes<T, 1>>(a, p, y_plane);
   }
 }
 
@@ -256,8 +373,9 @@ struct NormBwd {
   bool centered;
 };
 
-template <typename T, bool G0, bool G1, bool GH>
+template <typename T, bool G0, bool G1, bool GH, typename W>
 SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
+  using V = typename W::V;
   const int64_t n = a.count;
   const int64_t off = p * n;
   const T* __restrict__ x = a.x + off;
@@ -265,32 +383,37 @@ SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
   const T* __restrict__ g1 = G1 ? a.g1 + off : x;
   const uint8_t* __restrict__ m = G1 ? a.mask + off : nullptr;
   const T scale1 = a.scale1;
+  auto gated = [&](int64_t i) { return gate<V>(W::load(g1 + i), W::load_bytes(m + i) != 0); };
   auto gu = [&](int64_t i) {
-    T v = 0;
-    if constexpr (G0) v += g0[i];
-    if constexpr (G1) v += scale1 * gate<T>(g1[i], m[i] != 0);
+    V v = W::zeros();
+    if constexpr (G0) v += W::load(g0 + i);
+    if constexpr (G1) v += scale1 * gated(i);
     return v;
   };
-  T s_gx = 0, s_g = 0, s_x = 0;
-#pragma omp simd reduction(+ : s_gx, s_g, s_x)
-  for (int64_t i = 0; i < n; ++i) {
-    const T u = gu(i);
-    s_gx += u * x[i];
-    s_g += u;
-    s_x += x[i];
-  }
+  const auto [s_gx, s_g, s_x] = plane_sums<W, 3>(n, [&](int64_t i) {
+    const V u = gu(i), xv = W::load(x + i);
+    return std::array<V, 3>{u * xv, u, xv};
+  });
   const T r = a.rstd[p];
   const T mean = a.centered ? s_x / static_cast<T>(n) : T(0);
-  const T coef = ins_grad_coef<T>(r, s_gx, n, a.centered);
+  const V coef = W::splat(ins_grad_coef<T>(r, s_gx, n, a.centered));
   T* __restrict__ gx = a.gx + off;
   T* __restrict__ gh = GH ? a.gh + off : gx;
   const T eta = a.eta;
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    gx[i] = ins_grad<T>(gu(i), x[i], r, coef, mean);
-    if constexpr (GH) gh[i] = eta * gate<T>(g1[i], m[i] != 0);
-  }
+  for_chunks<W>(n, [&](int64_t i) {
+    W::store(gx + i, ins_grad<V>(gu(i), W::load(x + i), W::splat(r), coef, W::splat(mean)));
+    if constexpr (GH) W::store(gh + i, eta * gated(i));
+  });
   if (a.bias_part != nullptr) a.bias_part[p] = s_g;
+}
+
+template <typename T, bool G0, bool G1, bool GH>
+SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
+  if (wide_plane<T>(a.count)) {
+    norm_backward_plane<T, G0, G1, GH, Wide<T>>(a, p);
+  } else {
+    norm_backward_plane<T, G0, G1, GH, Lanes<T, 1>>(a, p);
+  }
 }
 
 template <typename T>
@@ -571,34 +694,20 @@ void gather_row_scalar(const PoolRow<T>& r, int k, int64_t W, int64_t j0, int64_
   }
 }
 
-// Vector arguments of the always-inline helpers below never cross a call boundary.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-// k = 2, L windows at a time with GCC vector extensions: the formulas of feedback.h, lane-wise,
-// as compares and selects. Branches would be mispredicted (the argmax of data is random) and
-// rows are short (14 windows for 28 x 28), too short for the auto-vectorizer, which left them to
-// a branchy scalar loop 20x slower. A row is covered by chunks of L; the last chunk overlaps the
-// previous one (it rewrites equal values) so no scalar tail remains.
+// k = 2, L windows at a time: the formulas of feedback.h, lane-wise, as compares and selects.
+// Branches would be mispredicted (the argmax of data is random) and rows are short (14 windows
+// for 28 x 28), too short for the auto-vectorizer, which left them to a branchy scalar loop 20x
+// slower. A row is covered by chunks of L; the last chunk overlaps the previous one (it rewrites
+// equal values) so no scalar tail remains.
 template <typename T, int L>
-struct Lanes {
-  typedef T V __attribute__((vector_size(L * sizeof(T))));
-  using IT = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  typedef IT I __attribute__((vector_size(L * sizeof(T))));  // compare results: -1 or 0
-
-  static SCREENING_ATTN_INLINE V load(const T* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(V));
-    return v;
-  }
-  static SCREENING_ATTN_INLINE void store(T* p, V v) { std::memcpy(p, &v, sizeof(V)); }
-  static SCREENING_ATTN_INLINE I load_positions(const uint8_t* p) {
-    I v;
-    for (int l = 0; l < L; ++l) v[l] = p[l];
-    return v;
-  }
-  static SCREENING_ATTN_INLINE void store_positions(uint8_t* p, I v) {
-    for (int l = 0; l < L; ++l) p[l] = static_cast<uint8_t>(v[l]);
-  }
+struct PoolLanes : Lanes<T, L> {
+  using Base = Lanes<T, L>;
+  using typename Base::I;
+  using typename Base::V;
+  using Base::load;
+  using Base::store;
+  using Base::zeros;
+  static SCREENING_ATTN_INLINE V number(I mask) { return as_number<V>(mask); }
   // Even and odd elements of the 2 L values at p: the left and right columns of L windows.
   static SCREENING_ATTN_INLINE void columns(const T* p, V& left, V& right) {
     const V lo = load(p), hi = load(p + L);
@@ -617,8 +726,6 @@ struct Lanes {
     store(p, __builtin_shuffle(left, right, first));
     store(p + L, __builtin_shuffle(left, right, second));
   }
-  static SCREENING_ATTN_INLINE V zeros() { return V{}; }
-  static SCREENING_ATTN_INLINE V number(I mask) { return mask ? zeros() + T(1) : zeros(); }
   static SCREENING_ATTN_INLINE V gate(V z, V h, bool gated, bool positive) {
     if (!gated) return positive ? z : zeros();
     return z * number(positive ? h > T(0) : h < T(0));  // z [h > 0] or z [h < 0]
@@ -645,14 +752,14 @@ struct Lanes {
       y = vmax * number(h > T(0)) + vmin * number(h < T(0));
     }
     store(r.y + j, y);
-    store_positions(r.amax + j, am);
-    store_positions(r.amin + j, an);
+    Base::store_bytes(r.amax + j, am);
+    Base::store_bytes(r.amin + j, an);
   }
 
   static SCREENING_ATTN_INLINE void unpool(const PoolRow<T>& r, int64_t W, int64_t j) {
     const bool gated = r.h != nullptr;
     const V z = load(r.z + j), h = gated ? load(r.h + j) : zeros();
-    const I am = load_positions(r.amax_in + j), an = load_positions(r.amin_in + j);
+    const I am = Base::load_bytes(r.amax_in + j), an = Base::load_bytes(r.amin_in + j);
     const V to_max = gate(z, h, gated, true), to_min = gate(z, h, gated, false);
     V v[4];
     for (int q = 0; q < 4; ++q) {  // ada_unpool_value
@@ -668,7 +775,7 @@ struct Lanes {
     V g[4];
     columns(r.x + 2 * j, g[0], g[1]);
     columns(r.x + W + 2 * j, g[2], g[3]);
-    const I am = load_positions(r.amax_in + j), an = load_positions(r.amin_in + j);
+    const I am = Base::load_bytes(r.amax_in + j), an = Base::load_bytes(r.amin_in + j);
     V at_max = g[0], at_min = g[0];
     for (int q = 1; q < 4; ++q) {
       at_max = am == q ? g[q] : at_max;
@@ -696,16 +803,18 @@ struct Lanes {
 template <typename T, PoolOp Op>
 SCREENING_ATTN_INLINE void pool_row(const PoolRow<T>& r, int k, int64_t W, int64_t Wo) {
   constexpr int kWide = 32 / sizeof(T), kNarrow = 16 / sizeof(T);  // 8 and 4 floats
-  if (k == 2 && Wo >= kWide) return Lanes<T, kWide>::template row<Op>(r, W, Wo);
-  if (k == 2 && Wo >= kNarrow) return Lanes<T, kNarrow>::template row<Op>(r, W, Wo);
+  if (k == 2 && Wo >= kWide) return PoolLanes<T, kWide>::template row<Op>(r, W, Wo);
+  if (k == 2 && Wo >= kNarrow) return PoolLanes<T, kNarrow>::template row<Op>(r, W, Wo);
   if constexpr (Op == PoolOp::kForward) forward_row_scalar(r, k, W, 0, Wo);
   if constexpr (Op == PoolOp::kUnpool) unpool_row_scalar(r, k, W, 0, Wo);
   if constexpr (Op == PoolOp::kGather) gather_row_scalar(r, k, W, 0, Wo);
 }
 
-// Plane p; forward and gather read the H x W plane `src` (a.x's, or a scratch plane).
+// Plane p. `plane` is H x W: forward and gather read it (a.x's, or a scratch plane), unpool
+// writes it (a.y's, or a scratch plane).
 template <typename T, PoolOp Op>
-SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p, const T* src) {
+SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p,
+                                      std::conditional_t<Op == PoolOp::kUnpool, T*, const T*> plane) {
   const int k = a.g.k;
   const int64_t H = a.g.H, W = a.g.W, Ho = a.g.Ho, Wo = a.g.Wo;
   for (int64_t i = 0; i < Ho; ++i) {
@@ -713,13 +822,13 @@ SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p, const T* 
     PoolRow<T> r{};
     r.h = a.hidden != nullptr ? a.hidden + o0 : nullptr;
     if constexpr (Op == PoolOp::kUnpool) {
-      r.out = a.y + p * H * W + i * k * W;
+      r.out = plane + i * k * W;
       r.z = a.z + o0;
       r.amax_in = a.amax_in + o0;
       r.amin_in = a.amin_in + o0;
       for (int q = 0; q < k; ++q) std::fill(r.out + q * W + Wo * k, r.out + (q + 1) * W, T(0));
     } else {
-      r.x = src + i * k * W;
+      r.x = plane + i * k * W;
       r.y = a.y + o0;
       r.amax = a.amax != nullptr ? a.amax + o0 : nullptr;
       r.amin = a.amin != nullptr ? a.amin + o0 : nullptr;
@@ -729,7 +838,7 @@ SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p, const T* 
     pool_row<T, Op>(r, k, W, Wo);
   }
   if constexpr (Op == PoolOp::kUnpool) {  // rows past the last full window
-    std::fill(a.y + p * H * W + Ho * k * W, a.y + (p + 1) * H * W, T(0));
+    std::fill(plane + Ho * k * W, plane + H * W, T(0));
   }
 }
 
@@ -739,13 +848,13 @@ SCREENING_ATTN_INLINE void pool_range_impl(const PoolArgs<T>& a, PoolOp op, int6
   for (int64_t p = p0; p < p1; ++p) {
     switch (op) {
       case PoolOp::kForward:
-        pool_plane<T, PoolOp::kForward>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
+        pool_plane<T, PoolOp::kForward>(a, p, a.x + p * a.g.H * a.g.W);
         break;
       case PoolOp::kUnpool:
-        pool_plane<T, PoolOp::kUnpool>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
+        pool_plane<T, PoolOp::kUnpool>(a, p, a.y + p * a.g.H * a.g.W);
         break;
       case PoolOp::kGather:
-        pool_plane<T, PoolOp::kGather>(a, p, a.x != nullptr ? a.x + p * a.g.H * a.g.W : nullptr);
+        pool_plane<T, PoolOp::kGather>(a, p, a.x + p * a.g.H * a.g.W);
         break;
     }
   }
@@ -864,6 +973,14 @@ SCREENING_ATTN_VECTOR_CLONES void norm_pool_range(const NormFwd<double>& a,
   norm_pool_range_impl(a, pa, p0, p1);
 }
 
+template <typename W, typename T = typename W::Scalar>
+SCREENING_ATTN_INLINE void gate_plane(const T* __restrict__ u, const uint8_t* __restrict__ m,
+                                      T* __restrict__ o, int64_t n) {
+  for_chunks<W>(n, [&](int64_t i) {
+    W::store(o + i, gate<typename W::V>(W::load(u + i), W::load_bytes(m + i) != 0));
+  });
+}
+
 // Top-down, AdaPool's feedback then AdaReLU's: u = unpool(z) (the gate's new hidden) and
 // out = u [mask], gated while the plane of u is still in cache.
 template <typename T>
@@ -871,12 +988,13 @@ SCREENING_ATTN_INLINE void unpool_gate_range_impl(const PoolArgs<T>& pa, const u
                                                   T* out, int64_t p0, int64_t p1) {
   const int64_t n = pa.g.H * pa.g.W;
   for (int64_t p = p0; p < p1; ++p) {
-    pool_plane<T, PoolOp::kUnpool>(pa, p, nullptr);
-    const T* __restrict__ u = pa.y + p * n;
-    const uint8_t* __restrict__ m = mask + p * n;
-    T* __restrict__ o = out + p * n;
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) o[i] = gate<T>(u[i], m[i] != 0);
+    T* u = pa.y + p * n;
+    pool_plane<T, PoolOp::kUnpool>(pa, p, u);
+    if (wide_plane<T>(n)) {
+      gate_plane<Wide<T>>(u, mask + p * n, out + p * n, n);
+    } else {
+      gate_plane<Lanes<T, 1>>(u, mask + p * n, out + p * n, n);
+    }
   }
 }
 

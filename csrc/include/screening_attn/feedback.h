@@ -9,35 +9,44 @@
 
 namespace screening_attn {
 
+// The gate formulas below are written once for two kinds of `acc_t`: a scalar (CUDA, and the
+// CPU's short planes), with bool conditions, and a GCC vector of lanes (the CPU's per-plane
+// loops), where a comparison gives an integer vector of -1 / 0 (`M`). `zero + 1` and comparisons
+// with a literal 0 broadcast for vectors and are plain arithmetic for scalars. They are always
+// inlined: the CPU callers are compiled per ISA (target_clones), and a vector argument passed
+// across a call would change ABI between them.
+#define SCREENING_ATTN_LANEWISE C10_HOST_DEVICE inline __attribute__((always_inline))
+
 // 1 or 0 as a number, written as a select: GCC vectorizes it, not a bool -> float conversion.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t as_number(bool b) {
-  return b ? acc_t(1) : acc_t(0);
+template <typename acc_t, typename M>
+SCREENING_ATTN_LANEWISE acc_t as_number(M b) {
+  const acc_t zero = acc_t();
+  return b ? zero + 1 : zero;
 }
 
 // --- Gates -------------------------------------------------------------------------------------
 
 // AdaReLU: x' = x + eta (h - x), open where x' h > 0 (plain ReLU without feedback).
 // y = x' * open, not `open ? x' : 0`, so a NaN input stays NaN as in the reference.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t ada_relu_value(acc_t x, acc_t h, acc_t eta, bool has_hidden,
-                                            bool* open) {
-  acc_t xr = has_hidden ? x + eta * (h - x) : x;
-  *open = has_hidden ? xr * h > acc_t(0) : xr > acc_t(0);
+template <typename acc_t, typename M>
+SCREENING_ATTN_LANEWISE acc_t ada_relu_value(acc_t x, acc_t h, acc_t eta, bool has_hidden,
+                                            M* open) {
+  const acc_t xr = has_hidden ? x + eta * (h - x) : x;
+  *open = has_hidden ? xr * h > 0 : xr > 0;
   return xr * as_number<acc_t>(*open);
 }
 
 // z [open]: the gate's feedback pass, and the backward of the ungated forward.
-template <typename acc_t>
-C10_HOST_DEVICE inline acc_t gate(acc_t z, bool open) {
+template <typename acc_t, typename M>
+SCREENING_ATTN_LANEWISE acc_t gate(acc_t z, M open) {
   return z * as_number<acc_t>(open);
 }
 
 // Backward of the gated AdaReLU: d/dx = (1 - eta) g [open], d/dh = eta g [open].
-template <typename acc_t>
-C10_HOST_DEVICE inline void ada_relu_grad(acc_t g, bool open, acc_t eta, acc_t* gx, acc_t* gh) {
-  acc_t gm = gate(g, open);
-  *gx = gm * (acc_t(1) - eta);
+template <typename acc_t, typename M>
+SCREENING_ATTN_LANEWISE void ada_relu_grad(acc_t g, M open, acc_t eta, acc_t* gx, acc_t* gh) {
+  const acc_t gm = gate<acc_t>(g, open);
+  *gx = gm * (1 - eta);
   *gh = gm * eta;
 }
 
@@ -71,7 +80,7 @@ C10_HOST_DEVICE inline acc_t ins_grad_coef(acc_t rstd, acc_t sum_gu_x, int64_t c
 }
 
 template <typename acc_t>
-C10_HOST_DEVICE inline acc_t ins_grad(acc_t gu, acc_t x, acc_t rstd, acc_t coef, acc_t mean) {
+SCREENING_ATTN_LANEWISE acc_t ins_grad(acc_t gu, acc_t x, acc_t rstd, acc_t coef, acc_t mean) {
   return rstd * gu - coef * (x - mean);
 }
 
