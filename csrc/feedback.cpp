@@ -52,4 +52,14 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
   m.def(
       "ada_unpool_gate(Tensor z, Tensor? hidden, Tensor argmax, Tensor argmin, Tensor mask, "
       "int kernel_size, int height, int width) -> (Tensor, Tensor)");
+  // Their backwards, without the full-resolution intermediates of the composed ones:
+  // (grad_x, grad_hidden, grad_bias) from the pooled grad_y, as ins_bias_ada_relu_backward's;
+  // grad_z = gather(grad_u + grad_out * mask), either gradient optional.
+  m.def(
+      "ins_bias_ada_relu_pool2d_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor rstd, "
+      "Tensor? pool_hidden, Tensor argmax, Tensor argmin, float eta, bool gated, bool has_bias, "
+      "bool centered, int kernel_size) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ada_unpool_gate_backward(Tensor? grad_u, Tensor? grad_out, Tensor? hidden, Tensor argmax, "
+      "Tensor argmin, Tensor mask, int kernel_size) -> Tensor");
 }

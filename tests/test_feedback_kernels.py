@@ -417,6 +417,20 @@ def test_stage_fusions_gradcheck_and_opcheck_cpu():
     torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, hp, amax, amin, m, 2, 8, 10))
     m11 = torch.randn(2, 3, 8, 11) > 0  # a column past the last window
     torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, None, amax, amin, m11, 2, 8, 11))
+    # their fused backward ops (the pooled stage's has no derivative: no input requires grad)
+    xd, bd, hd, hpd = x.detach(), b.detach(), h.detach(), hp.detach()
+    y, m2, rstd, amax2, amin2 = _ops.ins_bias_ada_relu_pool2d_cpp(
+        xd, bd, hd, hpd, 0.3, 0.0, True, 2
+    )
+    args = (torch.randn_like(y), xd, m2, rstd, hpd, amax2, amin2, 0.3, True, True, True, 2)
+    torch.library.opcheck(_ops.ins_bias_ada_relu_pool2d_backward_cpp, args)
+    gu = torch.randn(2, 3, 8, 10, dtype=F64, requires_grad=True)
+    go = torch.randn(2, 3, 8, 10, dtype=F64, requires_grad=True)
+    torch.library.opcheck(_ops.ada_unpool_gate_backward_cpp, (gu, go, hp, amax, amin, m, 2))
+    torch.library.opcheck(_ops.ada_unpool_gate_backward_cpp, (None, go, None, amax, amin, m, 2))
+    (gx,) = torch.autograd.grad(stage(x, b, h).sum(), x, create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward of ins_bias_ada_relu_pool2d"):
+        gx.sum().backward()
 
 
 # --- gradcheck, opcheck, compile -----------------------------------------------------------------

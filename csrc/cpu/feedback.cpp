@@ -373,14 +373,15 @@ struct NormBwd {
   bool centered;
 };
 
+// Plane p; `g1` is its plane of a.g1, or a scratch plane (nullptr without G1).
 template <typename T, bool G0, bool G1, bool GH, typename W>
-SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
+SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p, const T* g1_plane) {
   using V = typename W::V;
   const int64_t n = a.count;
   const int64_t off = p * n;
   const T* __restrict__ x = a.x + off;
   const T* __restrict__ g0 = G0 ? a.g0 + off : x;
-  const T* __restrict__ g1 = G1 ? a.g1 + off : x;
+  const T* __restrict__ g1 = G1 ? g1_plane : x;
   const uint8_t* __restrict__ m = G1 ? a.mask + off : nullptr;
   const T scale1 = a.scale1;
   auto gated = [&](int64_t i) { return gate<V>(W::load(g1 + i), W::load_bytes(m + i) != 0); };
@@ -408,27 +409,36 @@ SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
 }
 
 template <typename T, bool G0, bool G1, bool GH>
-SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p) {
+SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p,
+                                               const T* g1_plane) {
   if (wide_plane<T>(a.count)) {
-    norm_backward_plane<T, G0, G1, GH, Wide<T>>(a, p);
+    norm_backward_plane<T, G0, G1, GH, Wide<T>>(a, p, g1_plane);
   } else {
-    norm_backward_plane<T, G0, G1, GH, Lanes<T, 1>>(a, p);
+    norm_backward_plane<T, G0, G1, GH, Lanes<T, 1>>(a, p, g1_plane);
+  }
+}
+
+// Plane p of the backward; `g1_plane` is its plane of a.g1, or a scratch plane.
+template <typename T>
+SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p, const T* g1_plane) {
+  const bool g0 = a.g0 != nullptr, g1 = a.g1 != nullptr, gh = a.gh != nullptr;
+  if (g0 && !g1) {
+    norm_backward_plane<T, true, false, false>(a, p, nullptr);
+  } else if (!g0 && g1 && !gh) {
+    norm_backward_plane<T, false, true, false>(a, p, g1_plane);
+  } else if (!g0 && g1 && gh) {
+    norm_backward_plane<T, false, true, true>(a, p, g1_plane);
+  } else {
+    TORCH_INTERNAL_ASSERT(g0 && g1 && !gh);
+    norm_backward_plane<T, true, true, false>(a, p, g1_plane);
   }
 }
 
 template <typename T>
 SCREENING_ATTN_INLINE void norm_backward_range_impl(const NormBwd<T>& a, int64_t p0,
                                                     int64_t p1) {
-  const bool g0 = a.g0 != nullptr, g1 = a.g1 != nullptr, gh = a.gh != nullptr;
-  if (g0 && !g1) {
-    for (int64_t p = p0; p < p1; ++p) norm_backward_plane<T, true, false, false>(a, p);
-  } else if (!g0 && g1 && !gh) {
-    for (int64_t p = p0; p < p1; ++p) norm_backward_plane<T, false, true, false>(a, p);
-  } else if (!g0 && g1 && gh) {
-    for (int64_t p = p0; p < p1; ++p) norm_backward_plane<T, false, true, true>(a, p);
-  } else {
-    TORCH_INTERNAL_ASSERT(g0 && g1 && !gh);
-    for (int64_t p = p0; p < p1; ++p) norm_backward_plane<T, true, true, false>(a, p);
+  for (int64_t p = p0; p < p1; ++p) {
+    norm_backward_plane(a, p, a.g1 != nullptr ? a.g1 + p * a.count : nullptr);
   }
 }
 
@@ -526,39 +536,6 @@ void sum_bias_parts(const T* part, T* out, int64_t batch, int64_t channels) {
     for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
     out[c] = s;
   }
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_cpu(
-    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_,
-    const at::Tensor& rstd_, double eta, bool gated, bool has_bias, bool centered) {
-  check_ins_backward(grad_, "grad_y", x_, rstd_, centered);
-  check_mask(mask_, x_, "x");
-  const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), rstd = rstd_.contiguous();
-  const at::Tensor mask = mask_.contiguous();
-  at::Tensor gx = at::empty_like(x);
-  at::Tensor gh = gated ? at::empty_like(x) : at::empty({0}, x.options());
-  at::Tensor part = has_bias ? at::empty({x.size(0), x.size(1)}, x.options()) : at::Tensor();
-  at::Tensor gb = at::empty({has_bias ? x.size(1) : 0}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ins_bias_ada_relu_backward_cpu", [&] {
-    NormBwd<scalar_t> a{};
-    a.g1 = grad.const_data_ptr<scalar_t>();
-    a.mask = as_bytes(mask.const_data_ptr<bool>());
-    a.x = x.const_data_ptr<scalar_t>();
-    a.rstd = rstd.const_data_ptr<scalar_t>();
-    a.gx = gx.mutable_data_ptr<scalar_t>();
-    a.gh = gated ? gh.mutable_data_ptr<scalar_t>() : nullptr;
-    a.bias_part = has_bias ? part.mutable_data_ptr<scalar_t>() : nullptr;
-    a.count = x.size(2) * x.size(3);
-    a.scale1 = gated ? static_cast<scalar_t>(1.0 - eta) : scalar_t(1);
-    a.eta = static_cast<scalar_t>(eta);
-    a.centered = centered;
-    norm_backward(a, rstd.numel());
-    if (has_bias) {
-      sum_bias_parts(part.const_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(), x.size(0),
-                     x.size(1));
-    }
-  });
-  return {gx, gh, gb};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_norm_gate_cpu(const at::Tensor& z_,
@@ -1010,6 +987,85 @@ SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<double>& pa,
   unpool_gate_range_impl(pa, mask, out, p0, p1);
 }
 
+// Backward of the pooled stage: per plane, unpool the pooled gradient into scratch (L1), then
+// the norm's backward from there.
+template <typename T>
+SCREENING_ATTN_INLINE void unpool_norm_backward_range_impl(const NormBwd<T>& a,
+                                                           const PoolArgs<T>& pa, int64_t p0,
+                                                           int64_t p1) {
+  std::vector<T> scratch(static_cast<size_t>(a.count));
+  for (int64_t p = p0; p < p1; ++p) {
+    pool_plane<T, PoolOp::kUnpool>(pa, p, scratch.data());
+    norm_backward_plane(a, p, scratch.data());
+  }
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_norm_backward_range(const NormBwd<float>& a,
+                                                             const PoolArgs<float>& pa,
+                                                             int64_t p0, int64_t p1) {
+  unpool_norm_backward_range_impl(a, pa, p0, p1);
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_norm_backward_range(const NormBwd<double>& a,
+                                                             const PoolArgs<double>& pa,
+                                                             int64_t p0, int64_t p1) {
+  unpool_norm_backward_range_impl(a, pa, p0, p1);
+}
+
+template <typename T>
+void unpool_norm_backward(const NormBwd<T>& a, const PoolArgs<T>& pa, int64_t planes) {
+  at::parallel_for(0, planes, plane_grain(a.count), [&](int64_t p0, int64_t p1) {
+    unpool_norm_backward_range(a, pa, p0, p1);
+  });
+}
+
+// Backward of ada_unpool_gate: grad_z = gather(grad_u + grad_out [mask]); the full-resolution
+// sum is formed per plane in scratch (L1) and gathered from there. Either gradient may be absent.
+template <typename W, typename T = typename W::Scalar>
+SCREENING_ATTN_INLINE void gated_sum_plane(const T* __restrict__ gu, const T* __restrict__ go,
+                                           const uint8_t* __restrict__ m, T* __restrict__ s,
+                                           int64_t n) {
+  using V = typename W::V;
+  for_chunks<W>(n, [&](int64_t i) {
+    V v = W::zeros();
+    if (gu != nullptr) v += W::load(gu + i);
+    if (go != nullptr) v += gate<V>(W::load(go + i), W::load_bytes(m + i) != 0);
+    W::store(s + i, v);
+  });
+}
+
+template <typename T>
+SCREENING_ATTN_INLINE void unpool_gate_backward_range_impl(const PoolArgs<T>& pa, const T* gu,
+                                                           const T* go, const uint8_t* mask,
+                                                           int64_t p0, int64_t p1) {
+  const int64_t n = pa.g.H * pa.g.W;
+  std::vector<T> scratch(static_cast<size_t>(n));
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* gu_p = gu != nullptr ? gu + p * n : nullptr;
+    const T* go_p = go != nullptr ? go + p * n : nullptr;
+    if (wide_plane<T>(n)) {
+      gated_sum_plane<Wide<T>>(gu_p, go_p, mask + p * n, scratch.data(), n);
+    } else {
+      gated_sum_plane<Lanes<T, 1>>(gu_p, go_p, mask + p * n, scratch.data(), n);
+    }
+    pool_plane<T, PoolOp::kGather>(pa, p, scratch.data());
+  }
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_backward_range(const PoolArgs<float>& pa,
+                                                             const float* gu, const float* go,
+                                                             const uint8_t* mask, int64_t p0,
+                                                             int64_t p1) {
+  unpool_gate_backward_range_impl(pa, gu, go, mask, p0, p1);
+}
+
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_backward_range(const PoolArgs<double>& pa,
+                                                             const double* gu, const double* go,
+                                                             const uint8_t* mask, int64_t p0,
+                                                             int64_t p1) {
+  unpool_gate_backward_range_impl(pa, gu, go, mask, p0, p1);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 ins_bias_ada_relu_pool2d_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& bias_,
                              const std::optional<at::Tensor>& hidden_,
@@ -1086,11 +1142,145 @@ std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(const at::Tensor& z_,
   return {u, out};
 }
 
+// The pooled stage's gradient, unpooled per plane (ins_bias_ada_relu_pool2d's backward).
+struct PooledGrad {
+  std::optional<at::Tensor> hidden;
+  at::Tensor argmax, argmin;
+  int64_t k;
+};
+
+// (grad_x, grad_hidden, grad_bias) of ins_bias_ada_relu; with `pooled`, `grad` is the gradient
+// of the pooled output, unpooled plane by plane into an L1 scratch plane (never into memory).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_impl(
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_,
+    const at::Tensor& rstd_, double eta, bool gated, bool has_bias, bool centered,
+    const PooledGrad* pooled) {
+  const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), rstd = rstd_.contiguous();
+  const at::Tensor mask = mask_.contiguous();
+  at::Tensor gx = at::empty_like(x);
+  at::Tensor gh = gated ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor part = has_bias ? at::empty({x.size(0), x.size(1)}, x.options()) : at::Tensor();
+  at::Tensor gb = at::empty({has_bias ? x.size(1) : 0}, x.options());
+  at::Tensor pool_hidden, amax, amin;
+  if (pooled != nullptr) {
+    pool_hidden = pooled->hidden.has_value() ? pooled->hidden->contiguous() : at::Tensor();
+    amax = pooled->argmax.contiguous();
+    amin = pooled->argmin.contiguous();
+  }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ins_bias_ada_relu_backward_cpu", [&] {
+    NormBwd<scalar_t> a{};
+    a.g1 = grad.const_data_ptr<scalar_t>();
+    a.mask = as_bytes(mask.const_data_ptr<bool>());
+    a.x = x.const_data_ptr<scalar_t>();
+    a.rstd = rstd.const_data_ptr<scalar_t>();
+    a.gx = gx.mutable_data_ptr<scalar_t>();
+    a.gh = gated ? gh.mutable_data_ptr<scalar_t>() : nullptr;
+    a.bias_part = has_bias ? part.mutable_data_ptr<scalar_t>() : nullptr;
+    a.count = x.size(2) * x.size(3);
+    a.scale1 = gated ? static_cast<scalar_t>(1.0 - eta) : scalar_t(1);
+    a.eta = static_cast<scalar_t>(eta);
+    a.centered = centered;
+    if (pooled == nullptr) {
+      norm_backward(a, rstd.numel());
+    } else {
+      PoolArgs<scalar_t> pa{};
+      pa.z = grad.const_data_ptr<scalar_t>();
+      pa.hidden = pool_hidden.defined() ? pool_hidden.const_data_ptr<scalar_t>() : nullptr;
+      pa.amax_in = amax.const_data_ptr<uint8_t>();
+      pa.amin_in = amin.const_data_ptr<uint8_t>();
+      pa.g = pool_geometry(x.size(2), x.size(3), pooled->k);
+      unpool_norm_backward(a, pa, rstd.numel());
+    }
+    if (has_bias) {
+      sum_bias_parts(part.const_data_ptr<scalar_t>(), gb.mutable_data_ptr<scalar_t>(), x.size(0),
+                     x.size(1));
+    }
+  });
+  return {gx, gh, gb};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& rstd,
+    double eta, bool gated, bool has_bias, bool centered) {
+  check_ins_backward(grad, "grad_y", x, rstd, centered);
+  check_mask(mask, x, "x");
+  return ins_bias_ada_relu_backward_impl(grad, x, mask, rstd, eta, gated, has_bias, centered,
+                                         nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_pool2d_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mask, const at::Tensor& rstd,
+    const std::optional<at::Tensor>& pool_hidden, const at::Tensor& argmax,
+    const at::Tensor& argmin, double eta, bool gated, bool has_bias, bool centered, int64_t k) {
+  check_ins_norm(x, "x", centered);
+  check_mask(mask, x, "x");
+  check_rstd(rstd, x);
+  check_pool_kernel_size(k);
+  check_same_dtype_device(x, "x", grad_y, "grad_y");
+  TORCH_CHECK_VALUE(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) &&
+                        grad_y.size(1) == x.size(1) && grad_y.size(2) == x.size(2) / k &&
+                        grad_y.size(3) == x.size(3) / k,
+                    "grad_y must have the pooled shape of x ", x.sizes(), ", got ",
+                    grad_y.sizes());
+  check_pool_hidden(pool_hidden, grad_y, "grad_y", grad_y.sizes());
+  check_pool_positions(argmax, "argmax", grad_y, "grad_y", grad_y.sizes());
+  check_pool_positions(argmin, "argmin", grad_y, "grad_y", grad_y.sizes());
+  const PooledGrad pooled{pool_hidden, argmax, argmin, k};
+  return ins_bias_ada_relu_backward_impl(grad_y, x, mask, rstd, eta, gated, has_bias, centered,
+                                         &pooled);
+}
+
+at::Tensor ada_unpool_gate_backward_cpu(const std::optional<at::Tensor>& grad_u_,
+                                        const std::optional<at::Tensor>& grad_out_,
+                                        const std::optional<at::Tensor>& hidden_,
+                                        const at::Tensor& amax_, const at::Tensor& amin_,
+                                        const at::Tensor& mask_, int64_t k) {
+  TORCH_CHECK_VALUE(grad_u_.has_value() || grad_out_.has_value(),
+                    "ada_unpool_gate_backward needs grad_u or grad_out");
+  const at::Tensor& like = grad_u_.has_value() ? *grad_u_ : *grad_out_;
+  const char* like_name = grad_u_.has_value() ? "grad_u" : "grad_out";
+  check_floating_4d(like, like_name);
+  check_pool_kernel_size(k);
+  if (grad_u_.has_value() && grad_out_.has_value()) {
+    check_same_dtype_device(*grad_u_, "grad_u", *grad_out_, "grad_out");
+    check_same_shape(*grad_u_, "grad_u", *grad_out_, "grad_out");
+  }
+  check_mask(mask_, like, like_name);
+  const std::vector<int64_t> pooled{like.size(0), like.size(1), like.size(2) / k,
+                                    like.size(3) / k};
+  check_pool_hidden(hidden_, like, like_name, pooled);
+  check_pool_positions(amax_, "argmax", like, like_name, pooled);
+  check_pool_positions(amin_, "argmin", like, like_name, pooled);
+  const at::Tensor gu = grad_u_.has_value() ? grad_u_->contiguous() : at::Tensor();
+  const at::Tensor go = grad_out_.has_value() ? grad_out_->contiguous() : at::Tensor();
+  const at::Tensor amax = amax_.contiguous(), amin = amin_.contiguous(), mask = mask_.contiguous();
+  const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
+  at::Tensor gz = at::empty(pooled, like.options());
+  AT_DISPATCH_FLOATING_TYPES(like.scalar_type(), "ada_unpool_gate_backward_cpu", [&] {
+    PoolArgs<scalar_t> pa{};
+    pa.hidden = hidden.defined() ? hidden.const_data_ptr<scalar_t>() : nullptr;
+    pa.amax_in = amax.const_data_ptr<uint8_t>();
+    pa.amin_in = amin.const_data_ptr<uint8_t>();
+    pa.y = gz.mutable_data_ptr<scalar_t>();
+    pa.g = pool_geometry(like.size(2), like.size(3), k);
+    const scalar_t* gup = gu.defined() ? gu.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* gop = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
+    const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
+    at::parallel_for(0, like.size(0) * like.size(1), plane_grain(pa.g.H * pa.g.W),
+                     [&](int64_t p0, int64_t p1) {
+                       unpool_gate_backward_range(pa, gup, gop, mp, p0, p1);
+                     });
+  });
+  return gz;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
   m.impl("ins_bias_ada_relu_pool2d", &ins_bias_ada_relu_pool2d_cpu);
   m.impl("ada_unpool_gate", &ada_unpool_gate_cpu);
+  m.impl("ins_bias_ada_relu_pool2d_backward", &ins_bias_ada_relu_pool2d_backward_cpu);
+  m.impl("ada_unpool_gate_backward", &ada_unpool_gate_backward_cpu);
   m.impl("ada_relu", &ada_relu_cpu);
   m.impl("ada_relu_backward", &ada_relu_backward_cpu);
   m.impl("ada_relu_feedback", &ada_relu_feedback_cpu);

@@ -315,8 +315,9 @@ _POOL_FAKES = (_fake_ada_pool2d, _fake_ada_unpool2d, _fake_ada_pool2d_gather)
 
 # --- CPU stage fusions ----------------------------------------------------------------------------
 # InsNorm -> Bias -> AdaReLU -> AdaPool bottom-up, AdaPool -> AdaReLU feedback top-down: C++ CPU
-# kernels only (functional.py composes the ops above elsewhere). Their backward ops are the
-# existing ones, composed.
+# kernels only (functional.py composes the ops above elsewhere). Their backward ops are fused
+# the same way: the full-resolution intermediates of the composed backward (the unpooled
+# gradient; the gated gradient and its sum) stay in a per-plane scratch, never in memory.
 def _fake_ins_bias_ada_relu_pool2d(
     x: Tensor,
     bias: Tensor | None,
@@ -333,6 +334,23 @@ def _fake_ins_bias_ada_relu_pool2d(
     return x.new_empty(shape), mask, _new_rstd(x), positions, torch.empty_like(positions)
 
 
+def _fake_ins_bias_ada_relu_pool2d_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    rstd: Tensor,
+    pool_hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    eta: float,
+    gated: bool,
+    has_bias: bool,
+    centered: bool,
+    kernel_size: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _fake_ins_bias_ada_relu_backward(grad_y, x, mask, rstd, eta, gated, has_bias, centered)
+
+
 def _fake_ada_unpool_gate(
     z: Tensor,
     hidden: Tensor | None,
@@ -347,12 +365,29 @@ def _fake_ada_unpool_gate(
     return z.new_empty(full), z.new_empty(full)
 
 
-def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
+def _fake_ada_unpool_gate_backward(
+    grad_u: Tensor | None,
+    grad_out: Tensor | None,
+    hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    mask: Tensor,
+    kernel_size: int,
+) -> Tensor:
+    like = grad_u if grad_u is not None else grad_out
+    return like.new_empty(_pooled(like, kernel_size))
+
+
+def _register_stage_fusions(ops) -> None:
+    """``ops``: ``torch.ops.screening_attn``, whose stage fusions and their backwards are CPU
+    kernels."""
+    norm_pool, norm_pool_bwd = ops.ins_bias_ada_relu_pool2d, ops.ins_bias_ada_relu_pool2d_backward
+    unpool_gate, unpool_gate_bwd = ops.ada_unpool_gate, ops.ada_unpool_gate_backward
+
     def setup_norm_pool(ctx, inputs, output):
         x, bias, hidden, pool_hidden, eta, _, centered, k = inputs
         ctx.eta, ctx.centered, ctx.k = eta, centered, k
         ctx.gated, ctx.has_bias = hidden is not None, bias is not None
-        ctx.size = (x.shape[2], x.shape[3])
         _, mask, rstd, argmax, argmin = output
         ctx.save_for_backward(x, mask, rstd, pool_hidden, argmax, argmin)
         ctx.mark_non_differentiable(rstd)
@@ -362,10 +397,10 @@ def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
         if grad_y is None:
             return (None,) * 8
         x, mask, rstd, pool_hidden, argmax, argmin = ctx.saved_tensors
-        grad_u = pool.ada_unpool2d(grad_y, pool_hidden, argmax, argmin, ctx.k, *ctx.size)
-        gx, gh, gb = norm.ins_bias_ada_relu_backward(
-            grad_u, x, mask, rstd, ctx.eta, ctx.gated, ctx.has_bias, ctx.centered
-        )
+        gx, gh, gb = norm_pool_bwd(
+            grad_y, x, mask, rstd, pool_hidden, argmax, argmin,
+            ctx.eta, ctx.gated, ctx.has_bias, ctx.centered, ctx.k,
+        )  # fmt: skip
         bias_grad, hidden_grad = gb if ctx.has_bias else None, gh if ctx.gated else None
         return gx, bias_grad, hidden_grad, None, None, None, None, None
 
@@ -379,24 +414,42 @@ def _register_stage_fusions(norm: NormOps, pool: PoolOps, gate) -> None:
         if grad_u is None and grad_out is None:
             return (None,) * 8
         hidden, argmax, argmin, mask = ctx.saved_tensors
-        if grad_out is None:  # only u was used
-            grad = grad_u
-        else:
-            grad = gate(grad_out, mask) if grad_u is None else grad_u + gate(grad_out, mask)
-        gz = pool.ada_pool2d_gather(grad, hidden, argmax, argmin, ctx.k)
+        gz = unpool_gate_bwd(grad_u, grad_out, hidden, argmax, argmin, mask, ctx.k)
         return gz, None, None, None, None, None, None, None
 
-    ops = torch.ops.screening_attn
-    torch.library.register_fake(ops.ins_bias_ada_relu_pool2d.default)(
-        _fake_ins_bias_ada_relu_pool2d
-    )
-    torch.library.register_fake(ops.ada_unpool_gate.default)(_fake_ada_unpool_gate)
+    # The unpool-gate backward is linear in (grad_u, grad_out); its adjoint is the forward
+    # op: (unpool(g), unpool(g) [mask]).
+    def setup_unpool_gate_bwd(ctx, inputs, output):
+        grad_u, grad_out, hidden, argmax, argmin, mask, k = inputs
+        ctx.k, ctx.size = k, tuple((grad_u if grad_u is not None else grad_out).shape[2:])
+        ctx.wants = (grad_u is not None, grad_out is not None)
+        ctx.save_for_backward(hidden, argmax, argmin, mask)
+        ctx.set_materialize_grads(False)
+
+    def backward_unpool_gate_bwd(ctx, gg):
+        if gg is None:
+            return (None,) * 7
+        hidden, argmax, argmin, mask = ctx.saved_tensors
+        u, out = unpool_gate(gg, hidden, argmax, argmin, mask, ctx.k, *ctx.size)
+        return (u if ctx.wants[0] else None, out if ctx.wants[1] else None) + (None,) * 5
+
+    for op, fake in (
+        (norm_pool, _fake_ins_bias_ada_relu_pool2d),
+        (norm_pool_bwd, _fake_ins_bias_ada_relu_pool2d_backward),
+        (unpool_gate, _fake_ada_unpool_gate),
+        (unpool_gate_bwd, _fake_ada_unpool_gate_backward),
+    ):
+        torch.library.register_fake(op.default)(fake)
     torch.library.register_autograd(
-        ops.ins_bias_ada_relu_pool2d.default, backward_norm_pool, setup_context=setup_norm_pool
+        norm_pool.default, backward_norm_pool, setup_context=setup_norm_pool
     )
     torch.library.register_autograd(
-        ops.ada_unpool_gate.default, backward_unpool_gate, setup_context=setup_unpool_gate
+        unpool_gate.default, backward_unpool_gate, setup_context=setup_unpool_gate
     )
+    torch.library.register_autograd(
+        unpool_gate_bwd.default, backward_unpool_gate_bwd, setup_context=setup_unpool_gate_bwd
+    )
+    _no_double_backward(norm_pool_bwd.default, "ins_bias_ada_relu_pool2d")
 
 
 # --- C++ ops (CPU, and CUDA when compiled) -------------------------------------------------------
@@ -412,13 +465,15 @@ if _backend.C_ERROR is None:
     _cpp = torch.ops.screening_attn
     ins_bias_ada_relu_pool2d_cpp = _cpp.ins_bias_ada_relu_pool2d.default
     ada_unpool_gate_cpp = _cpp.ada_unpool_gate.default
+    ins_bias_ada_relu_pool2d_backward_cpp = _cpp.ins_bias_ada_relu_pool2d_backward.default
+    ada_unpool_gate_backward_cpp = _cpp.ada_unpool_gate_backward.default
     norm_cpp = NormOps(*(getattr(_cpp, name).default for name in NormOps._fields))
     pool_cpp = PoolOps(*(getattr(_cpp, name).default for name in PoolOps._fields))
     for _op, _fake in zip((*norm_cpp, *pool_cpp), (*_NORM_FAKES, *_POOL_FAKES)):
         torch.library.register_fake(_op)(_fake)
     _register_norm(norm_cpp)
     _register_pool(pool_cpp)
-    _register_stage_fusions(norm_cpp, pool_cpp, ada_relu_feedback_cpp)
+    _register_stage_fusions(_cpp)
 
 
 # --- Triton ops ----------------------------------------------------------------------------------
