@@ -16,6 +16,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 // Vector arguments of the always-inline helpers (here and in feedback.h) never cross a call
 // boundary.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -93,7 +97,43 @@ struct Lanes {
     for (int l = 0; l < L; ++l) s += v[l];
     return s;
   }
+  // Whether a plane of n elements at p is whole 64-byte lines, so that `stream` may write it.
+  static SCREENING_ATTN_INLINE bool streams(const T* p, int64_t n) {
+#if defined(__x86_64__)
+    return sizeof(V) == 64 && reinterpret_cast<uintptr_t>(p) % 64 == 0 &&
+           (n * static_cast<int64_t>(sizeof(T))) % 64 == 0;
+#else
+    return false;
+#endif
+  }
+  // A non-temporal store of one whole line (SSE movntps / movntpd, in every clone): for the
+  // gates' new hidden states, read only in the next cycle, long evicted by then. A normal
+  // store first reads the line from memory, which costs as much as the write on this path.
+  static SCREENING_ATTN_INLINE void stream(T* p, V v) {
+#if defined(__x86_64__)
+    for (size_t k = 0; k < sizeof(V) / 16; ++k) {
+      if constexpr (sizeof(T) == 4) {
+        __m128 part;
+        std::memcpy(&part, reinterpret_cast<const char*>(&v) + 16 * k, 16);
+        _mm_stream_ps(reinterpret_cast<float*>(p) + 4 * k, part);
+      } else {
+        __m128d part;
+        std::memcpy(&part, reinterpret_cast<const char*>(&v) + 16 * k, 16);
+        _mm_stream_pd(reinterpret_cast<double*>(p) + 2 * k, part);
+      }
+    }
+#else
+    store(p, v);
+#endif
+  }
 };
+
+// After a task's streamed stores: they are weakly ordered, so fence before the task ends.
+SCREENING_ATTN_INLINE void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
+}
 
 template <typename T>
 using Wide = Lanes<T, 64 / sizeof(T)>;  // 16 floats, 8 doubles: one AVX-512 register
@@ -291,9 +331,14 @@ SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p, T*
   } else if constexpr (G == Gate::kFeedback) {
     const uint8_t* __restrict__ g = a.gate + off;
     T* __restrict__ out = a.out + off;
+    const bool stream = W::streams(y, n);  // y is the gate's new hidden
     for_chunks<W>(n, [&](int64_t i) {
       const V u = W::load(x + i) * r;
-      W::store(y + i, u);
+      if (stream) {
+        W::stream(y + i, u);
+      } else {
+        W::store(y + i, u);
+      }
       W::store(out + i, gate<V>(u, W::load_bytes(g + i) != 0));
     });
   } else {
@@ -334,6 +379,7 @@ SCREENING_ATTN_INLINE void norm_forward_range_impl(const NormFwd<T>& a, Gate g, 
       break;
     case Gate::kFeedback:
       for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kFeedback>(a, p, a.y + p * a.count);
+      stream_fence();
       break;
   }
 }
@@ -950,29 +996,40 @@ SCREENING_ATTN_VECTOR_CLONES void norm_pool_range(const NormFwd<double>& a,
   norm_pool_range_impl(a, pa, p0, p1);
 }
 
+// u, unpooled into the scratch plane `s` (L1), written out (streamed: the gate's new hidden)
+// and gated.
 template <typename W, typename T = typename W::Scalar>
-SCREENING_ATTN_INLINE void gate_plane(const T* __restrict__ u, const uint8_t* __restrict__ m,
-                                      T* __restrict__ o, int64_t n) {
+SCREENING_ATTN_INLINE void gate_plane(const T* __restrict__ s, const uint8_t* __restrict__ m,
+                                      T* __restrict__ u, T* __restrict__ o, int64_t n) {
+  using V = typename W::V;
+  const bool stream = W::streams(u, n);
   for_chunks<W>(n, [&](int64_t i) {
-    W::store(o + i, gate<typename W::V>(W::load(u + i), W::load_bytes(m + i) != 0));
+    const V v = W::load(s + i);
+    if (stream) {
+      W::stream(u + i, v);
+    } else {
+      W::store(u + i, v);
+    }
+    W::store(o + i, gate<V>(v, W::load_bytes(m + i) != 0));
   });
 }
 
 // Top-down, AdaPool's feedback then AdaReLU's: u = unpool(z) (the gate's new hidden) and
-// out = u [mask], gated while the plane of u is still in cache.
+// out = u [mask], gated while the plane of u is in cache.
 template <typename T>
 SCREENING_ATTN_INLINE void unpool_gate_range_impl(const PoolArgs<T>& pa, const uint8_t* mask,
                                                   T* out, int64_t p0, int64_t p1) {
   const int64_t n = pa.g.H * pa.g.W;
+  std::vector<T> scratch(static_cast<size_t>(n));
   for (int64_t p = p0; p < p1; ++p) {
-    T* u = pa.y + p * n;
-    pool_plane<T, PoolOp::kUnpool>(pa, p, u);
+    pool_plane<T, PoolOp::kUnpool>(pa, p, scratch.data());
     if (wide_plane<T>(n)) {
-      gate_plane<Wide<T>>(u, mask + p * n, out + p * n, n);
+      gate_plane<Wide<T>>(scratch.data(), mask + p * n, pa.y + p * n, out + p * n, n);
     } else {
-      gate_plane<Lanes<T, 1>>(u, mask + p * n, out + p * n, n);
+      gate_plane<Lanes<T, 1>>(scratch.data(), mask + p * n, pa.y + p * n, out + p * n, n);
     }
   }
+  stream_fence();
 }
 
 SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<float>& pa,
