@@ -819,10 +819,10 @@ def main(argv=None) -> int:
 
     cases = _cases.cases(args.preset, args.families, device=args.device)
     mm_start = meta["matmul_gflops"]
-    timing = _cases.TIMING[args.preset]
     progress = Progress(len(cases))
     results = []
     for group in groups(cases):
+        timing = _cases.timing(group[0], args.preset)
         results.extend(run_group(group, timing, progress, len(results)))
     progress.show(len(cases), "done")
     progress.done()
