@@ -402,7 +402,15 @@ def ada_unpool2d(
     Returns:
         Tensor `(N, C, H, W)`: zero except at the selected positions.
     """
-    k, height, width = _check_ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)
+    return _ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size, backend, True)
+
+
+def _ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size, backend, check_values):
+    """``ada_unpool2d``; the layers pass the positions their own forward computed and skip the
+    (data-dependent, one reduction each) check of their values."""
+    k, height, width = _check_ada_unpool2d(
+        z, argmax, argmin, hidden, kernel_size, output_size, check_values
+    )
     impl = _backend.resolve("ada_unpool2d", backend, z.device, _POOL_BACKENDS)
     return _run_ada_unpool2d(impl, z, argmax, argmin, hidden, k, height, width)
 
@@ -414,6 +422,7 @@ def _check_ada_unpool2d(
     hidden: Tensor | None,
     kernel_size: object,
     output_size: object,
+    check_values: bool = True,
 ) -> tuple[int, int, int]:
     check_tensor("z", z, ndim=4)
     k = _check_kernel_size(kernel_size)
@@ -430,8 +439,8 @@ def _check_ada_unpool2d(
     if hidden is not None:
         _check_like("hidden", hidden, "z", z)
     # Out-of-window positions would be dropped silently by the kernels. A data-dependent check,
-    # so eager only (the layers pass what their own forward computed).
-    if not torch.compiler.is_compiling() and z.device.type != "meta":
+    # so eager only, and skipped for the layers (they pass what their own forward computed).
+    if check_values and not torch.compiler.is_compiling() and z.device.type != "meta":
         for name, pos in (("argmax", argmax), ("argmin", argmin))[: 1 if hidden is None else 2]:
             if pos.numel() and int(pos.max()) >= k * k:
                 raise ValueError(
@@ -515,7 +524,18 @@ def ada_unpool_gate(
     Returns:
         ``(u, out)``, both `(N, C, H, W)`.
     """
-    k, height, width = _check_ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)
+    return _ada_unpool_gate(
+        z, argmax, argmin, hidden, mask, kernel_size, output_size, backend, True
+    )
+
+
+def _ada_unpool_gate(
+    z, argmax, argmin, hidden, mask, kernel_size, output_size, backend, check_values
+) -> tuple[Tensor, Tensor]:
+    """``ada_unpool_gate``; ``check_values`` as in ``_ada_unpool2d``."""
+    k, height, width = _check_ada_unpool2d(
+        z, argmax, argmin, hidden, kernel_size, output_size, check_values
+    )
     _check_mask_shape(mask, "the unpooled output", (*z.shape[:2], height, width), z.device)
     impl = _backend.resolve("ada_unpool_gate", backend, z.device, _POOL_BACKENDS)
     if impl != "cpu":

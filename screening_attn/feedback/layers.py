@@ -334,14 +334,15 @@ class AdaPool2d(FeedbackModule):
     def feedback(self, z: Tensor) -> Tensor:
         self._check_feedback(z)
         self.hidden = z
-        return functional.ada_unpool2d(
+        return functional._ada_unpool2d(
             z,
             self._argmax,
             self._argmin,
             self._gate,
             self.kernel_size,
             self.input_size,
-            backend=self.backend,
+            self.backend,
+            False,  # the positions are this layer's own forward's
         )
 
     def _plane_indices(self, positions: Tensor | None) -> Tensor | None:
@@ -616,7 +617,7 @@ def ada_unpool_gate_layers(relu: AdaReLU, pool: AdaPool2d, z: Tensor) -> Tensor:
     if relu.mask is None or relu.mask.shape[2:] != pool.input_size:
         return relu.feedback(pool.feedback(z))  # not the pool's input: let the layers complain
     pool.hidden = z
-    relu.hidden, out = functional.ada_unpool_gate(
+    relu.hidden, out = functional._ada_unpool_gate(
         z,
         pool._argmax,
         pool._argmin,
@@ -624,7 +625,8 @@ def ada_unpool_gate_layers(relu: AdaReLU, pool: AdaPool2d, z: Tensor) -> Tensor:
         relu.mask,
         pool.kernel_size,
         pool.input_size,
-        backend=relu.backend,
+        relu.backend,
+        False,  # the positions are the pool's own forward's
     )
     return out
 
