@@ -112,6 +112,33 @@ def test_ins_norm_gate_and_ins_norm_match_reference(backend, dtype, shape, cente
     assert_close(torch.autograd.grad(y, zk, g1)[0], torch.autograd.grad(y_ref, zr, g1)[0])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=_name)
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (1, 8, 256, 256),
+        (1, 9, 250, 250),
+    ],  # 2 MiB+ in float32; planes of whole 64-byte lines, or not
+    ids=_name,
+)
+def test_hidden_states_streamed_past_the_cache_cpu(dtype, shape):
+    """The CPU kernels write a gate's new hidden state (ins_norm_gate's zn, ada_unpool_gate's u)
+    with non-temporal stores when it is 2 MiB or more and its planes are whole cache lines:
+    the same values as the reference."""
+    z = torch.randn(shape, dtype=dtype)
+    mask = torch.randn(shape) > 0
+    zn, out = functional.ins_norm_gate(z, mask, backend="cpu")
+    zn_ref = reference.ins_norm(z, 1e-8, False)
+    assert_close(zn, zn_ref)
+    assert_close(out, reference.gate(zn_ref, mask))
+    pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
+    zp, hp = torch.randn(pooled, dtype=dtype), torch.randn(pooled, dtype=dtype)
+    _, amax, amin = functional.ada_pool2d(torch.randn(shape, dtype=dtype), hp, 2, backend="cpu")
+    u, out = functional.ada_unpool_gate(zp, amax, amin, hp, mask, 2, shape[2:], backend="cpu")
+    u_ref = functional.ada_unpool2d(zp, amax, amin, hp, 2, shape[2:], backend="reference")
+    assert torch.equal(u, u_ref) and torch.equal(out, reference.gate(u_ref, mask))
+
+
 # Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
 
 

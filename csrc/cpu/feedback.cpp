@@ -31,6 +31,12 @@ namespace screening_attn {
 namespace {
 
 constexpr int64_t kGrain = 32768;  // elements per task: enough to amortise a thread wake-up
+// Hidden states at least this large are streamed past the cache (see Lanes::stream); smaller
+// ones may still be in cache when the next forward reads them (a batch of 8 at 28x28: a
+// non-temporal ada_unpool_gate was 15-60% slower there).
+constexpr int64_t kStreamBytes = 2 << 20;
+
+bool streams_output(const at::Tensor& t) { return t.nbytes() >= kStreamBytes; }
 
 // Planes per task: at least kGrain elements.
 int64_t plane_grain(int64_t plane_size) {
@@ -349,6 +355,7 @@ struct NormFwd {
   int64_t channels, count;
   T eta, eps;
   bool centered;
+  bool stream_y;     // kFeedback: stream zn (the gate's new hidden) where its planes allow
 };
 
 template <typename W, typename T = typename W::Scalar>
@@ -386,7 +393,7 @@ SCREENING_ATTN_INLINE void norm_forward_plane(const NormFwd<T>& a, int64_t p, T*
   } else if constexpr (G == Gate::kFeedback) {
     const uint8_t* __restrict__ g = a.gate + off;
     T* __restrict__ out = a.out + off;
-    const bool stream = W::streams(y, n);  // y is the gate's new hidden
+    const bool stream = a.stream_y && W::streams(y, n);
     for_chunks<W>(n, [&](int64_t i) {
       const V u = W::load(x + i) * r;
       if (stream) {
@@ -659,6 +666,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_norm_gate_cpu(const at::Tenso
     a.count = z.size(2) * z.size(3);
     a.eps = static_cast<scalar_t>(eps);
     a.centered = centered;
+    a.stream_y = streams_output(zn);
     norm_forward(a, Gate::kFeedback, rstd.numel());
   });
   return {zn, out, rstd};
@@ -1051,52 +1059,56 @@ SCREENING_ATTN_VECTOR_CLONES void norm_pool_range(const NormFwd<double>& a,
   norm_pool_range_impl(a, pa, p0, p1);
 }
 
-// u, unpooled into the scratch plane `s` (L1), written out (streamed: the gate's new hidden)
-// and gated.
+// out = u [mask] from the unpooled plane u; `streamed`, if not null, gets u by non-temporal
+// stores (u was unpooled into an L1 scratch plane, then).
 template <typename W, typename T = typename W::Scalar>
-SCREENING_ATTN_INLINE void gate_plane(const T* __restrict__ s, const uint8_t* __restrict__ m,
-                                      T* __restrict__ u, T* __restrict__ o, int64_t n) {
+SCREENING_ATTN_INLINE void gate_plane(const T* __restrict__ u, const uint8_t* __restrict__ m,
+                                      T* __restrict__ streamed, T* __restrict__ o, int64_t n) {
   using V = typename W::V;
-  const bool stream = W::streams(u, n);
   for_chunks<W>(n, [&](int64_t i) {
-    const V v = W::load(s + i);
-    if (stream) {
-      W::stream(u + i, v);
-    } else {
-      W::store(u + i, v);
-    }
+    const V v = W::load(u + i);
+    if (streamed != nullptr) W::stream(streamed + i, v);
     W::store(o + i, gate<V>(v, W::load_bytes(m + i) != 0));
   });
+}
+
+template <typename W, typename T = typename W::Scalar>
+SCREENING_ATTN_INLINE void unpool_gate_plane(const PoolArgs<T>& pa, const uint8_t* mask, T* out,
+                                             bool stream, T* scratch, int64_t p) {
+  const int64_t n = pa.g.H * pa.g.W;
+  T* u = pa.y + p * n;
+  stream = stream && W::streams(u, n);
+  pool_plane<T, PoolOp::kUnpool>(pa, p, stream ? scratch : u);
+  gate_plane<W>(stream ? scratch : u, mask + p * n, stream ? u : nullptr, out + p * n, n);
 }
 
 // Top-down, AdaPool's feedback then AdaReLU's: u = unpool(z) (the gate's new hidden) and
 // out = u [mask], gated while the plane of u is in cache.
 template <typename T>
 SCREENING_ATTN_INLINE void unpool_gate_range_impl(const PoolArgs<T>& pa, const uint8_t* mask,
-                                                  T* out, int64_t p0, int64_t p1) {
+                                                  T* out, bool stream, int64_t p0, int64_t p1) {
   const int64_t n = pa.g.H * pa.g.W;
   std::vector<T> scratch(static_cast<size_t>(n));
   for (int64_t p = p0; p < p1; ++p) {
-    pool_plane<T, PoolOp::kUnpool>(pa, p, scratch.data());
     if (wide_plane<T>(n)) {
-      gate_plane<Wide<T>>(scratch.data(), mask + p * n, pa.y + p * n, out + p * n, n);
+      unpool_gate_plane<Wide<T>>(pa, mask, out, stream, scratch.data(), p);
     } else {
-      gate_plane<Lanes<T, 1>>(scratch.data(), mask + p * n, pa.y + p * n, out + p * n, n);
+      unpool_gate_plane<Lanes<T, 1>>(pa, mask, out, stream, scratch.data(), p);
     }
   }
   stream_fence();
 }
 
 SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<float>& pa,
-                                                    const uint8_t* mask, float* out, int64_t p0,
-                                                    int64_t p1) {
-  unpool_gate_range_impl(pa, mask, out, p0, p1);
+                                                    const uint8_t* mask, float* out, bool stream,
+                                                    int64_t p0, int64_t p1) {
+  unpool_gate_range_impl(pa, mask, out, stream, p0, p1);
 }
 
 SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<double>& pa,
-                                                    const uint8_t* mask, double* out, int64_t p0,
-                                                    int64_t p1) {
-  unpool_gate_range_impl(pa, mask, out, p0, p1);
+                                                    const uint8_t* mask, double* out, bool stream,
+                                                    int64_t p0, int64_t p1) {
+  unpool_gate_range_impl(pa, mask, out, stream, p0, p1);
 }
 
 // Backward of the pooled stage: per plane, unpool the pooled gradient into scratch (L1), then
@@ -1249,7 +1261,9 @@ std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(const at::Tensor& z_,
     const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, z.size(0) * z.size(1), plane_grain(height * width),
-                     [&](int64_t p0, int64_t p1) { unpool_gate_range(pa, mp, op, p0, p1); });
+                     [&](int64_t p0, int64_t p1) {
+                       unpool_gate_range(pa, mp, op, streams_output(u), p0, p1);
+                     });
   });
   return {u, out};
 }
