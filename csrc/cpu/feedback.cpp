@@ -1006,13 +1006,8 @@ at::Tensor ada_unpool2d_cpu(const at::Tensor& z_, const std::optional<at::Tensor
 
 at::Tensor ada_pool2d_gather_cpu(const at::Tensor& grad_, const std::optional<at::Tensor>& hidden_,
                                  const at::Tensor& amax_, const at::Tensor& amin_, int64_t k) {
-  check_floating_4d(grad_, "grad");
-  check_pool_kernel_size(k);
-  const std::vector<int64_t> pooled{grad_.size(0), grad_.size(1), grad_.size(2) / k,
-                                    grad_.size(3) / k};
-  check_pool_hidden(hidden_, grad_, "grad", pooled);
-  check_pool_positions(amax_, "argmax", grad_, "grad", pooled);
-  check_pool_positions(amin_, "argmin", grad_, "grad", pooled);
+  const std::vector<int64_t> pooled =
+      check_ada_pool2d_gather(grad_, "grad", hidden_, amax_, amin_, k);
   const at::Tensor grad = grad_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
   at::Tensor gz = at::empty(pooled, grad.options());
@@ -1341,16 +1336,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_pool2d_backward
   check_ins_norm(x, "x", centered);
   check_mask(mask, x, "x");
   check_rstd(rstd, x);
-  check_pool_kernel_size(k);
+  check_ada_unpool2d(grad_y, "grad_y", pool_hidden, argmax, argmin, k, x.size(2), x.size(3));
   check_same_dtype_device(x, "x", grad_y, "grad_y");
-  TORCH_CHECK_VALUE(grad_y.dim() == 4 && grad_y.size(0) == x.size(0) &&
-                        grad_y.size(1) == x.size(1) && grad_y.size(2) == x.size(2) / k &&
-                        grad_y.size(3) == x.size(3) / k,
-                    "grad_y must have the pooled shape of x ", x.sizes(), ", got ",
+  TORCH_CHECK_VALUE(grad_y.size(0) == x.size(0) && grad_y.size(1) == x.size(1),
+                    "grad_y must have the batch and channels of x ", x.sizes(), ", got ",
                     grad_y.sizes());
-  check_pool_hidden(pool_hidden, grad_y, "grad_y", grad_y.sizes());
-  check_pool_positions(argmax, "argmax", grad_y, "grad_y", grad_y.sizes());
-  check_pool_positions(argmin, "argmin", grad_y, "grad_y", grad_y.sizes());
   const PooledGrad pooled{pool_hidden, argmax, argmin, k};
   return ins_bias_ada_relu_backward_impl(grad_y, x, mask, rstd, eta, gated, has_bias, centered,
                                          &pooled);
@@ -1365,18 +1355,13 @@ at::Tensor ada_unpool_gate_backward_cpu(const std::optional<at::Tensor>& grad_u_
                     "ada_unpool_gate_backward needs grad_u or grad_out");
   const at::Tensor& like = grad_u_.has_value() ? *grad_u_ : *grad_out_;
   const char* like_name = grad_u_.has_value() ? "grad_u" : "grad_out";
-  check_floating_4d(like, like_name);
-  check_pool_kernel_size(k);
+  const std::vector<int64_t> pooled =
+      check_ada_pool2d_gather(like, like_name, hidden_, amax_, amin_, k);
   if (grad_u_.has_value() && grad_out_.has_value()) {
     check_same_dtype_device(*grad_u_, "grad_u", *grad_out_, "grad_out");
     check_same_shape(*grad_u_, "grad_u", *grad_out_, "grad_out");
   }
   check_mask(mask_, like, like_name);
-  const std::vector<int64_t> pooled{like.size(0), like.size(1), like.size(2) / k,
-                                    like.size(3) / k};
-  check_pool_hidden(hidden_, like, like_name, pooled);
-  check_pool_positions(amax_, "argmax", like, like_name, pooled);
-  check_pool_positions(amin_, "argmin", like, like_name, pooled);
   const at::Tensor gu = grad_u_.has_value() ? grad_u_->contiguous() : at::Tensor();
   const at::Tensor go = grad_out_.has_value() ? grad_out_->contiguous() : at::Tensor();
   const at::Tensor amax = amax_.contiguous(), amin = amin_.contiguous(), mask = mask_.contiguous();

@@ -558,13 +558,8 @@ at::Tensor ada_unpool2d_cuda(const at::Tensor& z_, const std::optional<at::Tenso
 at::Tensor ada_pool2d_gather_cuda(const at::Tensor& grad_,
                                   const std::optional<at::Tensor>& hidden_,
                                   const at::Tensor& amax_, const at::Tensor& amin_, int64_t k) {
-  check_floating_4d(grad_, "grad");
-  check_pool_kernel_size(k);
-  const std::vector<int64_t> pooled{grad_.size(0), grad_.size(1), grad_.size(2) / k,
-                                    grad_.size(3) / k};
-  check_pool_hidden(hidden_, grad_, "grad", pooled);
-  check_pool_positions(amax_, "argmax", grad_, "grad", pooled);
-  check_pool_positions(amin_, "argmin", grad_, "grad", pooled);
+  const std::vector<int64_t> pooled =
+      check_ada_pool2d_gather(grad_, "grad", hidden_, amax_, amin_, k);
   const c10::cuda::CUDAGuard guard(grad_.device());
   const at::Tensor grad = grad_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <optional>
+#include <vector>
 
 namespace screening_attn {
 
@@ -145,6 +146,21 @@ inline void check_ada_unpool2d(const at::Tensor& z, const char* z_name,
   check_pool_hidden(hidden, z, z_name, z.sizes());
   check_pool_positions(argmax, "argmax", z, z_name, z.sizes());
   check_pool_positions(argmin, "argmin", z, z_name, z.sizes());
+}
+
+// The gather (the unpool's backward) from a full-resolution `grad`: returns the pooled shape.
+inline std::vector<int64_t> check_ada_pool2d_gather(const at::Tensor& grad, const char* grad_name,
+                                                    const std::optional<at::Tensor>& hidden,
+                                                    const at::Tensor& argmax,
+                                                    const at::Tensor& argmin, int64_t k) {
+  check_floating_4d(grad, grad_name);
+  check_pool_kernel_size(k);
+  const std::vector<int64_t> pooled{grad.size(0), grad.size(1), grad.size(2) / k,
+                                    grad.size(3) / k};
+  check_pool_hidden(hidden, grad, grad_name, pooled);
+  check_pool_positions(argmax, "argmax", grad, grad_name, pooled);
+  check_pool_positions(argmin, "argmin", grad, grad_name, pooled);
+  return pooled;
 }
 
 }  // namespace screening_attn
