@@ -1,7 +1,10 @@
 """Which implementation runs an op: plain Python on static facts, so torch.compile traces it.
 
-``resolve(op, backend, device, available)`` returns one of ``"reference"``, ``"cpu"``,
-``"cuda"``, ``"triton"`` or raises a ``ValueError`` that says why the request can't be served.
+``resolve(op, backend, device, dtype, kernels)`` returns one of ``"reference"``, ``"cpu"``,
+``"cuda"``, ``"triton"``, or raises an error that says why the request can't be served: a
+``ValueError`` for a backend that can't run here, a ``TypeError`` for a dtype it doesn't take.
+Every op lists its compiled backends and their dtypes (``kernels``); no caller re-implements
+a fallback.
 """
 
 from __future__ import annotations
@@ -10,10 +13,16 @@ import importlib.util
 import os
 import sys
 import types
+from collections.abc import Collection, Mapping
 
 import torch
 
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+
+# What the kernels compute, by backend (half inputs are computed in float32).
+CPU_DTYPES = (torch.float32, torch.float64)
+CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 EXTENSION_ENV = "SCREENING_ATTN_EXTENSION"
 
@@ -98,24 +107,51 @@ def _why_not(backend: str, device: torch.device) -> str | None:
     raise AssertionError(backend)
 
 
-def resolve(op: str, backend: str, device: torch.device, available: tuple[str, ...]) -> str:
-    """Pick the implementation of ``op`` for tensors on ``device``.
+def _dtype_names(dtypes: Collection[torch.dtype]) -> str:
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    return ", ".join(names[:-1]) + " or " + names[-1] if len(names) > 1 else names[0]
 
-    ``available`` lists the backends ``op`` has (``"reference"`` always among them).
-    ``"auto"`` prefers the compiled kernel for the device and falls back to the reference only
-    where the op has no kernel for it or the extension did not load.
-    """
+
+def check_backend(backend: object) -> str:
+    """``backend`` is one of :data:`BACKENDS` (a ValueError naming the choices otherwise)."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(
+    op: str,
+    backend: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    kernels: Mapping[str, Collection[torch.dtype]],
+) -> str:
+    """Pick the implementation of ``op`` for ``dtype`` tensors on ``device``.
+
+    ``kernels`` maps each compiled backend of ``op`` (``"cpu"``, ``"cuda"``, ``"triton"``) to
+    the dtypes it computes; ``"reference"`` always exists and takes every floating dtype.
+    ``"auto"`` prefers the compiled kernel for the device and falls back to the reference only
+    where the op has no kernel for this device and dtype or the extension did not load. A
+    backend asked for by name runs or raises: ``ValueError`` if it can't run here,
+    ``TypeError`` if it doesn't take ``dtype``.
+    """
+    check_backend(backend)
+    if backend == "reference":
+        return backend
     if backend == "auto":
         preferred = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
         for cand in preferred:
-            if cand in available and _why_not(cand, device) is None:
+            if cand in kernels and dtype in kernels[cand] and _why_not(cand, device) is None:
                 return cand
         return "reference"
-    if backend not in available:
+    if backend not in kernels:
+        available = ("reference", *kernels)
         raise ValueError(f"{op} has no backend={backend!r}; available here: {available}")
     reason = _why_not(backend, device)
     if reason is not None:
         raise ValueError(f"{op}: {reason}")
+    if dtype not in kernels[backend]:
+        raise TypeError(
+            f"{op}: backend={backend!r} takes {_dtype_names(kernels[backend])} inputs, got {dtype}"
+        )
     return backend

@@ -12,6 +12,7 @@ if not _has_cuda:
 
 import pytest
 import torch
+from _env import PROFILE
 from hypothesis import settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
@@ -28,11 +29,7 @@ settings.register_profile(
     ),
     print_blob=True,
 )
-PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 settings.load_profile(PROFILE)
-FUZZ_FACTOR = 10 if PROFILE == "fuzz" else 1
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 @pytest.fixture(autouse=True)

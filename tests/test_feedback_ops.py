@@ -209,4 +209,9 @@ def test_cpp_op_checks_its_inputs():
 
 
 def test_auto_picks_the_cpp_kernel_on_cpu():
-    assert _backend.resolve("ada_relu", "auto", torch.device("cpu"), ("reference", "cpu")) == "cpu"
+    cpu, kernels = torch.device("cpu"), {"cpu": _backend.CPU_DTYPES}
+    assert _backend.resolve("ada_relu", "auto", cpu, torch.float32, kernels) == "cpu"
+    # a dtype the kernel does not take: "auto" runs the reference, a named backend refuses
+    assert _backend.resolve("ada_relu", "auto", cpu, torch.float16, kernels) == "reference"
+    with pytest.raises(TypeError, match="backend='cpu' takes float32 or float64 inputs"):
+        _backend.resolve("ada_relu", "cpu", cpu, torch.float16, kernels)

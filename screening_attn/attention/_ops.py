@@ -11,11 +11,8 @@ import torch
 from torch import Tensor
 
 from screening_attn import _backend
-
-
-def score_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics and relevancy: float64 for float64 inputs, else float32 (SPEC §1)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from screening_attn._library import acc_dtype as score_dtype
+from screening_attn._library import no_double_backward
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float):
@@ -61,17 +58,6 @@ def _make_backward(backward_op):
     return backward
 
 
-def _nothing_to_save(ctx, inputs, output):
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "screened_attention: double backward is not implemented (the backward op is not "
-        "differentiable); use backend='reference' for higher-order gradients"
-    )
-
-
 if _backend.C_ERROR is None:
     screened_attention_cpp = torch.ops.screening_attn.screened_attention.default
     screened_attention_backward_cpp = torch.ops.screening_attn.screened_attention_backward.default
@@ -82,9 +68,7 @@ if _backend.C_ERROR is None:
         _make_backward(screened_attention_backward_cpp),
         setup_context=_setup_context,
     )
-    torch.library.register_autograd(
-        screened_attention_backward_cpp, _no_double_backward, setup_context=_nothing_to_save
-    )
+    no_double_backward(screened_attention_backward_cpp, "screened_attention")
 
 
 # --- Triton ops ---
@@ -243,6 +227,4 @@ if _backend.HAS_TRITON:
         _make_backward(screened_attention_backward_triton),
         setup_context=_setup_context,
     )
-    torch.library.register_autograd(
-        screened_attention_backward_triton, _no_double_backward, setup_context=_nothing_to_save
-    )
+    no_double_backward(screened_attention_backward_triton, "screened_attention")

@@ -11,11 +11,10 @@ from screening_attn.attention import _ops
 from screening_attn.attention.reference import _reference, check_inputs
 from screening_attn.attention.state import ScreeningState
 
-__all__ = ["AVAILABLE", "screened_attention"]
+__all__ = ["KERNELS", "screened_attention"]
 
-# Backends that implement this op; the compiled kernels join this tuple as they land.
-AVAILABLE: tuple[str, ...] = ("reference", "cpu", "triton")
-_CPU_DTYPES = (torch.float32, torch.float64)
+# The compiled backends of this op and the dtypes they take.
+KERNELS = {"cpu": _backend.CPU_DTYPES, "triton": _backend.TRITON_DTYPES}
 
 
 def screened_attention(
@@ -121,11 +120,7 @@ def screened_attention(
         # At most T - window keys ever reach the set before the last query, so a larger ρ gives
         # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
         relevant = min(relevant, max(q.shape[2] - window, 0))
-    impl = _backend.resolve("screened_attention", backend, q.device, AVAILABLE)
-    if impl == "cpu" and q.dtype not in _CPU_DTYPES:
-        if backend != "auto":
-            raise TypeError(f"backend='cpu' takes float32 or float64 inputs, got {q.dtype}")
-        impl = "reference"  # half precision on CPU: only the reference computes it
+    impl = _backend.resolve("screened_attention", backend, q.device, q.dtype, KERNELS)
     if impl == "reference":
         return _reference(q, k, v, window, relevant, scale, return_state)
     if scale is None:

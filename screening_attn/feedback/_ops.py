@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from screening_attn import _backend
+from screening_attn._library import acc_dtype, no_double_backward
 
 _LIB = "screening_attn"
 
@@ -86,17 +87,12 @@ def _register_autograd(fwd, bwd, feedback) -> None:
 
 
 # --- Instance-norm family -------------------------------------------------------------------------
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    """dtype of the per-plane statistic rstd: float64 for float64 inputs, else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _contiguous_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _new_rstd(x: Tensor) -> Tensor:
-    return x.new_empty((x.shape[0], x.shape[1]), dtype=_acc_dtype(x))
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
 def _fake_ins_norm(x: Tensor, eps: float, centered: bool) -> tuple[Tensor, Tensor]:
@@ -148,19 +144,6 @@ class NormOps(NamedTuple):
     ins_bias_ada_relu_backward: object
     ins_norm_gate: object
     ins_norm_gate_backward: object
-
-
-def _no_double_backward(op, name: str) -> None:
-    def setup(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise NotImplementedError(
-            f"screening_attn: double backward of {name} is not implemented (its backward "
-            "op has no derivative); first-order gradients work"
-        )
-
-    torch.library.register_autograd(op, backward, setup_context=setup)
 
 
 def _register_norm(o: NormOps) -> None:
@@ -217,9 +200,9 @@ def _register_norm(o: NormOps) -> None:
     torch.library.register_autograd(o.ins_norm, backward_ins, setup_context=setup_ins)
     torch.library.register_autograd(o.ins_bias_ada_relu, backward_fused, setup_context=setup_fused)
     torch.library.register_autograd(o.ins_norm_gate, backward_gate, setup_context=setup_gate)
-    _no_double_backward(o.ins_norm_backward, "ins_norm")
-    _no_double_backward(o.ins_bias_ada_relu_backward, "ins_bias_ada_relu")
-    _no_double_backward(o.ins_norm_gate_backward, "ins_norm_gate")
+    no_double_backward(o.ins_norm_backward, "ins_norm")
+    no_double_backward(o.ins_bias_ada_relu_backward, "ins_bias_ada_relu")
+    no_double_backward(o.ins_norm_gate_backward, "ins_norm_gate")
 
 
 _NORM_FAKES = (
@@ -449,7 +432,7 @@ def _register_stage_fusions(ops) -> None:
     torch.library.register_autograd(
         unpool_gate_bwd.default, backward_unpool_gate_bwd, setup_context=setup_unpool_gate_bwd
     )
-    _no_double_backward(norm_pool_bwd.default, "ins_bias_ada_relu_pool2d")
+    no_double_backward(norm_pool_bwd.default, "ins_bias_ada_relu_pool2d")
 
 
 # --- C++ ops (CPU, and CUDA when compiled) -------------------------------------------------------

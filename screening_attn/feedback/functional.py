@@ -28,9 +28,12 @@ __all__ = [
     "ins_norm_gate",
 ]
 
-_ADA_RELU_BACKENDS = ("reference", "cpu", "cuda", "triton")
-_NORM_BACKENDS = ("reference", "cpu", "cuda", "triton")
-_POOL_BACKENDS = ("reference", "cpu", "cuda", "triton")
+# The compiled backends of every CNN-F op and the dtypes they take.
+_KERNELS = {
+    "cpu": _backend.CPU_DTYPES,
+    "cuda": _backend.CUDA_DTYPES,
+    "triton": _backend.TRITON_DTYPES,
+}
 _MAX_KERNEL_SIZE = 16  # window positions are stored in a uint8
 
 
@@ -89,7 +92,7 @@ def ada_relu(
     if hidden is not None:
         _check_like("hidden", hidden, "x", x)
     eta = _check_eta(eta)
-    impl = _backend.resolve("ada_relu", backend, x.device, _ADA_RELU_BACKENDS)
+    impl = _backend.resolve("ada_relu", backend, x.device, x.dtype, _KERNELS)
     if impl == "reference":
         return reference.ada_relu(x, hidden, eta)
     if impl == "triton":
@@ -110,7 +113,7 @@ def ada_relu_feedback(z: Tensor, mask: Tensor, *, backend: str = "auto") -> Tens
     """
     check_tensor("z", z, ndim=tuple(range(9)))
     _check_mask(mask, "z", z)
-    impl = _backend.resolve("ada_relu_feedback", backend, z.device, _ADA_RELU_BACKENDS)
+    impl = _backend.resolve("ada_relu_feedback", backend, z.device, z.dtype, _KERNELS)
     return _run_ada_relu_feedback(impl, z, mask)
 
 
@@ -175,7 +178,7 @@ def _ins_norm(name: str, x: Tensor, eps: float, centered: bool, backend: str) ->
     """:func:`ins_norm` whose errors call the tensor ``name``."""
     eps, centered = _check_eps(eps), check_bool("centered", centered)
     _check_plane(name, x, centered)
-    impl = _backend.resolve("ins_norm", backend, x.device, _NORM_BACKENDS)
+    impl = _backend.resolve("ins_norm", backend, x.device, x.dtype, _KERNELS)
     if impl == "reference":
         return reference.ins_norm(x, eps, centered)
     return _norm_ops(impl).ins_norm(x, eps, centered)[0]
@@ -218,7 +221,7 @@ def ins_bias_ada_relu(
         >>> y, mask = ins_bias_ada_relu(x, b, torch.randn_like(x), eta=0.1)   # gated
     """
     eta, eps, centered = _check_ins_bias_ada_relu(x, bias, hidden, eta, eps, centered)
-    impl = _backend.resolve("ins_bias_ada_relu", backend, x.device, _NORM_BACKENDS)
+    impl = _backend.resolve("ins_bias_ada_relu", backend, x.device, x.dtype, _KERNELS)
     return _run_ins_bias_ada_relu(impl, x, bias, hidden, eta, eps, centered)
 
 
@@ -279,7 +282,7 @@ def ins_norm_gate(
     eps, centered = _check_eps(eps), check_bool("centered", centered)
     _check_plane("z", z, centered)
     _check_mask(mask, "z", z)
-    impl = _backend.resolve("ins_norm_gate", backend, z.device, _NORM_BACKENDS)
+    impl = _backend.resolve("ins_norm_gate", backend, z.device, z.dtype, _KERNELS)
     if impl == "reference":
         zn = reference.ins_norm(z, eps, centered)
         return zn, reference.gate(zn, mask)
@@ -337,7 +340,7 @@ def ada_pool2d(
         output instead of max_pool2d's 8-byte plane index); both are always computed.
     """
     k = _check_ada_pool2d(x, hidden, kernel_size, "hidden")
-    impl = _backend.resolve("ada_pool2d", backend, x.device, _POOL_BACKENDS)
+    impl = _backend.resolve("ada_pool2d", backend, x.device, x.dtype, _KERNELS)
     return _run_ada_pool2d(impl, x, hidden, k)
 
 
@@ -411,7 +414,7 @@ def _ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size, backend, 
     k, height, width = _check_ada_unpool2d(
         z, argmax, argmin, hidden, kernel_size, output_size, check_values
     )
-    impl = _backend.resolve("ada_unpool2d", backend, z.device, _POOL_BACKENDS)
+    impl = _backend.resolve("ada_unpool2d", backend, z.device, z.dtype, _KERNELS)
     return _run_ada_unpool2d(impl, z, argmax, argmin, hidden, k, height, width)
 
 
@@ -495,7 +498,7 @@ def ins_bias_ada_relu_pool2d(
     """
     eta, eps, centered = _check_ins_bias_ada_relu(x, bias, hidden, eta, eps, centered)
     k = _check_ada_pool2d(x, pool_hidden, kernel_size, "pool_hidden")
-    impl = _backend.resolve("ins_bias_ada_relu_pool2d", backend, x.device, _NORM_BACKENDS)
+    impl = _backend.resolve("ins_bias_ada_relu_pool2d", backend, x.device, x.dtype, _KERNELS)
     if impl != "cpu":
         u, mask = _run_ins_bias_ada_relu(impl, x, bias, hidden, eta, eps, centered)
         y, argmax, argmin = _run_ada_pool2d(impl, u, pool_hidden, k)
@@ -537,7 +540,7 @@ def _ada_unpool_gate(
         z, argmax, argmin, hidden, kernel_size, output_size, check_values
     )
     _check_mask_shape(mask, "the unpooled output", (*z.shape[:2], height, width), z.device)
-    impl = _backend.resolve("ada_unpool_gate", backend, z.device, _POOL_BACKENDS)
+    impl = _backend.resolve("ada_unpool_gate", backend, z.device, z.dtype, _KERNELS)
     if impl != "cpu":
         u = _run_ada_unpool2d(impl, z, argmax, argmin, hidden, k, height, width)
         return u, _run_ada_relu_feedback(impl, u, mask)
@@ -561,7 +564,7 @@ def feedback_update(ff: Tensor, rec: Tensor, eta: float, *, backend: str = "auto
     check_tensor("ff", ff, ndim=tuple(range(1, 9)))
     _check_like("rec", rec, "ff", ff)
     eta = _check_eta(eta)
-    impl = _backend.resolve("feedback_update", backend, ff.device, _POOL_BACKENDS)
+    impl = _backend.resolve("feedback_update", backend, ff.device, ff.dtype, _KERNELS)
     if impl == "reference":
         return reference.feedback_update(ff, rec, eta)
     return torch.lerp(ff, rec, eta)

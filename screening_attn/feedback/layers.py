@@ -83,12 +83,6 @@ def _check_channels(name: str, x: Tensor, dim: int, expected: int, what: str) ->
         )
 
 
-def _check_backend(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-    return backend
-
-
 def _check_eps(eps: object) -> float:
     value = check_finite_float("eps", eps)
     if value < 0:
@@ -133,7 +127,7 @@ class FeedbackModule(StateDictChecks, nn.Module):
 
     def set_backend(self, backend: str) -> None:
         """Set ``backend`` on every submodule that dispatches to compiled kernels."""
-        backend = _check_backend(backend)
+        backend = _backend.check_backend(backend)
         for module in self.modules():
             if hasattr(module, "backend"):
                 module.backend = backend
@@ -170,7 +164,7 @@ class InsNorm(FeedbackModule):
         self.centered = check_bool("centered", centered)
         self.bottom_up = check_bool("bottom_up", bottom_up)
         self.top_down = check_bool("top_down", top_down)
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.bottom_up:
@@ -227,7 +221,7 @@ class AdaReLU(FeedbackModule):
     def __init__(self, res_param: float = 0.1, *, backend: str = "auto") -> None:
         super().__init__()
         self.res_param = check_finite_float("res_param", res_param)
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         self.hidden: Tensor | None = None
         self.mask: Tensor | None = None
 
@@ -287,7 +281,7 @@ class AdaPool2d(FeedbackModule):
     def __init__(self, kernel_size: int, *, backend: str = "auto") -> None:
         super().__init__()
         self.kernel_size = functional._check_kernel_size(kernel_size)
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         self._clear_state()
 
     def _check_forward(self, x: Tensor) -> None:

@@ -13,6 +13,7 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from screening_attn import _backend
 from screening_attn._validate import (
     check_finite_float,
     check_int,
@@ -31,7 +32,6 @@ from screening_attn.feedback.layers import (
     Flatten,
     GlobalAvgPool2d,
     InsNorm,
-    _check_backend,
     ins_bias_ada_relu_layers,
     ins_norm_gate_layers,
 )
@@ -106,7 +106,7 @@ class FeedbackNetwork(FeedbackSequential):
         self.ff_unit = self._index("ff_unit", ff_unit, self.units())
         self.cycles = check_int("cycles", cycles, minimum=0)
         self.res_param = check_finite_float("res_param", res_param)
-        self.backend = _check_backend(backend)
+        self.backend = _backend.check_backend(backend)
         self._clear_state()
 
     def _check_input(self, x: Tensor) -> None:

@@ -17,13 +17,10 @@ import torch
 from torch import Tensor
 
 from screening_attn import _backend
+from screening_attn._library import acc_dtype as _acc
+from screening_attn._library import no_double_backward
 
 _OPS = torch.ops.screening_attn if _backend.C_ERROR is None else None
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """Softmax weights and relevancy: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _live(T: int, window: int, relevant: int) -> tuple[int, int]:
@@ -152,17 +149,6 @@ def _backward_lstm(ctx, grad_h, *_):
     return gx, gh0, gW, gbias, gUa, gVa, gv, None, None
 
 
-def _nothing_to_save(ctx, inputs, output):
-    pass
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "RelRNN/RelLSTM: double backward is not implemented (the backward op is not "
-        "differentiable); use backend='reference' for higher-order gradients"
-    )
-
-
 if _OPS is not None:
     torch.library.register_fake(_OPS.rel_rnn.default)(_fake_rel_rnn)
     torch.library.register_fake(_OPS.rel_rnn_backward.default)(_fake_rel_rnn_backward)
@@ -176,8 +162,8 @@ if _OPS is not None:
     torch.library.register_autograd(
         _OPS.rel_lstm.default, _backward_lstm, setup_context=_setup_lstm
     )
-    for _op in (_OPS.rel_rnn_backward.default, _OPS.rel_lstm_backward.default):
-        torch.library.register_autograd(_op, _no_double_backward, setup_context=_nothing_to_save)
+    no_double_backward(_OPS.rel_rnn_backward.default, "rel_rnn")
+    no_double_backward(_OPS.rel_lstm_backward.default, "rel_lstm")
 
 
 # ---- entry points (signatures of the reference functions) -----------------------------------

@@ -263,6 +263,7 @@ def _with_state(fused):
 
 # Backends per op. "cpu" and "cuda" are the same registered ops (csrc/rnn.cpp), which dispatch
 # on the device; _backend.resolve says why one can't run (extension not loaded, no CUDA build).
+_KERNELS = {"cpu": _backend.CPU_DTYPES, "cuda": _backend.CUDA_DTYPES}
 _RNN_IMPLS = {
     "reference": rel_rnn_reference,
     "cpu": _with_state(_ops.rel_rnn_fused),
@@ -273,16 +274,10 @@ _LSTM_IMPLS = {
     "cpu": _with_state(_ops.rel_lstm_fused),
     "cuda": _with_state(_ops.rel_lstm_fused),
 }
-_CPU_DTYPES = (torch.float32, torch.float64)
 
 
-def _resolve(op: str, backend: str, x: Tensor, impls: dict) -> str:
-    impl = _backend.resolve(op, backend, x.device, tuple(impls))
-    if impl == "cpu" and x.dtype not in _CPU_DTYPES:
-        if backend != "auto":
-            raise TypeError(f"backend='cpu' takes float32 or float64 inputs, got {x.dtype}")
-        impl = "reference"  # half precision on CPU: only the reference computes it
-    return impl
+def _resolve(op: str, backend: str, x: Tensor) -> str:
+    return _backend.resolve(op, backend, x.device, x.dtype, _KERNELS)
 
 
 def _check_sizes(input_size: object, hidden_size: object, window: object, relevant: object):
@@ -468,7 +463,7 @@ class RelRNN(_validate.StateDictChecks, nn.Module):
         """
         x, h0 = _check_forward(self, x, h0)
         attn = _validate.check_finite_float("attn", attn)
-        impl = _resolve("rel_rnn", backend, x, _RNN_IMPLS)
+        impl = _resolve("rel_rnn", backend, x)
         b = self.nonlinearity.b if isinstance(self.nonlinearity, ModReLU) else None
         return _RNN_IMPLS[impl](
             x,
@@ -577,7 +572,7 @@ class RelLSTM(_validate.StateDictChecks, nn.Module):
             ``h`` `(T, B, hidden_size)` and a :class:`RelState`.
         """
         x, h0 = _check_forward(self, x, h0)
-        impl = _resolve("rel_lstm", backend, x, _LSTM_IMPLS)
+        impl = _resolve("rel_lstm", backend, x)
         return _LSTM_IMPLS[impl](
             x,
             h0,
