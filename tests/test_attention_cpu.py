@@ -134,7 +134,7 @@ def test_errors():
         _ops.screened_attention_cpp(q, q[..., :1], q, 2, 1, 1.0)
     with pytest.raises(TypeError, match="v must have the dtype of q"):
         _ops.screened_attention_cpp(q, q, q.double(), 2, 1, 1.0)
-    with pytest.raises(RuntimeError, match="double backward of .* is not implemented"):
+    with pytest.raises(RuntimeError, match=r"double backward of .* is not implemented"):
         q2, k2, v2 = make_qkv(1, 1, 6, 2)
         out = screened_attention(q2, k2, v2, 2, 1, backend="cpu")
         (gq,) = torch.autograd.grad(out.sum(), q2, create_graph=True)

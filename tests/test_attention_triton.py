@@ -197,7 +197,7 @@ def test_errors(monkeypatch):
         args = (out, q2, k2, v2, out, lse, span.long(), 2, 0.5)
         _ops.screened_attention_backward_triton(*args)
     (gq,) = torch.autograd.grad(out.sum(), q2, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward of .* is not implemented"):
+    with pytest.raises(RuntimeError, match=r"double backward of .* is not implemented"):
         gq.sum().backward()
 
 

@@ -30,9 +30,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _attention_utils import check_against_reference, near_tie_explains
+from _env import FUZZ_FACTOR
 from _rnn_utils import check as check_rnn
 from _tolerances import ROUNDING, TOL, assert_close, assert_low_precision_close
-from _env import FUZZ_FACTOR
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
-from _rnn_utils import check, make
 from _env import needs_cuda
+from _rnn_utils import check, make
 
 from screening_attn import _backend
 from screening_attn.nn import RelRNN
@@ -396,7 +396,7 @@ def test_errors():
     x = torch.randn(5, 2, 3)
     with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
         m(x, backend="cuda")
-    with pytest.raises(RuntimeError, match="double backward of .* is not implemented"):
+    with pytest.raises(RuntimeError, match=r"double backward of .* is not implemented"):
         xr = x.clone().requires_grad_()
         h, _ = m(xr, backend="cpu")
         (gx,) = torch.autograd.grad(h.sum(), xr, create_graph=True)
