@@ -16,9 +16,10 @@ module's ``forward``:
   gradient-accumulation hook fires, once per backward, and that hook is all DDP's reducer waits
   for. So neither ``static_graph`` nor ``find_unused_parameters`` is needed (every parameter is
   used every step).
-* FSDP2 all-gathers a unit's parameters in a pre-forward hook and may free them after the forward
-  (``reshard_after_forward``), so a ``feedback`` outside a ``forward`` would meet sharded
-  parameters. The wrapper makes the whole of ``run_cycles`` one forward of one FSDP unit.
+* FSDP2 all-gathers a unit's parameters in a pre-forward hook and frees them after the forward
+  (``reshard_after_forward``); outside it the parameters are sharded DTensors and ``run_cycles``
+  raises (``test_fsdp2_needs_one_forward_per_step``). The wrapper makes the whole of
+  ``run_cycles`` one forward of one FSDP unit.
 
 The layers' gate state (``AdaReLU.hidden``, ``AdaPool2d``'s positions) is plain attributes, not
 buffers: DDP does not broadcast it, and ``run_cycles`` resets it first, so each step's graph is
@@ -153,18 +154,22 @@ def shard(rank: int) -> slice:
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-MODES = ("ddp", "fsdp2", "ddp-bypass")
+MODES = ("ddp", "fsdp2", "ddp-bypass", "fsdp2-bypass")
 
 
 def _run_mode(mode: str, rank: int) -> dict[str, Tensor]:
-    """Train under ``mode`` on this rank's shard; the full parameters after it (for
-    ``"ddp-bypass"``: the CNN-F's gradients after a backward outside DDP's forward)."""
+    """Train under ``mode`` on this rank's shard; the full parameters after it. The bypass
+    modes call ``run_cycles`` outside the wrapper's forward: ``"ddp-bypass"`` returns the CNN-F's
+    gradients after a backward, ``"fsdp2-bypass"`` is expected to raise."""
     model = make_model()
-    if mode == "fsdp2":
+    if mode.startswith("fsdp2"):
         mesh = init_device_mesh("cpu", (WORLD,))
         for unit in (model.attn, model.lstm, model.cnnf):
             fully_shard(unit, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        if mode == "fsdp2-bypass":
+            model.cnnf.net.run_cycles(batch(0, shard(rank))[1])
+            return {}
         # Sharded for real: this rank holds about half of the weight.
         w = model.lstm.Wf.weight
         assert w.to_local().numel() < w.numel(), (w.to_local().shape, w.shape)
@@ -287,3 +292,10 @@ def test_ddp_needs_one_forward_per_step(ranks):
         local.append({k: p.grad.clone() for k, p in model.cnnf.named_parameters()})
     assert max_diff(rank0, local[0]) < TOL and max_diff(rank1, local[1]) < TOL
     assert max_diff(rank0, rank1) > 1e-4
+
+
+def test_fsdp2_needs_one_forward_per_step(ranks):
+    """Outside its FSDP unit's forward the CNN-F meets its sharded parameters and raises."""
+    for results in ranks:
+        assert isinstance(results["fsdp2-bypass"], str), "expected an exception"
+        assert "mixed torch.Tensor and DTensor" in results["fsdp2-bypass"]
