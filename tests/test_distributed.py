@@ -259,8 +259,10 @@ def _check_trained(
 ) -> None:
     init = make_model().state_dict()
     assert got.keys() == init.keys()
-    for k in init:  # every parameter, of each branch, trained
-        assert (got[k] - init[k]).abs().max() > 1e-5, k
+    # Every parameter, of each branch, moved by far more than TOL (the smallest update here,
+    # lstm.Va's, is ~2e-5), so the comparison below sees every parameter's training.
+    for k in init:
+        assert (got[k] - init[k]).abs().max() > 1e4 * TOL, k
     # The comparison can tell: training on one shard ends far from the whole batch.
     assert max_diff(rank0_alone, expected) > 1e-4
     for k in expected:
