@@ -93,12 +93,13 @@ def main(argv: list[str] | None = None) -> dict:
         tasks[name] = result
         _log(f"{name}: {result['elapsed_s']:.0f} s; plots: {', '.join(result['plots'])}")
     meta["elapsed_s"] = round(clock(), 1)
+    meta["cpu_s"] = round(clock.cpu(), 1)
     meta["loadavg_end"] = loadavg()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = args.out / f"quality-{machine_slug(meta)}-{stamp}.json"
     payload = {"meta": meta, "tasks": tasks}
     path.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
-    _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total)")
+    _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total, {meta['cpu_s']:.0f} s of CPU)")
     return {**payload, "path": str(path)}
 
 

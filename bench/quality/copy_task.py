@@ -157,7 +157,13 @@ def train(
             )
             if stop_at is not None and acc >= stop_at:
                 break
-    return {"train_s": clock(), "curve": curve, "eval_loss": eval_loss, "acc": acc}
+    return {
+        "train_s": clock(),
+        "train_cpu_s": clock.cpu(),
+        "curve": curve,
+        "eval_loss": eval_loss,
+        "acc": acc,
+    }
 
 
 def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
@@ -187,36 +193,49 @@ def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
                     "memoryless_loss": round(memoryless_loss(T), 4),
                     "seeds": len(seeds),
                     "train_s": round(mean_std(r["train_s"] for r in done)[0], 1),
+                    "train_cpu_s": round(mean_std(r["train_cpu_s"] for r in done)[0], 1),
                 }
             )
     result = {
         "config": asdict(cfg),
         "chance": 1 / N_SYMBOLS,
         "rows": rows,
-        "runs": {k: {**v, "train_s": round(v["train_s"], 2)} for k, v in runs.items()},
+        "runs": runs,
     }
-    result["plots"] = _plots(result, cfg, out_dir)
+    result["plots"] = plots(result, out_dir)
     log(markdown(result))
     return result
 
 
-def _plots(result: dict, cfg: Config, out_dir: Path) -> list[str]:
+def _finite_or_nan(x: float | None) -> float:
+    return x if x is not None and math.isfinite(x) else math.nan
+
+
+def plots(result: dict, out_dir: Path) -> list[str]:
+    """Held-out loss against steps per delay (from ``result``, also as read back from JSON)."""
+    cfg = result["config"]
     plt = pyplot()
-    n = len(cfg.delays)
+    n = len(cfg["delays"])
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.8), squeeze=False)
-    for ax, T in zip(axes[0], cfg.delays):
-        for kind in cfg.models:
+    for ax, T in zip(axes[0], cfg["delays"]):
+        for kind in cfg["models"]:
             curves = [v["curve"] for k, v in result["runs"].items() if k.startswith(f"{T}/{kind}/")]
             steps = [p["step"] for p in curves[0]]
-            loss = [sum(c[i]["eval_loss"] for c in curves) / len(curves) for i in range(len(steps))]
-            ax.plot(steps, loss, marker=".", label=kind)
+            loss = [
+                sum(_finite_or_nan(c[i]["eval_loss"]) for c in curves) / len(curves)
+                for i in range(len(steps))
+            ]
+            # a diverged run would squash the others into one line: cut the axis, say so
+            diverged = any(not (x <= 2.0) for x in loss)
+            ax.plot(steps, loss, marker=".", label=kind + (" (diverged)" if diverged else ""))
         ax.axhline(memoryless_loss(T), color="gray", ls=":", lw=1, label="memoryless")
         ax.set_yscale("log")
+        ax.set_ylim(top=2.0)
+        ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.set_title(f"copy task, T={T}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_ylabel("held-out loss")
-    axes[0][0].legend(fontsize=8)
     return [save_figure(fig, out_dir, "quality-copy.png")]
 
 
@@ -229,8 +248,9 @@ def markdown(result: dict) -> str:
             **r,
             "model": names[r["model"]],
             "acc": f"{r['acc_mean']:.3f}" + (f" ± {r['acc_std']:.3f}" if r["seeds"] > 1 else ""),
-            "loss": f"{r['eval_loss']:.4f} ({r['memoryless_loss']:.4f})",
-            "time": f"{r['train_s']:.0f} s",
+            "loss": f"{_finite_or_nan(r['eval_loss']):.4f} ({r['memoryless_loss']:.4f})",
+            "time": f"{r['train_s']:.0f} s"
+            + (f" ({r['train_cpu_s']:.0f} s)" if "train_cpu_s" in r else ""),
         }
         for r in result["rows"]
     ]
@@ -239,7 +259,7 @@ def markdown(result: dict) -> str:
         ("model", "model"),
         ("acc", f"recall accuracy after {cfg['steps']} steps"),
         ("loss", "held-out loss (memoryless)"),
-        ("time", "training time"),
+        ("time", "training: wall (CPU)"),
     ]
     return markdown_table(rows, cols) + "\n\n" + summary(result)
 

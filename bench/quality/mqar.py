@@ -239,8 +239,13 @@ def train(cfg: Config, kind: str, seed: int, log: Log) -> dict:
                 f"({clock():.0f} s)"
             )
             window_loss, window_acc = [], []
-    train_s = clock()
-    return {"train_s": train_s, "curve": curve, "eval": evaluate(model, cfg)}
+    train_s, train_cpu_s = clock(), clock.cpu()
+    return {
+        "train_s": train_s,
+        "train_cpu_s": train_cpu_s,
+        "curve": curve,
+        "eval": evaluate(model, cfg),
+    }
 
 
 @torch.no_grad()
@@ -280,6 +285,7 @@ def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
             accs = [runs[f"{kind}/{s}"]["eval"][f"{pairs},{gap}"] for s in seeds]
             mean, std = mean_std(accs)
             train_s = mean_std(runs[f"{kind}/{s}"]["train_s"] for s in seeds)[0]
+            train_cpu_s = mean_std(runs[f"{kind}/{s}"]["train_cpu_s"] for s in seeds)[0]
             rows.append(
                 {
                     "pairs": pairs,
@@ -291,20 +297,29 @@ def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
                     "acc_max": round(max(accs), 4),
                     "seeds": len(seeds),
                     "train_s": round(train_s, 1),
+                    "train_cpu_s": round(train_cpu_s, 1),
                 }
             )
     result = {
         "config": asdict(cfg),
         "chance": 1 / cfg.n_values,
         "rows": rows,
-        "runs": {k: {**v, "train_s": round(v["train_s"], 2)} for k, v in runs.items()},
+        "runs": runs,
     }
-    result["plots"] = _plots(result, cfg, out_dir)
+    result["plots"] = plots(result, out_dir)
     log(markdown(result))
     return result
 
 
-def _plots(result: dict, cfg: Config, out_dir: Path) -> list[str]:
+def plots(result: dict, out_dir: Path) -> list[str]:
+    """Accuracy against pairs per gap, and the loss curves (from ``result``, also as read back
+    from JSON)."""
+    cfg = Config(
+        **{
+            k: tuple(map(_tuple, v)) if isinstance(v, list) else v
+            for k, v in result["config"].items()
+        }
+    )
     plt = pyplot()
     gaps = list(cfg.eval_gaps)
     fig, axes = plt.subplots(1, len(gaps) + 1, figsize=(4.2 * (len(gaps) + 1), 3.8), squeeze=False)
@@ -323,7 +338,7 @@ def _plots(result: dict, cfg: Config, out_dir: Path) -> list[str]:
             )
         ax.axhline(result["chance"], color="gray", ls=":", lw=1, label="chance")
         ax.axvline(cfg.relevant, color="gray", ls="--", lw=0.8)
-        ax.set_xscale("log", base=2)
+        ax.set_xticks(list(cfg.eval_pairs))
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("key-value pairs (dashed: ρ)")
         ax.set_title(f"gap {gap} (ν={cfg.window}, ρ={cfg.relevant})", fontsize=10)
@@ -344,6 +359,15 @@ def _plots(result: dict, cfg: Config, out_dir: Path) -> list[str]:
     return [save_figure(fig, out_dir, "quality-mqar.png")]
 
 
+def _times(row: dict) -> str:
+    cpu = row.get("train_cpu_s")  # absent from results of before it was recorded
+    return f"{row['train_s']:.0f} s" + (f" ({cpu:.0f} s)" if cpu is not None else "")
+
+
+def _tuple(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
 def markdown(result: dict) -> str:
     """The accuracy table (mean ± std over seeds) and what it shows."""
     cfg = result["config"]
@@ -356,9 +380,12 @@ def markdown(result: dict) -> str:
             r = by[(pairs, gap, kind)]
             row[kind] = f"{r['acc_mean']:.3f} ± {r['acc_std']:.3f}"
         rows.append(row)
-    times = {k: by[(*settings[0], k)]["train_s"] for k in ATTENTIONS}
+    times = {k: by[(*settings[0], k)] for k in ATTENTIONS}
     rows.append(
-        {"setting": "training time per model", **{k: f"{v:.0f} s" for k, v in times.items()}}
+        {
+            "setting": "training time per model: wall (CPU)",
+            **{k: _times(r) for k, r in times.items()},
+        }
     )
     cols = [("setting", "MQAR query accuracy")] + [
         (
