@@ -85,6 +85,12 @@ bench: $(BUILT)
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
+# make quality: the learned-task quality benchmark (bench/quality; QUALITY_ARGS="--quick" or
+# "--only mqar,copy"). A training job: threads help, and the run records how many it had.
+.PHONY: quality
+quality: $(BUILT)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bench.quality $(QUALITY_ARGS)
+
 lint: $(DEPS)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 

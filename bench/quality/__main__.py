@@ -1,0 +1,118 @@
+"""The learned-task quality benchmark: ``python -m bench.quality [--quick] [--only
+mqar,copy,cnnf] [--seeds N] [--out DIR]``.
+
+Runs the selected tasks in order, each printing its progress and table, and writes
+``<out>/quality-<machine>-<YYYYmmdd-HHMMSS>.json`` (machine, versions, git SHA, threads, preset,
+one entry per task) and each task's PNG plots into ``<out>`` (default ``bench/results/``).
+A task is a module with ``run(quick, seeds, out_dir, log) -> dict`` (with ``"rows"`` and
+``"plots"``) and ``markdown(result) -> str``; ``TASKS`` names them and they are imported only
+when selected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+from bench.quality._common import ROOT, Stopwatch, loadavg, machine_info, machine_slug
+
+TASKS = {
+    "mqar": "bench.quality.mqar",
+    "copy": "bench.quality.copy_task",
+    "cnnf": "bench.quality.cnnf_digits",
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.quality", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="the small preset (<= 3 min in total)")
+    p.add_argument(
+        "--only",
+        default=",".join(TASKS),
+        help=f"comma-separated tasks (default: {','.join(TASKS)})",
+    )
+    p.add_argument(
+        "--seeds", type=int, default=None, help="seeds per setting (default: 3; --quick: 1)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "results",
+        help="directory of the JSON and PNG files (default: bench/results)",
+    )
+    args = p.parse_args(argv)
+    args.tasks = [t.strip() for t in args.only.split(",") if t.strip()]
+    bad = [t for t in args.tasks if t not in TASKS]
+    if bad or not args.tasks:
+        p.error(f"--only takes some of {','.join(TASKS)}, got {args.only!r}")
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    return args
+
+
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the selected tasks; return what was written to the JSON (and its path)."""
+    args = parse_args(argv)
+    modules = {}
+    for name in args.tasks:
+        try:
+            modules[name] = importlib.import_module(TASKS[name])
+        except ModuleNotFoundError as e:
+            raise SystemExit(f"task {name!r}: cannot import {TASKS[name]} ({e})") from e
+    clock = Stopwatch()
+    meta = machine_info()
+    preset = "quick" if args.quick else "default"
+    meta.update(preset=preset, tasks=args.tasks, seeds=args.seeds, argv=sys.argv[1:])
+    _log(
+        f"quality benchmark, preset {preset!r}, tasks {','.join(args.tasks)}, {args.seeds} "
+        f"seed(s), {meta['threads']} threads (OMP_NUM_THREADS={meta['omp_num_threads_env']}); "
+        f"torch {meta['torch']}, git {str(meta['git_sha'])[:10]}"
+        f"{' (dirty)' if meta['git_dirty'] else ''}; load {meta['loadavg_start']}"
+    )
+    seeds = list(range(args.seeds))
+    args.out.mkdir(parents=True, exist_ok=True)
+    tasks = {}
+    for name, module in modules.items():
+        _log(f"\n== {name} ==")
+        task_clock = Stopwatch()
+        result = module.run(args.quick, seeds, args.out, _log)
+        result["elapsed_s"] = round(task_clock(), 1)
+        tasks[name] = result
+        _log(f"{name}: {result['elapsed_s']:.0f} s; plots: {', '.join(result['plots'])}")
+    meta["elapsed_s"] = round(clock(), 1)
+    meta["cpu_s"] = round(clock.cpu(), 1)
+    meta["loadavg_end"] = loadavg()
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.out / f"quality-{machine_slug(meta)}-{stamp}.json"
+    payload = {"meta": meta, "tasks": tasks}
+    path.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
+    _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total, {meta['cpu_s']:.0f} s of CPU)")
+    return {**payload, "path": str(path)}
+
+
+def _finite(x):
+    """``x`` with every non-finite float replaced by None (JSON has no NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+if __name__ == "__main__":
+    main()
