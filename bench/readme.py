@@ -109,7 +109,8 @@ def _header(meta: dict, stamp: str, json_rel: str) -> list[str]:
     threads = meta["threads"]
     thread_txt = "one thread" if threads == 1 else f"{threads} threads"
     when = datetime.datetime.strptime(stamp, "%Y%m%d-%H%M%S").strftime("%Y-%m-%d %H:%M")
-    command = "make bench" if meta.get("preset") == "default" else "make bench BENCH_ARGS=--full"
+    preset = meta.get("preset", "default")
+    command = "make bench" + ("" if preset == "default" else f" BENCH_ARGS=--{preset}")
     return [
         f"## Latest results (this machine: {meta['cores']}-core {meta['cpu']}, {thread_txt}, fp32)",
         _fill(
