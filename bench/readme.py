@@ -151,7 +151,7 @@ def _attention(results: list[dict], png_rel: str | None) -> list[str]:
             for r in results
             if r["op"] == op
             and r["status"] == "ok"
-            and all(r["shape"][k] == v for k, v in base.items() if k != "T")
+            and all(r["shape"][k] == v for k, v in base.items())
         }
     )
     rows, speeds, best = [], [], []
