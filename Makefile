@@ -77,10 +77,12 @@ fuzz: $(BUILT)
 
 # One thread by default: this machine's two cores throttle under sustained load.
 # BASELINE=<json> compares with an earlier result and flags cases more than 10% slower.
+# bench.readme then writes the latest complete run (default or --full) into README.md.
 BASELINE ?=
 bench: $(BUILT)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m bench.report $(BENCH_ARGS) \
 		$(if $(BASELINE),--baseline $(BASELINE))
+	$(BIN)/python -m bench.readme
 
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"

@@ -23,7 +23,7 @@ TIMING = {
 }
 # The whole-network cases (CNN-F's feedback_step and run_cycles, the RNNs over T = 1000 and
 # 4000 steps) take 0.05-1 s a call, so the budget above gave them 3 to 8 samples, and the
-# ratios they enter as issue targets (to the conv floor, to the matrix products, T-scaling)
+# ratios they enter as targets (to the conv floor, to the matrix products, T-scaling)
 # moved by +-5-15% between runs on this shared VM. They get a longer budget.
 LONG_OPS = ("feedback_step", "run_cycles", "rel_rnn", "rel_lstm")
 LONG_MIN_TIME = {"quick": 0.5, "default": 4.0, "full": 8.0}
@@ -107,7 +107,7 @@ def attention_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
 
 
 RNN_BASE = {"B": 16, "input_size": 32, "hidden": 128, "window": 10, "relevant": 15}
-# T and 4T: the issue-4 target "time per step flat in T" compares them.
+# T and 4T: the target "time(4T) / time(T)" (the time per step stays flat) compares them.
 RNN_T = {"quick": (100, 400), "default": (1000, 4000), "full": (1000, 4000)}
 RNN_OPS = ("rel_rnn", "rel_lstm")
 RNN_PROVIDERS = (

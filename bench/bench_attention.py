@@ -1,4 +1,4 @@
-"""Benchmark cases of ``screened_attention`` (SPEC §1) and its peers.
+"""Benchmark cases of ``screened_attention`` (docs/attention.md) and its peers.
 
 ``setup_attention(provider, mode, **shape)`` builds the inputs, checks the provider against the
 reference once, and returns the zero-argument callable to time. Providers:
@@ -90,7 +90,7 @@ def _oracle(B: int, H: int, D: int, t0: int, window: int, relevant: int):
 
 
 def _oracle_args(provider: str, T: int, window: int, relevant: int) -> tuple[int, int]:
-    """(window, relevant) of the screened op that ``provider`` computes (SPEC §1 oracles):
+    """(window, relevant) of the screened op that ``provider`` computes (docs/attention.md):
     ``relevant=0`` is sliding-window attention, ``window >= T`` full causal attention."""
     if provider == "sdpa_dense":
         return check_len(T, window, relevant), 0

@@ -1,4 +1,4 @@
-"""Benchmark cases of the CNN-F feedback ops (SPEC §3).
+"""Benchmark cases of the CNN-F feedback ops (docs/feedback.md).
 
 One factory per op, ``setup_<op>(provider, mode, **shape)``: it builds the inputs (and the
 model), checks the provider against the reference once, and returns the zero-argument callable

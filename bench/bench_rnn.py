@@ -1,4 +1,4 @@
-"""Benchmark cases of ``RelRNN`` and ``RelLSTM`` (SPEC §2).
+"""Benchmark cases of ``RelRNN`` and ``RelLSTM`` (docs/rnn.md).
 
 ``setup_rel_rnn`` / ``setup_rel_lstm(provider, mode, **shape)`` build the module and inputs,
 check the provider against the reference once, and return the zero-argument callable to time.

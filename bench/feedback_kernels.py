@@ -12,7 +12,7 @@ and the dispatcher) under ``no_grad``, on the (C, H×W) of each CNNF stage that 
 
 Medians of ``--repeat`` calls (default 30), milliseconds; ``torch.add`` of two inputs of the
 same shape is the yardstick (it reads two and writes one). The times are context for kernel
-work; the issue targets are `make bench`'s ratios.
+work; the targets are `make bench`'s ratios.
 
 glibc serves a block of 6 MB or more with a fresh mmap, and after a free of the same size it
 does so again: one op called in a loop would page-fault on all its outputs, every call (several

@@ -4,7 +4,7 @@
 
 * screened attention forward at T = 1,000,000 (B = H = 1, D = 64, float32, ν = 128, ρ = 64),
   with and without ``return_state``: the peak memory increase against the bytes of q, k, v and
-  out (SPEC §1: O(T·D) memory, nothing T×T);
+  out (docs/attention.md: O(T·D) memory, nothing T×T);
 * RelRNN forward + backward at T = 12.5k ... 100k: the peak increase at each T, its growth
   (linear: doubling T at most doubles it, plus noise) and the bytes per step against what the
   saved activations and the backward's buffers need (``rnn_step_bytes``);

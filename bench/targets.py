@@ -1,0 +1,204 @@
+"""The targets: criteria a run's own figures are held to, each named by what it measures.
+
+Every target is a ratio of times from one run (bench.ratios), against a bound; it prints PASS,
+MISS, or "not measured" and what it needs (a preset or a provider that did not run). None of
+them fails a build. The list and the reasons behind each bound are in bench/README.md.
+
+An item of the result JSON's ``targets``: ``family``, ``name``, ``value`` (None when not
+measured), ``target``, ``higher_is_better``, ``status`` and, when not measured, ``note``. Files
+written before the targets were named by what they measure key them by tracker number instead
+of family; ``load_targets`` recomputes those from the file's results (the same figures).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from bench import _cases
+from bench.ratios import find, ratio, time_ratio
+
+TITLES = {
+    "attention": "screened attention, the C++ CPU kernel",
+    "rnn": "RelRNN / RelLSTM forward + backward, the fused CPU kernels",
+    "feedback": "CNN-F, the fused CPU kernels (CNNF at the largest batch)",
+}
+
+
+class _Targets:
+    """Collects target items: a measured value against its bound, or why it wasn't measured."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+
+    def add(self, family, name, value, target, higher_is_better, missing) -> None:
+        item = {"family": family, "name": name, "value": value, "target": target}
+        item["higher_is_better"] = higher_is_better
+        if value is None:
+            item.update(status="not measured", note=missing)
+        else:
+            ok = value >= target if higher_is_better else value <= target
+            item["status"] = "PASS" if ok else "MISS"
+        self.items.append(item)
+
+
+def _attention_targets(results: list[dict], out: _Targets) -> None:
+    op = "screened_attention"
+    base = {k: _cases.ATTENTION_BASE[k] for k in ("B", "H", "D", "window", "relevant")}
+
+    def cpu(T, mode):
+        shape = {**base, "T": T}
+        return find(results, op=op, provider="cpu", mode=mode, shape=shape, ignore=("device",))
+
+    def add(*args):
+        out.add("attention", *args)
+
+    for mode, target in (("fwd", 20.0), ("fwd+bwd", 10.0)):
+        add(
+            f"{op} cpu {mode} speedup over dense SDPA at T=16384",
+            ratio(cpu(16384, mode), "vs_dense"),
+            target,
+            True,
+            "needs cpu and sdpa_dense at T=16384 (default or --full)",
+        )
+    for mode in _cases.MODES:
+        add(
+            f"{op} cpu {mode} time(T=32768) / time(T=8192)",
+            time_ratio(cpu(32768, mode), cpu(8192, mode)),
+            4.5,
+            False,
+            "needs cpu at T=8192 and T=32768 (--full)",
+        )
+    for mode in _cases.MODES:
+        # at the largest T where cpu and a window peer both ran
+        best = None
+        for T in sorted({r["shape"]["T"] for r in results if r["op"] == op}):
+            r = cpu(T, mode)
+            if r and "vs_window" in r["ratios"]:
+                best = (T, r["ratios"]["vs_window"])
+        add(
+            f"{op} cpu {mode} speed relative to the best window attention"
+            + (f" at T={best[0]}" if best else ""),
+            best[1] if best else None,
+            0.5,
+            True,
+            "needs cpu and sdpa_window or flex_window at one T",
+        )
+    add(
+        f"{op} cpu fwd+bwd speedup over the reference at T=2048",
+        ratio(cpu(2048, "fwd+bwd"), "vs_ref"),
+        50.0,
+        True,
+        "needs cpu and reference fwd+bwd at T=2048 (default or --full)",
+    )
+
+
+def _rnn_targets(results: list[dict], out: _Targets) -> None:
+    """At the smaller and the larger T of the preset (1000 and 4000 by default)."""
+    Ts = sorted({r["shape"]["T"] for r in results if r["family"] == "rnn"})
+    if not Ts:
+        return
+    T0, T1 = Ts[0], Ts[-1]
+
+    def get(op, provider, T):
+        shape = {**_cases.RNN_BASE, "T": T}
+        return find(results, op=op, provider=provider, mode="fwd+bwd", shape=shape)
+
+    for op in _cases.RNN_OPS:
+        cpu = get(op, "cpu", T0)
+        out.add(
+            "rnn",
+            f"{op} cpu fwd+bwd speedup over the reference at T={T0}",
+            ratio(cpu, "vs_ref"),
+            20.0,
+            True,
+            "needs cpu and reference",
+        )
+        out.add(
+            "rnn",
+            f"{op} cpu fwd+bwd time / its matrix products alone at T={T0}",
+            time_ratio(cpu, get(op, "products", T0)),
+            2.0,
+            False,
+            "needs cpu and products",
+        )
+        out.add(
+            "rnn",
+            f"{op} cpu fwd+bwd time(T={T1}) / time(T={T0})",
+            time_ratio(get(op, "cpu", T1), cpu) if T1 > T0 else None,
+            4.4,
+            False,
+            "needs cpu at two T (default or --full)",
+        )
+
+
+def _feedback_targets(results: list[dict], out: _Targets) -> None:
+    """Against the eager composition and against the convolutions and linear maps alone."""
+    Ns = sorted({r["shape"]["N"] for r in results if r["family"] == "feedback"})
+    if not Ns:
+        return
+    N = Ns[-1]
+
+    def get(op, provider, mode):
+        extra = _cases.FEEDBACK_GATE_SHAPE if op == "ins_bias_ada_relu" else _cases.FEEDBACK_MODEL
+        shape = {"N": N, **extra}
+        return find(results, op=op, provider=provider, mode=mode, shape=shape)
+
+    for mode in _cases.MODES:
+        out.add(
+            "feedback",
+            f"ins_bias_ada_relu cpu {mode} speedup over its eager composition, N={N}",
+            ratio(get("ins_bias_ada_relu", "cpu", mode), "vs_eager"),
+            2.0,
+            True,
+            "needs ins_bias_ada_relu cpu and reference",
+        )
+    for op, mode in (("feedback_step", "fwd"), ("run_cycles", "fwd+bwd")):
+        out.add(
+            "feedback",
+            f"{op} cpu {mode} time / its convolutions and linear maps alone, N={N}",
+            time_ratio(get(op, "cpu", mode), get(op, "conv_floor", mode)),
+            1.2,
+            False,
+            f"needs {op} cpu and conv_floor",
+        )
+
+
+_COLLECT = {"attention": _attention_targets, "rnn": _rnn_targets, "feedback": _feedback_targets}
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The target items of the families that ran, in the order of ``TITLES``."""
+    out = _Targets()
+    families = {r["family"] for r in results}
+    for family, collect in _COLLECT.items():
+        if family in families:
+            collect(results, out)
+    return out.items
+
+
+def load_targets(payload: dict) -> list[dict]:
+    """The target items of a result JSON; recomputed for files that predate ``family``."""
+    stored = payload.get("targets", [])
+    if stored and all("family" in t for t in stored):
+        return stored
+    return targets(payload.get("results", []))
+
+
+def print_targets(items: list[dict], out=sys.stdout) -> None:
+    family = None
+    for t in items:
+        if t["family"] != family:
+            family = t["family"]
+            print(f"\n== targets: {TITLES[family]}, measured in this run ==", file=out)
+        cmp = ">=" if t.get("higher_is_better", True) else "<="
+        if t["value"] is None:
+            print(
+                f"  {'-':>7}  {t['name']} (target {cmp} {t['target']:g}): not measured, "
+                f"{t['note']}",
+                file=out,
+            )
+        else:
+            print(
+                f"  {t['value']:7.2f}  {t['name']} (target {cmp} {t['target']:g}): {t['status']}",
+                file=out,
+            )
