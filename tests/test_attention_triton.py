@@ -9,11 +9,16 @@ import math
 
 import pytest
 import torch
-from _attention_utils import check_against_reference, check_nan_locality, make_qkv
+from _attention_utils import (
+    check_against_reference,
+    check_nan_locality,
+    make_qkv,
+    reference_with_state,
+)
 from _tolerances import assert_low_precision_close
 
 from screening_attn import _backend
-from screening_attn.attention import _ops, screened_attention_reference
+from screening_attn.attention import _ops
 from screening_attn.attention.state import ScreeningState
 
 pytestmark = pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not installed")
@@ -106,7 +111,7 @@ def test_half_precision(dtype):
         return out, torch.autograd.grad(out, xs, g.to(DEVICE, x_dtype)), state
 
     def reference(*xs):
-        return screened_attention_reference(*xs, window, relevant, return_state=True)
+        return reference_with_state(*xs, window, relevant)
 
     out64, grads64, state64 = out_and_grads(reference, torch.float64)
     out_lp, grads_lp, state_lp = out_and_grads(reference, dtype)
@@ -129,7 +134,7 @@ def test_non_contiguous_inputs():
     qt, kt, vt = (x.detach().transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
     assert not qt.is_contiguous()
     out, state = run_triton(qt, kt, vt, 5, 3)
-    ref, ref_state = screened_attention_reference(q, k, v, 5, 3, return_state=True)
+    ref, ref_state = reference_with_state(q, k, v, 5, 3)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(state.span, ref_state.span)
 
@@ -138,7 +143,7 @@ def test_empty_inputs():
     for shape in [(0, 2, 5, 4), (1, 2, 0, 4), (1, 0, 5, 4), (1, 2, 5, 0)]:
         x = torch.randn(shape, dtype=torch.float64, device=DEVICE, requires_grad=True)
         out, state = run_triton(x, x, x, 3, 2, scale=1.0)
-        ref, ref_state = screened_attention_reference(x, x, x, 3, 2, 1.0, return_state=True)
+        ref, ref_state = reference_with_state(x, x, x, 3, 2, 1.0)
         torch.testing.assert_close(out, ref)
         for name in ("relevant_index", "relevant_score", "relevancy", "span"):
             torch.testing.assert_close(getattr(state, name), getattr(ref_state, name))
@@ -220,6 +225,6 @@ def test_public_api_dispatches_to_triton():
 
     q, k, v = make_qkv(1, 2, 40, 8, 8)
     out, state = screened_attention(q, k, v, 5, 3, return_state=True, backend="triton")
-    ref, ref_state = screened_attention_reference(q, k, v, 5, 3, return_state=True)
+    ref, ref_state = reference_with_state(q, k, v, 5, 3)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     assert torch.equal(state.span, ref_state.span)
