@@ -1,4 +1,4 @@
-"""RelRNN / RelLSTM reference (SPEC §2) against independent oracles.
+"""RelRNN / RelLSTM reference (docs/rnn.md) against independent oracles.
 
 * hand-unrolled T=4 computations, written out step by step;
 * exact-tie cases whose slots are derived by hand in comments;
