@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from _attention_utils import reference_with_state
 from _ids import case_id
+from _imports import non_stdlib_imports
 from _tolerances import ROUNDING, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from screening_attn.attention import ScreeningState, screened_attention_reference
+from screening_attn.attention import reference as attention_reference
 from screening_attn.attention import screened_attention as public_screened_attention
 
 # The oracle tests run the reference through the public entry point (its checks included);
@@ -644,3 +646,8 @@ def test_backends_agree_with_reference(backend):
     ref, ref_state = reference_with_state(q, k, v, 3, 2)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(state.span, ref_state.span, rtol=0, atol=0)
+
+
+def test_reference_imports_only_torch():
+    """The reference reads on its own: torch and the standard library, nothing of the package."""
+    assert non_stdlib_imports(attention_reference) == {"torch"}

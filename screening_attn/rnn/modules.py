@@ -57,7 +57,9 @@ def _resolve(op: str, backend: str, x: Tensor) -> str:
     return _backend.resolve(op, backend, x.device, x.dtype, _KERNELS)
 
 
-def _check_sizes(input_size: object, hidden_size: object, window: object, relevant: object):
+def _check_sizes(
+    input_size: object, hidden_size: object, window: object, relevant: object
+) -> tuple[int, int, int, int]:
     return (
         _validate.check_int("input_size", input_size, minimum=1),
         _validate.check_int("hidden_size", hidden_size, minimum=1),
@@ -93,7 +95,13 @@ class ModReLU(nn.Module):
     Initialized uniform in [-0.01, 0.01], as in the paper's code.
     """
 
-    def __init__(self, features: int, *, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        features: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         self.features = features
         self.b = nn.Parameter(torch.empty(features, device=device, dtype=dtype))
@@ -172,8 +180,8 @@ class RelRNN(_validate.StateDictChecks, nn.Module):
         nonlinearity: str = "tanh",
         bias: bool = True,
         *,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         input_size, hidden_size, window, relevant = _check_sizes(
@@ -303,8 +311,8 @@ class RelLSTM(_validate.StateDictChecks, nn.Module):
         window: int,
         relevant: int,
         *,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         input_size, hidden_size, window, relevant = _check_sizes(
