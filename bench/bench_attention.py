@@ -83,7 +83,7 @@ def _oracle(B: int, H: int, D: int, t0: int, window: int, relevant: int):
     parts = []
     for h in range(0, H, step):
         qh, kh, vh = (x[:, h : h + step].clone().requires_grad_() for x in (q, k, v))
-        out = screened_attention_reference(qh, kh, vh, window, relevant)
+        out = screened_attention_reference(qh, kh, vh, window, relevant)[0]
         out.backward(g[:, h : h + step])
         parts.append((out.detach(), qh.grad, kh.grad, vh.grad))
     return tuple(torch.cat(xs, 1) for xs in zip(*parts))

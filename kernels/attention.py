@@ -1,32 +1,39 @@
-"""Triton kernels of screened attention (SPEC §1; ops in screening_attn/attention/_ops.py).
+"""Triton kernels of screened attention (docs/attention.md) and their launchers,
+``screened_attention_fwd`` and ``screened_attention_bwd``, which the Triton ops of
+``screening_attn/attention/_ops.py`` call.
+
+One op's kernels and launchers stay in one file, as Liger keeps them, although that passes
+500 lines: the five kernels share the helpers ``_mm``, ``_dot_masked`` and ``_member`` and one
+layout of the scratch buffers that the launchers allocate.
 
 All tensors are contiguous ``(N, T, ·)`` with ``N = B·H``; a program offsets by ``n·T·width``.
 Softmax, relevancy, lse and every accumulator are in ``ACC`` (float32; float64 for float64).
 A query block's candidates are the set at its start ``R_t0`` plus the key range
 ``[t0-ν+1, t1)``, which holds every window key and every key screened in during the block.
 
-Forward, two kernels:
+Forward (``screened_attention_fwd``), two kernels:
 
-* ``screen_scan_kernel``, grid ``(N,)``: the sequential part. Per query block: write the slot
-  keys to ``snap`` (``R_t0``), then the block's logits against its candidates, two chunked
-  ``tl.dot`` into a per-program scratch ``(BLOCK_M, R_PAD + W_PAD + 1)``. The loop over the
-  block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax, lse, the
-  relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors (slot key,
-  score, scratch column); 4 reductions per query.
-* ``attend_fwd_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: given ``snap``, ``span`` and ``lse``,
-  ``out = P V`` over the same candidates, membership from the spans.
+* ``screened_attention_scan_kernel``, grid ``(N,)``: the sequential part. Per query block:
+  write the slot keys to ``snap`` (``R_t0``), then the block's logits against its candidates,
+  two chunked ``tl.dot`` into a per-program scratch ``(BLOCK_M, R_PAD + W_PAD + 1)``. The loop
+  over the block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax,
+  lse, the relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors
+  (slot key, score, scratch column); 4 reductions per query.
+* ``screened_attention_fwd_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: given ``snap``, ``span``
+  and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
-Backward, three kernels (the sets come back from ``span`` alone):
+Backward (``screened_attention_bwd``), three kernels (the sets come back from ``span`` alone):
 
-* ``replay_sets_kernel``, grid ``(N,)``: ``R_t0`` of every query block rebuilt from the spans,
-  one vectorised step per block (keep members whose span goes on, put the keys screened in
-  during the block into empty slots, in key order). Only membership matters, not slot order.
-* ``attend_bwd_dq_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: ``delta`` (written for the next
-  kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)`` from one
-  more sweep, as the rounded O would cost the gradients about one ulp.
-* ``attend_bwd_dkdv_kernel``, grid ``(cdiv(T, BLOCK_N), N)``: one program owns a key block and
-  walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its keys' spans,
-  skipping query tiles where no key is a candidate. No atomics: deterministic.
+* ``screened_attention_replay_sets_kernel``, grid ``(N,)``: ``R_t0`` of every query block
+  rebuilt from the spans, one vectorised step per block (keep members whose span goes on, put
+  the keys screened in during the block into empty slots, in key order). Only membership
+  matters, not slot order.
+* ``screened_attention_bwd_dq_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: ``delta`` (written for
+  the next kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)``
+  from one more sweep, as the rounded O would cost the gradients about one ulp.
+* ``screened_attention_bwd_dkdv_kernel``, grid ``(cdiv(T, BLOCK_N), N)``: one program owns a
+  key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
+  keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
 
 ``NATIVE`` (half inputs on a GPU): ``Q Kᵀ`` and ``dO Vᵀ`` run on the input dtype with float32
 accumulation (exact products, as float32 math); products with P or dS use float32 operands.
@@ -35,8 +42,13 @@ ACC first and every ``tl.dot`` uses ``input_precision="ieee"`` (no TF32).
 NaN/Inf stay where the reference puts them: products with P or dS go through ``_dot_masked``.
 """
 
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from screening_attn import _backend
+from screening_attn._library import acc_dtype
 
 
 @triton.jit
@@ -97,7 +109,7 @@ def _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET: tl.constexpr)
 
 
 @triton.jit
-def screen_scan_kernel(
+def screened_attention_scan_kernel(
     q_ptr,  # (N, T, D)
     k_ptr,  # (N, T, D)
     lse_ptr,  # (N, T) ACC, written
@@ -269,7 +281,7 @@ def _fwd_chunk(
 
 
 @triton.jit
-def attend_fwd_kernel(
+def screened_attention_fwd_kernel(
     q_ptr,  # (N, T, D)
     k_ptr,  # (N, T, D)
     v_ptr,  # (N, T, DV)
@@ -340,7 +352,7 @@ def attend_fwd_kernel(
 
 
 @triton.jit
-def replay_sets_kernel(
+def screened_attention_replay_sets_kernel(
     span_ptr,  # (N, T, 2) int32
     snap_ptr,  # (N, NB, SW) int32, written: the set at each block start, CAP slots used
     T,
@@ -444,7 +456,7 @@ def _dq_pass(
 
 
 @triton.jit
-def attend_bwd_dq_kernel(
+def screened_attention_bwd_dq_kernel(
     q_ptr,  # (N, T, D)
     k_ptr,  # (N, T, D)
     v_ptr,  # (N, T, DV)
@@ -452,7 +464,7 @@ def attend_bwd_dq_kernel(
     do_ptr,  # (N, T, DV)
     lse_ptr,  # (N, T) ACC
     span_ptr,  # (N, T, 2) int32
-    snap_ptr,  # (N, NB, SW) int32 from replay_sets_kernel
+    snap_ptr,  # (N, NB, SW) int32 from screened_attention_replay_sets_kernel
     dq_ptr,  # (N, T, D), written
     delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O)
     T,
@@ -516,7 +528,7 @@ def attend_bwd_dq_kernel(
 
 
 @triton.jit
-def attend_bwd_dkdv_kernel(
+def screened_attention_bwd_dkdv_kernel(
     q_ptr,  # (N, T, D)
     k_ptr,  # (N, T, D)
     v_ptr,  # (N, T, DV)
@@ -600,11 +612,176 @@ def attend_bwd_dkdv_kernel(
     )
 
 
-def block_sizes(interpret: bool) -> tuple[int, int]:
+def _block_sizes(interpret: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N): 64 on a GPU; 16 under the interpreter, whose cost is per tl op, so
     that small test sizes still span several query and key blocks."""
     return (16, 16) if interpret else (64, 64)
 
 
-def pow2(x: int, minimum: int = 1) -> int:
+def _pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(x, 1)))
+
+
+def _setup(q: Tensor) -> tuple[bool, int, int]:
+    """(NATIVE, BLOCK_M, BLOCK_N) for the kernels, or an error saying why they can't run on
+    ``q``'s device or dtype."""
+    interpret = q.device.type == "cpu"
+    if interpret and not _backend.triton_interpret():
+        raise ValueError(
+            "screened_attention_triton on CPU tensors runs only under the Triton interpreter "
+            "(set TRITON_INTERPRET=1 before importing triton)"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    native = not interpret and q.dtype in (torch.float16, torch.bfloat16)
+    return native, *_block_sizes(interpret)
+
+
+def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the kernels write their results in: the interpreter's float32 -> bfloat16
+    conversion truncates (a GPU rounds to nearest), so there bf16 results go through float32
+    and torch rounds them."""
+    return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
+
+
+def _tl_dtypes(dtype: torch.dtype, native: bool) -> tuple[tl.dtype, tl.dtype]:
+    """(MM, ACC): the dtype of the tiles fed to ``tl.dot`` and of the accumulators."""
+    acc = tl.float64 if dtype == torch.float64 else tl.float32
+    mm = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype] if native else acc
+    return mm, acc
+
+
+def screened_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward of screened attention on checked arguments: the scan, then the output pass.
+
+    Args:
+        q (Tensor): `(B, H, T, D)`.
+        k (Tensor): `(B, H, T, D)`.
+        v (Tensor): `(B, H, T, Dv)`.
+        window (int): `ν >= 1`.
+        relevant (int): `ρ >= 0`.
+        scale (float): factor on the logits.
+
+    Returns:
+        `(out, lse, relevant_index, relevant_score, relevancy, span)`: `out (B, H, T, Dv)` in
+        the dtype of `q`; `lse (B, H, T)`, the log-sum-exp of each query's logits, for the
+        backward; the state as ``screened_attention_reference`` returns it.
+    """
+    native, bm, bn = _setup(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    B, H, T, D = q.shape
+    Dv, N, acc = v.shape[-1], B * H, acc_dtype(q.dtype)
+    out = torch.empty(B, H, T, Dv, dtype=_store_dtype(q.dtype, q.device), device=q.device)
+    lse = torch.empty(B, H, T, dtype=acc, device=q.device)
+    index = torch.full((B, H, relevant), -1, dtype=torch.int64, device=q.device)
+    score = torch.full((B, H, relevant), float("-inf"), dtype=acc, device=q.device)
+    relevancy = torch.zeros(B, H, T, dtype=acc, device=q.device)
+    span = torch.full((B, H, T, 2), -1, dtype=torch.int32, device=q.device)
+    if N == 0 or T == 0:
+        return out.to(q.dtype), lse, index, score, relevancy, span
+
+    mm, acc_tl = _tl_dtypes(q.dtype, native)
+    nb = -(-T // bm)
+    window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
+    live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
+    sw = max(live, 1)
+    r_pad = -(-live // bn) * bn
+    ncol = r_pad + -(-min(bm + window - 1, T) // bn) * bn + 1  # + a column of -inf
+    snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
+    scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
+    block_d, block_dv = _pow2(D, 16), _pow2(Dv, 16)
+    block_w = _pow2(min(window, T))
+    screened_attention_scan_kernel[(N,)](
+        q, k, lse, relevancy, span, index, score, snap, scratch,
+        T, D, window, live, relevant, nb, sw, r_pad, ncol, scale,
+        MM=mm, ACC=acc_tl, NATIVE=native, HAS_SLOTS=live > 0, BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_L=_pow2(block_w + live),
+    )  # fmt: skip
+    screened_attention_fwd_kernel[(nb, N)](
+        q, k, v, lse, span, snap, out,
+        T, D, Dv, window, live, nb, sw, scale,
+        MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+    )  # fmt: skip
+    return out.to(q.dtype), lse, index, score, relevancy, span
+
+
+def screened_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    span: Tensor,
+    window: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of screened attention: the sets replayed from ``span``, then dQ, then dK and dV.
+
+    Args:
+        grad_out (Tensor): `(B, H, T, Dv)`, dtype of `q`.
+        q, k, v (Tensor): the forward's checked inputs.
+        out (Tensor): `(B, H, T, Dv)`, the forward's output.
+        lse (Tensor): `(B, H, T)`, float32 (float64 for float64 inputs), from the forward.
+        span (Tensor): `(B, H, T, 2)` int32, from the forward.
+        window (int): `ν >= 1`.
+        scale (float): factor on the logits.
+
+    Returns:
+        `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`.
+    """
+    B, H, T, _ = q.shape
+    # the kernels index these buffers by raw offsets: a wrong shape would read out of bounds
+    for name, x, shape, dtype in [
+        ("grad_out", grad_out, v.shape, q.dtype),
+        ("out", out, v.shape, q.dtype),
+        ("lse", lse, (B, H, T), acc_dtype(q.dtype)),
+        ("span", span, (B, H, T, 2), torch.int32),
+    ]:
+        if x.shape != shape or x.dtype != dtype or x.device != q.device:
+            raise ValueError(
+                f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {q.device}, "
+                f"got {x.dtype} {tuple(x.shape)} on {x.device}"
+            )
+    native, bm, bn = _setup(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    grad_out, out = grad_out.contiguous(), out.contiguous()
+    lse, span = lse.contiguous(), span.contiguous()
+    B, H, T, D = q.shape
+    Dv, N = v.shape[-1], B * H
+    store = _store_dtype(q.dtype, q.device)
+    dq, dk, dv = (torch.empty_like(x, dtype=store) for x in (q, k, v))
+    if N == 0 or T == 0:
+        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+    mm, acc_tl = _tl_dtypes(q.dtype, native)
+    nb = -(-T // bm)
+    window = min(window, T + 1)
+    # Sets never shrink (a key leaves only when another takes its slot), so the largest
+    # one is the last: the keys whose span runs to the end. One host sync, to size `snap`.
+    cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
+    sw = max(cap, 1)
+    snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
+    if cap > 0:
+        screened_attention_replay_sets_kernel[(N,)](
+            span, snap, T, window, cap, nb, sw, BLOCK_M=bm, BLOCK_R=_pow2(cap)
+        )
+    delta = torch.empty(N, T, dtype=acc_dtype(q.dtype), device=q.device)
+    block_d, block_dv = _pow2(D, 16), _pow2(Dv, 16)
+    screened_attention_bwd_dq_kernel[(nb, N)](
+        q, k, v, out, grad_out, lse, span, snap, dq, delta,
+        T, D, Dv, window, cap, nb, sw, scale,
+        MM=mm, ACC=acc_tl, NATIVE=native,
+        DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
+    )  # fmt: skip
+    screened_attention_bwd_dkdv_kernel[(-(-T // bn), N)](
+        q, k, v, grad_out, lse, delta, span, dk, dv,
+        T, D, Dv, window, scale,
+        MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
+        BLOCK_DV=block_dv,
+    )  # fmt: skip
+    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "check_attention_inputs",
     "check_bool",
     "check_finite_float",
     "check_finite_scale",
@@ -107,6 +108,32 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {_describe(value)}")
     return value
+
+
+def check_attention_inputs(
+    q: object, k: object, v: object, window: object, relevant: object, scale: object = None
+) -> tuple[int, int, float | None]:
+    """The arguments of ``screened_attention`` and of its Triton op (the C++ op checks its own):
+    ``q``, ``k`` `(B, H, T, D)`, ``v`` `(B, H, T, Dv)` floating tensors of one dtype and device,
+    ``window >= 1``, ``relevant >= 0``, ``scale`` finite or None (docs/backends.md). Returns
+    ``(window, relevant, scale)`` as Python numbers."""
+    q = check_tensor("q", q, ndim=4)
+    k = check_tensor("k", k, ndim=4)
+    v = check_tensor("v", v, ndim=4)
+    check_same_device_dtype("q", q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(
+            f"k must have the shape (B, H, T, D) of q, {tuple(q.shape)}, got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"v must have shape (B, H, T, Dv) with the (B, H, T) of q, {tuple(q.shape[:3])}, "
+            f"got {tuple(v.shape)}"
+        )
+    window = check_int("window", window, minimum=1)
+    relevant = check_int("relevant", relevant, minimum=0)
+    scale = check_finite_scale("scale", scale)
+    return window, relevant, scale
 
 
 class StateDictError(ValueError, RuntimeError):

@@ -1,5 +1,5 @@
-"""Shared helpers of the screened-attention backend tests: compare a backend's run with the
-reference's, selections included (SPEC §1 "Numerics")."""
+"""Shared helpers of the screened-attention tests: the reference with its state wrapped, and a
+backend's run against the reference's, selections included (docs/numerics.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import math
 import torch
 from _tolerances import TOL
 
-from screening_attn.attention import screened_attention_reference
+from screening_attn.attention import ScreeningState, screened_attention_reference
+
+
+def reference_with_state(q, k, v, window, relevant, scale=None):
+    """``screened_attention_reference`` as ``(out, ScreeningState)``."""
+    out, *state = screened_attention_reference(q, k, v, window, relevant, scale)
+    return out, ScreeningState(*state)
 
 
 def make_qkv(B, H, T, D, Dv=None, dtype=torch.float64, seed=0, scale_by=1.0):
@@ -60,9 +66,7 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None):
     dtype = q.dtype
     rtol, atol = TOL[dtype]
     out, state = run(q, k, v, window, relevant, scale)
-    ref, ref_state = screened_attention_reference(
-        q, k, v, window, relevant, scale=scale, return_state=True
-    )
+    ref, ref_state = reference_with_state(q, k, v, window, relevant, scale)
     if not torch.equal(state.span, ref_state.span):
         assert dtype != torch.float64, "float64 selections must match the reference exactly"
         assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"
@@ -94,7 +98,7 @@ def check_nan_locality(run, q, k, v, positions, window=6, relevant=3):
             args[name][index] = bad
             args = {n: x.requires_grad_() for n, x in args.items()}
             out = run(*args.values(), window, relevant)
-            ref = screened_attention_reference(*args.values(), window, relevant)
+            ref, _ = reference_with_state(*args.values(), window, relevant)
             what = f"{name}={bad}"
             assert torch.equal(out.isnan(), ref.isnan()), what
             assert 0 < (~out.isfinite()).sum() < out.numel() // 2, what

@@ -1,4 +1,5 @@
-"""The screened_attention reference against independent oracles (SPEC §1, §4).
+"""The screened_attention reference against independent oracles (docs/attention.md,
+docs/backends.md).
 
 Oracles: SDPA with an independently built mask (sliding window, full causal), SDPA with the mask
 rebuilt from the returned spans (output and gradients given the sets), a slow scalar Python
@@ -13,6 +14,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _attention_utils import reference_with_state
+from _ids import case_id
+from _imports import non_stdlib_imports
 from _tolerances import ROUNDING, assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -20,6 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from screening_attn.attention import ScreeningState, screened_attention_reference
+from screening_attn.attention import reference as attention_reference
 from screening_attn.attention import screened_attention as public_screened_attention
 
 # The oracle tests run the reference through the public entry point (its checks included);
@@ -32,14 +37,16 @@ NEG = -1.0e4  # a logit this far below the others gets probability exactly 0 (ex
 # ----------------------------------------------------------------------------- helpers
 
 
-def case_id(B, H, T, D, Dv, w, r, dtype):
-    dv = f"-Dv{Dv}" if Dv != D else ""
-    return f"B{B}-H{H}-T{T}-D{D}{dv}-w{w}-r{r}-{str(dtype).removeprefix('torch.')}"
-
-
 def cases(shapes, dtypes=(torch.float64,)):
     """pytest params ``(B, H, T, D, Dv, window, relevant, dtype)`` with readable ids."""
-    return [pytest.param(*s, dt, id=case_id(*s, dt)) for s in shapes for dt in dtypes]
+    return [
+        pytest.param(
+            B, H, T, D, Dv, w, r, dt,
+            id=case_id(B=B, H=H, T=T, D=D, Dv=Dv if Dv != D else None, w=w, r=r, dtype=dt),
+        )
+        for B, H, T, D, Dv, w, r in shapes
+        for dt in dtypes
+    ]  # fmt: skip
 
 
 CASE_ARGS = "B,H,T,D,Dv,window,relevant,dtype"
@@ -75,7 +82,7 @@ def assert_matches_sdpa(q, k, v, window, relevant, scale=None, *, mask=None, is_
     """Reference output and q/k/v gradients equal SDPA with ``mask`` (or ``is_causal``)."""
 
     def ours(q, k, v):
-        return screened_attention_reference(q, k, v, window, relevant, scale=scale)
+        return screened_attention_reference(q, k, v, window, relevant, scale)[0]
 
     def sdpa(q, k, v):
         return F.scaled_dot_product_attention(
@@ -89,7 +96,7 @@ def assert_matches_sdpa(q, k, v, window, relevant, scale=None, *, mask=None, is_
 
 
 def scalar_screening(q, k, window, relevant, scale=None):
-    """SPEC §1 computed literally: per (b, h), per query, in Python floats (float64).
+    """docs/attention.md computed literally: per (b, h), per query, in Python floats (float64).
 
     Returns ``(state_fields, mask)``: the four ScreeningState tensors and the (B, H, T, T)
     mask of the candidate sets C_t recorded query by query (not rebuilt from spans).
@@ -156,9 +163,7 @@ def assert_state_matches_oracle(state, q, k, window, relevant, scale=None):
 
 def check_general(q, k, v, window, relevant, scale=None):
     """State vs the scalar oracle; output and gradients vs SDPA given the state's mask."""
-    _, state = screened_attention_reference(
-        q, k, v, window, relevant, scale=scale, return_state=True
-    )
+    _, state = reference_with_state(q, k, v, window, relevant, scale)
     assert_state_matches_oracle(state, q, k, window, relevant, scale)
     mask = state.candidate_mask(window)
     assert_matches_sdpa(q, k, v, window, relevant, scale, mask=mask)
@@ -232,7 +237,7 @@ def test_float32_given_its_sets(B, H, T, D, Dv, window, relevant, dtype):
     float64 scalar oracle on the same (float32) inputs. Seeds are fixed, so no near-tie can
     make this flaky: a near-tie would fail deterministically."""
     q, k, v = make_qkv(B, H, T, D, Dv, dtype, seed=T)
-    _, state = screened_attention_reference(q, k, v, window, relevant, return_state=True)
+    _, state = reference_with_state(q, k, v, window, relevant)
     assert state.relevant_score.dtype == torch.float32
     (index, score, relevancy, span), _ = scalar_screening(
         q.detach().double(), k.detach().double(), window, relevant
@@ -278,8 +283,8 @@ def test_slot_rule_hand_derived():
     # Every weight is 0, 1/2 or 1 whatever the dtype, so the result is exact in all of them.
     for dtype in (torch.float64, torch.float32, torch.bfloat16, torch.float16):
         score_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        _, state = screened_attention_reference(
-            q.to(dtype), k.to(dtype), v.to(dtype), window, relevant, scale=1.0, return_state=True
+        _, state = reference_with_state(
+            q.to(dtype), k.to(dtype), v.to(dtype), window, relevant, scale=1.0
         )
         assert state.relevant_index.tolist() == [[[5, 1]]]
         assert state.relevant_score.tolist() == [[[2.0, 1.5]]]
@@ -337,7 +342,7 @@ def test_gradcheck(B, H, T, D, Dv, window, relevant, dtype):
     q, k, v = make_qkv(B, H, T, D, Dv, dtype, seed=7)
 
     def fn(q, k, v):
-        return screened_attention_reference(q, k, v, window, relevant)
+        return screened_attention_reference(q, k, v, window, relevant)[0]
 
     assert torch.autograd.gradcheck(fn, (q, k, v))
 
@@ -346,7 +351,7 @@ def test_gradgradcheck():
     """The reference is plain autograd, so double backward works (the kernels may refuse it)."""
     q, k, v = make_qkv(1, 1, 5, 2, 2, torch.float64, seed=7)
     assert torch.autograd.gradgradcheck(
-        lambda q, k, v: screened_attention_reference(q, k, v, 2, 1), (q, k, v)
+        lambda q, k, v: screened_attention_reference(q, k, v, 2, 1)[0], (q, k, v)
     )
 
 
@@ -399,10 +404,10 @@ def test_half_inputs_accumulate_in_float32(dtype):
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
 
     def run(q, k, v):
-        return screened_attention_reference(q, k, v, window, relevant)
+        return screened_attention_reference(q, k, v, window, relevant)[0]
 
-    out, state = screened_attention_reference(q, k, v, window, relevant, return_state=True)
-    _, state64 = screened_attention_reference(q64, k64, v64, window, relevant, return_state=True)
+    out, state = reference_with_state(q, k, v, window, relevant)
+    _, state64 = reference_with_state(q64, k64, v64, window, relevant)
     assert out.dtype == dtype
     assert state.relevant_score.dtype == state.relevancy.dtype == torch.float32
     torch.testing.assert_close(state.relevant_index, state64.relevant_index, rtol=0, atol=0)
@@ -435,7 +440,8 @@ def test_non_contiguous_inputs():
 
 
 def test_no_t_by_t_allocation():
-    """SPEC §1 Cost: no tensor of T×T elements (per row) in the forward or the backward."""
+    """docs/attention.md, cost: no tensor of T×T elements (per row) in the forward or the
+    backward."""
 
     class LargestTensor(TorchDispatchMode):
         largest = 0
@@ -606,8 +612,8 @@ def test_non_finite_input_reaches_only_dependent_outputs_and_gradients(name, bad
 
 
 def test_nan_relevancy_holds_its_slot():
-    """SPEC §1 is silent on NaN scores. Decided: a NaN r counts as the smallest stored score
-    (as torch.min/argmin treat NaN), and since `r_e > NaN` is False that slot is never
+    """NaN scores in the slot rule (docs/attention.md): a NaN r counts as the smallest stored
+    score (as torch.min/argmin treat NaN), and since `r_e > NaN` is False that slot is never
     overwritten; an empty slot takes any key, NaN r included (the slot rule never looks at
     r_e then)."""
     T, window, relevant = 8, 1, 2
@@ -637,6 +643,11 @@ def test_different_value_dim_is_fine():
 def test_backends_agree_with_reference(backend):
     q, k, v = make_qkv(2, 2, 20, 4, 3, torch.float64, requires_grad=False)
     out, state = public_screened_attention(q, k, v, 3, 2, return_state=True, backend=backend)
-    ref, ref_state = screened_attention_reference(q, k, v, 3, 2, return_state=True)
+    ref, ref_state = reference_with_state(q, k, v, 3, 2)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     torch.testing.assert_close(state.span, ref_state.span, rtol=0, atol=0)
+
+
+def test_reference_imports_only_torch():
+    """The reference reads on its own: torch and the standard library, nothing of the package."""
+    assert non_stdlib_imports(attention_reference) == {"torch"}

@@ -29,7 +29,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _attention_utils import check_against_reference, near_tie_explains
+from _attention_utils import check_against_reference, near_tie_explains, reference_with_state
 from _env import FUZZ_FACTOR
 from _rnn_utils import check as check_rnn
 from _tolerances import ROUNDING, TOL, assert_close, assert_low_precision_close
@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from screening_attn import _backend
 from screening_attn.attention import _ops as attention_ops
-from screening_attn.attention import screened_attention, screened_attention_reference
+from screening_attn.attention import screened_attention
 from screening_attn.attention.state import ScreeningState
 from screening_attn.feedback import functional, reference
 
@@ -169,9 +169,7 @@ def check_attention_conditioned(run, q, k, v, window, relevant, scale) -> bool:
     accurate as the float32 reference's against float64, plus float32's tolerance relative to
     the largest entry (as compare() below)."""
     out, state = run(q, k, v, window, relevant, scale)
-    ref, ref_state = screened_attention_reference(
-        q, k, v, window, relevant, scale=scale, return_state=True
-    )
+    ref, ref_state = reference_with_state(q, k, v, window, relevant, scale)
     if not torch.equal(state.span, ref_state.span):
         assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"
         return False
@@ -195,11 +193,9 @@ def check_attention_half(run, q, k, v, window, relevant, scale) -> bool:
     """fp16/bf16: the kernel and the reference both compute in float32 from the same inputs,
     so their selections match but for near ties. Output and gradients: the low-precision rule
     of _tolerances.py against a float64 oracle with that selection (masked softmax attention
-    on the exactly upcast inputs, SPEC §1)."""
+    on the exactly upcast inputs, docs/attention.md)."""
     out, state = run(q, k, v, window, relevant, scale)
-    ref, ref_state = screened_attention_reference(
-        q, k, v, window, relevant, scale=scale, return_state=True
-    )
+    ref, ref_state = reference_with_state(q, k, v, window, relevant, scale)
     assert out.dtype == q.dtype and state.relevancy.dtype == torch.float32
     if not torch.equal(state.span, ref_state.span):
         assert near_tie_explains(state, ref_state, window), "selection differs without a near tie"

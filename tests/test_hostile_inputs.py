@@ -1,4 +1,5 @@
-"""A catalogue of malformed calls to the public API (SPEC §4), every CPU backend included.
+"""A catalogue of malformed calls to the public API (docs/backends.md), every CPU backend
+included.
 
 Each row is ``(id, call, error type, regex)``: the call must raise exactly that ValueError or
 TypeError (never a RuntimeError, IndexError or AssertionError from deeper down) with a message
@@ -27,6 +28,7 @@ import pytest
 import torch
 
 from screening_attn import feedback as fb
+from screening_attn._validate import check_attention_inputs
 from screening_attn.attention import screened_attention, screened_attention_reference
 from screening_attn.feedback import functional as fn
 from screening_attn.nn import RelLSTM, RelRNN
@@ -576,12 +578,14 @@ def _params():
                     else _feedback_ok_triton,
                 )
             )
-    for name, (kwargs, exc, regex) in ATTENTION.items():  # the reference function, called directly
+    # the checks of screened_attention and its Triton op, called directly (the reference
+    # function takes checked arguments)
+    for name, (kwargs, exc, regex) in ATTENTION.items():
         if "return_state" not in name:
             rows.append(
                 (
-                    f"attention-reference-fn-{name}",
-                    lambda kw=kwargs: screened_attention_reference(**kw),
+                    f"attention-checks-{name}",
+                    lambda kw=kwargs: check_attention_inputs(**kw),
                     exc,
                     regex,
                     lambda: screened_attention_reference(**_qkv()),
@@ -682,7 +686,7 @@ def test_huge_relevant_without_state_allocates_nothing_of_size_rho():
     # and below that, a larger relevant than T - window changes nothing either
     torch.testing.assert_close(
         screened_attention(q, k, v, 3, 7, backend="cpu"),
-        screened_attention_reference(q, k, v, 3, 7),  # not capped: the definition
+        screened_attention_reference(q, k, v, 3, 7)[0],  # not capped: the definition
     )
 
 

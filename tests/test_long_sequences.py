@@ -1,4 +1,5 @@
-"""Long sequences on the C++ CPU kernels: memory stays O(T) with small constants (SPEC §1, §2).
+"""Long sequences on the C++ CPU kernels: memory stays O(T) with small constants
+(docs/attention.md, docs/rnn.md).
 
 Each case runs in a fresh process (bench/long_sequences.py, which also prints the figures: `python
 -m bench.long_sequences`); peak memory is the rise of VmHWM over the resident size after a

@@ -13,7 +13,7 @@ from _rnn_utils import check, make
 
 from screening_attn import _backend
 from screening_attn.nn import RelRNN
-from screening_attn.rnn import reference as rnn_reference
+from screening_attn.rnn import modules as rnn_modules
 
 F64, F32 = torch.float64, torch.float32
 OPS = torch.ops.screening_attn
@@ -320,13 +320,13 @@ def test_compile_fullgraph_matches_eager(kind):
 
 def test_auto_picks_the_kernels_for_float32_and_float64(monkeypatch):
     called = []
-    fused = rnn_reference._RNN_IMPLS["cpu"]
+    fused = rnn_modules._RNN_IMPLS["cpu"]
 
     def spy(*args, **kwargs):
         called.append(1)
         return fused(*args, **kwargs)
 
-    monkeypatch.setitem(rnn_reference._RNN_IMPLS, "cpu", spy)
+    monkeypatch.setitem(rnn_modules._RNN_IMPLS, "cpu", spy)
     for dtype in (F32, F64):
         m = make("rnn", 2, 3, 2, 1, dtype=dtype)
         m(torch.randn(4, 1, 2, dtype=dtype))

@@ -1,4 +1,4 @@
-"""RelRNN / RelLSTM reference (SPEC §2) against independent oracles.
+"""RelRNN / RelLSTM reference (docs/rnn.md) against independent oracles.
 
 * hand-unrolled T=4 computations, written out step by step;
 * exact-tie cases whose slots are derived by hand in comments;
@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from _imports import non_stdlib_imports
 from _tolerances import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,7 @@ from torch.func import functional_call
 from torch.overrides import TorchFunctionMode
 
 from screening_attn.nn import RelLSTM, RelRNN, RelState
+from screening_attn.rnn import reference as rnn_reference
 
 F64 = torch.float64
 NONLINEARITIES = ["tanh", "relu", "sigmoid", "identity", "modrelu"]
@@ -603,3 +605,8 @@ def test_half_precision_rnn_constructs_and_runs(dtype):
     assert (w @ w.T - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-2
     h, _ = m(torch.randn(5, 2, 3, dtype=dtype))
     assert h.dtype == dtype and h.isfinite().all()
+
+
+def test_reference_imports_only_torch():
+    """The reference reads on its own: torch and the standard library, nothing of the package."""
+    assert non_stdlib_imports(rnn_reference) == {"torch"}

@@ -1,4 +1,6 @@
-"""Relevancy-screened causal attention (SPEC §1)."""
+"""Relevancy-screened causal attention (docs/attention.md): the public ``screened_attention``
+(``interface.py``), its pure-PyTorch ``screened_attention_reference`` (``reference.py``), the
+registered ops (``_ops.py``; Triton kernels and launchers in ``kernels/attention.py``)."""
 
 from screening_attn.attention.interface import screened_attention
 from screening_attn.attention.reference import screened_attention_reference

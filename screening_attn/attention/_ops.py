@@ -1,9 +1,9 @@
-"""Registration glue of screened attention: fakes and autograd for the C++ ops
+"""Registration of screened attention's ops: fakes and autograd for the C++ ops
 ``torch.ops.screening_attn.screened_attention`` / ``screened_attention_backward`` (schemas in
 csrc/attention.cpp, CPU kernel in csrc/cpu/attention.cpp), and the Triton ops
-``screened_attention_triton`` / ``screened_attention_backward_triton`` made here with
-``torch.library.custom_op`` (kernels in kernels/attention.py). Both forward ops return
-``(out, lse, relevant_index, relevant_score, relevancy, span)``."""
+``screened_attention_triton`` / ``screened_attention_backward_triton``, stubs made here with
+``torch.library.custom_op`` around the launchers of kernels/attention.py. Both forward ops
+return ``(out, lse, relevant_index, relevant_score, relevancy, span)``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import Tensor
 from screening_attn import _backend
 from screening_attn._library import acc_dtype as score_dtype
 from screening_attn._library import no_double_backward
+from screening_attn._validate import check_attention_inputs
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float):
@@ -71,86 +72,19 @@ if _backend.C_ERROR is None:
     no_double_backward(screened_attention_backward_cpp, "screened_attention")
 
 
-# --- Triton ops ---
-def _triton_setup(q: Tensor) -> tuple[bool, int, int]:
-    """(NATIVE, BLOCK_M, BLOCK_N) for the Triton kernels, or a ValueError saying why they
-    can't run on ``q``'s device."""
-    from screening_attn._kernels import attention as kern
-
-    interpret = q.device.type == "cpu"
-    if interpret and not _backend.triton_interpret():
-        raise ValueError(
-            "screened_attention_triton on CPU tensors runs only under the Triton interpreter "
-            "(set TRITON_INTERPRET=1 before importing triton)"
-        )
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    native = not interpret and q.dtype in (torch.float16, torch.bfloat16)
-    return native, *kern.block_sizes(interpret)
-
-
-def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the kernels write their results in: the interpreter's float32 -> bfloat16
-    conversion truncates (a GPU rounds to nearest), so there bf16 results go through float32
-    and torch rounds them."""
-    return torch.float32 if dtype == torch.bfloat16 and device.type == "cpu" else dtype
-
-
-def _tl_dtypes(dtype: torch.dtype, native: bool):
-    import triton.language as tl
-
-    acc = tl.float64 if dtype == torch.float64 else tl.float32
-    mm = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype] if native else acc
-    return mm, acc
-
-
 if _backend.HAS_TRITON:
+    # Stubs: the launchers (grid, block sizes, buffers) sit beside their kernels in
+    # kernels/attention.py, imported on first call so that importing the package never
+    # imports triton.
 
     @torch.library.custom_op("screening_attn::screened_attention_triton", mutates_args=())
     def screened_attention_triton(
         q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        from screening_attn._kernels import attention as kern
-        from screening_attn.attention.reference import check_inputs
+        from screening_attn._kernels.attention import screened_attention_fwd
 
-        check_inputs(q, k, v, window, relevant, scale)
-        native, bm, bn = _triton_setup(q)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        B, H, T, D = q.shape
-        Dv, N, acc = v.shape[-1], B * H, score_dtype(q.dtype)
-        out = torch.empty(B, H, T, Dv, dtype=_store_dtype(q.dtype, q.device), device=q.device)
-        lse = torch.empty(B, H, T, dtype=acc, device=q.device)
-        index = torch.full((B, H, relevant), -1, dtype=torch.int64, device=q.device)
-        score = torch.full((B, H, relevant), float("-inf"), dtype=acc, device=q.device)
-        relevancy = torch.zeros(B, H, T, dtype=acc, device=q.device)
-        span = torch.full((B, H, T, 2), -1, dtype=torch.int32, device=q.device)
-        if N == 0 or T == 0:
-            return out.to(q.dtype), lse, index, score, relevancy, span
-
-        mm, acc_tl = _tl_dtypes(q.dtype, native)
-        nb = -(-T // bm)
-        window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
-        live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
-        sw = max(live, 1)
-        r_pad = -(-live // bn) * bn
-        ncol = r_pad + -(-min(bm + window - 1, T) // bn) * bn + 1  # + a column of -inf
-        snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
-        scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
-        block_d, block_dv = kern.pow2(D, 16), kern.pow2(Dv, 16)
-        block_w = kern.pow2(min(window, T))
-        kern.screen_scan_kernel[(N,)](
-            q, k, lse, relevancy, span, index, score, snap, scratch,
-            T, D, window, live, relevant, nb, sw, r_pad, ncol, scale,
-            MM=mm, ACC=acc_tl, NATIVE=native, HAS_SLOTS=live > 0, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_L=kern.pow2(block_w + live),
-        )  # fmt: skip
-        kern.attend_fwd_kernel[(nb, N)](
-            q, k, v, lse, span, snap, out,
-            T, D, Dv, window, live, nb, sw, scale,
-            MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-            BLOCK_DV=block_dv,
-        )  # fmt: skip
-        return out.to(q.dtype), lse, index, score, relevancy, span
+        check_attention_inputs(q, k, v, window, relevant, scale)
+        return screened_attention_fwd(q, k, v, window, relevant, scale)
 
     @torch.library.custom_op("screening_attn::screened_attention_backward_triton", mutates_args=())
     def screened_attention_backward_triton(
@@ -164,61 +98,10 @@ if _backend.HAS_TRITON:
         window: int,
         scale: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        from screening_attn._kernels import attention as kern
-        from screening_attn.attention.reference import check_inputs
+        from screening_attn._kernels.attention import screened_attention_bwd
 
-        check_inputs(q, k, v, window, 0, scale)
-        B, H, T, _ = q.shape
-        for name, x, shape, dtype in [
-            ("grad_out", grad_out, v.shape, q.dtype),
-            ("out", out, v.shape, q.dtype),
-            ("lse", lse, (B, H, T), score_dtype(q.dtype)),
-            ("span", span, (B, H, T, 2), torch.int32),
-        ]:
-            if x.shape != shape or x.dtype != dtype or x.device != q.device:
-                raise ValueError(
-                    f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {q.device}, "
-                    f"got {x.dtype} {tuple(x.shape)} on {x.device}"
-                )
-        native, bm, bn = _triton_setup(q)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        grad_out, out = grad_out.contiguous(), out.contiguous()
-        lse, span = lse.contiguous(), span.contiguous()
-        B, H, T, D = q.shape
-        Dv, N = v.shape[-1], B * H
-        store = _store_dtype(q.dtype, q.device)
-        dq, dk, dv = (torch.empty_like(x, dtype=store) for x in (q, k, v))
-        if N == 0 or T == 0:
-            return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
-
-        mm, acc_tl = _tl_dtypes(q.dtype, native)
-        nb = -(-T // bm)
-        window = min(window, T + 1)
-        # Sets never shrink (a key leaves only when another takes its slot), so the largest
-        # one is the last: the keys whose span runs to the end. One host sync, to size `snap`.
-        cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
-        sw = max(cap, 1)
-        snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
-        if cap > 0:
-            kern.replay_sets_kernel[(N,)](
-                span, snap, T, window, cap, nb, sw, BLOCK_M=bm, BLOCK_R=kern.pow2(cap)
-            )
-        delta = torch.empty(N, T, dtype=score_dtype(q.dtype), device=q.device)
-        block_d, block_dv = kern.pow2(D, 16), kern.pow2(Dv, 16)
-        kern.attend_bwd_dq_kernel[(nb, N)](
-            q, k, v, out, grad_out, lse, span, snap, dq, delta,
-            T, D, Dv, window, cap, nb, sw, scale,
-            MM=mm, ACC=acc_tl, NATIVE=native,
-            DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        )  # fmt: skip
-        kern.attend_bwd_dkdv_kernel[(-(-T // bn), N)](
-            q, k, v, grad_out, lse, delta, span, dk, dv,
-            T, D, Dv, window, scale,
-            MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-            BLOCK_DV=block_dv,
-        )  # fmt: skip
-        return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+        check_attention_inputs(q, k, v, window, 0, scale)
+        return screened_attention_bwd(grad_out, q, k, v, out, lse, span, window, scale)
 
     screened_attention_triton.register_fake(_fake_forward)
     screened_attention_backward_triton.register_fake(_fake_backward)

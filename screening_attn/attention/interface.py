@@ -1,4 +1,5 @@
-"""Public ``screened_attention`` (SPEC §1): validate, pick a backend, run it."""
+"""Public ``screened_attention`` (docs/attention.md): check the arguments, pick a backend, run
+it (the reference, or a registered op of ``_ops.py``), and wrap the state."""
 
 from __future__ import annotations
 
@@ -6,9 +7,9 @@ import math
 
 import torch
 
-from screening_attn import _backend
+from screening_attn import _backend, _validate
 from screening_attn.attention import _ops
-from screening_attn.attention.reference import _reference, check_inputs
+from screening_attn.attention.reference import screened_attention_reference
 from screening_attn.attention.state import ScreeningState
 
 __all__ = ["KERNELS", "screened_attention"]
@@ -113,7 +114,7 @@ def screened_attention(
         >>> torch.allclose(attention.screened_attention(q, k, v, T, 0), full, atol=1e-5)
         True
     """
-    window, relevant, scale = check_inputs(q, k, v, window, relevant, scale)
+    window, relevant, scale = _validate.check_attention_inputs(q, k, v, window, relevant, scale)
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
     if not return_state:
@@ -121,13 +122,14 @@ def screened_attention(
         # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
         relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, q.dtype, KERNELS)
-    if impl == "reference":
-        return _reference(q, k, v, window, relevant, scale, return_state)
     if scale is None:
         D = q.shape[-1]
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
-    op = _ops.screened_attention_cpp if impl == "cpu" else _ops.screened_attention_triton
-    out, _, index, score, relevancy, span = op(q, k, v, window, relevant, scale)
+    if impl == "reference":
+        out, *state = screened_attention_reference(q, k, v, window, relevant, scale)
+    else:
+        op = _ops.screened_attention_cpp if impl == "cpu" else _ops.screened_attention_triton
+        out, _lse, *state = op(q, k, v, window, relevant, scale)
     if not return_state:
         return out
-    return out, ScreeningState(index, score, relevancy, span)
+    return out, ScreeningState(*state)

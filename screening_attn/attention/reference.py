@@ -1,4 +1,6 @@
-"""Pure-PyTorch reference of ``screened_attention`` (SPEC §1): the definition of correct.
+"""Pure-PyTorch reference of ``screened_attention`` (docs/attention.md): the definition of
+correct. Imports only torch; takes checked arguments (the public ``screened_attention`` checks
+them) and returns plain tensors.
 
 Two passes, the shape the kernels follow:
 
@@ -17,42 +19,12 @@ import math
 
 import torch
 
-from screening_attn._validate import (
-    check_finite_scale,
-    check_int,
-    check_same_device_dtype,
-    check_tensor,
-)
-from screening_attn.attention.state import ScreeningState
-
-__all__ = ["check_inputs", "screened_attention_reference"]
+__all__ = ["screened_attention_reference"]
 
 
-def check_inputs(
-    q: object, k: object, v: object, window: object, relevant: object, scale: object
-) -> tuple[int, int, float | None]:
-    """SPEC §4 checks shared by every backend; returns ``(window, relevant, scale)``."""
-    q = check_tensor("q", q, ndim=4)
-    k = check_tensor("k", k, ndim=4)
-    v = check_tensor("v", v, ndim=4)
-    check_same_device_dtype("q", q, k=k, v=v)
-    if k.shape != q.shape:
-        raise ValueError(
-            f"k must have the shape (B, H, T, D) of q, {tuple(q.shape)}, got {tuple(k.shape)}"
-        )
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must have shape (B, H, T, Dv) with the (B, H, T) of q, {tuple(q.shape[:3])}, "
-            f"got {tuple(v.shape)}"
-        )
-    window = check_int("window", window, minimum=1)
-    relevant = check_int("relevant", relevant, minimum=0)
-    scale = check_finite_scale("scale", scale)
-    return window, relevant, scale
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float64 stays float64; float32 and the half types accumulate in float32 (SPEC §1 Numerics).
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float64 stays float64; float32 and the half types accumulate in float32
+    # (docs/numerics.md; the kernels' glue has the same rule as _library.acc_dtype)
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -178,40 +150,6 @@ def _attend(
     return torch.einsum("ntc,ntcd->ntd", p, v_c)
 
 
-def _reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    window: int,
-    relevant: int,
-    scale: float | None,
-    return_state: bool,
-) -> torch.Tensor | tuple[torch.Tensor, ScreeningState]:
-    """The reference on checked arguments (see ``check_inputs``)."""
-    B, H, T, D = q.shape
-    Dv = v.shape[-1]
-    window = min(window, T + 1)  # a larger window sees and screens the same keys
-    if scale is None:
-        # D = 0 makes every logit 0 whatever the scale: attention is a plain average then.
-        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-    cdtype = _compute_dtype(q.dtype)
-    q_, k_, v_ = (x.reshape(B * H, T, x.shape[-1]).to(cdtype) for x in (q, k, v))
-
-    history, slot_index, slot_score, relevancy, span = _screening_scan(
-        q_.detach(), k_.detach(), window, relevant, scale
-    )
-    out = _attend(q_, k_, v_, history, window, scale).to(q.dtype).reshape(B, H, T, Dv)
-    if not return_state:
-        return out
-    state = ScreeningState(
-        relevant_index=slot_index.view(B, H, relevant),
-        relevant_score=slot_score.view(B, H, relevant),
-        relevancy=relevancy.view(B, H, T),
-        span=span.view(B, H, T, 2),
-    )
-    return out, state
-
-
 def screened_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,14 +157,56 @@ def screened_attention_reference(
     window: int,
     relevant: int,
     scale: float | None = None,
-    return_state: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, ScreeningState]:
-    """Pure-PyTorch ``screened_attention`` (same arguments and results; see its docstring).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-PyTorch ``screened_attention`` on checked arguments: readable and float64-capable,
+    not fast (a Python loop over the T queries runs the screening). Differentiable in q, k, v
+    with the screening decisions held fixed; double backward works.
 
-    Readable and float64-capable, not fast: a Python loop over the T queries runs the screening.
-    float16/bfloat16 inputs are computed in float32 and the output cast back.
+    Args:
+        q (torch.Tensor):
+            queries of shape `(B, H, T, D)`.
+        k (torch.Tensor):
+            keys of shape `(B, H, T, D)`, dtype and device of `q`.
+        v (torch.Tensor):
+            values of shape `(B, H, T, Dv)`, dtype and device of `q`.
+        window (int):
+            `ν >= 1`, the most recent positions every query sees (itself included).
+        relevant (int):
+            `ρ >= 0`, the slots of the relevant set.
+        scale (Optional[float]):
+            factor on the logits. Default: `None`, meaning `1 / sqrt(D)` (1 for `D = 0`).
+
+    Returns:
+        out (torch.Tensor):
+            `(B, H, T, Dv)`, dtype of `q`; float16/bfloat16 inputs are computed in float32.
+        relevant_index (torch.Tensor):
+            `(B, H, ρ)` int64, the key held by each slot after the last query; `-1` if empty.
+        relevant_score (torch.Tensor):
+            `(B, H, ρ)`, each slot's relevancy; `-inf` if empty.
+        relevancy (torch.Tensor):
+            `(B, H, T)`, every key's relevancy. Scores are float64 for float64 inputs, else
+            float32.
+        span (torch.Tensor):
+            `(B, H, T, 2)` int32, the queries `[start, end)` during which each key sat in the
+            relevant set; `[-1, -1]` if never.
     """
-    window, relevant, scale = check_inputs(q, k, v, window, relevant, scale)
-    if not isinstance(return_state, bool):
-        raise TypeError(f"return_state must be a bool, got {return_state!r}")
-    return _reference(q, k, v, window, relevant, scale, return_state)
+    B, H, T, D = q.shape
+    Dv = v.shape[-1]
+    window = min(window, T + 1)  # a larger window sees and screens the same keys
+    if scale is None:
+        # D = 0 makes every logit 0 whatever the scale: attention is a plain average then.
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    acc = _acc_dtype(q.dtype)
+    q_, k_, v_ = (x.reshape(B * H, T, x.shape[-1]).to(acc) for x in (q, k, v))
+
+    history, slot_index, slot_score, relevancy, span = _screening_scan(
+        q_.detach(), k_.detach(), window, relevant, scale
+    )
+    out = _attend(q_, k_, v_, history, window, scale).to(q.dtype).reshape(B, H, T, Dv)
+    return (
+        out,
+        slot_index.view(B, H, relevant),
+        slot_score.view(B, H, relevant),
+        relevancy.view(B, H, T),
+        span.view(B, H, T, 2),
+    )

@@ -1,4 +1,4 @@
-"""``ScreeningState``: what screened attention selected (SPEC §1, *State*)."""
+"""``ScreeningState``: what screened attention selected (docs/attention.md)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Registration glue of the RelRNN / RelLSTM kernels (schemas and time loops in csrc/rnn.cpp,
 step kernels in csrc/cpu/rnn.cpp and csrc/cuda/rnn.cu): fakes for every op, autograd for the
 two sequence ops, and the entry points the modules call (``rel_rnn_fused``,
-``rel_lstm_fused``, with the signatures of ``rel_rnn_reference`` / ``rel_lstm_reference``).
+``rel_lstm_fused``: the arguments and results of ``rel_rnn_reference`` / ``rel_lstm_reference``).
 
 The sequence ops ``rel_rnn`` / ``rel_lstm`` run the whole forward (a loop over time of fused
 step ops and matrix products) and return, next to ``h`` and the screening state, what their
@@ -102,9 +102,6 @@ def _fake_nothing(*args):
     return None
 
 
-# ---- autograd of the sequence ops -----------------------------------------------------------
-
-
 def _setup_rnn(ctx, inputs, output):
     x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v, modrelu_b = inputs[:9]
     ctx.window, _, ctx.nonlinearity, ctx.attn = inputs[9:]
@@ -164,9 +161,6 @@ if _OPS is not None:
     )
     no_double_backward(_OPS.rel_rnn_backward.default, "rel_rnn")
     no_double_backward(_OPS.rel_lstm_backward.default, "rel_lstm")
-
-
-# ---- entry points (signatures of the reference functions) -----------------------------------
 
 
 def rel_rnn_fused(
