@@ -89,7 +89,8 @@ def latest(results_dir: Path) -> Path:
     runs = []
     for path in results_dir.glob("*.json"):
         payload = json.loads(path.read_text())
-        if is_complete(payload):
+        # other JSON lives here too (make quality, the GPU static check): not report runs
+        if isinstance(payload, dict) and is_complete(payload):
             runs.append((_stamp(path, payload), path.name, path))
     if not runs:
         raise FileNotFoundError(f"no complete benchmark run (default or --full) in {results_dir}")
