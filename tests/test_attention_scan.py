@@ -10,6 +10,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from bench import scan_depth
 from screening_attn.attention.reference import _screening_scan
 from screening_attn.attention.scan import chunked_screening_scan
 
@@ -155,6 +156,17 @@ def test_edge_cases(dtype, T, window, relevant, chunk):
     stats = compare(q, k, window, relevant, 1.0, chunk)[0]
     if relevant == 0:
         assert bool((stats["rounds"] == 1).all())
+
+
+@pytest.mark.parametrize("family", ["random", "adversarial", "ties"])
+def test_benchmark_inputs(family):
+    """bench/scan_depth.py's inputs at its ν = 128, ρ = 64 and a short T: exact, and the
+    adversarial chain really forces one round per decision."""
+    T = 2 * 128 + 64 + 40
+    q, k, scale = zip(*(scan_depth.FAMILIES[family](T, seed) for seed in range(2)))
+    stats, _ = compare(torch.stack(q), torch.stack(k), 128, 64, scale[0])
+    if family == "adversarial":
+        assert int(stats["rounds"].max()) >= 64
 
 
 def test_bad_chunk():
