@@ -1,6 +1,7 @@
 """Sequential depth of the chunk-parallel screening scan (issue #13, item 2).
 
-``python -m bench.scan_depth [--quick] [--rows N] [--chunk L] [--inputs F,..] [--check] [--out P]``
+``python -m bench.scan_depth [--quick|--T T] [--rows N] [--chunk L] [--inputs F,..] [--check]
+[--out P]``
 
 Runs ``screening_attn.attention.scan.chunked_screening_scan`` (the CPU emulation) at T = 16384,
 ν = 128, ρ = 64, D = 64, chunks of ν queries, on three input families, and reports per family
@@ -8,8 +9,8 @@ the sequential depth per (b, h) row (verification rounds of every chunk summed, 
 tie step), the rounds per chunk (mean and max) and the tie steps. Writes
 ``bench/results/scan-depth.json``: a list of objects with ``inputs``, ``T``, ``window``,
 ``relevant``, ``depth`` (the largest over the rows), ``rounds_mean``, ``rounds_max`` and more.
-``--quick`` runs T = 2048 and writes ``scan-depth-quick.json`` instead; ``--check`` also runs the
-sequential reference and requires bitwise equal outputs. Everything is seeded.
+``--quick`` runs T = 2048 (``--T``: any length) and writes ``scan-depth-T<T>.json``; ``--check``
+also runs the sequential reference and requires bitwise equal outputs. Everything is seeded.
 
 Input families (row n uses seed n):
 
@@ -137,6 +138,7 @@ def run(family: str, T: int, rows: int, chunk: int, check: bool) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="T = 2048 instead of 16384")
+    parser.add_argument("--T", type=int, default=None, help="sequence length (overrides --quick)")
     parser.add_argument("--rows", type=int, default=4, help="(b, h) rows per family")
     parser.add_argument("--chunk", type=int, default=WINDOW, help="queries per chunk (ν)")
     parser.add_argument(
@@ -148,8 +150,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    T = 2048 if args.quick else 16384
-    name = "scan-depth-quick.json" if args.quick else "scan-depth.json"
+    T = args.T or (2048 if args.quick else 16384)
+    name = "scan-depth.json" if T == 16384 else f"scan-depth-T{T}.json"
     out = args.out or ROOT / "bench" / "results" / name
 
     families = args.inputs.split(",")
