@@ -115,7 +115,7 @@ def _exact_step(
 
 def _parallel_pass(
     slot_index: torch.Tensor, slot_score: torch.Tensor, r: torch.Tensor, active: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The slot rule over a chunk's steps from prefix counts, exact up to the first tie.
 
     Args:
@@ -125,8 +125,8 @@ def _parallel_pass(
 
     Returns:
         ``target (N, L)`` (slot written, -1 if dropped; exact for the steps before ``bad``),
-        ``bad (N,)`` the first step whose eviction ties in a way the model cannot order (L if
-        none), and the number of pointer-jumping iterations.
+        and ``bad (N,)``, the first step whose eviction ties in a way the model cannot order (L
+        if none).
     """
     N, L = r.shape
     rho = slot_index.shape[1]
@@ -189,12 +189,11 @@ def _parallel_pass(
     slot_of = torch.cat([slot_ids.expand(N, rho), torch.full_like(r, -1, dtype=torch.long)], 1)
     items = torch.arange(rho + L, device=device).expand(N, rho + L)
     parent = torch.cat([items[:, :rho], torch.where(enters, victim, items[:, rho:])], dim=1)
-    jumps = max(1, math.ceil(math.log2(L + 1)))
-    for _ in range(jumps):
+    for _ in range(max(1, math.ceil(math.log2(L + 1)))):
         slot_of = torch.where(slot_of < 0, slot_of.gather(1, parent), slot_of)
         parent = parent.gather(1, parent)
     target = torch.where(fill, n0[:, None] + rank, torch.where(enters, slot_of[:, rho:], -1))
-    return target, bad, jumps
+    return target, bad
 
 
 def _slot_rule(
@@ -218,7 +217,7 @@ def _slot_rule(
     pending = torch.ones(N, dtype=torch.bool, device=r.device)
     while pending.any():
         active = valid[None, :] & (steps >= start[:, None]) & pending[:, None]
-        pass_target, bad, _ = _parallel_pass(index, score, r, active)
+        pass_target, bad = _parallel_pass(index, score, r, active)
         keep = active & (steps < bad[:, None])
         target = torch.where(keep, pass_target, target)
         tie = pending & (bad < L)
