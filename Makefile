@@ -1,6 +1,7 @@
 # make bench     - the benchmark report (the main job)
 # make test      - the test suite (what CI runs)
 # make fuzz      - tests/test_fuzz.py with 10x the examples, new random ones each run
+# make mutants   - the mutation harness: every deliberately wrong kernel must fail the tests
 # make sanitize  - the C++ kernels' tests against an AddressSanitizer + UBSan build of _C, made
 #                  in build/sanitize (the optimized in-place build is left alone)
 # All create .venv, install torch and the rest, and build the extension on first use.
@@ -19,7 +20,7 @@ INSTALLED := $(VENV)/.installed
 BUILT     := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test fuzz bench bench-quick build sanitize lint clean
+.PHONY: test fuzz bench bench-quick build sanitize lint clean mutants
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -98,3 +99,8 @@ lint: $(DEPS)
 
 clean:
 	rm -rf build $(BUILT) screening_attn/*.so
+
+# Mutation testing (tests/mutants/): each wrong kernel patched in at its op must fail the suite;
+# writes build/mutants.json. MUTANTS_ARGS="--only attention-cpu" runs a subset.
+mutants: $(BUILT)
+	$(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
