@@ -26,9 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 
 
-def _files(*patterns: str, exclude: tuple[str, ...] = ("reference",)) -> list[str]:
+def _files(*patterns: str, exclude: tuple[str, ...] = ("reference", "scan")) -> list[str]:
     """Test files matching the patterns, kernels' tests first (they kill fastest), without the
-    references' own tests (a kernel mutant cannot reach them)."""
+    references' own tests or the scan emulation's (a kernel mutant cannot reach them)."""
     out: list[str] = []
     for pattern in patterns:
         for f in sorted(glob.glob(str(ROOT / "tests" / pattern))):
