@@ -75,11 +75,11 @@ def test_attacks_stay_in_the_eps_ball_and_pixel_range_and_hurt():
 def test_quick_run_learns(quick):
     result, _ = quick
     rows = {(r["regime"], r["attack"], r["strength"], r["model"]): r for r in result["rows"]}
-    # chance is 10%; quick runs (seed 0, after the learning-rate choice) reached 0.86-0.92 clean
-    # under standard training and 0.44-0.57 under one epoch of adversarial training
+    # chance is 10%; quick runs with seeds 0 and 1 reached 0.78-0.94 clean under standard
+    # training and 0.41-0.70 after its one epoch of adversarial training
     for model in task.MODELS:
-        assert rows["standard", "clean", 0.0, model]["accuracy_mean"] > 0.7, model
-        assert rows["adversarial", "clean", 0.0, model]["accuracy_mean"] > 0.3, model
+        assert rows["standard", "clean", 0.0, model]["accuracy_mean"] > 0.5, model
+        assert rows["adversarial", "clean", 0.0, model]["accuracy_mean"] > 0.25, model
     # a white-box PGD at the largest eps must cost a standard-trained model accuracy
     eps = task.PRESETS["quick"].eps[-1]
     for model in task.MODELS:
@@ -105,9 +105,10 @@ def test_quick_result_has_the_promised_fields_and_plot(quick):
     for r in result["rows"]:
         assert 0.0 <= r["accuracy_mean"] <= 1.0 and r["accuracy_std"] == 0.0 and r["seeds"] == 1
         assert all(isinstance(v, str | int | float) for v in r.values())
-    times = {(r["regime"], r["model"]): r["seconds_mean"] for r in result["epoch_seconds"]}
+    times = {(r["regime"], r["model"]): r for r in result["epoch_seconds"]}
     assert set(times) == {(g, m) for g in task.REGIMES for m in task.MODELS}
-    assert all(math.isfinite(t) and t > 0 for t in times.values())
+    for r in times.values():
+        assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("seconds_mean", "cpu_seconds_mean"))
     assert result["plots"], "at least one plot"
     for name in result["plots"]:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
