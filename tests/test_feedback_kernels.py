@@ -93,7 +93,7 @@ def test_ins_norm_gate_and_ins_norm_match_reference(backend, dtype, shape, cente
     mask = torch.randn(shape) > 0
     (zr,), (zk,) = _leaves(z), _leaves(z)
     zn_ref = reference.ins_norm(zr, 1e-8, centered)
-    out_ref = reference.gate(zn_ref, mask)
+    out_ref = reference.ada_relu_feedback(zn_ref, mask)
     zn, out = functional.ins_norm_gate(zk, mask, centered=centered, backend=backend)
     assert_close(zn, zn_ref)
     assert_close(out, out_ref)
@@ -130,13 +130,13 @@ def test_hidden_states_streamed_past_the_cache_cpu(dtype, shape):
     zn, out = functional.ins_norm_gate(z, mask, backend="cpu")
     zn_ref = reference.ins_norm(z, 1e-8, False)
     assert_close(zn, zn_ref)
-    assert_close(out, reference.gate(zn_ref, mask))
+    assert_close(out, reference.ada_relu_feedback(zn_ref, mask))
     pooled = (*shape[:2], shape[2] // 2, shape[3] // 2)
     zp, hp = torch.randn(pooled, dtype=dtype), torch.randn(pooled, dtype=dtype)
     _, amax, amin = functional.ada_pool2d(torch.randn(shape, dtype=dtype), hp, 2, backend="cpu")
     u, out = functional.ada_unpool_gate(zp, amax, amin, hp, mask, 2, shape[2:], backend="cpu")
     u_ref = functional.ada_unpool2d(zp, amax, amin, hp, 2, shape[2:], backend="reference")
-    assert torch.equal(u, u_ref) and torch.equal(out, reference.gate(u_ref, mask))
+    assert torch.equal(u, u_ref) and torch.equal(out, reference.ada_relu_feedback(u_ref, mask))
 
 
 # Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
@@ -407,7 +407,7 @@ def test_stage_fusions_match_the_reference(backend, dtype, gated):
     (zr,), (zk,) = _leaves(z), _leaves(z)
     size = tuple(x.shape[2:])
     ur = functional.ada_unpool2d(zr, amax, amin, hp, 2, size, backend="reference")
-    out_r = reference.gate(ur, m)
+    out_r = reference.ada_relu_feedback(ur, m)
     u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, 2, size, backend=backend)
     assert torch.equal(u, ur) and torch.equal(out, out_r)
     g1, g2 = torch.randn_like(u), torch.randn_like(u)
@@ -437,24 +437,28 @@ def test_stage_fusions_gradcheck_and_opcheck_cpu():
     assert torch.autograd.gradcheck(unpool_gate, (z,))
     assert torch.autograd.gradgradcheck(unpool_gate, (z,))
     xt = x.detach().transpose(2, 3).contiguous().transpose(2, 3).requires_grad_()
-    torch.library.opcheck(_ops.ins_bias_ada_relu_pool2d_cpp, (xt, b, h, hp, 0.3, 1e-8, False, 2))
     torch.library.opcheck(
-        _ops.ins_bias_ada_relu_pool2d_cpp, (x, None, None, None, 0.1, 1e-8, True, 2)
+        _ops.stages.CPP.ins_bias_ada_relu_pool2d, (xt, b, h, hp, 0.3, 1e-8, False, 2)
     )
-    torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, hp, amax, amin, m, 2, 8, 10))
+    torch.library.opcheck(
+        _ops.stages.CPP.ins_bias_ada_relu_pool2d, (x, None, None, None, 0.1, 1e-8, True, 2)
+    )
+    torch.library.opcheck(_ops.stages.CPP.ada_unpool_gate, (z, hp, amax, amin, m, 2, 8, 10))
     m11 = torch.randn(2, 3, 8, 11) > 0  # a column past the last window
-    torch.library.opcheck(_ops.ada_unpool_gate_cpp, (z, None, amax, amin, m11, 2, 8, 11))
+    torch.library.opcheck(_ops.stages.CPP.ada_unpool_gate, (z, None, amax, amin, m11, 2, 8, 11))
     # their fused backward ops (the pooled stage's has no derivative: no input requires grad)
     xd, bd, hd, hpd = x.detach(), b.detach(), h.detach(), hp.detach()
-    y, m2, rstd, amax2, amin2 = _ops.ins_bias_ada_relu_pool2d_cpp(
+    y, m2, rstd, amax2, amin2 = _ops.stages.CPP.ins_bias_ada_relu_pool2d(
         xd, bd, hd, hpd, 0.3, 0.0, True, 2
     )
     args = (torch.randn_like(y), xd, m2, rstd, hpd, amax2, amin2, 0.3, True, True, True, 2)
-    torch.library.opcheck(_ops.ins_bias_ada_relu_pool2d_backward_cpp, args)
+    torch.library.opcheck(_ops.stages.CPP.ins_bias_ada_relu_pool2d_backward, args)
     gu = torch.randn(2, 3, 8, 10, dtype=F64, requires_grad=True)
     go = torch.randn(2, 3, 8, 10, dtype=F64, requires_grad=True)
-    torch.library.opcheck(_ops.ada_unpool_gate_backward_cpp, (gu, go, hp, amax, amin, m, 2))
-    torch.library.opcheck(_ops.ada_unpool_gate_backward_cpp, (None, go, None, amax, amin, m, 2))
+    torch.library.opcheck(_ops.stages.CPP.ada_unpool_gate_backward, (gu, go, hp, amax, amin, m, 2))
+    torch.library.opcheck(
+        _ops.stages.CPP.ada_unpool_gate_backward, (None, go, None, amax, amin, m, 2)
+    )
     (gx,) = torch.autograd.grad(stage(x, b, h).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward of ins_bias_ada_relu_pool2d"):
         gx.sum().backward()
@@ -501,8 +505,8 @@ def test_gradcheck_float64(backend):
 
 def _norm_and_pool_ops(backend):
     if backend == "cpu":
-        return _ops.norm_cpp, _ops.pool_cpp
-    return _ops.norm_triton, _ops.pool_triton
+        return _ops.norms.CPP, _ops.pools.CPP
+    return _ops.norms.TRITON, _ops.pools.TRITON
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -640,7 +644,7 @@ def test_models_run_the_fused_ops(monkeypatch):
         "fwd": "ins_bias_ada_relu",
         "fwd_pool": "ins_bias_ada_relu_pool2d",
         "fb": "ins_norm_gate",
-        "fb_pool": "_ada_unpool_gate",  # ada_unpool_gate minus the check of its positions
+        "fb_pool": "ada_unpool_gate",
         "relu": "ada_relu",
     }
     calls = dict.fromkeys(names, 0)

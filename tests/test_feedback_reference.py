@@ -448,14 +448,14 @@ def test_pools_match_brute_force_with_ties(n, c, k, extra_h, extra_w, seed):
     h, w = k + extra_h, k + extra_w
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(-1, 2, (n, c, h, w), generator=gen).to(F64)  # mostly ties
-    for largest, pool in ((True, reference.max_pool2d), (False, reference.min_pool2d)):
+    for largest, pool in ((True, reference._max_pool2d), (False, reference._min_pool2d)):
         vals, idx = pool(x, k)
         want_vals, want_idx = brute_pool(x, k, largest)
         assert torch.equal(idx, want_idx)
         assert torch.equal(vals, want_vals)
-    vals, idx = reference.max_pool2d(x, k)
+    vals, idx = reference._max_pool2d(x, k)
     torch.testing.assert_close(vals, F.max_pool2d(x, k), rtol=0, atol=0)
-    unpooled = reference.unpool2d(vals, idx, (h, w))
+    unpooled = reference._unpool2d(vals, idx, (h, w))
     torch.testing.assert_close(unpooled, F.max_unpool2d(vals, idx, k, output_size=(h, w)))
     layer = AdaPool2d(k)
     want_max, want_min = brute_pool(x, k, True)[0], brute_pool(x, k, False)[0]
@@ -479,10 +479,10 @@ def test_pool_ties_go_to_first_element():
         dtype=F64,
     )
     x = windows.view(1, 5, 2, 2)
-    vals, idx = reference.max_pool2d(x, 2)
+    vals, idx = reference._max_pool2d(x, 2)
     assert idx.flatten().tolist() == [0, 1, 0, 0, 1]
     assert vals.flatten().tolist() == [0.0, 3.0, 3.0, 0.0, 5.0]
-    vals, idx = reference.min_pool2d(x, 2)
+    vals, idx = reference._min_pool2d(x, 2)
     assert idx.flatten().tolist() == [0, 0, 1, 3, 0]
     assert vals.flatten().tolist() == [0.0, 1.0, 1.0, -1.0, 2.0]
 

@@ -373,8 +373,8 @@ def check_ada_relu(backend, shape, gated, eta, dtype, layouts, seed):
         assert_close(y, y_ref)
         for a, b in zip(got, want):
             assert_close(a, b)
-    assert torch.equal(fb, reference.gate(z.detach(), m))
-    assert torch.equal(gz, reference.gate(g, m))
+    assert torch.equal(fb, reference.ada_relu_feedback(z.detach(), m))
+    assert torch.equal(gz, reference.ada_relu_feedback(g, m))
 
 
 def _ada_relu_test(backend):
@@ -487,7 +487,7 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
     def run(zz, impl, g1=g1, g2=g2):
         if impl == "reference":
             zn = reference.ins_norm(zz, 1e-8, centered)
-            out, y = reference.gate(zn, mask), zn
+            out, y = reference.ada_relu_feedback(zn, mask), zn
         else:
             zn, out = functional.ins_norm_gate(zz, mask, centered=centered, backend=impl)
             y = functional.ins_norm(zz, centered=centered, backend=impl)
@@ -660,7 +660,7 @@ def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layou
     (zr,), (zk,) = leaves(z), leaves(z)
     size = tuple(shape[2:])
     ur = functional.ada_unpool2d(zr, amax, amin, hp, k, size, backend="reference")
-    out_r = reference.gate(ur, m)
+    out_r = reference.ada_relu_feedback(ur, m)
     u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, k, size, backend=backend)
     assert torch.equal(u, ur) and torch.equal(out, out_r)
     g1, g2 = randn(shape, dtype, gen), randn(shape, dtype, gen)
