@@ -11,6 +11,10 @@ them.
 Launchers take any strides and run the kernels on contiguous buffers. Math in float32 for half
 inputs (as the CUDA kernels' opmath); masks are bool buffers seen as uint8. ``HAS_HIDDEN`` is
 constexpr so the ungated forward reads one tensor, not two.
+
+The family's kernels and launchers stay in one file, each kernel beside its launcher (as
+kernels/<family>.py holds every family's), although that passes 500 lines: the three sections
+above are independent and read on their own.
 """
 
 from __future__ import annotations
