@@ -1,4 +1,7 @@
 """CNN-F layers (docs/feedback.md): each has a bottom-up ``forward`` and a top-down ``feedback``.
+Here the base class and the layers of the CNN-F ops (InsNorm, Bias, AdaReLU, AdaPool2d); those
+whose feedback is a fixed linear map (FeedbackConv2d, FeedbackLinear, Flatten, GlobalAvgPool2d)
+are in :mod:`~screening_attn.feedback.linear_maps`.
 
 The gating layers (``AdaReLU``, ``AdaPool2d``) keep state between the two passes: ``forward``
 remembers its gates for the next ``feedback``, ``feedback`` stores its input as the ``hidden``
@@ -273,9 +276,16 @@ class AdaPool2d(FeedbackModule):
         hidden: Tensor | None,
         output_size: tuple[int, int],
     ) -> None:
-        """Record what a forward of this layer selected, run here or in a fused op: the window
-        positions :func:`~screening_attn.feedback.functional.ada_pool2d` returned, the
-        ``hidden`` that gated it and the (H, W) of its input, for the next ``feedback``."""
+        """Record what a forward of this layer selected, run here or in a fused op, for the next
+        ``feedback``.
+
+        Args:
+            argmax, argmin (Tensor): the uint8 window positions that
+                :func:`~screening_attn.feedback.functional.ada_pool2d` returned.
+            hidden (Optional[Tensor]): the signal that gated the forward (what
+                :meth:`hidden_for` returned), or ``None``.
+            output_size ((int, int)): (H, W) of the forward's input.
+        """
         # The gate is read for its signs only: detached, so a later feedback pass does not
         # reach back into the graph of the cycle that produced it.
         gate = None if hidden is None else hidden.detach()
