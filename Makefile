@@ -56,8 +56,8 @@ test: $(BUILT)
 # stderr to the sanitizers (pytest's fd capture would swallow a report that ends the process).
 # Here: several minutes of tests (the fuzz file is the longest); rebuilding the extension adds 5-8 min (a shared 2-core VM).
 SAN_DIR := build/sanitize
-SAN_TESTS := tests/test_attention_kernels.py tests/test_rnn_kernels.py tests/test_feedback_ops.py \
-	tests/test_feedback_kernels.py tests/test_feedback_reference.py tests/test_determinism.py \
+SAN_TESTS := tests/test_attention_kernels.py tests/test_rnn_kernels.py tests/test_feedback_*.py \
+	tests/test_determinism.py \
 	tests/test_hostile_inputs.py tests/test_fuzz.py
 SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

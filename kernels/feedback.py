@@ -1,18 +1,47 @@
-"""Triton kernels of the CNN-F ops (SPEC §3) over contiguous buffers: the gates elementwise, the
-instance-norm family one program per (n, c) plane, AdaPool one lane per output.
+"""Triton kernels of the CNN-F ops (docs/feedback.md) and their launchers. Each launcher is named
+as the op it implements and takes that op's schema arguments (``ins_bias_ada_relu(x, bias,
+hidden, eta, eps, centered)``, ...); the Triton custom ops in screening_attn/feedback/_ops/ call
+them.
 
-Math in float32 for half inputs (as the CUDA kernels' opmath); masks are bool buffers seen as
-uint8. ``HAS_HIDDEN`` is constexpr so the ungated forward reads one tensor, not two.
+* the AdaReLU gate, elementwise: ``ada_relu``, ``ada_relu_backward``, ``ada_relu_feedback``;
+* the instance-norm family, one program per (n, c) plane: ``ins_norm``, ``ins_bias_ada_relu``
+  and ``ins_norm_gate`` share one forward and one backward kernel, specialised by ``GATE``;
+* AdaPool, one lane per output: ``ada_pool2d``, ``ada_unpool2d``, ``ada_pool2d_gather``.
+
+Launchers take any strides and run the kernels on contiguous buffers. Math in float32 for half
+inputs (as the CUDA kernels' opmath); masks are bool buffers seen as uint8. ``HAS_HIDDEN`` is
+constexpr so the ungated forward reads one tensor, not two.
+
+The family's kernels and launchers stay in one file, each kernel beside its launcher (as
+kernels/<family>.py holds every family's), although that passes 500 lines: the three sections
+above are independent and read on their own.
 """
 
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from screening_attn._library import acc_dtype
 
 BLOCK = 1024
 
 
+def grid(n: int) -> tuple[int]:
+    return (triton.cdiv(n, BLOCK),)
+
+
+def _mask_bytes(mask: Tensor) -> Tensor:
+    return mask.contiguous().view(torch.uint8)
+
+
+# --- AdaReLU gate ---------------------------------------------------------------------------------
 @triton.jit
-def ada_relu_fwd_kernel(
+def ada_relu_kernel(
     x_ptr, h_ptr, y_ptr, mask_ptr, eta, n, HAS_HIDDEN: tl.constexpr, BLOCK: tl.constexpr
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -32,7 +61,7 @@ def ada_relu_fwd_kernel(
 
 
 @triton.jit
-def ada_relu_bwd_kernel(g_ptr, mask_ptr, gx_ptr, gh_ptr, eta, n, BLOCK: tl.constexpr):
+def ada_relu_backward_kernel(g_ptr, mask_ptr, gx_ptr, gh_ptr, eta, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     g = tl.load(g_ptr + offs, mask=inb, other=0.0)
@@ -43,7 +72,7 @@ def ada_relu_bwd_kernel(g_ptr, mask_ptr, gx_ptr, gh_ptr, eta, n, BLOCK: tl.const
 
 
 @triton.jit
-def gate_kernel(z_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def ada_relu_feedback_kernel(z_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < n
     z = tl.load(z_ptr + offs, mask=inb, other=0.0)
@@ -51,21 +80,78 @@ def gate_kernel(z_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, z * m, mask=inb)
 
 
-def grid(n: int):
-    return (triton.cdiv(n, BLOCK),)
+def ada_relu(x: Tensor, hidden: Tensor | None, eta: float) -> tuple[Tensor, Tensor]:
+    """``(y, mask)`` of the AdaReLU gate (``hidden=None``: a ReLU)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    mask = torch.empty_like(x, dtype=torch.bool)
+    n = x.numel()
+    if n:
+        h = x if hidden is None else hidden.contiguous()
+        ada_relu_kernel[grid(n)](
+            x, h, y, mask.view(torch.uint8), eta, n, HAS_HIDDEN=hidden is not None, BLOCK=BLOCK
+        )
+    return y, mask
+
+
+def ada_relu_backward(grad_y: Tensor, mask: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+    """``(grad_x, grad_hidden) = ((1 - eta) g [mask], eta g [mask])`` of a gated forward."""
+    grad_y, mask = grad_y.contiguous(), mask.contiguous()
+    gx, gh = torch.empty_like(grad_y), torch.empty_like(grad_y)
+    n = grad_y.numel()
+    if n:
+        ada_relu_backward_kernel[grid(n)](
+            grad_y, mask.view(torch.uint8), gx, gh, eta, n, BLOCK=BLOCK
+        )
+    return gx, gh
+
+
+def ada_relu_feedback(z: Tensor, mask: Tensor) -> Tensor:
+    """``z [mask]``: the gate's top-down pass."""
+    z, mask = z.contiguous(), mask.contiguous()
+    out = torch.empty_like(z)
+    n = z.numel()
+    if n:
+        ada_relu_feedback_kernel[grid(n)](z, mask.view(torch.uint8), out, n, BLOCK=BLOCK)
+    return out
 
 
 # --- Instance-norm family: one program per (n, c) plane ------------------------------------------
-# Pass 1 reduces the plane (two loops when centered: the mean, then the squared deviations, as
-# torch.var), pass 2 writes. ACC is float32, or float64 for float64 inputs. GATE: 0 ins_norm
-# (y = x r), 1 ReLU (y = relu(x r + b)), 2 AdaReLU with hidden, 3 the feedback gate
-# (y = zn = x r, out = zn [mask]).
+class Gate(IntEnum):
+    """What the instance-norm kernels do after normalizing: the ``GATE`` constexpr, with the
+    values of ``enum class Gate`` in csrc/include/screening_attn/feedback.h (the C++ kernels')."""
+
+    NONE = 0  # ins_norm: y = x r
+    RELU = 1  # ins_bias_ada_relu before any feedback: y = relu(x r + b)
+    ADA = 2  # ins_bias_ada_relu gated by hidden (AdaReLU)
+    FEEDBACK = 3  # ins_norm_gate: zn = x r, out = zn [mask]
+
+
+# A @triton.jit function reads only constexpr globals: the Gate values as constexprs.
+GATE_NONE = tl.constexpr(int(Gate.NONE))
+GATE_RELU = tl.constexpr(int(Gate.RELU))
+GATE_ADA = tl.constexpr(int(Gate.ADA))
+GATE_FEEDBACK = tl.constexpr(int(Gate.FEEDBACK))
+
+
+def plane_block(n: int) -> int:
+    """Elements per loop step of a plane: the plane rounded up to a power of two, at most 1024."""
+    return min(1024, triton.next_power_of_2(max(n, 1)))
+
+
+def _triton_acc(x: Tensor):
+    return tl.float64 if acc_dtype(x.dtype) == torch.float64 else tl.float32
+
+
+def _new_rstd(x: Tensor) -> Tensor:
+    return x.new_empty((x.shape[0], x.shape[1]), dtype=acc_dtype(x.dtype))
 
 
 @triton.jit
 def _plane_rstd(
     x_ptr, base, n, eps, CENTERED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr
 ):
+    # two loops when centered: the mean, then the squared deviations, as torch.var
     offs0 = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, n, BLOCK):
@@ -93,7 +179,7 @@ def _plane_rstd(
 
 
 @triton.jit
-def ins_norm_fwd_kernel(
+def ins_norm_family_fwd_kernel(
     x_ptr,
     bias_ptr,
     h_ptr,
@@ -112,6 +198,9 @@ def ins_norm_fwd_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Forward of ins_norm (GATE_NONE), ins_bias_ada_relu (GATE_RELU, GATE_ADA) and
+    ins_norm_gate (GATE_FEEDBACK). Pass 1 reduces the plane to ``r = rstd``, pass 2 writes.
+    ACC is float32, or float64 for float64 inputs."""
     plane = tl.program_id(0).to(tl.int64)
     base = plane * n
     r = _plane_rstd(x_ptr, base, n, eps, CENTERED, ACC, BLOCK)
@@ -126,15 +215,15 @@ def ins_norm_fwd_kernel(
         inb = offs < n
         x = tl.load(x_ptr + base + offs, mask=inb, other=0.0)
         u = x.to(ACC) * r
-        if GATE == 0:
+        if GATE == GATE_NONE:
             tl.store(y_ptr + base + offs, u.to(x.dtype), mask=inb)
-        elif GATE == 3:
+        elif GATE == GATE_FEEDBACK:
             g = tl.load(gate_ptr + base + offs, mask=inb, other=0).to(ACC)
             tl.store(y_ptr + base + offs, u.to(x.dtype), mask=inb)
             tl.store(out_ptr + base + offs, (u * g).to(x.dtype), mask=inb)
         else:
             u = u + b
-            if GATE == 2:
+            if GATE == GATE_ADA:
                 h = tl.load(h_ptr + base + offs, mask=inb, other=0.0).to(ACC)
                 u = u + eta * (h - u)
                 is_open = u * h > 0
@@ -145,13 +234,8 @@ def ins_norm_fwd_kernel(
             tl.store(mask_ptr + base + offs, is_open.to(tl.uint8), mask=inb)
 
 
-# Backward of every member: gu = g0 + scale1 * g1 [mask] (terms optional); pass 1 reduces
-# sum(gu x), sum(gu) (the plane's bias gradient) and sum(x) (the mean, when centered); pass 2
-# writes dx = r gu - r^3 sum(gu x) / divisor (x - mean), and dhidden = eta g1 [mask] if asked.
-
-
 @triton.jit
-def ins_norm_bwd_kernel(
+def ins_norm_family_bwd_kernel(
     g0_ptr,
     g1_ptr,
     mask_ptr,
@@ -171,6 +255,10 @@ def ins_norm_bwd_kernel(
     ACC: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """Backward of ins_norm, ins_bias_ada_relu and ins_norm_gate: gu = g0 + scale1 * g1 [mask]
+    (terms optional); pass 1 reduces sum(gu x), sum(gu) (the plane's bias gradient) and sum(x)
+    (the mean, when centered); pass 2 writes dx = r gu - r^3 sum(gu x) / divisor (x - mean),
+    and dhidden = eta g1 [mask] if asked."""
     plane = tl.program_id(0).to(tl.int64)
     base = plane * n
     offs0 = tl.arange(0, BLOCK)
@@ -219,18 +307,166 @@ def ins_norm_bwd_kernel(
         tl.store(gx_ptr + base + offs, (r * gu - coef * (x - mean)).to(xr.dtype), mask=inb)
 
 
-def plane_block(n: int) -> int:
-    """Elements per loop step of a plane: the plane rounded up to a power of two, at most 1024."""
-    return min(1024, triton.next_power_of_2(max(n, 1)))
+def _ins_norm_family_fwd(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    mask_in: Tensor | None,
+    eta: float,
+    eps: float,
+    centered: bool,
+    gate: Gate,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor]:
+    """``(y, out, mask, rstd)``; ``out`` is a second tensor for Gate.FEEDBACK only (else ``y``),
+    ``mask`` is written for Gate.RELU / Gate.ADA only (else None)."""
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    out = torch.empty_like(x) if gate == Gate.FEEDBACK else y
+    mask = torch.empty_like(x, dtype=torch.bool) if gate in (Gate.RELU, Gate.ADA) else None
+    rstd = _new_rstd(x)
+    n = x.shape[2] * x.shape[3]
+    if rstd.numel() and n:
+        # unused pointers point at y: any valid buffer will do
+        ins_norm_family_fwd_kernel[(rstd.numel(),)](
+            x,
+            x if bias is None else bias.contiguous(),
+            x if hidden is None else hidden.contiguous(),
+            y if mask_in is None else _mask_bytes(mask_in),
+            y,
+            out,
+            y if mask is None else mask.view(torch.uint8),
+            rstd,
+            x.shape[1],
+            n,
+            eta,
+            eps,
+            GATE=int(gate),
+            HAS_BIAS=bias is not None,
+            CENTERED=centered,
+            ACC=_triton_acc(x),
+            BLOCK=plane_block(n),
+        )
+    elif rstd.numel():  # empty planes: the mean of nothing is NaN, as in the reference
+        rstd.fill_(float("nan"))
+    return y, out, mask, rstd
+
+
+def _ins_norm_family_bwd(
+    g0: Tensor | None,
+    g1: Tensor | None,
+    mask: Tensor | None,
+    x: Tensor,
+    rstd: Tensor,
+    scale1: float,
+    eta: float,
+    write_gh: bool,
+    write_gb: bool,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_hidden, grad_bias)``; the last two empty unless asked for."""
+    x = x.contiguous()
+    gx = torch.empty_like(x)
+    gh = torch.empty_like(x) if write_gh else x.new_empty((0,))
+    parts = x.new_empty(rstd.shape) if write_gb else None
+    n = x.shape[2] * x.shape[3]
+    if rstd.numel() and n:
+        ins_norm_family_bwd_kernel[(rstd.numel(),)](
+            x if g0 is None else g0.contiguous(),
+            x if g1 is None else g1.contiguous(),
+            x if mask is None else _mask_bytes(mask),
+            x,
+            rstd.contiguous(),
+            gx,
+            gx if not write_gh else gh,
+            gx if parts is None else parts,
+            n,
+            scale1,
+            eta,
+            HAS_G0=g0 is not None,
+            HAS_G1=g1 is not None,
+            WRITE_GH=write_gh,
+            WRITE_GB=write_gb,
+            CENTERED=centered,
+            ACC=_triton_acc(x),
+            BLOCK=plane_block(n),
+        )
+    elif parts is not None:
+        parts.zero_()
+    gb = parts.sum(0) if write_gb else x.new_empty((0,))  # (N, C) -> (C,), in order
+    return gx, gh, gb
+
+
+def ins_norm(x: Tensor, eps: float, centered: bool) -> tuple[Tensor, Tensor]:
+    """``(y, rstd)``: ``y = x rstd``, ``rstd`` `(N, C)` in the accumulator dtype."""
+    y, _, _, rstd = _ins_norm_family_fwd(x, None, None, None, 0.0, eps, centered, Gate.NONE)
+    return y, rstd
+
+
+def ins_norm_backward(grad_y: Tensor, x: Tensor, rstd: Tensor, centered: bool) -> Tensor:
+    return _ins_norm_family_bwd(grad_y, None, None, x, rstd, 1.0, 0.0, False, False, centered)[0]
+
+
+def ins_bias_ada_relu(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    eta: float,
+    eps: float,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, mask, rstd)`` of InsNorm -> Bias -> AdaReLU in one pass."""
+    gate = Gate.RELU if hidden is None else Gate.ADA
+    y, _, mask, rstd = _ins_norm_family_fwd(x, bias, hidden, None, eta, eps, centered, gate)
+    return y, mask, rstd
+
+
+def ins_bias_ada_relu_backward(
+    grad_y: Tensor,
+    x: Tensor,
+    mask: Tensor,
+    rstd: Tensor,
+    eta: float,
+    gated: bool,
+    has_bias: bool,
+    centered: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(grad_x, grad_hidden, grad_bias)``; the last two empty unless gated / has_bias."""
+    scale1 = 1.0 - eta if gated else 1.0
+    return _ins_norm_family_bwd(None, grad_y, mask, x, rstd, scale1, eta, gated, has_bias, centered)
+
+
+def ins_norm_gate(
+    z: Tensor, mask: Tensor, eps: float, centered: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(zn, zn [mask], rstd)``: top-down InsNorm -> gate in one pass."""
+    zn, out, _, rstd = _ins_norm_family_fwd(z, None, None, mask, 0.0, eps, centered, Gate.FEEDBACK)
+    return zn, out, rstd
+
+
+def ins_norm_gate_backward(
+    grad_zn: Tensor, grad_out: Tensor, z: Tensor, mask: Tensor, rstd: Tensor, centered: bool
+) -> Tensor:
+    return _ins_norm_family_bwd(grad_zn, grad_out, mask, z, rstd, 1.0, 0.0, False, False, centered)[
+        0
+    ]
 
 
 # --- AdaPool: k x k windows, stride k (K is constexpr) -------------------------------------------
 # Positions are window-local, row * K + col, stored as uint8. A candidate replaces the best only
 # if strictly better (first element on ties); NaN beats numbers and the first NaN stays.
+POOL_BLOCK = 256
+
+
+def _pool_grid(total: int) -> tuple[int]:
+    return (triton.cdiv(total, POOL_BLOCK),)
+
+
+def _pooled(x: Tensor, k: int) -> tuple[int, int, int, int]:
+    return (x.shape[0], x.shape[1], x.shape[2] // k, x.shape[3] // k)
 
 
 @triton.jit
-def ada_pool_fwd_kernel(
+def ada_pool2d_kernel(
     x_ptr,
     h_ptr,
     y_ptr,
@@ -277,7 +513,7 @@ def ada_pool_fwd_kernel(
 
 
 @triton.jit
-def ada_unpool_kernel(
+def ada_unpool2d_kernel(
     z_ptr,
     h_ptr,
     amax_ptr,
@@ -320,7 +556,7 @@ def ada_unpool_kernel(
 
 
 @triton.jit
-def ada_pool_gather_kernel(
+def ada_pool2d_gather_kernel(
     g_ptr,
     h_ptr,
     amax_ptr,
@@ -351,3 +587,86 @@ def ada_pool_gather_kernel(
         h = tl.load(h_ptr + o, mask=valid, other=0.0).to(acc_dtype)
         gz = gz * (h > 0).to(acc_dtype) + g_min.to(acc_dtype) * (h < 0).to(acc_dtype)
     tl.store(gz_ptr + o, gz.to(g_max.dtype), mask=valid)
+
+
+def ada_pool2d(x: Tensor, hidden: Tensor | None, kernel_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, argmax, argmin)``, one lane per pooled output."""
+    x = x.contiguous()
+    shape = _pooled(x, kernel_size)
+    y = x.new_empty(shape)
+    argmax = x.new_empty(shape, dtype=torch.uint8)
+    argmin = torch.empty_like(argmax)
+    if y.numel():
+        ada_pool2d_kernel[_pool_grid(y.numel())](
+            x,
+            x if hidden is None else hidden.contiguous(),
+            y,
+            argmax,
+            argmin,
+            y.numel(),
+            x.shape[2],
+            x.shape[3],
+            shape[2],
+            shape[3],
+            HAS_HIDDEN=hidden is not None,
+            K=kernel_size,
+            BLOCK=POOL_BLOCK,
+        )
+    return y, argmax, argmin
+
+
+def ada_unpool2d(
+    z: Tensor,
+    hidden: Tensor | None,
+    argmax: Tensor,
+    argmin: Tensor,
+    kernel_size: int,
+    height: int,
+    width: int,
+) -> Tensor:
+    """The unpooled `(N, C, height, width)` map, one lane per output element."""
+    z = z.contiguous()
+    out = z.new_empty((z.shape[0], z.shape[1], height, width))
+    if out.numel():
+        ada_unpool2d_kernel[_pool_grid(out.numel())](
+            z,
+            z if hidden is None else hidden.contiguous(),
+            argmax.contiguous(),
+            argmin.contiguous(),
+            out,
+            out.numel(),
+            height,
+            width,
+            z.shape[2],
+            z.shape[3],
+            HAS_HIDDEN=hidden is not None,
+            K=kernel_size,
+            BLOCK=POOL_BLOCK,
+        )
+    return out
+
+
+def ada_pool2d_gather(
+    grad: Tensor, hidden: Tensor | None, argmax: Tensor, argmin: Tensor, kernel_size: int
+) -> Tensor:
+    """The pooled-shape gather of ``grad`` at the selected positions (the unpool's adjoint)."""
+    grad = grad.contiguous()
+    shape = _pooled(grad, kernel_size)
+    gz = grad.new_empty(shape)
+    if gz.numel():
+        ada_pool2d_gather_kernel[_pool_grid(gz.numel())](
+            grad,
+            grad if hidden is None else hidden.contiguous(),
+            argmax.contiguous(),
+            argmin.contiguous(),
+            gz,
+            gz.numel(),
+            grad.shape[2],
+            grad.shape[3],
+            shape[2],
+            shape[3],
+            HAS_HIDDEN=hidden is not None,
+            K=kernel_size,
+            BLOCK=POOL_BLOCK,
+        )
+    return gz

@@ -369,8 +369,8 @@ def check_ada_relu(backend, shape, gated, eta, dtype, layouts, seed):
         assert_close(y, y_ref)
         for a, b in zip(got, want):
             assert_close(a, b)
-    assert torch.equal(fb, reference.gate(z.detach(), m))
-    assert torch.equal(gz, reference.gate(g, m))
+    assert torch.equal(fb, reference.ada_relu_feedback(z.detach(), m))
+    assert torch.equal(gz, reference.ada_relu_feedback(g, m))
 
 
 def _ada_relu_test(backend):
@@ -434,13 +434,6 @@ def gate_near_ties(x, bias, hidden, eta, centered, where) -> bool:
     return bool((arg[where].abs() <= 1e-4).all())
 
 
-def reference_fused(x, bias, hidden, eta, centered):
-    u = reference.ins_norm(x, 1e-8, centered)
-    if bias is not None:
-        u = u + bias.view(1, -1, 1, 1)
-    return reference.ada_relu(u, hidden, eta)
-
-
 def check_ins_bias_ada_relu(backend, shape, with_bias, gated, centered, eta, offset, dtype,
                             layouts, seed):  # fmt: skip
     if centered and shape[2] * shape[3] < 2:
@@ -450,7 +443,7 @@ def check_ins_bias_ada_relu(backend, shape, with_bias, gated, centered, eta, off
     b = randn(shape[1], dtype, gen) if with_bias else None
     h = restride(randn(shape, dtype, gen), layouts[1]) if gated else None
     ref_in, ker_in = leaves(x, b, h), leaves(x, b, h)
-    y_ref, m_ref = reference_fused(*ref_in, eta, centered)
+    y_ref, m_ref = reference.ins_bias_ada_relu(*ref_in, eta, centered=centered)
     y, m = functional.ins_bias_ada_relu(*ker_in, eta, centered=centered, backend=backend)
     assert m.dtype == torch.bool and y.dtype == dtype and y.shape == shape
     if not torch.equal(m, m_ref):
@@ -462,7 +455,7 @@ def check_ins_bias_ada_relu(backend, shape, with_bias, gated, centered, eta, off
 
     def exact():
         ins = upcast(x, b, h)
-        y64, m64 = reference_fused(*ins, eta, centered)
+        y64, m64 = reference.ins_bias_ada_relu(*ins, eta, centered=centered)
         return (y64, *grads(y64, ins, g.double())) if torch.equal(m64, m_ref) else None
 
     compare((y, *grads(y, ker_in, g)), (y_ref, *grads(y_ref, ref_in, g)), exact)
@@ -482,8 +475,8 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
 
     def run(zz, impl, g1=g1, g2=g2):
         if impl == "reference":
-            zn = reference.ins_norm(zz, 1e-8, centered)
-            out, y = reference.gate(zn, mask), zn
+            zn, out = reference.ins_norm_gate(zz, mask, centered=centered)
+            y = zn
         else:
             zn, out = functional.ins_norm_gate(zz, mask, centered=centered, backend=impl)
             y = functional.ins_norm(zz, centered=centered, backend=impl)
@@ -561,7 +554,7 @@ def check_pool(backend, shape, k, gated, ties, dtype, layouts, seed):
     hidden = restride(torch.randint(-1, 2, pooled, generator=gen).to(dtype), layouts[1])
     hidden = hidden if gated else None
     (xr,), (xk,) = leaves(x), leaves(x)
-    y_ref, amax_ref, amin_ref = functional.ada_pool2d(xr, hidden, k, backend="reference")
+    y_ref, amax_ref, amin_ref = reference.ada_pool2d(xr, hidden, k)
     y, amax, amin = functional.ada_pool2d(xk, hidden, k, backend=backend)
     assert amax.dtype == torch.uint8 and y.shape == pooled and y.dtype == dtype
     assert torch.equal(amax, amax_ref) and torch.equal(amin, amin_ref)
@@ -571,7 +564,7 @@ def check_pool(backend, shape, k, gated, ties, dtype, layouts, seed):
     # feedback: the unpool to the selected positions, and its backward (the gather)
     (zr,), (zk,) = leaves(g), leaves(g)
     size = shape[2:]
-    u_ref = functional.ada_unpool2d(zr, amax, amin, hidden, k, size, backend="reference")
+    u_ref = reference.ada_unpool2d(zr, amax, amin, hidden, k, size)
     u = functional.ada_unpool2d(zk, amax, amin, hidden, k, size, backend=backend)
     assert u.shape == shape and torch.equal(u, u_ref)
     gu = restride(randn(shape, dtype, gen), layouts[0])
@@ -621,8 +614,9 @@ def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layou
     h = restride(randn(shape, dtype, gen), layouts[1]) if gated else None
     hp = torch.randint(-1, 2, pooled, generator=gen).to(dtype) if gated else None
     ref_in, ker_in = leaves(x, b, h), leaves(x, b, h)
-    u_ref, m_ref = reference_fused(*ref_in, eta, centered)
-    y_ref, amax_ref, amin_ref = functional.ada_pool2d(u_ref, hp, k, backend="reference")
+    y_ref, m_ref, amax_ref, amin_ref = reference.ins_bias_ada_relu_pool2d(
+        *ref_in, hp, eta, k, centered=centered
+    )
     y, m, amax, amin = functional.ins_bias_ada_relu_pool2d(
         *ker_in, hp, eta, k, centered=centered, backend=backend
     )
@@ -635,9 +629,10 @@ def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layou
 
     def exact(with_grads=True):
         ins = upcast(x, b, h)
-        u64, m64 = reference_fused(*ins, eta, centered)
         hp64 = None if hp is None else hp.double()
-        y64, amax64, amin64 = functional.ada_pool2d(u64, hp64, k, backend="reference")
+        y64, m64, amax64, amin64 = reference.ins_bias_ada_relu_pool2d(
+            *ins, hp64, eta, k, centered=centered
+        )
         if not (torch.equal(m64, m_ref) and torch.equal(amax64, amax_ref)):
             return None
         if not torch.equal(amin64, amin_ref):
@@ -655,8 +650,7 @@ def check_stage(backend, shape, k, with_bias, gated, centered, eta, dtype, layou
     z = restride(randn(pooled, dtype, gen), layouts[2])
     (zr,), (zk,) = leaves(z), leaves(z)
     size = tuple(shape[2:])
-    ur = functional.ada_unpool2d(zr, amax, amin, hp, k, size, backend="reference")
-    out_r = reference.gate(ur, m)
+    ur, out_r = reference.ada_unpool_gate(zr, amax, amin, hp, m, k, size)
     u, out = functional.ada_unpool_gate(zk, amax, amin, hp, m, k, size, backend=backend)
     assert torch.equal(u, ur) and torch.equal(out, out_r)
     g1, g2 = randn(shape, dtype, gen), randn(shape, dtype, gen)

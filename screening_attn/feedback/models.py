@@ -1,9 +1,9 @@
-"""CNN-F networks (SPEC §3): recurrent generative feedback inference on a feedback CNN.
+"""CNN-F networks (docs/feedback.md): recurrent generative feedback inference on a feedback CNN.
 
 A ``FeedbackNetwork`` is a ``FeedbackSequential`` that knows which unit's input is the fed-back
 feature map ``ff`` (``ff_unit``), the step ``res_param`` and the number of ``cycles``. ``CNNF`` and
 ``CNNFWideResNet`` are the paper's Fashion-MNIST and CIFAR networks built that way; build your own
-the same way from the layers in :mod:`screening_attn.feedback.layers`.
+the same way from the layers of :mod:`screening_attn.feedback`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ from screening_attn._validate import (
     check_tensor,
 )
 from screening_attn.feedback import functional
-from screening_attn.feedback.layers import (
-    AdaPool2d,
-    AdaReLU,
-    Bias,
+from screening_attn.feedback.fusion import ins_bias_ada_relu_layers, ins_norm_gate_layers
+from screening_attn.feedback.layers import AdaPool2d, AdaReLU, Bias, FeedbackModule, InsNorm
+from screening_attn.feedback.linear_maps import (
     FeedbackConv2d,
     FeedbackLinear,
-    FeedbackModule,
-    FeedbackSequential,
     Flatten,
     GlobalAvgPool2d,
-    InsNorm,
-    ins_bias_ada_relu_layers,
-    ins_norm_gate_layers,
 )
+from screening_attn.feedback.sequential import FeedbackSequential
 
 __all__ = ["CNNF", "CNNFWideResNet", "FeedbackNetwork", "WideBasicBlock", "feedback_step"]
 
@@ -44,7 +39,7 @@ def feedback_step(model: FeedbackNetwork, out: Tensor, ff: Tensor) -> tuple[Tens
     ``out = model.forward(ff, start=model.ff_unit)``, gated by the stored feedback.
 
     The unit the fused kernels and the benchmarks target: with compiled backends the norm /
-    bias / gate layers run fused (see :mod:`~screening_attn.feedback.layers`), the pools run
+    bias / gate layers run fused (see :mod:`~screening_attn.feedback.fusion`), the pools run
     their kernels and the update is one ``torch.lerp``; convolutions and linear maps are torch's.
 
     Args:
@@ -79,7 +74,7 @@ def feedback_step(model: FeedbackNetwork, out: Tensor, ff: Tensor) -> tuple[Tens
 
 
 class FeedbackNetwork(FeedbackSequential):
-    """A ``FeedbackSequential`` that runs CNN-F inference (SPEC §3).
+    """A ``FeedbackSequential`` that runs CNN-F inference (docs/feedback.md).
 
     Args:
         *layers: feedback layers, or one ``OrderedDict`` of them, input first.
@@ -158,7 +153,7 @@ def _stage(
     i: int, cin: int, cout: int, res_param: float, backend: str
 ) -> list[tuple[str, FeedbackModule]]:
     """conv (3x3, pad 1) -> ins -> bias -> AdaReLU, named as the paper's code (the last three
-    run as one fused op, see :mod:`~screening_attn.feedback.layers`)."""
+    run as one fused op, see :mod:`~screening_attn.feedback.fusion`)."""
     return [
         (f"conv{i}", FeedbackConv2d(cin, cout, 3, padding=1)),
         (f"ins{i}", InsNorm(backend=backend)),
@@ -173,7 +168,7 @@ def _top_down_norm(i: int, backend: str) -> tuple[str, FeedbackModule]:
 
 
 class CNNF(FeedbackNetwork):
-    """The paper's Fashion-MNIST CNN-F (SPEC §3), input `(N, 1, 28, 28)`.
+    """The paper's Fashion-MNIST CNN-F (docs/feedback.md), input `(N, 1, 28, 28)`.
 
     Bottom-up ``conv1(1→16) ins bias relu1 | conv2(16→32) ... relu2 | conv3(32→32) ... relu3
     pool3 | conv4(32→64) ... relu4 pool4 | flatten | fc1(3136→1000) bias relu5 | fc2(1000→128)
@@ -186,7 +181,7 @@ class CNNF(FeedbackNetwork):
             Default: ``0``.
         cycles (int): feedback cycles. Default: ``2``.
         res_param (float): the step eta of AdaReLU and of the ``ff`` update. Default: ``0.1``.
-        backend (str): where the norms, gates, pools and the update run (SPEC §4).
+        backend (str): where the norms, gates, pools and the update run (docs/backends.md).
             Default: ``"auto"``.
 
     Example::

@@ -1,13 +1,31 @@
-"""Pure-PyTorch reference of the CNN-F ops (SPEC §3): readable, float64-capable, the definition
-of correct for every kernel."""
+"""Pure-PyTorch reference of every CNN-F op (docs/feedback.md): readable, float64-capable, the
+definition of correct for every kernel. Imports only torch.
+
+Each function has the signature and return values of the public op of the same name in
+:mod:`screening_attn.feedback.functional` (minus ``backend``), takes checked arguments and is
+differentiable where the op is. The fused ops are written as the compositions they fuse.
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+__all__ = [
+    "ada_pool2d",
+    "ada_relu",
+    "ada_relu_feedback",
+    "ada_unpool2d",
+    "ada_unpool_gate",
+    "feedback_update",
+    "ins_bias_ada_relu",
+    "ins_bias_ada_relu_pool2d",
+    "ins_norm",
+    "ins_norm_gate",
+]
 
-def ada_relu(x: Tensor, hidden: Tensor | None, eta: float) -> tuple[Tensor, Tensor]:
+
+def ada_relu(x: Tensor, hidden: Tensor | None = None, eta: float = 0.0) -> tuple[Tensor, Tensor]:
     """AdaReLU gate. Returns ``(y, mask)`` with ``mask`` a bool tensor shaped like ``x``.
 
     No feedback yet (``hidden is None``): a plain ReLU. Otherwise the input is first moved a
@@ -22,8 +40,8 @@ def ada_relu(x: Tensor, hidden: Tensor | None, eta: float) -> tuple[Tensor, Tens
     return xr * mask, mask
 
 
-def gate(z: Tensor, mask: Tensor) -> Tensor:
-    """``z * mask``: a gate's feedback pass with the mask of its last forward."""
+def ada_relu_feedback(z: Tensor, mask: Tensor) -> Tensor:
+    """``z * mask``: the gate's feedback pass with the mask of its last forward."""
     return z * mask
 
 
@@ -38,6 +56,31 @@ def ins_norm(x: Tensor, eps: float = 1e-8, centered: bool = False) -> Tensor:
     else:
         power = x.square().mean(dim=(-2, -1), keepdim=True)
     return x / torch.sqrt(power + eps)
+
+
+def ins_bias_ada_relu(
+    x: Tensor,
+    bias: Tensor | None = None,
+    hidden: Tensor | None = None,
+    eta: float = 0.0,
+    *,
+    eps: float = 1e-8,
+    centered: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Bottom-up ``InsNorm -> Bias -> AdaReLU``: ``ada_relu(ins_norm(x) + bias[c], hidden, eta)``.
+    Returns ``(y, mask)``."""
+    u = ins_norm(x, eps, centered)
+    if bias is not None:
+        u = u + bias.view(1, -1, 1, 1)
+    return ada_relu(u, hidden, eta)
+
+
+def ins_norm_gate(
+    z: Tensor, mask: Tensor, *, eps: float = 1e-8, centered: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Top-down ``InsNorm -> AdaReLU.feedback``: ``(zn, zn * mask)`` with ``zn = ins_norm(z)``."""
+    zn = ins_norm(z, eps, centered)
+    return zn, ada_relu_feedback(zn, mask)
 
 
 def _windows(x: Tensor, k: int) -> Tensor:
@@ -59,42 +102,28 @@ def _plane_index(pos: Tensor, k: int, width: int) -> Tensor:
 
 
 def _select(x: Tensor, k: int, largest: bool) -> tuple[Tensor, Tensor]:
+    """``(values, pos)``: the max (or min) of each window, differentiable in ``x``, and its
+    int64 position ``row * k + col`` in the window."""
     win = _windows(x, k)
     # argmax/argmin return the first extreme element on ties (and pick NaN, which propagates).
     pos = win.argmax(dim=-1) if largest else win.argmin(dim=-1)
-    values = win.gather(-1, pos.unsqueeze(-1)).squeeze(-1)  # differentiable in x
-    return values, _plane_index(pos, k, x.shape[-1])
+    return win.gather(-1, pos.unsqueeze(-1)).squeeze(-1), pos
 
 
-def max_pool2d(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+def _max_pool2d(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
     """k x k max-pool with stride k. Returns ``(y, argmax)``; ``argmax`` holds int64 flat indices
     into each input plane. Ties pick the first element of the window in row-major order."""
-    return _select(x, kernel_size, largest=True)
+    values, pos = _select(x, kernel_size, largest=True)
+    return values, _plane_index(pos, kernel_size, x.shape[-1])
 
 
-def min_pool2d(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
+def _min_pool2d(x: Tensor, kernel_size: int) -> tuple[Tensor, Tensor]:
     """k x k min-pool with stride k, ``(y, argmin)``; ties pick the first element, as for max."""
-    return _select(x, kernel_size, largest=False)
+    values, pos = _select(x, kernel_size, largest=False)
+    return values, _plane_index(pos, kernel_size, x.shape[-1])
 
 
-def ada_pool2d(
-    x: Tensor, hidden: Tensor | None, kernel_size: int
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """AdaPool forward. Returns ``(y, argmax, argmin, pos_mask, neg_mask)``.
-
-    No feedback yet (``hidden is None``): a max-pool; ``argmin`` and the masks are ``None``.
-    Otherwise ``y = [hidden > 0] maxpool(x) + [hidden < 0] minpool(x)`` (0 where hidden is 0),
-    with ``hidden`` shaped like ``y`` and both bool masks returned.
-    """
-    y_max, argmax = max_pool2d(x, kernel_size)
-    if hidden is None:
-        return y_max, argmax, None, None, None
-    y_min, argmin = min_pool2d(x, kernel_size)
-    pos_mask, neg_mask = hidden > 0, hidden < 0
-    return y_max * pos_mask + y_min * neg_mask, argmax, argmin, pos_mask, neg_mask
-
-
-def unpool2d(z: Tensor, indices: Tensor, output_size: tuple[int, int]) -> Tensor:
+def _unpool2d(z: Tensor, indices: Tensor, output_size: tuple[int, int]) -> Tensor:
     """Scatter ``z (N, C, Ho, Wo)`` to the flat plane ``indices`` of a zero ``(N, C, H, W)`` map
     (``max_unpool2d`` with non-overlapping windows); differentiable in ``z``."""
     n, c = z.shape[:2]
@@ -103,21 +132,78 @@ def unpool2d(z: Tensor, indices: Tensor, output_size: tuple[int, int]) -> Tensor
     return out.scatter(2, indices.flatten(2), z.flatten(2)).view(n, c, height, width)
 
 
+def ada_pool2d(
+    x: Tensor, hidden: Tensor | None = None, kernel_size: int = 2
+) -> tuple[Tensor, Tensor, Tensor]:
+    """AdaPool forward: k x k windows, stride k. Returns ``(y, argmax, argmin)``.
+
+    No feedback yet (``hidden is None``): a max-pool. Otherwise
+    ``y = [hidden > 0] maxpool(x) + [hidden < 0] minpool(x)`` (0 where hidden is 0), with
+    ``hidden`` shaped like ``y``. ``argmax`` and ``argmin`` are the uint8 positions
+    ``row * k + col`` of the max and the min in each window, both always computed.
+    """
+    y_max, pos_max = _select(x, kernel_size, largest=True)
+    y_min, pos_min = _select(x, kernel_size, largest=False)
+    argmax, argmin = pos_max.to(torch.uint8), pos_min.to(torch.uint8)
+    if hidden is None:
+        return y_max, argmax, argmin
+    return y_max * (hidden > 0) + y_min * (hidden < 0), argmax, argmin
+
+
 def ada_unpool2d(
     z: Tensor,
     argmax: Tensor,
-    argmin: Tensor | None,
-    pos_mask: Tensor | None,
-    neg_mask: Tensor | None,
+    argmin: Tensor,
+    hidden: Tensor | None,
+    kernel_size: int,
     output_size: tuple[int, int],
 ) -> Tensor:
-    """AdaPool feedback: ``z`` back to the argmax positions before any gated forward (masks
-    ``None``); after one, ``unpool(z [pos_mask], argmax) + unpool(z [neg_mask], argmin)``."""
-    if pos_mask is None:
-        return unpool2d(z, argmax, output_size)
-    return unpool2d(z * pos_mask, argmax, output_size) + unpool2d(z * neg_mask, argmin, output_size)
+    """AdaPool feedback: ``z`` back to the argmax positions of an ungated forward (``hidden``
+    ``None``); after a gated one, ``unpool(z [hidden > 0], argmax) + unpool(z [hidden < 0],
+    argmin)``. ``argmax``, ``argmin``: uint8 window positions as :func:`ada_pool2d` returns."""
+    width = output_size[1]
+    imax = _plane_index(argmax.long(), kernel_size, width)
+    if hidden is None:
+        return _unpool2d(z, imax, output_size)
+    imin = _plane_index(argmin.long(), kernel_size, width)
+    return _unpool2d(z * (hidden > 0), imax, output_size) + _unpool2d(
+        z * (hidden < 0), imin, output_size
+    )
 
 
-def feedback_update(ff: Tensor, reconstruction: Tensor, eta: float) -> Tensor:
-    """One feedback step on the fed-back feature map: ``ff + eta (reconstruction - ff)``."""
-    return ff + eta * (reconstruction - ff)
+def ins_bias_ada_relu_pool2d(
+    x: Tensor,
+    bias: Tensor | None,
+    hidden: Tensor | None,
+    pool_hidden: Tensor | None,
+    eta: float,
+    kernel_size: int,
+    *,
+    eps: float = 1e-8,
+    centered: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A stage that ends in a pool: :func:`ins_bias_ada_relu` then :func:`ada_pool2d` gated by
+    ``pool_hidden``. Returns ``(y, mask, argmax, argmin)``."""
+    u, mask = ins_bias_ada_relu(x, bias, hidden, eta, eps=eps, centered=centered)
+    y, argmax, argmin = ada_pool2d(u, pool_hidden, kernel_size)
+    return y, mask, argmax, argmin
+
+
+def ada_unpool_gate(
+    z: Tensor,
+    argmax: Tensor,
+    argmin: Tensor,
+    hidden: Tensor | None,
+    mask: Tensor,
+    kernel_size: int,
+    output_size: tuple[int, int],
+) -> tuple[Tensor, Tensor]:
+    """Top-down AdaPool then AdaReLU: ``(u, u * mask)`` with
+    ``u = ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)``."""
+    u = ada_unpool2d(z, argmax, argmin, hidden, kernel_size, output_size)
+    return u, ada_relu_feedback(u, mask)
+
+
+def feedback_update(ff: Tensor, rec: Tensor, eta: float) -> Tensor:
+    """One feedback step on the fed-back feature map: ``ff + eta (rec - ff)``."""
+    return ff + eta * (rec - ff)

@@ -1,24 +1,27 @@
-"""The AdaReLU gate ops (SPEC §3): every backend against the reference, forward, feedback and
-backward; torch.library checks; torch.compile; errors."""
+"""The AdaReLU gate ops ``ada_relu`` and ``ada_relu_feedback`` (docs/feedback.md): the reference
+against the formula; every backend against the reference, forward, feedback and backward;
+torch.library checks; torch.compile; errors. (The AdaReLU layer: test_feedback_layers.py.)"""
+
+import math
 
 import pytest
 import torch
+from _feedback_utils import BACKENDS, DTYPES, assert_non_finite_stays_in_its_plane, plane_inputs
+from _ids import case_id
 from _tolerances import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from screening_attn import _backend
-from screening_attn.feedback import _ops, reference
+from screening_attn.feedback import _ops, functional, reference
 from screening_attn.feedback.functional import ada_relu, ada_relu_feedback
 
-BACKENDS = ["cpu", "triton"]
-DTYPES = [torch.float32, torch.float64]
+HYP = settings(
+    deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+F64 = torch.float64
 SHAPES = [(1,), (7,), (2, 3, 5, 5), (4, 16, 28, 28), (3, 2500)]  # last: > one Triton block
-
-
-def _ids(shape, dtype):
-    return f"{'x'.join(map(str, shape))}-{str(dtype).removeprefix('torch.')}"
-
-
-CASES = [pytest.param(s, d, id=_ids(s, d)) for s in SHAPES for d in DTYPES]
+CASES = [pytest.param(s, d, id=case_id(shape=s, dtype=d)) for s in SHAPES for d in DTYPES]
 
 
 def _inputs(shape, dtype, gated):
@@ -27,6 +30,34 @@ def _inputs(shape, dtype, gated):
     return x, h
 
 
+# --- the reference against the formula -----------------------------------------------------------
+@HYP
+@given(shape=st.lists(st.integers(1, 5), min_size=1, max_size=4), eta=st.floats(0.0, 1.0))
+def test_ada_relu_reference_matches_spec(shape, eta):
+    x, hidden = torch.randn(*shape, dtype=F64), torch.randn(*shape, dtype=F64)
+    y, mask = reference.ada_relu(x, None, eta)
+    assert torch.equal(mask, x > 0)
+    assert_close(y, torch.where(x > 0, x, torch.zeros_like(x)))
+    y, mask = reference.ada_relu(x, hidden, eta)
+    moved = (1 - eta) * x + eta * hidden
+    assert torch.equal(mask, torch.sign(moved) * torch.sign(hidden) > 0)
+    assert_close(y, torch.where(mask, moved, torch.zeros_like(x)))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_ada_relu_formula_by_hand(backend):
+    """Independent of the reference: values worked out from docs/feedback.md by hand."""
+    x = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    h = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 3.0], dtype=torch.float64)
+    # x' = x + 0.5 (h - x) = (x + h) / 2 = [1, 0, 0.5, -1.5, 0.25, 1.5]; open where x' h > 0
+    y, m = ada_relu(x, h, 0.5, backend=backend)
+    assert m.tolist() == [True, False, False, True, False, True]
+    assert y.tolist() == [1.0, 0.0, 0.0, -1.5, 0.0, 1.5]
+    y, m = ada_relu(x, None, 0.5, backend=backend)  # ungated: ReLU, eta unused
+    assert y.tolist() == [1.0, 0.0, 2.0, 0.0, 0.5, 0.0]
+
+
+# --- every backend against the reference ---------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("gated", [False, True], ids=["ungated", "gated"])
 @pytest.mark.parametrize(("shape", "dtype"), CASES)
@@ -49,27 +80,14 @@ def test_ada_relu_matches_reference(backend, gated, shape, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("shape", "dtype"), CASES)
-def test_feedback_gate_matches_reference(backend, shape, dtype):
+def test_ada_relu_feedback_matches_reference(backend, shape, dtype):
     z = torch.randn(shape, dtype=dtype, requires_grad=True)
     mask = torch.randn(shape) > 0
     out = ada_relu_feedback(z, mask, backend=backend)
-    assert_close(out, reference.gate(z, mask))
+    assert_close(out, reference.ada_relu_feedback(z, mask))
     g = torch.randn(shape, dtype=dtype)
     (gz,) = torch.autograd.grad(out, z, g)
     assert_close(gz, g * mask)
-
-
-@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
-def test_ada_relu_formula_by_hand(backend):
-    """Independent of the reference: values worked out from SPEC §3 by hand."""
-    x = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.5, 0.0], dtype=torch.float64)
-    h = torch.tensor([1.0, 1.0, -1.0, -1.0, 0.0, 3.0], dtype=torch.float64)
-    # x' = x + 0.5 (h - x) = (x + h) / 2 = [1, 0, 0.5, -1.5, 0.25, 1.5]; open where x' h > 0
-    y, m = ada_relu(x, h, 0.5, backend=backend)
-    assert m.tolist() == [True, False, False, True, False, True]
-    assert y.tolist() == [1.0, 0.0, 0.0, -1.5, 0.0, 1.5]
-    y, m = ada_relu(x, None, 0.5, backend=backend)  # ungated: ReLU, eta unused
-    assert y.tolist() == [1.0, 0.0, 2.0, 0.0, 0.5, 0.0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -115,6 +133,21 @@ def test_nan_stays_local(backend):
     assert_close(y[finite], y_ref[finite])
 
 
+@pytest.mark.parametrize("op", ["ada_relu", "ada_relu_feedback"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_non_finite_stays_in_its_plane_forward_and_backward(backend, bad, op):
+    t = plane_inputs()
+    if op == "ada_relu":
+        assert_non_finite_stays_in_its_plane(
+            lambda x: functional.ada_relu(x, t.hidden, 0.1, backend=backend)[0], t.x, bad
+        )
+    else:
+        assert_non_finite_stays_in_its_plane(
+            lambda x: functional.ada_relu_feedback(x, t.mask, backend=backend), t.x, bad
+        )
+
+
 # Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
 
 
@@ -127,9 +160,7 @@ def _opcheck_samples(dtype=torch.float64):
 
 
 def _ops_of(backend):
-    if backend == "cpu":
-        return _ops.ada_relu_cpp, _ops.ada_relu_backward_cpp, _ops.ada_relu_feedback_cpp
-    return _ops.ada_relu_triton, _ops.ada_relu_backward_triton, _ops.ada_relu_feedback_triton
+    return _ops.gates.CPP if backend == "cpu" else _ops.gates.TRITON
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
