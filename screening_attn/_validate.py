@@ -137,7 +137,7 @@ def check_attention_inputs(
 
 
 class StateDictError(ValueError, RuntimeError):
-    """A state_dict that does not fit the module: a ValueError (SPEC §4) that is also the
+    """A state_dict that does not fit the module: a ValueError (docs/backends.md) that is also the
     RuntimeError ``nn.Module.load_state_dict`` raises, so handlers written for either catch it."""
 
 
