@@ -178,8 +178,9 @@ class ScreenedLayer(CacheLayerMixin):
         self._select(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.stream is not None and self.stream.seen > 0:
-            rows = torch.arange(self.stream.batch_size, device=self.device)
+        batch_size = None if self.stream is None else self.stream.batch_size
+        if self.stream is not None and batch_size is not None:
+            rows = torch.arange(batch_size, device=self.device)
             self.stream.select(rows.repeat_interleave(repeats))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -198,16 +199,18 @@ class ScreenedCache(Cache):
     def __init__(self, config: Any) -> None:
         self.window, self.relevant = screening_params(config)
         text = config.get_text_config(decoder=True)
-        layers = [ScreenedLayer(self.window, self.relevant) for _ in range(text.num_hidden_layers)]
-        super().__init__(layers=layers)
+        self.screened_layers = [
+            ScreenedLayer(self.window, self.relevant) for _ in range(text.num_hidden_layers)
+        ]
+        super().__init__(layers=[*self.screened_layers])
 
     def stored(self) -> list[int]:
         """Per layer, the keys held per (batch row, KV head)."""
-        return [layer.stored() for layer in self.layers]
+        return [layer.stored() for layer in self.screened_layers]
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds."""
-        return sum(layer.nbytes() for layer in self.layers)
+        return sum(layer.nbytes() for layer in self.screened_layers)
 
 
 def screened_attention_forward(

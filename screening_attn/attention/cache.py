@@ -157,10 +157,12 @@ class ScreenedKVCache:
         if q.device != s.keys.device:
             raise ValueError(f"ScreenedKVCache is on {s.keys.device}, got inputs on {q.device}")
 
-    def _rows(self, index: object, name: str) -> torch.Tensor:
-        if self._state is None:
+    def _rows(self, index: object, name: str) -> tuple[StreamState, torch.Tensor]:
+        """The state and ``index`` as int64 batch rows, checked."""
+        state = self._state
+        if state is None:
             raise ValueError(f"ScreenedKVCache.{name}: the cache is empty (no attend yet)")
-        B = self._state.keys.shape[0]
+        B = state.keys.shape[0]
         if not isinstance(index, torch.Tensor) or index.dim() != 1:
             raise TypeError(f"index must be a 1-d tensor of batch rows, got {index!r}")
         if index.dtype == torch.bool:
@@ -169,10 +171,10 @@ class ScreenedKVCache:
             index = index.nonzero().flatten()
         if index.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"index must hold integer or bool batch rows, got {index.dtype}")
-        index = index.to(device=self._state.keys.device, dtype=torch.int64)
+        index = index.to(device=state.keys.device, dtype=torch.int64)
         if index.numel() and (index.min() < 0 or index.max() >= B):
             raise ValueError(f"index must hold batch rows in [0, {B}), got {index.tolist()}")
-        return index
+        return state, index
 
     def reorder(self, index: torch.Tensor) -> None:
         """Reorder the batch rows (beam search): row ``i`` becomes old row ``index[i]``.
@@ -180,17 +182,17 @@ class ScreenedKVCache:
         Args:
             index: ``(B,)`` integer tensor of rows in ``[0, B)``; repeats allowed.
         """
-        index = self._rows(index, "reorder")
-        B = self._state.keys.shape[0]
+        state, index = self._rows(index, "reorder")
+        B = state.keys.shape[0]
         if index.shape[0] != B:
             raise ValueError(
                 f"reorder keeps the batch size: index must have B = {B} entries, got "
                 f"{index.shape[0]}; select() changes the batch size"
             )
-        self._state = self._state.index_select(index)
+        self._state = state.index_select(index)
 
     def select(self, index: torch.Tensor) -> None:
         """Keep the batch rows ``index`` (integers, repeats allowed, or a ``(B,)`` bool mask):
         the batch size becomes their number."""
-        index = self._rows(index, "select")
-        self._state = self._state.index_select(index)
+        state, index = self._rows(index, "select")
+        self._state = state.index_select(index)
