@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from _tolerances import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from screening_attn import screened_attention
 
@@ -269,3 +271,29 @@ def test_v_heads_must_match_k():
     q, k = torch.randn(1, 4, 10, 4), torch.randn(1, 2, 10, 4)
     with pytest.raises(ValueError, match=r"v must have shape \(B, Hkv, T, Dv\)"):
         screened_attention(q, k, torch.randn(1, 4, 10, 4), 3, 2)
+
+
+def test_grouped_heads_never_repeat_k_and_v():
+    """docs/streaming.md: no tensor the size of k, v repeated G times (or of their repeated
+    candidate gather) in the forward or the backward; the largest is q (or dq) or the one
+    per-KV-head gather of the ν+ρ candidates."""
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_flatten(out)[0]:
+                if isinstance(x, torch.Tensor):
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    B, H, Hkv, T, D, window, relevant = 1, 8, 1, 64, 16, 3, 2
+    q, k, v = make_qkv(B, H, Hkv, T, D)
+    real = torch.ones(B, T, dtype=torch.bool)
+    with LargestTensor() as mode:
+        out, _ = reference(q, k, v, window, relevant, key_padding_mask=real, return_state=True)
+        out.sum().backward()
+    gather = B * Hkv * T * (window + relevant) * D
+    assert 0 < mode.largest <= max(q.numel(), gather)
+    assert mode.largest < H // Hkv * gather  # what repeating k and v would cost

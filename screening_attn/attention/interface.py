@@ -38,7 +38,7 @@ def screened_attention(
     of the relevant set, or overwrites the least relevant slot (ties: lowest slot number) if its
     ``r`` is strictly larger, or is dropped for good. Cost per query is ``O(window + relevant)``.
     A drop-in for ``scaled_dot_product_attention(q, k, v, is_causal=True)``: same layout, same
-    default scale. Every batch row and head is screened independently.
+    default scale. Every batch row and KV head is screened independently.
 
     Which keys query ``t = 9`` sees with ``window=3, relevant=2``::
 
