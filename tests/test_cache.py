@@ -79,7 +79,22 @@ def test_decode_one_token_at_a_time_long_stream():
     torch.testing.assert_close(out, screened_attention(q, k, v, window, relevant), **EXACT)
     assert stored[0] <= window - 1 + relevant
     assert set(stored[5:]) == {window - 1 + relevant}
-    assert cache.nbytes() > 0
+
+
+def test_memory_held_is_bounded_after_a_long_prefill():
+    """The memory the cache keeps alive (storages, not views of the prefill's buffers) is that
+    of ν-1+ρ keys and values with their statistics, whatever the prefill's length."""
+    window, relevant, B, Hkv, D, Dv = 4, 3, 2, 2, 4, 3
+    sizes = []
+    for T in (50, 400):
+        q, k, v = make_qkv(B, 4, Hkv, T, D, Dv, seed=6)
+        cache = ScreenedKVCache(window, relevant)
+        cache.attend(q, k, v)
+        sizes.append(cache.nbytes())
+    kept = window - 1 + relevant
+    # keys, values, scores (float64) and positions (int64) of the kept entries, validity flags
+    bound = B * Hkv * kept * (D + Dv + 2) * 8 + B * window
+    assert sizes[0] == sizes[1] <= bound
 
 
 def test_float32_and_scale():

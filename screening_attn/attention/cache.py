@@ -88,12 +88,16 @@ class ScreenedKVCache:
         return torch.nn.functional.pad(self._state.slot_score, (0, missing), value=-math.inf)
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds."""
+        """Bytes of memory the cache's tensors keep alive (their storages, counted once)."""
         s = self._state
         if s is None:
             return 0
         tensors = (s.keys, s.values, s.relevancy, s.valid, s.slot_keys, s.slot_values)
-        return sum(t.numel() * t.element_size() for t in (*tensors, s.slot_index, s.slot_score))
+        storages = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in (*tensors, s.slot_index, s.slot_score)
+        }
+        return sum(storages.values())
 
     def reset(self) -> None:
         """Forget everything: the next ``attend`` starts a new stream."""

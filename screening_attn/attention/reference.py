@@ -369,12 +369,13 @@ def screened_attention_stream(
     )
     slot_pos = torch.where(slot_x >= 0, x_pos.gather(1, slot_x.clamp(min=0)), -1)
     k_flat, v_flat = k_all.detach().reshape(N, R0 + S, D), v_all.detach().reshape(N, R0 + S, Dv)
+    # Copies, not views: a view of the last keys would keep this call's whole buffer alive.
     next_state = StreamState(
         state.seen + n,
-        k_all[:, :, R0 + S - keep :].detach(),
-        v_all[:, :, R0 + S - keep :].detach(),
-        relevancy[:, S - keep :].reshape(B, Hkv, keep),
-        valid_b[:, S - keep :],
+        k_all[:, :, R0 + S - keep :].detach().clone(),
+        v_all[:, :, R0 + S - keep :].detach().clone(),
+        relevancy[:, S - keep :].reshape(B, Hkv, keep).clone(),
+        valid_b[:, S - keep :].clone(),
         _gather_rows(k_flat, slot_x.clamp(min=0)).reshape(B, Hkv, rho, D),
         _gather_rows(v_flat, slot_x.clamp(min=0)).reshape(B, Hkv, rho, Dv),
         slot_pos.reshape(B, Hkv, rho),
