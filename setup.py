@@ -76,5 +76,5 @@ setup(
     ext_modules=[] if os.environ.get("SCREENING_ATTN_NO_EXT") == "1" else [extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     install_requires=["torch>=2.4"],
-    extras_require={"triton": ["triton"]},
+    extras_require={"triton": ["triton"], "hf": ["transformers>=5.24,<6"]},
 )

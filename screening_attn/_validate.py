@@ -17,6 +17,7 @@ __all__ = [
     "check_finite_float",
     "check_finite_scale",
     "check_int",
+    "check_key_padding_mask",
     "check_same_device_dtype",
     "check_state_dict",
     "check_tensor",
@@ -111,29 +112,77 @@ def check_bool(name: str, value: object) -> bool:
 
 
 def check_attention_inputs(
-    q: object, k: object, v: object, window: object, relevant: object, scale: object = None
+    q: object,
+    k: object,
+    v: object,
+    window: object,
+    relevant: object,
+    scale: object = None,
+    *,
+    grouped: bool = False,
 ) -> tuple[int, int, float | None]:
     """The arguments of ``screened_attention`` and of its Triton op (the C++ op checks its own):
-    ``q``, ``k`` `(B, H, T, D)`, ``v`` `(B, H, T, Dv)` floating tensors of one dtype and device,
-    ``window >= 1``, ``relevant >= 0``, ``scale`` finite or None (docs/backends.md). Returns
-    ``(window, relevant, scale)`` as Python numbers."""
+    ``q`` `(B, H, T, D)`, ``k`` `(B, H, T, D)`, ``v`` `(B, H, T, Dv)` floating tensors of one
+    dtype and device, ``window >= 1``, ``relevant >= 0``, ``scale`` finite or None
+    (docs/backends.md). With ``grouped``, ``k`` and ``v`` may have ``Hkv`` heads dividing ``H``
+    (docs/streaming.md). Returns ``(window, relevant, scale)`` as Python numbers."""
     q = check_tensor("q", q, ndim=4)
     k = check_tensor("k", k, ndim=4)
     v = check_tensor("v", v, ndim=4)
     check_same_device_dtype("q", q, k=k, v=v)
-    if k.shape != q.shape:
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    if grouped:
+        if k.shape[0] != B or k.shape[2:] != q.shape[2:]:
+            raise ValueError(
+                f"k must have the shape (B, Hkv, T, D) with the (B, T, D) of q, {(B, T, D)}, "
+                f"got {tuple(k.shape)}"
+            )
+        if (Hkv == 0 and H != 0) or (Hkv != 0 and H % Hkv != 0):
+            raise ValueError(
+                f"k must have the shape (B, Hkv, T, D) with Hkv dividing the H={H} heads of q "
+                f"(grouped-query attention), got Hkv={Hkv} in {tuple(k.shape)}"
+            )
+    elif k.shape != q.shape:
         raise ValueError(
             f"k must have the shape (B, H, T, D) of q, {tuple(q.shape)}, got {tuple(k.shape)}"
         )
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(
-            f"v must have shape (B, H, T, Dv) with the (B, H, T) of q, {tuple(q.shape[:3])}, "
-            f"got {tuple(v.shape)}"
+    if v.shape[:3] != k.shape[:3]:
+        want = (
+            "(B, Hkv, T, Dv) with the (B, Hkv, T) of k"
+            if grouped
+            else "(B, H, T, Dv) with the (B, H, T) of q"
         )
+        raise ValueError(f"v must have shape {want}, {tuple(k.shape[:3])}, got {tuple(v.shape)}")
     window = check_int("window", window, minimum=1)
     relevant = check_int("relevant", relevant, minimum=0)
     scale = check_finite_scale("scale", scale)
     return window, relevant, scale
+
+
+def check_key_padding_mask(mask: object, q: torch.Tensor) -> torch.Tensor | None:
+    """``None`` or a ``(B, T)`` bool tensor on the device of ``q`` `(B, H, T, D)`: True marks a
+    real token (the convention of transformers' ``attention_mask``)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor of shape (B, T) or None, got {_describe(mask)}"
+        )
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor (True = real token), got dtype {mask.dtype}"
+        )
+    want = (q.shape[0], q.shape[2])
+    if tuple(mask.shape) != want:
+        raise ValueError(
+            f"key_padding_mask must have shape (B, T) = {want}, got {tuple(mask.shape)}"
+        )
+    if mask.device != q.device:
+        raise ValueError(
+            f"key_padding_mask must be on the device of q ({q.device}), got {mask.device}"
+        )
+    return mask
 
 
 class StateDictError(ValueError, RuntimeError):

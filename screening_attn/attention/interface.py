@@ -26,6 +26,7 @@ def screened_attention(
     relevant: int,
     *,
     scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
     return_state: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, ScreeningState]:
@@ -37,7 +38,7 @@ def screened_attention(
     of the relevant set, or overwrites the least relevant slot (ties: lowest slot number) if its
     ``r`` is strictly larger, or is dropped for good. Cost per query is ``O(window + relevant)``.
     A drop-in for ``scaled_dot_product_attention(q, k, v, is_causal=True)``: same layout, same
-    default scale. Every batch row and head is screened independently.
+    default scale. Every batch row and KV head is screened independently.
 
     Which keys query ``t = 9`` sees with ``window=3, relevant=2``::
 
@@ -53,10 +54,14 @@ def screened_attention(
         q (torch.Tensor):
             queries of shape `(B, H, T, D)`.
         k (torch.Tensor):
-            keys of shape `(B, H, T, D)`, same dtype and device as `q`.
+            keys of shape `(B, Hkv, T, D)`, same dtype and device as `q`. `Hkv` divides `H`
+            (grouped-query attention, docs/streaming.md): the `G = H / Hkv` query heads
+            `h` with `h // G` equal read one KV head and share its window and relevant set,
+            each with its own softmax; the relevancy is the mean over the group. `Hkv = H` is
+            ordinary multi-head attention.
         v (torch.Tensor):
-            values of shape `(B, H, T, Dv)`, same dtype and device as `q`; `Dv` may differ from
-            `D`.
+            values of shape `(B, Hkv, T, Dv)`, same dtype and device as `q`; `Dv` may differ
+            from `D`.
         window (int):
             `ν >= 1`, the number of most recent positions every query sees (itself included).
         relevant (int):
@@ -64,6 +69,11 @@ def screened_attention(
             sliding-window attention; `relevant >= T - window` gives full causal attention.
         scale (Optional[float]):
             factor on the logits `<q_t, k_j>`. Default: `None`, meaning `1 / sqrt(D)`.
+        key_padding_mask (Optional[torch.Tensor]):
+            `(B, T)` bool, True for a real token (transformers' `attention_mask` convention). A
+            padded key is never a candidate, gets no relevancy and takes no slot; a padded
+            query adds no relevancy; a query without any candidate outputs zeros. Positions
+            still count for the window. Default: `None`, no padding.
         return_state (bool):
             also return the `ScreeningState` (final slots, per-key relevancy, and the span of
             queries during which each key was in the relevant set). Default: `False`.
@@ -71,15 +81,17 @@ def screened_attention(
             `"auto"`, `"reference"`, `"cpu"`, `"triton"` or `"cuda"`. `"auto"` picks the compiled
             kernel for the tensors' device and falls back to the pure-PyTorch reference where
             there is none; asking for a backend that can't run raises a `ValueError` saying why.
-            Default: `"auto"`.
+            Grouped heads (`Hkv < H`) and `key_padding_mask` are implemented by the reference
+            only for now: `"auto"` runs the reference for such calls, and `"cpu"`, `"triton"`
+            or `"cuda"` named explicitly raise a `ValueError`. Default: `"auto"`.
 
     Returns:
         out (torch.Tensor):
             `(B, H, T, Dv)`, dtype of `q`. float16/bfloat16 inputs are computed in float32.
         state (ScreeningState):
-            only with `return_state=True`. `relevant_index (B, H, ρ)` int64 (`-1` when empty),
-            `relevant_score (B, H, ρ)` and `relevancy (B, H, T)` in float32 (float64 for
-            float64 inputs; `-inf` for empty slots), `span (B, H, T, 2)` int32.
+            only with `return_state=True`. `relevant_index (B, Hkv, ρ)` int64 (`-1` when
+            empty), `relevant_score (B, Hkv, ρ)` and `relevancy (B, Hkv, T)` in float32
+            (float64 for float64 inputs; `-inf` for empty slots), `span (B, Hkv, T, 2)` int32.
 
     Gradients flow to `q`, `k` and `v` with the screening decisions held fixed (the relevancy
     is a statistic and carries none): they are the gradients of masked softmax attention with
@@ -96,9 +108,11 @@ def screened_attention(
     Raises:
         TypeError: a non-tensor, integer or mixed-dtype input, a non-integer (or bool)
             `window`/`relevant` (numpy integers are fine), or a non-real `scale`.
-        ValueError: wrong rank, mismatched `(B, H, T, D)`, tensors on different devices,
-            `window < 1`, `relevant < 0`, non-finite `scale`, or an unknown or unavailable
-            `backend`.
+        TypeError: (also) a `key_padding_mask` that is not a bool tensor.
+        ValueError: wrong rank, mismatched `(B, H, T, D)`, `H % Hkv != 0`, a
+            `key_padding_mask` not of shape `(B, T)`, tensors on different devices,
+            `window < 1`, `relevant < 0`, non-finite `scale`, an unknown or unavailable
+            `backend`, or a compiled backend asked for grouped heads or padding.
 
     Examples::
         >>> import torch
@@ -114,7 +128,10 @@ def screened_attention(
         >>> torch.allclose(attention.screened_attention(q, k, v, T, 0), full, atol=1e-5)
         True
     """
-    window, relevant, scale = _validate.check_attention_inputs(q, k, v, window, relevant, scale)
+    window, relevant, scale = _validate.check_attention_inputs(
+        q, k, v, window, relevant, scale, grouped=True
+    )
+    key_padding_mask = _validate.check_key_padding_mask(key_padding_mask, q)
     if not isinstance(return_state, bool):
         raise TypeError(f"return_state must be a bool, got {return_state!r}")
     if not return_state:
@@ -122,14 +139,35 @@ def screened_attention(
         # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
         relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, q.dtype, KERNELS)
+    missing = _reference_only(q, k, key_padding_mask)
+    if missing and impl != "reference":
+        if backend != "auto":
+            raise ValueError(
+                f"screened_attention: backend={backend!r} does not support {missing} yet; use "
+                f"backend='auto' or 'reference' (docs/backends.md)"
+            )
+        impl = "reference"
     if scale is None:
         D = q.shape[-1]
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
     if impl == "reference":
-        out, *state = screened_attention_reference(q, k, v, window, relevant, scale)
+        out, *state = screened_attention_reference(
+            q, k, v, window, relevant, scale, key_padding_mask
+        )
     else:
         op = _ops.screened_attention_cpp if impl == "cpu" else _ops.screened_attention_triton
         out, _lse, *state = op(q, k, v, window, relevant, scale)
     if not return_state:
         return out
     return out, ScreeningState(*state)
+
+
+def _reference_only(q: torch.Tensor, k: torch.Tensor, key_padding_mask: object) -> str:
+    """What of this call only the reference implements so far ("" if nothing): the compiled
+    kernels take neither grouped heads nor a padding mask yet (docs/backends.md)."""
+    missing = []
+    if k.shape[1] != q.shape[1]:
+        missing.append(f"grouped-query attention (k with {k.shape[1]} heads for {q.shape[1]})")
+    if key_padding_mask is not None:
+        missing.append("key_padding_mask")
+    return " and ".join(missing)

@@ -1,0 +1,299 @@
+"""Grouped-query attention and key padding in ``screened_attention`` (docs/streaming.md, SPEC §5).
+
+Oracles: a slow scalar Python implementation of the §5 scan (group-mean relevancy, padded keys
+and queries), SDPA with ``enable_gqa=True`` and the mask that scan recorded (outputs and
+gradients), identical query heads in a group (= the one-head op on the KV heads), and a padded
+batch against each row alone.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from _tolerances import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from screening_attn import screened_attention
+
+reference = functools.partial(screened_attention, backend="reference")
+
+
+def make_qkv(B, H, Hkv, T, D, Dv=None, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    Dv = D if Dv is None else Dv
+    q = torch.randn(B, H, T, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, T, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, T, Dv, generator=g, dtype=torch.float64)
+    return tuple(x.to(dtype).requires_grad_() for x in (q, k, v))
+
+
+def scalar_screening(q, k, window, relevant, real=None, scale=None):
+    """docs/streaming.md computed literally, per (b, KV head), per query, in Python floats.
+
+    Returns ``(index, score, relevancy, span)`` with Hkv heads and the ``(B, Hkv, T, T)`` mask of
+    the candidate sets recorded query by query."""
+    B, H, T, D = q.shape
+    Hkv = k.shape[1]
+    G = H // Hkv
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    real = torch.ones(B, T, dtype=torch.bool) if real is None else real
+    index = torch.full((B, Hkv, relevant), -1, dtype=torch.int64)
+    score = torch.full((B, Hkv, relevant), -math.inf, dtype=torch.float64)
+    relevancy = torch.zeros(B, Hkv, T, dtype=torch.float64)
+    span = torch.full((B, Hkv, T, 2), -1, dtype=torch.int32)
+    mask = torch.zeros(B, Hkv, T, T, dtype=torch.bool)
+    for b in range(B):
+        ok = real[b].tolist()
+        for kh in range(Hkv):
+            ks = k[b, kh].tolist()
+            slots = [None] * relevant  # each None or [position, r]
+            r = [0.0] * T
+            start, end = [-1] * T, [-1] * T
+            for t in range(T):
+                win = [j for j in range(max(0, t - window + 1), t + 1) if ok[j]]
+                cands = win + [s[0] for s in slots if s is not None]
+                for j in cands:
+                    mask[b, kh, t, j] = True
+                if ok[t] and cands:
+                    for h in range(kh * G, (kh + 1) * G):
+                        qs = q[b, h, t].tolist()
+                        logits = [scale * sum(x * y for x, y in zip(qs, ks[j])) for j in cands]
+                        top = max(logits)
+                        w = [math.exp(s - top) for s in logits]
+                        z = sum(w)
+                        for j, wj in zip(cands, w):
+                            if j in win:
+                                r[j] += wj / z / G
+                e = t - window + 1
+                if e < 0 or relevant == 0 or not ok[e]:
+                    continue
+                empty = [i for i in range(relevant) if slots[i] is None]
+                if empty:
+                    i = empty[0]
+                else:
+                    i = min(range(relevant), key=lambda i: slots[i][1])  # first minimum
+                    if not r[e] > slots[i][1]:
+                        continue
+                    end[slots[i][0]] = t + 1
+                slots[i] = [e, r[e]]
+                start[e], end[e] = t + 1, T
+            for i, s in enumerate(slots):
+                if s is not None:
+                    index[b, kh, i], score[b, kh, i] = s[0], s[1]
+            relevancy[b, kh] = torch.tensor(r, dtype=torch.float64)
+            span[b, kh] = torch.tensor(list(zip(start, end)), dtype=torch.int32).view(T, 2)
+    return (index, score, relevancy, span), mask
+
+
+def sdpa_given_mask(q, k, v, mask, scale=None):
+    """SDPA (enable_gqa) with the per-KV-head candidate mask; rows without a candidate -> 0."""
+    G = q.shape[1] // k.shape[1]
+    m = mask.repeat_interleave(G, dim=1)
+    has = m.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m | ~has, scale=scale, enable_gqa=True)
+    return out * has
+
+
+def grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+    return torch.autograd.grad(out, inputs, g)
+
+
+def check_against_oracles(q, k, v, window, relevant, real=None):
+    out, state = reference(q, k, v, window, relevant, key_padding_mask=real, return_state=True)
+    (index, score, relevancy, span), mask = scalar_screening(
+        q.detach(), k.detach(), window, relevant, real
+    )
+    torch.testing.assert_close(state.relevant_index, index, rtol=0, atol=0)
+    torch.testing.assert_close(state.span, span, rtol=0, atol=0)
+    assert_close(state.relevant_score, score)
+    assert_close(state.relevancy, relevancy)
+    expected = sdpa_given_mask(q, k, v, mask)
+    assert_close(out, expected)
+    for name, a, e in zip("qkv", grads(out, (q, k, v)), grads(expected, (q, k, v))):
+        assert_close(a, e, msg=lambda m, name=name: f"d{name}: {m}")
+
+
+@settings(max_examples=25)
+@given(
+    B=st.integers(1, 2),
+    Hkv=st.integers(1, 2),
+    G=st.integers(1, 3),
+    T=st.integers(1, 14),
+    window=st.integers(1, 5),
+    relevant=st.integers(0, 4),
+    seed=st.integers(0, 2**16),
+    pad=st.sampled_from(["none", "left", "right", "random"]),
+)
+def test_gqa_padding_against_scalar_oracle(B, Hkv, G, T, window, relevant, seed, pad):
+    q, k, v = make_qkv(B, G * Hkv, Hkv, T, 3, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(0, T + 1, (B,), generator=gen)
+    pos = torch.arange(T)
+    real = {
+        "none": None,
+        "left": pos[None, :] >= T - lengths[:, None],
+        "right": pos[None, :] < lengths[:, None],
+        "random": torch.rand(B, T, generator=gen) < 0.7,
+    }[pad]
+    check_against_oracles(q, k, v, window, relevant, real)
+
+
+def test_saturated_ties_gqa():
+    """Exact ties (q = 0, so attention is uniform): the group mean of equal weights ties exactly
+    too, and the slot rule keeps the first keys; checked against the scalar oracle."""
+    _, k, v = make_qkv(2, 4, 2, 12, 2, Dv=3)
+    q = torch.zeros(2, 4, 12, 2, dtype=torch.float64, requires_grad=True)
+    check_against_oracles(q, k, v, 3, 2)
+
+
+@pytest.mark.parametrize("G", [2, 3])
+def test_identical_heads_of_a_group_equal_the_one_head_op(G):
+    """If the G query heads of a group are equal, the group mean is each head's relevancy, so
+    every head gets the one-head op's output on the KV heads (an oracle independent of the
+    grouping code)."""
+    q1, k, v = make_qkv(2, 2, 2, 20, 4, seed=3)
+    q = q1.repeat_interleave(G, dim=1)
+    out, state = reference(q, k, v, 3, 3, return_state=True)
+    out1, state1 = reference(q1, k, v, 3, 3, return_state=True)
+    assert_close(out, out1.repeat_interleave(G, dim=1))
+    torch.testing.assert_close(state.relevant_index, state1.relevant_index, rtol=0, atol=0)
+    torch.testing.assert_close(state.span, state1.span, rtol=0, atol=0)
+
+
+def test_all_true_mask_equals_no_mask():
+    q, k, v = make_qkv(2, 4, 2, 16, 4)
+    real = torch.ones(2, 16, dtype=torch.bool)
+    a, sa = reference(q, k, v, 3, 2, key_padding_mask=real, return_state=True)
+    b, sb = reference(q, k, v, 3, 2, return_state=True)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for x, y in zip(vars(sa).values(), vars(sb).values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_equals_each_row_alone(side):
+    """A batch of rows of lengths 13 and 20 padded to 20 (junk in the padding): on the real
+    tokens, outputs, gradients, relevancies and slots are those of each row alone."""
+    T, lengths, window, relevant = 20, (13, 20), 3, 2
+    q, k, v = make_qkv(2, 4, 2, T, 4, seed=5)
+    real = torch.zeros(2, T, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        if side == "left":
+            real[b, T - n :] = True
+        else:
+            real[b, :n] = True
+    out, state = reference(q, k, v, window, relevant, key_padding_mask=real, return_state=True)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(2))
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), g * real[:, None, :, None])
+    for b, n in enumerate(lengths):
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        qb, kb, vb = (x[b : b + 1, :, sl].detach().requires_grad_() for x in (q, k, v))
+        ob, sb = reference(qb, kb, vb, window, relevant, return_state=True)
+        eq, ek, ev = torch.autograd.grad(ob, (qb, kb, vb), g[b : b + 1, :, sl])
+        assert_close(out[b : b + 1, :, sl], ob)
+        for a, e in ((dq, eq), (dk, ek), (dv, ev)):
+            assert_close(a[b : b + 1, :, sl], e)
+        assert_close(state.relevancy[b : b + 1, :, sl], sb.relevancy)
+        shift = sl.start
+        index = torch.where(sb.relevant_index >= 0, sb.relevant_index + shift, -1)
+        torch.testing.assert_close(state.relevant_index[b : b + 1], index, rtol=0, atol=0)
+        assert_close(state.relevant_score[b : b + 1], sb.relevant_score)
+
+
+def test_query_without_candidate_outputs_zeros():
+    """Left padding: the padded queries before the first real token have no candidate; they
+    output zeros and every gradient stays finite."""
+    q, k, v = make_qkv(1, 2, 1, 8, 4)
+    real = torch.tensor([[False] * 3 + [True] * 5])
+    out = reference(q, k, v, 2, 1, key_padding_mask=real)
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    assert out.isfinite().all()
+    for g in torch.autograd.grad(out.sum(), (q, k, v)):
+        assert g.isfinite().all()
+
+
+def test_auto_runs_the_reference_for_gqa_and_padding():
+    q, k, v = make_qkv(1, 4, 2, 10, 4, dtype=torch.float32)
+    real = torch.ones(1, 10, dtype=torch.bool)
+    for kw in ({}, {"key_padding_mask": real}):
+        got = screened_attention(q, k, v, 3, 2, **kw)
+        torch.testing.assert_close(got, reference(q, k, v, 3, 2, **kw), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_compiled_backends_refuse_gqa_and_padding(backend):
+    q, k, v = make_qkv(1, 4, 2, 10, 4, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"backend='{backend}' does not support grouped-query"):
+        screened_attention(q, k, v, 3, 2, backend=backend)
+    q, k, v = make_qkv(1, 2, 2, 10, 4, dtype=torch.float32)
+    real = torch.ones(1, 10, dtype=torch.bool)
+    with pytest.raises(ValueError, match=f"backend='{backend}' does not support key_padding_mask"):
+        screened_attention(q, k, v, 3, 2, key_padding_mask=real, backend=backend)
+
+
+@pytest.mark.parametrize(
+    "kv_heads, mask, error, match",
+    [
+        (
+            3,
+            None,
+            ValueError,
+            r"^k must have the shape .*Hkv dividing the H=4 heads of q .*got Hkv=3",
+        ),
+        (
+            0,
+            None,
+            ValueError,
+            r"^k must have the shape .*Hkv dividing the H=4 heads of q .*got Hkv=0",
+        ),
+        (2, torch.ones(1, 10, dtype=torch.int64), TypeError, r"key_padding_mask must be a bool"),
+        (2, torch.ones(1, 9, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
+        (2, torch.ones(10, dtype=torch.bool), ValueError, r"key_padding_mask must have shape"),
+        (2, [[True] * 10], TypeError, r"key_padding_mask must be a bool tensor"),
+    ],
+)
+def test_bad_input_names_the_argument(kv_heads, mask, error, match):
+    q = torch.randn(1, 4, 10, 4)
+    k, v = torch.randn(2, 1, kv_heads, 10, 4).unbind(0)
+    with pytest.raises(error, match=match):
+        screened_attention(q, k, v, 3, 2, key_padding_mask=mask)
+
+
+def test_v_heads_must_match_k():
+    q, k = torch.randn(1, 4, 10, 4), torch.randn(1, 2, 10, 4)
+    with pytest.raises(ValueError, match=r"v must have shape \(B, Hkv, T, Dv\)"):
+        screened_attention(q, k, torch.randn(1, 4, 10, 4), 3, 2)
+
+
+def test_grouped_heads_never_repeat_k_and_v():
+    """docs/streaming.md: no tensor the size of k, v repeated G times (or of their repeated
+    candidate gather) in the forward or the backward; the largest is q (or dq) or the one
+    per-KV-head gather of the ν+ρ candidates."""
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in tree_flatten(out)[0]:
+                if isinstance(x, torch.Tensor):
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    B, H, Hkv, T, D, window, relevant = 1, 8, 1, 64, 16, 3, 2
+    q, k, v = make_qkv(B, H, Hkv, T, D)
+    real = torch.ones(B, T, dtype=torch.bool)
+    with LargestTensor() as mode:
+        out, _ = reference(q, k, v, window, relevant, key_padding_mask=real, return_state=True)
+        out.sum().backward()
+    gather = B * Hkv * T * (window + relevant) * D
+    assert 0 < mode.largest <= max(q.numel(), gather)
+    assert mode.largest < H // Hkv * gather  # what repeating k and v would cost
