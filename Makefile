@@ -20,7 +20,7 @@ INSTALLED := $(VENV)/.installed
 BUILT     := $(VENV)/.built
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 
-.PHONY: test fuzz bench bench-quick build sanitize lint clean mutants
+.PHONY: test fuzz bench bench-quick build sanitize lint typecheck clean mutants
 .DEFAULT_GOAL := test
 
 $(BIN)/python:
@@ -96,6 +96,10 @@ quality: $(BUILT)
 
 lint: $(DEPS)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# mypy on the package ([tool.mypy] in pyproject.toml: the public API fully annotated).
+typecheck: $(DEPS)
+	$(BIN)/mypy
 
 clean:
 	rm -rf build $(BUILT) screening_attn/*.so

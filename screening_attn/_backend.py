@@ -36,7 +36,7 @@ def _load_extension() -> types.ModuleType:
 
         return _C
     spec = importlib.util.spec_from_file_location("screening_attn._C", path)
-    if spec is None or not os.path.isfile(path):
+    if spec is None or spec.loader is None or not os.path.isfile(path):
         raise ImportError(f"{EXTENSION_ENV}={path!r} is not an extension module file")
     module = importlib.util.module_from_spec(spec)
     # registered first: a later `import screening_attn._C` must get this one, not load the
@@ -47,13 +47,16 @@ def _load_extension() -> types.ModuleType:
     except BaseException:
         del sys.modules[spec.name]
         raise
-    sys.modules["screening_attn"]._C = module  # as the import statement would
+    # as the import statement would (ModuleType's stub declares no attributes to set)
+    sys.modules["screening_attn"]._C = module  # type: ignore[attr-defined]
     return module
 
 
+_C: types.ModuleType | None
+C_ERROR: str | None
 try:  # loading _C registers the C++ ops (TORCH_LIBRARY) as a side effect
     _C = _load_extension()
-    C_ERROR: str | None = None
+    C_ERROR = None
 except ImportError as exc:  # the reference backend still works without the extension
     _C = None
     C_ERROR = f"the C++ extension screening_attn._C failed to load ({exc})"

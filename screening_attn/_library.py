@@ -3,9 +3,20 @@ a backward op's own derivative a clear error."""
 
 from __future__ import annotations
 
-import torch
+from typing import TypeAlias, TypeVar
 
-__all__ = ["acc_dtype", "no_double_backward"]
+import torch
+from torch._library.custom_ops import CustomOpDef
+from torch._ops import OpOverload
+
+__all__ = ["Op", "OpT", "acc_dtype", "no_double_backward"]
+
+# A registered op: a C++ op's overload (torch.ops.screening_attn.<name>.default) or a Triton
+# custom op (torch.library.custom_op); both are callable and take fakes and autograd.
+Op: TypeAlias = OpOverload | CustomOpDef
+# The item type of a family's NamedTuple of ops, which holds either its registered ops or their
+# fakes.
+OpT = TypeVar("OpT")
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,7 +25,7 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def no_double_backward(op, name: str) -> None:
+def no_double_backward(op: Op, name: str) -> None:
     """Register an autograd formula for the backward op ``op`` that raises: the compiled
     backward ops have no derivative of their own, and silently returning zeros would be wrong.
     ``backend="reference"`` gives higher-order gradients."""

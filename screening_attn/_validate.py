@@ -7,9 +7,13 @@ import math
 import numbers
 import operator
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from torch.nn.modules.module import _IncompatibleKeys
 
 __all__ = [
     "check_attention_inputs",
@@ -39,7 +43,8 @@ def check_int(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, bool | torch.Tensor):
         raise TypeError(f"{name} must be an int >= {minimum}, got {_describe(value)}")
     try:
-        index = operator.index(value)
+        # operator.index is the check itself: it raises TypeError for a non-integral value
+        index = operator.index(cast(SupportsIndex, value))
     except TypeError:
         raise TypeError(f"{name} must be an int >= {minimum}, got {_describe(value)}") from None
     if index < minimum:
@@ -226,10 +231,12 @@ def check_state_dict(module: nn.Module, state_dict: object, *, strict: bool) -> 
             )
 
 
-class StateDictChecks:
-    """Mixin for the package's modules: ``load_state_dict`` runs :func:`check_state_dict` first,
+class StateDictChecks(nn.Module):
+    """Base of the package's modules: ``load_state_dict`` runs :func:`check_state_dict` first,
     so a checkpoint of the wrong shape raises a ValueError naming the keys."""
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> _IncompatibleKeys:
         check_state_dict(self, state_dict, strict=check_bool("strict", strict))
         return super().load_state_dict(state_dict, strict=strict, assign=assign)

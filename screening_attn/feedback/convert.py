@@ -132,10 +132,10 @@ def convert_paper_state_dict(
                 if value.dim() != 2:
                     raise ValueError(f"{key} must be 2-d, got shape {tuple(value.shape)}")
                 transposed = (f"{key} transposed", value.t())
-            if weight is None:
-                out[target] = transposed[1]
-            elif transposed is None:
+            if transposed is None:
                 out[target] = weight
+            elif weight is None:
+                out[target] = transposed[1]
             elif gradients:
                 if transposed[1].shape != weight.shape:
                     raise ValueError(

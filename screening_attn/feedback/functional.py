@@ -4,10 +4,13 @@ name or the registered op of :mod:`screening_attn.feedback._ops`."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from screening_attn import _backend
+from screening_attn._library import OpT
 from screening_attn._validate import check_bool, check_int, check_same_device_dtype, check_tensor
 from screening_attn.feedback import _ops, reference
 from screening_attn.feedback._checks import (
@@ -41,10 +44,23 @@ _KERNELS = {
 }
 
 
-def _compiled(group, impl: str):
+class _Family(Protocol[OpT]):
+    """A module of ``_ops``: one op family's ops in each implementation (None if missing)."""
+
+    CPP: OpT | None
+    TRITON: OpT | None
+
+
+def _loaded(ops: OpT | None) -> OpT:
+    # resolve() picks a compiled backend only where it loaded, so its ops are registered
+    assert ops is not None
+    return ops
+
+
+def _compiled(group: _Family[OpT], impl: str) -> OpT:
     """``group``'s ops (a module of ``_ops``) for the compiled backend ``impl``: the Triton
     custom ops, or the C++ ops (which dispatch to CPU or CUDA by device)."""
-    return group.TRITON if impl == "triton" else group.CPP
+    return _loaded(group.TRITON if impl == "triton" else group.CPP)
 
 
 # --- AdaReLU gate --------------------------------------------------------------------------------
@@ -386,7 +402,7 @@ def ins_bias_ada_relu_pool2d(
             x, bias, hidden, pool_hidden, eta, k, eps=eps, centered=centered
         )
     if impl == "cpu":
-        y, mask, _, argmax, argmin = _ops.stages.CPP.ins_bias_ada_relu_pool2d(
+        y, mask, _, argmax, argmin = _loaded(_ops.stages.CPP).ins_bias_ada_relu_pool2d(
             x, bias, hidden, pool_hidden, eta, eps, centered, k
         )
         return y, mask, argmax, argmin
@@ -428,7 +444,9 @@ def ada_unpool_gate(
     if impl == "reference":
         return reference.ada_unpool_gate(z, argmax, argmin, hidden, mask, k, (height, width))
     if impl == "cpu":
-        return _ops.stages.CPP.ada_unpool_gate(z, hidden, argmax, argmin, mask, k, height, width)
+        return _loaded(_ops.stages.CPP).ada_unpool_gate(
+            z, hidden, argmax, argmin, mask, k, height, width
+        )
     u = _compiled(_ops.pools, impl).ada_unpool2d(z, hidden, argmax, argmin, k, height, width)
     return u, _compiled(_ops.gates, impl).ada_relu_feedback(u, mask)
 

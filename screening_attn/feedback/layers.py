@@ -62,7 +62,8 @@ class FeedbackModule(StateDictChecks, nn.Module):
         backend = _backend.check_backend(backend)
         for module in self.modules():
             if hasattr(module, "backend"):
-                module.backend = backend
+                # nn.Module.__setattr__'s stub takes only tensors and modules
+                module.backend = backend  # type: ignore[assignment]
 
     def _clear_state(self) -> None:
         """Stateless layers have nothing to forget."""
@@ -249,6 +250,9 @@ class AdaPool2d(FeedbackModule):
         backend (str): where it runs (docs/backends.md). Default: ``"auto"``.
     """
 
+    hidden: Tensor | None
+    _selection: PoolSelection | None
+
     def __init__(self, kernel_size: int, *, backend: str = "auto") -> None:
         super().__init__()
         self.kernel_size = check_kernel_size(kernel_size)
@@ -347,16 +351,16 @@ class AdaPool2d(FeedbackModule):
     def pos_mask(self) -> Tensor | None:
         """``hidden > 0`` of the last forward (``None`` if it was not gated)."""
         s = self._gated()
-        return None if s is None else s.hidden > 0
+        return None if s is None or s.hidden is None else s.hidden > 0
 
     @property
     def neg_mask(self) -> Tensor | None:
         s = self._gated()
-        return None if s is None else s.hidden < 0
+        return None if s is None or s.hidden is None else s.hidden < 0
 
     def _clear_state(self) -> None:
-        self.hidden: Tensor | None = None
-        self._selection: PoolSelection | None = None
+        self.hidden = None
+        self._selection = None
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, backend={self.backend!r}"

@@ -179,7 +179,7 @@ class GlobalAvgPool2d(FeedbackModule):
         return x.mean(dim=(2, 3))
 
     def feedback(self, z: Tensor) -> Tensor:
-        if self.size is None:
+        if self.size is None or self.channels is None:  # both are set by forward
             raise RuntimeError("GlobalAvgPool2d.feedback needs a forward pass first")
         check_tensor("z", z, ndim=2)
         check_channels("z", z, 1, self.channels, "channels (those of the last forward input)")

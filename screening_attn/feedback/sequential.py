@@ -15,12 +15,13 @@ Example::
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import cast
 
 from torch import Tensor, nn
 
 from screening_attn._validate import check_int
 from screening_attn.feedback import fusion
-from screening_attn.feedback.layers import FeedbackModule
+from screening_attn.feedback.layers import AdaPool2d, AdaReLU, Bias, FeedbackModule, InsNorm
 
 __all__ = ["FeedbackSequential"]
 
@@ -37,8 +38,10 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
       it reconstructs the input of unit ``stop``.
     """
 
-    def __init__(self, *layers: nn.Module | OrderedDict[str, nn.Module]) -> None:
-        super().__init__(*layers)
+    def __init__(self, *layers: FeedbackModule | OrderedDict[str, FeedbackModule]) -> None:
+        # nn.Sequential's stub has one overload for modules and one for an OrderedDict; at
+        # runtime it takes either, as here
+        super().__init__(*layers)  # type: ignore[arg-type]
         self.units()  # every layer must be a FeedbackModule
 
     def units(self) -> list[FeedbackModule]:
@@ -63,7 +66,8 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
 
     def __getitem__(self, idx: int | slice) -> nn.Module:
         if isinstance(idx, slice):
-            return FeedbackSequential(OrderedDict(list(self._modules.items())[idx]))
+            layers = cast(dict[str, FeedbackModule], self._modules)  # as __init__ checked
+            return FeedbackSequential(OrderedDict(list(layers.items())[idx]))
         return super().__getitem__(idx)
 
     @staticmethod
@@ -80,14 +84,25 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
                 and i + 3 < len(units)
                 and fusion.fuses_ins_bias_ada_relu_pool2d(*units[i : i + 4])
             ):
-                x = fusion.ins_bias_ada_relu_pool_layers(*units[i : i + 4], x)
+                # the predicate checked the layers' types (casts: mypy cannot narrow through it)
+                ins, bias, relu, pool = units[i : i + 4]
+                x = fusion.ins_bias_ada_relu_pool_layers(
+                    cast(InsNorm, ins),
+                    cast(Bias, bias),
+                    cast(AdaReLU, relu),
+                    cast(AdaPool2d, pool),
+                    x,
+                )
                 i += 4
             elif (
                 at not in (i + 1, i + 2)
                 and i + 2 < len(units)
                 and fusion.fuses_ins_bias_ada_relu(*units[i : i + 3])
             ):
-                x = fusion.ins_bias_ada_relu_layers(*units[i : i + 3], x)
+                ins, bias, relu = units[i : i + 3]
+                x = fusion.ins_bias_ada_relu_layers(
+                    cast(InsNorm, ins), cast(Bias, bias), cast(AdaReLU, relu), x
+                )
                 i += 3
             else:
                 x = units[i](x)
@@ -108,10 +123,14 @@ class FeedbackSequential(FeedbackModule, nn.Sequential):
         i = len(units) - 1
         while i >= stop:
             if i - 1 >= stop and fusion.fuses_ins_norm_gate(units[i - 1], units[i]):
-                z = fusion.ins_norm_gate_layers(units[i], units[i - 1], z)
+                z = fusion.ins_norm_gate_layers(
+                    cast(InsNorm, units[i]), cast(AdaReLU, units[i - 1]), z
+                )
                 i -= 2
             elif i - 1 >= stop and fusion.fuses_ada_unpool_gate(units[i - 1], units[i]):
-                z = fusion.ada_unpool_gate_layers(units[i - 1], units[i], z)
+                z = fusion.ada_unpool_gate_layers(
+                    cast(AdaReLU, units[i - 1]), cast(AdaPool2d, units[i]), z
+                )
                 i -= 2
             else:
                 z = units[i].feedback(z)

@@ -181,6 +181,7 @@ def rel_rnn_fused(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RelRNN forward through the fused kernels: ``(h, relevant_index, relevant_score,
     relevancy)``; differentiable in ``h`` (backpropagation through time)."""
+    assert _OPS is not None  # callers resolve to a compiled backend: the extension loaded
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], V_weight.shape[0])
     out = _OPS.rel_rnn.default(
@@ -210,6 +211,7 @@ def rel_lstm_fused(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """RelLSTM forward through the fused kernels; as :func:`rel_rnn_fused`. The four gate
     weights are concatenated (autograd splits their gradient)."""
+    assert _OPS is not None  # as in rel_rnn_fused
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], Ua_weight.shape[0])
     W = torch.cat([Wf_weight, Wi_weight, Wo_weight, Wg_weight])

@@ -5,6 +5,7 @@ PyTorch) and the fused C++/CUDA kernels behind ``_ops.py``."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +20,13 @@ from screening_attn.rnn.reference import (
 )
 
 __all__ = ["ModReLU", "RelLSTM", "RelRNN", "RelState"]
+
+
+class _Factory(TypedDict):
+    """The factory keywords of the modules' parameters."""
+
+    device: torch.device | str | None
+    dtype: torch.dtype | None
 
 
 @dataclass
@@ -117,7 +125,7 @@ class ModReLU(nn.Module):
         return f"features={self.features}"
 
 
-def _make_nonlinearity(name: object, hidden_size: int, factory: dict) -> nn.Module:
+def _make_nonlinearity(name: object, hidden_size: int, factory: _Factory) -> nn.Module:
     if not isinstance(name, str) or name not in NONLINEARITIES:
         raise ValueError(f"nonlinearity must be one of {NONLINEARITIES}, got {name!r}")
     if name == "modrelu":
@@ -188,7 +196,7 @@ class RelRNN(_validate.StateDictChecks, nn.Module):
             input_size, hidden_size, window, relevant
         )
         bias = _validate.check_bool("bias", bias)
-        factory = {"device": device, "dtype": dtype}
+        factory: _Factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.window = window
@@ -318,7 +326,7 @@ class RelLSTM(_validate.StateDictChecks, nn.Module):
         input_size, hidden_size, window, relevant = _check_sizes(
             input_size, hidden_size, window, relevant
         )
-        factory = {"device": device, "dtype": dtype}
+        factory: _Factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.window = window

@@ -174,7 +174,7 @@ def rel_rnn_reference(
     # would write T full-size (T, B, Hd) gradients (quadratic time), unbind's stacks them once.
     ux = F.linear(x, U_weight, U_bias).unbind(0)
     memory = _Memory(window, relevant, T, h0)
-    hs = []
+    hs: list[Tensor] = []
     for t in range(T):
         if t == 0:
             pre = ux[0] + F.linear(h0, V_weight)
@@ -233,7 +233,7 @@ def rel_lstm_reference(
     cell = x.new_zeros(B, Hd)
     s = h0  # s_0 = h0, no attention at t = 0
     xs = x.unbind(0)  # not x[t]: see rel_rnn_reference
-    hs = []
+    hs: list[Tensor] = []
     for t in range(T):
         if t > 0:
             s = 0.5 * (hs[-1] + memory.attend(s, Va_weight, v))

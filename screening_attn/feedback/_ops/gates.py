@@ -3,20 +3,21 @@ autograd (linear in the gradient, so double backward works) and the Triton custo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Generic, NamedTuple
 
 import torch
 from torch import Tensor
 
 from screening_attn import _backend
+from screening_attn._library import Op, OpT
 
 
-class GateOps(NamedTuple):
-    """One implementation's gate ops (C++ op overloads or Triton custom ops)."""
+class GateOps(NamedTuple, Generic[OpT]):
+    """One implementation's gate ops (C++ op overloads or Triton custom ops), or their fakes."""
 
-    ada_relu: object
-    ada_relu_backward: object
-    ada_relu_feedback: object
+    ada_relu: OpT
+    ada_relu_backward: OpT
+    ada_relu_feedback: OpT
 
 
 def _fake_ada_relu(x: Tensor, hidden: Tensor | None, eta: float) -> tuple[Tensor, Tensor]:
@@ -36,7 +37,7 @@ def _fake_ada_relu_feedback(z: Tensor, mask: Tensor) -> Tensor:
 _FAKES = GateOps(_fake_ada_relu, _fake_ada_relu_backward, _fake_ada_relu_feedback)
 
 
-def _register_autograd(o: GateOps) -> None:
+def _register_autograd(o: GateOps[Op]) -> None:
     """Autograd of one implementation's three ops."""
 
     def setup_fwd(ctx, inputs, output):
@@ -80,8 +81,8 @@ def _register_autograd(o: GateOps) -> None:
     )
 
 
-CPP: GateOps | None = None
-TRITON: GateOps | None = None
+CPP: GateOps[Op] | None = None
+TRITON: GateOps[Op] | None = None
 
 if _backend.C_ERROR is None:
     CPP = GateOps(*(getattr(torch.ops.screening_attn, name).default for name in GateOps._fields))
@@ -111,5 +112,5 @@ if _backend.HAS_TRITON:
 
     TRITON = GateOps(ada_relu_triton, ada_relu_backward_triton, ada_relu_feedback_triton)
     for _op, _fake in zip(TRITON, _FAKES):
-        _op.register_fake(_fake)
+        torch.library.register_fake(_op)(_fake)
     _register_autograd(TRITON)

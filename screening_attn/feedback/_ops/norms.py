@@ -4,24 +4,25 @@ AdaReLU in one pass) and ``ins_norm_gate`` (top-down InsNorm -> AdaReLU feedback
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Generic, NamedTuple
 
 import torch
 from torch import Tensor
 
 from screening_attn import _backend
-from screening_attn._library import acc_dtype, no_double_backward
+from screening_attn._library import Op, OpT, acc_dtype, no_double_backward
 
 
-class NormOps(NamedTuple):
-    """One implementation's instance-norm family (C++ op overloads or Triton custom ops)."""
+class NormOps(NamedTuple, Generic[OpT]):
+    """One implementation's instance-norm family (C++ op overloads or Triton custom ops), or
+    their fakes."""
 
-    ins_norm: object
-    ins_norm_backward: object
-    ins_bias_ada_relu: object
-    ins_bias_ada_relu_backward: object
-    ins_norm_gate: object
-    ins_norm_gate_backward: object
+    ins_norm: OpT
+    ins_norm_backward: OpT
+    ins_bias_ada_relu: OpT
+    ins_bias_ada_relu_backward: OpT
+    ins_norm_gate: OpT
+    ins_norm_gate_backward: OpT
 
 
 def contiguous_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
@@ -84,7 +85,7 @@ _FAKES = NormOps(
 )
 
 
-def _register_autograd(o: NormOps) -> None:
+def _register_autograd(o: NormOps[Op]) -> None:
     """Autograd of one implementation's instance-norm family."""
 
     def setup_ins_norm(ctx, inputs, output):
@@ -147,8 +148,8 @@ def _register_autograd(o: NormOps) -> None:
     no_double_backward(o.ins_norm_gate_backward, "ins_norm_gate")
 
 
-CPP: NormOps | None = None
-TRITON: NormOps | None = None
+CPP: NormOps[Op] | None = None
+TRITON: NormOps[Op] | None = None
 
 if _backend.C_ERROR is None:
     CPP = NormOps(*(getattr(torch.ops.screening_attn, name).default for name in NormOps._fields))
@@ -225,5 +226,5 @@ if _backend.HAS_TRITON:
         ins_norm_gate_backward_triton,
     )
     for _op, _fake in zip(TRITON, _FAKES):
-        _op.register_fake(_fake)
+        torch.library.register_fake(_op)(_fake)
     _register_autograd(TRITON)

@@ -4,20 +4,21 @@ so any order of derivatives works) and the Triton custom ops."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Generic, NamedTuple
 
 import torch
 from torch import Tensor
 
 from screening_attn import _backend
+from screening_attn._library import Op, OpT
 
 
-class PoolOps(NamedTuple):
-    """One implementation's AdaPool ops (C++ op overloads or Triton custom ops)."""
+class PoolOps(NamedTuple, Generic[OpT]):
+    """One implementation's AdaPool ops (C++ op overloads or Triton custom ops), or their fakes."""
 
-    ada_pool2d: object
-    ada_unpool2d: object
-    ada_pool2d_gather: object
+    ada_pool2d: OpT
+    ada_unpool2d: OpT
+    ada_pool2d_gather: OpT
 
 
 def pooled_shape(x: Tensor, k: int) -> tuple[int, int, int, int]:
@@ -51,7 +52,7 @@ def _fake_ada_pool2d_gather(
 _FAKES = PoolOps(_fake_ada_pool2d, _fake_ada_unpool2d, _fake_ada_pool2d_gather)
 
 
-def _register_autograd(o: PoolOps) -> None:
+def _register_autograd(o: PoolOps[Op]) -> None:
     """Autograd of one implementation's AdaPool ops. The gates come from ``hidden``'s signs,
     piecewise constant: ``hidden`` gets no gradient."""
 
@@ -94,8 +95,8 @@ def _register_autograd(o: PoolOps) -> None:
     )
 
 
-CPP: PoolOps | None = None
-TRITON: PoolOps | None = None
+CPP: PoolOps[Op] | None = None
+TRITON: PoolOps[Op] | None = None
 
 if _backend.C_ERROR is None:
     CPP = PoolOps(*(getattr(torch.ops.screening_attn, name).default for name in PoolOps._fields))
@@ -137,5 +138,5 @@ if _backend.HAS_TRITON:
 
     TRITON = PoolOps(ada_pool2d_triton, ada_unpool2d_triton, ada_pool2d_gather_triton)
     for _op, _fake in zip(TRITON, _FAKES):
-        _op.register_fake(_fake)
+        torch.library.register_fake(_op)(_fake)
     _register_autograd(TRITON)

@@ -6,13 +6,13 @@ gated gradient and its sum) stay in a per-plane scratch, never in memory."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Generic, NamedTuple
 
 import torch
 from torch import Tensor
 
 from screening_attn import _backend
-from screening_attn._library import no_double_backward
+from screening_attn._library import Op, OpT, no_double_backward
 from screening_attn.feedback._ops.norms import (
     contiguous_like,
     fake_ins_bias_ada_relu_backward,
@@ -21,13 +21,13 @@ from screening_attn.feedback._ops.norms import (
 from screening_attn.feedback._ops.pools import pooled_shape
 
 
-class StageOps(NamedTuple):
-    """The C++ stage fusions and their backward ops."""
+class StageOps(NamedTuple, Generic[OpT]):
+    """The C++ stage fusions and their backward ops, or their fakes."""
 
-    ins_bias_ada_relu_pool2d: object
-    ins_bias_ada_relu_pool2d_backward: object
-    ada_unpool_gate: object
-    ada_unpool_gate_backward: object
+    ins_bias_ada_relu_pool2d: OpT
+    ins_bias_ada_relu_pool2d_backward: OpT
+    ada_unpool_gate: OpT
+    ada_unpool_gate_backward: OpT
 
 
 def _fake_ins_bias_ada_relu_pool2d(
@@ -87,6 +87,7 @@ def _fake_ada_unpool_gate_backward(
     kernel_size: int,
 ) -> Tensor:
     like = grad_u if grad_u is not None else grad_out
+    assert like is not None  # the autograd formula never calls the op with neither gradient
     return like.new_empty(pooled_shape(like, kernel_size))
 
 
@@ -98,7 +99,7 @@ _FAKES = StageOps(
 )
 
 
-def _register_autograd(o: StageOps) -> None:
+def _register_autograd(o: StageOps[Op]) -> None:
     def setup_norm_pool(ctx, inputs, output):
         x, bias, hidden, pool_hidden, eta, _, centered, k = inputs
         ctx.eta, ctx.centered, ctx.k = eta, centered, k
@@ -160,7 +161,7 @@ def _register_autograd(o: StageOps) -> None:
     no_double_backward(o.ins_bias_ada_relu_pool2d_backward, "ins_bias_ada_relu_pool2d")
 
 
-CPP: StageOps | None = None
+CPP: StageOps[Op] | None = None
 
 if _backend.C_ERROR is None:
     CPP = StageOps(*(getattr(torch.ops.screening_attn, name).default for name in StageOps._fields))
