@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 #include "screening_attn/checks.h"
 #include "screening_attn/screening.h"
 
@@ -93,7 +95,7 @@ T dot(const T* a, const T* b, int64_t n) {
 // logits `ss` gathered from the relevant set (-inf for an empty slot). Writes the probabilities
 // to `pw` / `ps`, adds the window ones to `rel` (the keys' relevancy), returns the log-sum-exp.
 template <typename T>
-__attribute__((always_inline)) inline T softmax_query_impl(const T* sw, T* pw, int64_t nw, const T* ss, T* ps, int64_t ns,
+SCREENING_ATTN_INLINE T softmax_query_impl(const T* sw, T* pw, int64_t nw, const T* ss, T* ps, int64_t ns,
                             T* rel) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
@@ -123,14 +125,8 @@ __attribute__((always_inline)) inline T softmax_query_impl(const T* sw, T* pw, i
 }
 
 // The scan's hot loop, compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SCREENING_ATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SCREENING_ATTN_VECTOR_CLONES
-#endif
 
-SCREENING_ATTN_VECTOR_CLONES float softmax_query(const float* sw, float* pw, int64_t nw,
+SCREENING_ATTN_CLONES float softmax_query(const float* sw, float* pw, int64_t nw,
                                                  const float* ss, float* ps, int64_t ns,
                                                  float* rel) {
   return softmax_query_impl(sw, pw, nw, ss, ps, ns, rel);
@@ -144,7 +140,7 @@ double softmax_query(const double* sw, double* pw, int64_t nw, const double* ss,
 // Backward: p[c] = exp(logit[c] - lse) where column c (key[c], in the relevant set over queries
 // [start[c], end[c])) is a candidate of query t, else 0. In place on `p`.
 template <typename T>
-__attribute__((always_inline)) inline void candidate_probs_impl(T* p, int64_t n,
+SCREENING_ATTN_INLINE void candidate_probs_impl(T* p, int64_t n,
                                                                 const int32_t* key,
                                                                 const int32_t* start,
                                                                 const int32_t* end, int32_t t,
@@ -157,7 +153,7 @@ __attribute__((always_inline)) inline void candidate_probs_impl(T* p, int64_t n,
   }
 }
 
-SCREENING_ATTN_VECTOR_CLONES void candidate_probs(float* p, int64_t n, const int32_t* key,
+SCREENING_ATTN_CLONES void candidate_probs(float* p, int64_t n, const int32_t* key,
                                                   const int32_t* start, const int32_t* end,
                                                   int32_t t, int32_t nu, float lse) {
   candidate_probs_impl(p, n, key, start, end, t, nu, lse);

@@ -1,6 +1,7 @@
 // CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas and
 // the time loops that call these: csrc/rnn.cpp). Every kernel is parallel over the B batch
-// rows (at::parallel_for); a row's work is sequential and vectorized over the Hd features. The
+// rows (at::parallel_for); a row's work is sequential and vectorized over the Hd features, and
+// the row kernels are compiled for AVX-512 and AVX2 too (SCREENING_ATTN_CLONES, vec.h). The
 // element math (scores, activations, LSTM cell) is shared with the CUDA kernels
 // (include/screening_attn/rnn.h).
 #include <ATen/Dispatch.h>
@@ -13,6 +14,8 @@
 #include <string_view>
 #include <vector>
 
+#include "vec.h"
+
 #include "screening_attn/rnn.h"
 #include "screening_attn/rnn_checks.h"
 
@@ -21,15 +24,6 @@ namespace screening_attn {
 int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
 
 namespace {
-
-// The row kernels are compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SCREENING_ATTN_RNN_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SCREENING_ATTN_RNN_CLONES
-#endif
-#define SCREENING_ATTN_INLINE __attribute__((always_inline)) inline
 
 // Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
 int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
@@ -216,13 +210,13 @@ SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64
   }
 }
 
-SCREENING_ATTN_RNN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
+SCREENING_ATTN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
   attend_rows_impl(f, begin, end);
 }
 void attend_rows(const Forward<double>& f, int64_t begin, int64_t end) {
   attend_rows_impl(f, begin, end);
 }
-SCREENING_ATTN_RNN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
+SCREENING_ATTN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
                                                     int64_t end) {
   attend_backward_rows_impl(g, begin, end);
 }
@@ -307,7 +301,7 @@ SCREENING_ATTN_INLINE void activation_backward_row_impl(const T* g, const T* h, 
 }
 
 template <int NL>
-SCREENING_ATTN_RNN_CLONES void activation_row(const float* pre, const float* mb, float* h,
+SCREENING_ATTN_CLONES void activation_row(const float* pre, const float* mb, float* h,
                                               int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
@@ -316,7 +310,7 @@ void activation_row(const double* pre, const double* mb, double* h, int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
 template <int NL>
-SCREENING_ATTN_RNN_CLONES void activation_backward_row(const float* g, const float* h,
+SCREENING_ATTN_CLONES void activation_backward_row(const float* g, const float* h,
                                                        float* gpre, float* gb, int64_t n) {
   activation_backward_row_impl<NL>(g, h, gpre, gb, n);
 }
@@ -410,14 +404,14 @@ SCREENING_ATTN_INLINE void lstm_backward_row_impl(const T* gh, const T* gates, c
   }
 }
 
-SCREENING_ATTN_RNN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
+SCREENING_ATTN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
                                         int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
 void lstm_row(double* gates, const double* c_prev, double* cell, double* h, int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
-SCREENING_ATTN_RNN_CLONES void lstm_backward_row(const float* gh, const float* gates,
+SCREENING_ATTN_CLONES void lstm_backward_row(const float* gh, const float* gates,
                                                  const float* cell, const float* c_prev,
                                                  float* gc, float* ga, int64_t n) {
   lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
