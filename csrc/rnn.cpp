@@ -20,17 +20,6 @@
 
 namespace screening_attn {
 
-int parse_nonlinearity(std::string_view name) {
-  if (name == "tanh") return kTanh;
-  if (name == "relu") return kRelu;
-  if (name == "sigmoid") return kSigmoid;
-  if (name == "identity") return kIdentity;
-  if (name == "modrelu") return kModRelu;
-  C10_THROW_ERROR(ValueError, c10::str("nonlinearity must be one of ('tanh', 'relu', 'sigmoid', "
-                                       "'identity', 'modrelu'), got '",
-                                       name, "'"));
-}
-
 namespace {
 
 using at::Tensor;
@@ -214,7 +203,7 @@ struct Screening {
       : window(std::min(window_, T)),  // a window >= T never slides: same as T
         relevant(relevant_),
         live(std::min(relevant_, std::max<int64_t>(0, T - std::min(window_, T)))) {
-    const auto acc = like.options().dtype(rnn_acc_type(like.scalar_type()));
+    const auto acc = like.options().dtype(acc_type(like.scalar_type()));
     slot_index = at::full({B, live}, -1, like.options().dtype(at::kLong));
     slot_score = at::full({B, live}, -std::numeric_limits<double>::infinity(), acc);
     relevancy = at::zeros({T, B}, acc);
@@ -238,7 +227,7 @@ struct Records {
   Tensor alpha, cand;
   Records(int64_t T, int64_t B, const Screening& sc, const Tensor& like) {
     alpha = at::empty({T, B, sc.window + sc.live},
-                      like.options().dtype(rnn_acc_type(like.scalar_type())));
+                      like.options().dtype(acc_type(like.scalar_type())));
     cand = at::empty({T, B, sc.live}, like.options().dtype(at::kLong));
     alpha[0].zero_();  // step 0 does not attend
     cand[0].fill_(-1);

@@ -29,13 +29,6 @@ namespace {
 // squared deviations, as torch.var), then one elementwise pass; the plane (3 KB for 28 x 28
 // float32) is in L1 for the second read.
 
-enum class Gate {
-  kNone,      // ins_norm: y = x r
-  kReLU,      // ins_bias_ada_relu without hidden: y = relu(x r + b)
-  kAda,       // ins_bias_ada_relu with hidden
-  kFeedback,  // ins_norm_gate: zn = x r, out = zn [mask]
-};
-
 template <typename T>
 struct NormFwd {
   const T* x;
@@ -330,14 +323,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_cpu(
   return {y, mask, rstd};
 }
 
-// Per-plane partial sums (N, C) -> (C,), summed over N in order: deterministic.
+// Per-plane partial sums (N, C) -> (C,).
 template <typename T>
 void sum_bias_parts(const T* part, T* out, int64_t batch, int64_t channels) {
-  for (int64_t c = 0; c < channels; ++c) {
-    T s = 0;
-    for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
-    out[c] = s;
-  }
+  for (int64_t c = 0; c < channels; ++c) out[c] = bias_grad<T>(part, batch, channels, c);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_norm_gate_cpu(const at::Tensor& z_,

@@ -21,8 +21,6 @@
 
 namespace screening_attn {
 
-int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
-
 namespace {
 
 // Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
@@ -233,7 +231,7 @@ void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
   check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
                     t, window);
   check_slots(slot_index, "slot_index", t, window);
-  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
@@ -260,9 +258,9 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
                              grad_uah, grad_v, grad_query, t, window);
   check_slots(cand_, "cand", t, window);
-  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
-  const at::Tensor grad_s = grad_s_.stride(-1) == 1 ? grad_s_ : grad_s_.contiguous();
-  const at::Tensor alpha = alpha_.stride(-1) == 1 ? alpha_ : alpha_.contiguous();
+  const at::Tensor query = rows_of(query_);
+  const at::Tensor grad_s = rows_of(grad_s_);
+  const at::Tensor alpha = rows_of(alpha_);
   const at::Tensor cand = cand_.contiguous();
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
@@ -320,18 +318,6 @@ void activation_backward_row(const double* g, const double* h, double* gpre, dou
   activation_backward_row_impl<NL>(g, h, gpre, gb, n);
 }
 
-// Calls f(std::integral_constant<int, NL>) for the runtime code nl.
-template <typename F>
-void dispatch_nonlinearity(int nl, F&& f) {
-  switch (nl) {
-    case kTanh: return f(std::integral_constant<int, kTanh>{});
-    case kRelu: return f(std::integral_constant<int, kRelu>{});
-    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
-    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
-    default: return f(std::integral_constant<int, kModRelu>{});
-  }
-}
-
 template <typename T>
 const T* row(const at::Tensor& x, int64_t b) {
   return x.const_data_ptr<T>() + b * x.stride(0);
@@ -345,7 +331,7 @@ void rnn_activation_cpu(const at::Tensor& pre_, const std::optional<at::Tensor>&
                         c10::string_view nonlinearity, const at::Tensor& h) {
   const int nl = parse_nonlinearity(nonlinearity);
   check_activation(pre_, modrelu_b, nl, h);
-  const at::Tensor pre = pre_.stride(-1) == 1 ? pre_ : pre_.contiguous();
+  const at::Tensor pre = rows_of(pre_);
   const at::Tensor mb = nl == kModRelu ? modrelu_b->contiguous() : at::Tensor();
   const int64_t B = pre.size(0), Hd = pre.size(1);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_activation_cpu", [&] {
@@ -367,8 +353,8 @@ void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_
   const int nl = parse_nonlinearity(nonlinearity);
   check_activation_backward(grad_h_, h_, grad_pre, grad_b);
   const int64_t B = grad_h_.size(0), Hd = grad_h_.size(1);
-  const at::Tensor g = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
-  const at::Tensor h = h_.stride(-1) == 1 ? h_ : h_.contiguous();
+  const at::Tensor g = rows_of(grad_h_);
+  const at::Tensor h = rows_of(h_);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnn_activation_backward_cpu", [&] {
     using T = scalar_t;
     dispatch_nonlinearity(nl, [&](auto NL) {
@@ -424,7 +410,7 @@ void lstm_backward_row(const double* gh, const double* gates, const double* cell
 void lstm_cell_cpu(const at::Tensor& gates, const at::Tensor& cell_prev_, const at::Tensor& cell,
                    const at::Tensor& h) {
   check_lstm_cell(gates, cell_prev_, cell, h);
-  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const at::Tensor cp = rows_of(cell_prev_);
   const int64_t B = gates.size(0), Hd = gates.size(1) / 4;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
@@ -440,10 +426,10 @@ void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
                             const at::Tensor& cell_, const at::Tensor& cell_prev_,
                             const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
   check_lstm_cell_backward(grad_h_, gates_, cell_, cell_prev_, grad_cell, grad_gates);
-  const at::Tensor gh = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
-  const at::Tensor gates = gates_.stride(-1) == 1 ? gates_ : gates_.contiguous();
-  const at::Tensor cell = cell_.stride(-1) == 1 ? cell_ : cell_.contiguous();
-  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const at::Tensor gh = rows_of(grad_h_);
+  const at::Tensor gates = rows_of(gates_);
+  const at::Tensor cell = rows_of(cell_);
+  const at::Tensor cp = rows_of(cell_prev_);
   const int64_t B = gh.size(0), Hd = gh.size(1);
   AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "lstm_cell_backward_cpu", [&] {
     using T = scalar_t;

@@ -139,8 +139,6 @@ at::Tensor ada_relu_feedback_cuda(const at::Tensor& z_, const at::Tensor& mask_)
 
 constexpr int kPlaneThreads = 256;
 
-enum class Gate { kNone, kReLU, kAda, kFeedback };  // as in cpu/feedback.cpp
-
 template <typename acc_t>
 using PlaneReduce = cub::BlockReduce<acc_t, kPlaneThreads>;
 
@@ -248,7 +246,7 @@ __global__ void __launch_bounds__(kPlaneThreads)
   }
 }
 
-// (N, C) plane sums -> (C,), each channel summed over N in order by one thread.
+// (N, C) plane sums -> (C,), one thread per channel.
 template <typename scalar_t>
 __global__ void sum_bias_parts_kernel(const at::opmath_type<scalar_t>* __restrict__ part,
                                       scalar_t* __restrict__ out, int64_t batch,
@@ -256,18 +254,12 @@ __global__ void sum_bias_parts_kernel(const at::opmath_type<scalar_t>* __restric
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < channels;
        c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t s = 0;
-    for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
-    out[c] = static_cast<scalar_t>(s);
+    out[c] = static_cast<scalar_t>(bias_grad<acc_t>(part, batch, channels, c));
   }
 }
 
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor new_rstd(const at::Tensor& x) {
-  return at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
 unsigned int plane_blocks(const at::Tensor& rstd) {

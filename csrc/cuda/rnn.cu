@@ -23,8 +23,6 @@
 
 namespace screening_attn {
 
-int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
-
 namespace {
 
 constexpr int kThreads = 128;  // per block (one batch row); loops cover Hd > kThreads
@@ -284,20 +282,6 @@ __global__ void lstm_cell_backward_kernel(const scalar_t* __restrict__ gh, int64
     ga[Hd] = static_cast<scalar_t>(gi);
     ga[2 * Hd] = static_cast<scalar_t>(go);
     ga[3 * Hd] = static_cast<scalar_t>(gg);
-  }
-}
-
-// Read-only (rows, cols) inputs: any row stride, unit stride within a row.
-at::Tensor rows_of(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-template <typename F>
-void dispatch_nonlinearity(int nl, F&& f) {
-  switch (nl) {
-    case kTanh: return f(std::integral_constant<int, kTanh>{});
-    case kRelu: return f(std::integral_constant<int, kRelu>{});
-    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
-    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
-    default: return f(std::integral_constant<int, kModRelu>{});
   }
 }
 

@@ -9,6 +9,12 @@
 
 namespace screening_attn {
 
+// The dtype of the kernels' statistics and softmax weights (rstd, alpha, relevancy): float64 for
+// float64 inputs, else float32 (half and bfloat16 compute in float), as _library.acc_dtype.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                              const char* b_name) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ",
@@ -76,7 +82,7 @@ inline void check_ins_bias_ada_relu(const at::Tensor& x, const std::optional<at:
 
 // rstd: one value per (n, c) plane of `like`, in the accumulation type (double for double).
 inline void check_rstd(const at::Tensor& rstd, const at::Tensor& like) {
-  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(like.scalar_type());
   TORCH_CHECK_TYPE(rstd.scalar_type() == acc, "rstd must be ", acc, ", got ", rstd.scalar_type());
   TORCH_CHECK_VALUE(rstd.dim() == 2 && rstd.size(0) == like.size(0) && rstd.size(1) == like.size(1),
                     "rstd must have shape (N, C) = (", like.size(0), ", ", like.size(1), "), got ",

@@ -54,6 +54,16 @@ SCREENING_ATTN_LANEWISE void ada_relu_grad(acc_t g, M open, acc_t eta, acc_t* gx
 // Forward: u = x r (+ bias), r = 1 / sqrt(power + eps), power = sum(x^2) / count, or with
 // `centered` the unbiased variance sum((x - mean)^2) / (count - 1) (x itself is not shifted).
 
+// What the norm kernels apply after u = x r (+ bias), a template argument of the CPU and CUDA
+// kernels. The values are fixed: the Python IntEnum `Gate` of kernels/feedback.py mirrors them
+// (the Triton kernels' GATE).
+enum class Gate {
+  kNone = 0,      // ins_norm: y = x r
+  kReLU = 1,      // ins_bias_ada_relu without hidden: y = relu(x r + b)
+  kAda = 2,       // ins_bias_ada_relu with hidden
+  kFeedback = 3,  // ins_norm_gate: zn = x r, out = zn [mask]
+};
+
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ins_divisor(int64_t count, bool centered) {
   return static_cast<acc_t>(centered ? count - 1 : count);
@@ -82,6 +92,16 @@ C10_HOST_DEVICE inline acc_t ins_grad_coef(acc_t rstd, acc_t sum_gu_x, int64_t c
 template <typename acc_t>
 SCREENING_ATTN_LANEWISE acc_t ins_grad(acc_t gu, acc_t x, acc_t rstd, acc_t coef, acc_t mean) {
   return rstd * gu - coef * (x - mean);
+}
+
+// The bias gradient of channel c from the backward's per-plane sums of gu, `part` (N, C): summed
+// over N in order, so that it does not depend on how the planes were split among threads.
+template <typename acc_t, typename part_t>
+C10_HOST_DEVICE inline acc_t bias_grad(const part_t* part, int64_t batch, int64_t channels,
+                                       int64_t c) {
+  acc_t s = 0;
+  for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
+  return s;
 }
 
 // --- AdaPool (k x k windows, stride k) ----------------------------------------------------------

@@ -6,13 +6,27 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "screening_attn/screening.h"
 
 namespace screening_attn {
 
-// Order of SPEC §2's list; csrc/rnn.cpp parses the names.
+// Order of docs/rnn.md's list; parse_nonlinearity (rnn_checks.h) maps the names the ops take.
 enum Nonlinearity : int { kTanh = 0, kRelu = 1, kSigmoid = 2, kIdentity = 3, kModRelu = 4 };
+
+// Calls f(std::integral_constant<int, NL>) for the runtime code nl (host code: the kernels are
+// compiled per nonlinearity).
+template <typename F>
+void dispatch_nonlinearity(int nl, F&& f) {
+  switch (nl) {
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
+    default: return f(std::integral_constant<int, kModRelu>{});
+  }
+}
 
 // tanh. float on the host: Eigen's rational approximation (error < 7 ulp, < 4e-7 absolute),
 // branch-free so that the score loop, which calls it (ν+ρ)·Hd times per row and step,

@@ -1,6 +1,7 @@
 // Input checks of the RelRNN / RelLSTM step ops (schemas in csrc/rnn.cpp), one helper per op,
-// called by the CPU and the CUDA kernel. The sequence ops build their arguments themselves;
-// these checks are for direct torch.ops callers.
+// called by the CPU and the CUDA kernel, and the host-side helpers they share (parse_nonlinearity,
+// rows_of). The sequence ops build their arguments themselves; these checks are for direct
+// torch.ops callers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,16 +9,29 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "screening_attn/checks.h"
+#include "screening_attn/rnn.h"
 
 namespace screening_attn {
 
-// Softmax weights and relevancy scores: float32 for half inputs, else the input dtype.
-inline at::ScalarType rnn_acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+// The Nonlinearity of an activation's name (the ops take the name).
+inline int parse_nonlinearity(std::string_view name) {
+  if (name == "tanh") return kTanh;
+  if (name == "relu") return kRelu;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "identity") return kIdentity;
+  if (name == "modrelu") return kModRelu;
+  C10_THROW_ERROR(ValueError, c10::str("nonlinearity must be one of ('tanh', 'relu', 'sigmoid', "
+                                       "'identity', 'modrelu'), got '",
+                                       name, "'"));
 }
+
+// A read-only (rows, cols) input as the kernels take it: any row stride, unit stride within a
+// row (copied only if it has not).
+inline at::Tensor rows_of(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // A (rows, cols) tensor whose rows may be strided but whose elements within a row are not.
 inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
@@ -63,7 +77,7 @@ inline void check_attend_step(const at::Tensor& query, const at::Tensor& hidden,
   check_memory(query, hidden, uah, v, t);
   TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
   const int64_t B = query.size(0), Hd = query.size(1);
-  const at::ScalarType acc = rnn_acc_type(query.scalar_type());
+  const at::ScalarType acc = acc_type(query.scalar_type());
   TORCH_CHECK_VALUE(slot_index.dim() == 2 && slot_index.size(0) == B,
                     "slot_index must have shape (B, relevant) with B = ", B, ", got ",
                     slot_index.sizes());
@@ -97,7 +111,7 @@ inline void check_attend_step_backward(const at::Tensor& grad_s, const at::Tenso
   const int64_t B = query.size(0), Hd = query.size(1);
   check_same_dtype_device(query, "query", grad_s, "grad_s");
   check_same_shape(query, "query", grad_s, "grad_s");
-  check_dtype_device(alpha, "alpha", rnn_acc_type(query.scalar_type()), query);
+  check_dtype_device(alpha, "alpha", acc_type(query.scalar_type()), query);
   check_dtype_device(cand, "cand", at::kLong, query);
   TORCH_CHECK_VALUE(cand.dim() == 2 && cand.size(0) == B,
                     "cand must have shape (B, relevant) with B = ", B, ", got ", cand.sizes());
@@ -135,10 +149,10 @@ inline int64_t check_elementwise(
   return B;
 }
 
-// modrelu_b: Hd elements, required for modrelu (nonlinearity code 4).
+// modrelu_b: Hd elements, required for modrelu.
 inline void check_modrelu_b(const at::Tensor& like, const std::optional<at::Tensor>& modrelu_b,
                             int nonlinearity, int64_t Hd) {
-  TORCH_CHECK_VALUE(nonlinearity != 4 || modrelu_b.has_value(),
+  TORCH_CHECK_VALUE(nonlinearity != kModRelu || modrelu_b.has_value(),
                     "nonlinearity 'modrelu' needs modrelu_b, got None");
   if (modrelu_b.has_value()) {
     check_same_dtype_device(like, "the activation's inputs", *modrelu_b, "modrelu_b");
