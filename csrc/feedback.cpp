@@ -1,5 +1,6 @@
-// Schemas of the CNN-F ops. Kernels: csrc/cpu/feedback.cpp, csrc/cuda/feedback.cu;
-// fakes and autograd: screening_attn/feedback/_ops.py.
+// Schemas of the CNN-F ops (docs/feedback.md). Kernels: csrc/cpu/feedback_gate.cpp,
+// csrc/cpu/feedback_norm.cpp, csrc/cpu/feedback_pool.cpp, csrc/cuda/feedback.cu; fakes and
+// autograd: screening_attn/feedback/_ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(screening_attn, m) {

@@ -28,7 +28,7 @@ using Tensors9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 using Tensors10 =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 
-// ---- the step ops, called through the dispatcher (so the loop runs on any device) ------------
+// The step ops, called through the dispatcher (so that the loops run on any device).
 
 void attend_step(const Tensor& query, const Tensor& hidden, const Tensor& uah, const Tensor& v,
                  const Tensor& slot_index, const Tensor& slot_score, const Tensor& relevancy,
@@ -150,7 +150,7 @@ void rnn_step_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accum
   step_mm(out, a, b, accumulate);
 }
 
-// ---- shared by both networks -----------------------------------------------------------------
+// Shared by both networks.
 
 void check_sequence(const Tensor& x, const Tensor& h0, int64_t Hd, int64_t window,
                     int64_t relevant,
@@ -233,7 +233,7 @@ struct Records {
   }
 };
 
-// ---- RelRNN ----------------------------------------------------------------------------------
+// RelRNN
 //
 // pq (T, B, 2Hd) holds per step [pre_t | Q_{t+1}]: it starts as [U x_t + b | 0] (the input part
 // of every step in one product up front), and each step adds s_t [V; Va]ᵀ in one product.
@@ -368,7 +368,7 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
           gv.sum(0).view(v.sizes()), gb.sum(0)};
 }
 
-// ---- RelLSTM ---------------------------------------------------------------------------------
+// RelLSTM
 //
 // W = [Wf; Wi; Wo; Wg] (4Hd, Hd + I) acting on [s_t, x_t], bias (4Hd). pq (T, B, 5Hd) holds per
 // step [gates_t | Q_{t+1}]: it starts as [W_x x_t + bias | 0] (one product up front), each step

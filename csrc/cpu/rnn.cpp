@@ -279,7 +279,7 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   });
 }
 
-// ---- RelRNN activation: h = φ(pre) ----------------------------------------------------------
+// RelRNN activation: h = φ(pre)
 
 template <int NL, typename T>
 SCREENING_ATTN_INLINE void activation_row_impl(const T* pre, const T* mb, T* h, int64_t n) {
@@ -368,7 +368,7 @@ void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_
   });
 }
 
-// ---- RelLSTM cell ----------------------------------------------------------------------------
+// RelLSTM cell
 
 // One row: gates [f | i | o | g] pre-activations -> the gates, in place; cell, h.
 template <typename T>

@@ -135,7 +135,7 @@ at::Tensor ada_relu_feedback_cuda(const at::Tensor& z_, const at::Tensor& mask_)
   return out;
 }
 
-// --- Instance-norm family: one block per (n, c) plane ---------------------------------------------
+// Instance-norm family: one block per (n, c) plane
 
 constexpr int kPlaneThreads = 256;
 
@@ -426,7 +426,7 @@ at::Tensor ins_norm_gate_backward_cuda(const at::Tensor& grad_zn_, const at::Ten
   return gz;
 }
 
-// --- AdaPool ------------------------------------------------------------------------------------
+// AdaPool
 
 template <typename scalar_t>
 __global__ void ada_pool_forward_kernel(const scalar_t* __restrict__ x,

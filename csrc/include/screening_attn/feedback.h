@@ -1,5 +1,5 @@
-// Elementwise and per-plane math of the CNN-F ops (SPEC §3), shared by the CPU and CUDA kernels.
-// The Triton kernels (kernels/feedback.py) write the same formulas.
+// Elementwise and per-plane math of the CNN-F ops (docs/feedback.md), shared by the CPU and CUDA
+// kernels. The Triton kernels (kernels/feedback.py) write the same formulas.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -24,7 +24,7 @@ SCREENING_ATTN_LANEWISE acc_t as_number(M b) {
   return b ? zero + 1 : zero;
 }
 
-// --- Gates -------------------------------------------------------------------------------------
+// Gates
 
 // AdaReLU: x' = x + eta (h - x), open where x' h > 0 (plain ReLU without feedback).
 // y = x' * open, not `open ? x' : 0`, so a NaN input stays NaN as in the reference.
@@ -50,7 +50,7 @@ SCREENING_ATTN_LANEWISE void ada_relu_grad(acc_t g, M open, acc_t eta, acc_t* gx
   *gh = gm * eta;
 }
 
-// --- Instance norm over one (n, c) plane of `count` elements ------------------------------------
+// Instance norm over one (n, c) plane of `count` elements.
 // Forward: u = x r (+ bias), r = 1 / sqrt(power + eps), power = sum(x^2) / count, or with
 // `centered` the unbiased variance sum((x - mean)^2) / (count - 1) (x itself is not shifted).
 
@@ -104,7 +104,7 @@ C10_HOST_DEVICE inline acc_t bias_grad(const part_t* part, int64_t batch, int64_
   return s;
 }
 
-// --- AdaPool (k x k windows, stride k) ----------------------------------------------------------
+// AdaPool (k x k windows, stride k)
 // Windows are scanned in row-major order; a candidate replaces the best so far only if strictly
 // better, so ties keep the first element. NaN beats any number (and the first NaN stays), as
 // torch.argmax / argmin do. Positions are stored window-local: p = row * k + col, in a uint8.

@@ -1,4 +1,4 @@
-// Element math of the RelRNN / RelLSTM step (SPEC §2), shared by the CPU kernels
+// Element math of the RelRNN / RelLSTM step (docs/rnn.md), shared by the CPU kernels
 // (csrc/cpu/rnn.cpp) and the CUDA kernels (csrc/cuda/rnn.cu), so the CPU tests exercise it.
 // acc_t is float or double (half inputs compute in float).
 #pragma once
@@ -77,7 +77,7 @@ C10_HOST_DEVICE inline double sigmoid_(double x) {
 #endif
 }
 
-// ---- candidates of one batch row at step t >= 1 -----------------------------------------------
+// Candidates of one batch row at step t >= 1.
 
 // The window t-nw .. t-1 (nw = min(t, window)), then the filled slots (slot < 0: empty). Writes
 // each candidate's time step to pos and its column in the step's weight record to col (window:
@@ -103,7 +103,7 @@ C10_HOST_DEVICE inline int64_t step_candidates(const index_t* slots, int64_t rho
   return nc;
 }
 
-// ---- additive attention score: e = Σ_d v_d tanh(q_d + k_d), with q = Va s and k = Ua h --------
+// Additive attention score: e = Σ_d v_d tanh(q_d + k_d), with q = Va s and k = Ua h
 
 // One term: z = tanh(q + k), returns v z.
 template <typename acc_t>
@@ -120,7 +120,7 @@ C10_HOST_DEVICE inline acc_t score_term_backward(acc_t q, acc_t k, acc_t v, acc_
   return de * v * (acc_t(1) - z * z);
 }
 
-// ---- RelRNN activation h = φ(pre) and its backward (NL: a Nonlinearity) -----------------------
+// RelRNN activation h = φ(pre) and its backward (NL: a Nonlinearity)
 
 // sign(z) as torch.sign: 0 at 0 (and for NaN).
 template <typename acc_t>
@@ -169,7 +169,7 @@ C10_HOST_DEVICE inline acc_t activate_backward(acc_t g, acc_t h, acc_t* gb) {
   }
 }
 
-// ---- RelLSTM cell ---------------------------------------------------------------------------
+// RelLSTM cell
 
 // Gate pre-activations a_f, a_i, a_o, a_g -> gates f, i, o = σ(a), g = tanh(a_g);
 // c = f c_prev + i g; h = o tanh(c).
