@@ -25,7 +25,8 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
       "ins_bias_ada_relu_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor rstd, float eta, "
       "bool gated, bool has_bias, bool centered) -> (Tensor, Tensor, Tensor)");
   // Top-down InsNorm -> AdaReLU feedback: (zn, zn * mask, rstd); zn is the gate's new hidden.
-  m.def("ins_norm_gate(Tensor z, Tensor mask, float eps, bool centered) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ins_norm_gate(Tensor z, Tensor mask, float eps, bool centered) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ins_norm_gate_backward(Tensor grad_zn, Tensor grad_out, Tensor z, Tensor mask, "
       "Tensor rstd, bool centered) -> Tensor");

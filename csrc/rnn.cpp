@@ -31,8 +31,7 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
       " Tensor(b!) grad_b) -> ()");
   // gates (B, 4Hd): in, the [f | i | o | g] pre-activations; out, the gates f, i, o = σ(·),
   // g = tanh(·). cell = f cell_prev + i g, h = o tanh(cell).
-  m.def(
-      "lstm_cell(Tensor(a!) gates, Tensor cell_prev, Tensor(b!) cell, Tensor(c!) h) -> ()");
+  m.def("lstm_cell(Tensor(a!) gates, Tensor cell_prev, Tensor(b!) cell, Tensor(c!) h) -> ()");
   // grad_cell: in, dL/dcell_t from step t+1; out, dL/dcell_{t-1}. Writes grad_gates (B, 4Hd).
   m.def(
       "lstm_cell_backward(Tensor grad_h, Tensor gates, Tensor cell, Tensor cell_prev,"

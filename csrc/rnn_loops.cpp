@@ -46,24 +46,24 @@ void attend_step(const Tensor& query, const Tensor& hidden, const Tensor& uah, c
 void attend_step_backward(const Tensor& grad_s, const Tensor& query, const Tensor& hidden,
                           const Tensor& uah, const Tensor& v, const Tensor& alpha,
                           const Tensor& cand, const Tensor& grad_hidden, const Tensor& grad_uah,
-                          const Tensor& grad_v, const Tensor& grad_query, int64_t t,
-                          int64_t window, double attn) {
+                          const Tensor& grad_v, const Tensor& grad_query, int64_t t, int64_t window,
+                          double attn) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("screening_attn::rnn_attend_step_backward", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, int64_t, int64_t, double)>();
-  op.call(grad_s, query, hidden, uah, v, alpha, cand, grad_hidden, grad_uah, grad_v, grad_query,
-          t, window, attn);
+  op.call(grad_s, query, hidden, uah, v, alpha, cand, grad_hidden, grad_uah, grad_v, grad_query, t,
+          window, attn);
 }
 
 void activation(const Tensor& pre, const OptTensor& modrelu_b, c10::string_view nonlinearity,
                 const Tensor& h) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("screening_attn::rnn_activation", "")
-                       .typed<void(const Tensor&, const OptTensor&, c10::string_view,
-                                   const Tensor&)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("screening_attn::rnn_activation", "")
+          .typed<void(const Tensor&, const OptTensor&, c10::string_view, const Tensor&)>();
   op.call(pre, modrelu_b, nonlinearity, h);
 }
 
@@ -76,12 +76,10 @@ void activation_backward(const Tensor& grad_h, const Tensor& h, c10::string_view
   op.call(grad_h, h, nonlinearity, grad_pre, grad_b);
 }
 
-void lstm_cell(const Tensor& gates, const Tensor& cell_prev, const Tensor& cell,
-               const Tensor& h) {
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("screening_attn::lstm_cell", "")
-          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+void lstm_cell(const Tensor& gates, const Tensor& cell_prev, const Tensor& cell, const Tensor& h) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::lstm_cell", "")
+                       .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
   op.call(gates, cell_prev, cell, h);
 }
 
@@ -127,8 +125,8 @@ void step_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulat
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   const bool small = m * n * k <= (int64_t{1} << 22) || at::get_num_threads() == 1;
   if (out.device().is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-      b.scalar_type() == at::kFloat && m > 0 && n > 0 && k > 0 && small &&
-      rows_contiguous(out) && rows_contiguous(a) && rows_contiguous(b) && brgemm_works()) {
+      b.scalar_type() == at::kFloat && m > 0 && n > 0 && k > 0 && small && rows_contiguous(out) &&
+      rows_contiguous(a) && rows_contiguous(b) && brgemm_works()) {
     at::native::cpublas::brgemm(m, n, k, a.stride(0), b.stride(0), out.stride(0), accumulate,
                                 a.const_data_ptr<float>(), b.const_data_ptr<float>(),
                                 out.mutable_data_ptr<float>(), false);
@@ -143,8 +141,8 @@ void step_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulat
 void rnn_step_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accumulate) {
   TORCH_CHECK_VALUE(out.dim() == 2 && a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) &&
                         out.size(0) == a.size(0) && out.size(1) == b.size(1),
-                    "rnn_step_mm: out (m, n), a (m, k), b (k, n) expected, got ", out.sizes(),
-                    ", ", a.sizes(), ", ", b.sizes());
+                    "rnn_step_mm: out (m, n), a (m, k), b (k, n) expected, got ", out.sizes(), ", ",
+                    a.sizes(), ", ", b.sizes());
   check_same_dtype_device(out, "out", a, "a");
   check_same_dtype_device(out, "out", b, "b");
   step_mm(out, a, b, accumulate);
@@ -152,8 +150,7 @@ void rnn_step_mm(const Tensor& out, const Tensor& a, const Tensor& b, bool accum
 
 // Shared by both networks.
 
-void check_sequence(const Tensor& x, const Tensor& h0, int64_t Hd, int64_t window,
-                    int64_t relevant,
+void check_sequence(const Tensor& x, const Tensor& h0, int64_t Hd, int64_t window, int64_t relevant,
                     std::initializer_list<std::pair<const Tensor*, const char*>> weights) {
   TORCH_CHECK_TYPE(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ",
                    x.scalar_type());
@@ -213,9 +210,9 @@ struct Screening {
     if (live == relevant) return {slot_index, slot_score};
     const int64_t B = slot_index.size(0);
     return {at::cat({slot_index, at::full({B, relevant - live}, -1, slot_index.options())}, 1),
-            at::cat({slot_score, at::full({B, relevant - live},
-                                          -std::numeric_limits<double>::infinity(),
-                                          slot_score.options())},
+            at::cat({slot_score,
+                     at::full({B, relevant - live}, -std::numeric_limits<double>::infinity(),
+                              slot_score.options())},
                     1)};
   }
 };
@@ -225,8 +222,8 @@ struct Screening {
 struct Records {
   Tensor alpha, cand;
   Records(int64_t T, int64_t B, const Screening& sc, const Tensor& like) {
-    alpha = at::empty({T, B, sc.window + sc.live},
-                      like.options().dtype(acc_type(like.scalar_type())));
+    alpha =
+        at::empty({T, B, sc.window + sc.live}, like.options().dtype(acc_type(like.scalar_type())));
     cand = at::empty({T, B, sc.live}, like.options().dtype(at::kLong));
     alpha[0].zero_();  // step 0 does not attend
     cand[0].fill_(-1);
@@ -248,8 +245,11 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
                  int64_t window, int64_t relevant, c10::string_view nonlinearity, double attn) {
   const int64_t Hd = V_weight.dim() == 2 ? V_weight.size(0) : -1;
   check_sequence(x_, h0_, Hd, window, relevant,
-                 {{&U_weight, "U_weight"}, {&V_weight, "V_weight"}, {&Ua_weight, "Ua_weight"},
-                  {&Va_weight, "Va_weight"}, {&v, "v"}});
+                 {{&U_weight, "U_weight"},
+                  {&V_weight, "V_weight"},
+                  {&Ua_weight, "Ua_weight"},
+                  {&Va_weight, "Va_weight"},
+                  {&v, "v"}});
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2);
   check_weight(U_weight, "U_weight", Hd, I);
   check_weight(V_weight, "V_weight", Hd, Hd);
@@ -290,8 +290,8 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
   mm_into(uah[0], h[0], UaT);
   for (int64_t t = 1; t < T; ++t) {
-    attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
-                sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn);
+    attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score, sc.relevancy,
+                s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn);
     Tensor pq_t = pq[t];
     step_mm(pq_t, s[t], W, true);
     activation(pq_t.narrow(1, 0, Hd), modrelu_b, nonlinearity, h[t]);
@@ -308,9 +308,9 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
 Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& h0,
                           const Tensor& U_weight, const Tensor& V_weight, const Tensor& Ua_weight,
                           const Tensor& Va_weight, const Tensor& v, const Tensor& h,
-                          const Tensor& s, const Tensor& pq, const Tensor& uah,
-                          const Tensor& alpha, const Tensor& cand, int64_t window,
-                          c10::string_view nonlinearity, double attn) {
+                          const Tensor& s, const Tensor& pq, const Tensor& uah, const Tensor& alpha,
+                          const Tensor& cand, int64_t window, c10::string_view nonlinearity,
+                          double attn) {
   check_records(grad_h, x_, h, {{s, "s"}, {uah, "uah"}}, pq, 2, alpha, cand, "rel_rnn");
   const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
   const int64_t I = x_.size(2);
@@ -333,7 +333,7 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
 
   for (int64_t t1 = T; t1 > 0; t1 -= K) {
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
-    Tensor g = chunk.narrow(0, 0, n);  // g[t - t0]
+    Tensor g = chunk.narrow(0, 0, n);         // g[t - t0]
     g[n - 1].narrow(1, Hd, Hd).copy_(carry);  // dL/dQ_{t1} (0 for the last step: no query)
     for (int64_t t = t1 - 1; t >= t0; --t) {
       Tensor gH_t = gH[t], g_t = g[t - t0];
@@ -364,8 +364,9 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   Tensor grad_V = grad_W.narrow(0, 0, Hd).add(grad_V0);
   Tensor grad_Va = grad_W.narrow(0, Hd, Hd).add(grad_Va0);
   Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
-  return {grad_x, grad_h0, grad_U, grad_U_bias, grad_V, grad_Ua, grad_Va,
-          gv.sum(0).view(v.sizes()), gb.sum(0)};
+  return {grad_x,   grad_h0, grad_U,  grad_U_bias,
+          grad_V,   grad_Ua, grad_Va, gv.sum(0).view(v.sizes()),
+          gb.sum(0)};
 }
 
 // RelLSTM
@@ -380,8 +381,11 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
                    int64_t window, int64_t relevant) {
   const int64_t Hd = Ua_weight.dim() == 2 ? Ua_weight.size(0) : -1;
   check_sequence(x_, h0_, Hd, window, relevant,
-                 {{&W_, "W"}, {&bias, "bias"}, {&Ua_weight, "Ua_weight"},
-                  {&Va_weight, "Va_weight"}, {&v, "v"}});
+                 {{&W_, "W"},
+                  {&bias, "bias"},
+                  {&Ua_weight, "Ua_weight"},
+                  {&Va_weight, "Va_weight"},
+                  {&v, "v"}});
   const int64_t T = x_.size(0), B = x_.size(1), I = x_.size(2);
   check_weight(W_, "W", 4 * Hd, Hd + I);
   check_weight(Ua_weight, "Ua_weight", Hd, Hd);
@@ -456,12 +460,12 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
     for (int64_t t = t1 - 1; t >= t0; --t) {
       Tensor gH_t = gH[t], g_t = g[t - t0];
       step_mm(gH_t, gK[t], Ua, true);
-      lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t],
-                         t > 0 ? cell[t - 1] : cell_init, gcell, g_t.narrow(1, 0, 4 * Hd));
+      lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t], t > 0 ? cell[t - 1] : cell_init,
+                         gcell, g_t.narrow(1, 0, 4 * Hd));
       step_mm(gs, g_t, Wc, false);
       if (t > 0) {
-        attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t],
-                             gH, gK, gv, t > t0 ? g[t - 1 - t0].narrow(1, 4 * Hd, Hd) : carry, t,
+        attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t], gH,
+                             gK, gv, t > t0 ? g[t - 1 - t0].narrow(1, 4 * Hd, Hd) : carry, t,
                              window, 1.0);
       }
     }
@@ -474,7 +478,12 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   }
   Tensor grad_W = at::cat({grad_sq.narrow(0, 0, 4 * Hd), grad_Wx}, 1);
   Tensor grad_Ua = at::mm(gK.view({T * B, Hd}).t(), h.reshape({T * B, Hd}));
-  return {grad_x, gs, grad_W, grad_bias, grad_Ua, grad_sq.narrow(0, 4 * Hd, Hd).clone(),
+  return {grad_x,
+          gs,
+          grad_W,
+          grad_bias,
+          grad_Ua,
+          grad_sq.narrow(0, 4 * Hd, Hd).clone(),
           gv.sum(0).view(v.sizes())};  // gs = dL/ds_0 = dL/dh0
 }
 

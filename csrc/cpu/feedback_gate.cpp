@@ -45,8 +45,8 @@ SCREENING_ATTN_INLINE void ada_relu_lanes(const T* x, const T* h, T* y, uint8_t*
 }
 
 template <typename W, typename T = typename W::Scalar>
-SCREENING_ATTN_INLINE void ada_relu_grad_lanes(const T* g, const uint8_t* mask, T* gx, T* gh,
-                                               T eta, int64_t n) {
+SCREENING_ATTN_INLINE void ada_relu_grad_lanes(const T* g, const uint8_t* mask, T* gx, T* gh, T eta,
+                                               int64_t n) {
   const typename W::V e = W::splat(eta);
   for_chunks<W>(n, [&](int64_t i) {
     typename W::V a, b;
@@ -64,9 +64,9 @@ SCREENING_ATTN_INLINE void gate_lanes(const T* z, const uint8_t* mask, T* out, i
 }
 
 #define SCREENING_ATTN_GATE_RANGES(T)                                                          \
-  SCREENING_ATTN_VECTOR_CLONES void ada_relu_range(const T* x, const T* h, T* y, uint8_t* m,    \
-                                                   T eta, bool has_hidden, int64_t begin,       \
-                                                   int64_t end) {                               \
+  SCREENING_ATTN_VECTOR_CLONES void ada_relu_range(const T* x, const T* h, T* y, uint8_t* m,   \
+                                                   T eta, bool has_hidden, int64_t begin,      \
+                                                   int64_t end) {                              \
     if (wide_plane<T>(end - begin)) {                                                          \
       ada_relu_lanes<Wide<T>>(x + begin, h + begin, y + begin, m + begin, eta, has_hidden,     \
                               end - begin);                                                    \
@@ -75,9 +75,8 @@ SCREENING_ATTN_INLINE void gate_lanes(const T* z, const uint8_t* mask, T* out, i
                                   end - begin);                                                \
     }                                                                                          \
   }                                                                                            \
-  SCREENING_ATTN_VECTOR_CLONES void ada_relu_grad_range(const T* g, const uint8_t* m, T* gx,    \
-                                                        T* gh, T eta, int64_t begin,            \
-                                                        int64_t end) {                          \
+  SCREENING_ATTN_VECTOR_CLONES void ada_relu_grad_range(                                       \
+      const T* g, const uint8_t* m, T* gx, T* gh, T eta, int64_t begin, int64_t end) {         \
     if (wide_plane<T>(end - begin)) {                                                          \
       ada_relu_grad_lanes<Wide<T>>(g + begin, m + begin, gx + begin, gh + begin, eta,          \
                                    end - begin);                                               \
@@ -86,8 +85,8 @@ SCREENING_ATTN_INLINE void gate_lanes(const T* z, const uint8_t* mask, T* out, i
                                        end - begin);                                           \
     }                                                                                          \
   }                                                                                            \
-  SCREENING_ATTN_VECTOR_CLONES void gate_range(const T* z, const uint8_t* m, T* out,            \
-                                               int64_t begin, int64_t end) {                    \
+  SCREENING_ATTN_VECTOR_CLONES void gate_range(const T* z, const uint8_t* m, T* out,           \
+                                               int64_t begin, int64_t end) {                   \
     if (wide_plane<T>(end - begin)) {                                                          \
       gate_lanes<Wide<T>>(z + begin, m + begin, out + begin, end - begin);                     \
     } else {                                                                                   \
@@ -150,9 +149,8 @@ at::Tensor ada_relu_feedback_cpu(const at::Tensor& z_, const at::Tensor& mask_) 
     const scalar_t* zp = z.const_data_ptr<scalar_t>();
     const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, z.numel(), kGrain, [&](int64_t begin, int64_t end) {
-      gate_range(zp, mp, op, begin, end);
-    });
+    at::parallel_for(0, z.numel(), kGrain,
+                     [&](int64_t begin, int64_t end) { gate_range(zp, mp, op, begin, end); });
   });
   return out;
 }

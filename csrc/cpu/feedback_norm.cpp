@@ -31,17 +31,17 @@ namespace {
 template <typename T>
 struct NormFwd {
   const T* x;
-  const T* bias;     // (C,) or nullptr
-  const T* hidden;   // like x, kAda only
+  const T* bias;        // (C,) or nullptr
+  const T* hidden;      // like x, kAda only
   const uint8_t* gate;  // like x, kFeedback only (bool data: 0 or 1)
-  T* y;              // y, or zn for kFeedback
-  T* out;            // kFeedback only
+  T* y;                 // y, or zn for kFeedback
+  T* out;               // kFeedback only
   uint8_t* mask;        // kReLU, kAda (bool data)
-  T* rstd;           // (N C,)
+  T* rstd;              // (N C,)
   int64_t channels, count;
   T eta, eps;
   bool centered;
-  bool stream_y;     // kFeedback: stream zn (the gate's new hidden) where its planes allow
+  bool stream_y;  // kFeedback: stream zn (the gate's new hidden) where its planes allow
 };
 
 template <typename W, typename T = typename W::Scalar>
@@ -126,7 +126,8 @@ SCREENING_ATTN_INLINE void norm_forward_range_impl(const NormFwd<T>& a, Gate g, 
       for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kAda>(a, p, a.y + p * a.count);
       break;
     case Gate::kFeedback:
-      for (int64_t p = p0; p < p1; ++p) norm_forward_plane<T, Gate::kFeedback>(a, p, a.y + p * a.count);
+      for (int64_t p = p0; p < p1; ++p)
+        norm_forward_plane<T, Gate::kFeedback>(a, p, a.y + p * a.count);
       stream_fence();
       break;
   }
@@ -137,8 +138,8 @@ SCREENING_ATTN_VECTOR_CLONES void norm_forward_range(const NormFwd<float>& a, Ga
   norm_forward_range_impl(a, g, p0, p1);
 }
 
-SCREENING_ATTN_VECTOR_CLONES void norm_forward_range(const NormFwd<double>& a, Gate g,
-                                                     int64_t p0, int64_t p1) {
+SCREENING_ATTN_VECTOR_CLONES void norm_forward_range(const NormFwd<double>& a, Gate g, int64_t p0,
+                                                     int64_t p1) {
   norm_forward_range_impl(a, g, p0, p1);
 }
 
@@ -154,8 +155,8 @@ void norm_forward(const NormFwd<T>& a, Gate g, int64_t planes) {
 // sum(gu) (the bias gradient of the plane) and sum(x) (the mean, when centered); pass 2 writes.
 template <typename T>
 struct NormBwd {
-  const T* g0;       // added as is, or nullptr
-  const T* g1;       // gated by mask and scaled by scale1, or nullptr
+  const T* g0;          // added as is, or nullptr
+  const T* g1;          // gated by mask and scaled by scale1, or nullptr
   const uint8_t* mask;  // with g1 (bool data)
   const T* x;
   const T* rstd;
@@ -203,8 +204,7 @@ SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p, c
 }
 
 template <typename T, bool G0, bool G1, bool GH>
-SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p,
-                                               const T* g1_plane) {
+SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p, const T* g1_plane) {
   if (wide_plane<T>(a.count)) {
     norm_backward_plane<T, G0, G1, GH, Wide<T>>(a, p, g1_plane);
   } else {
@@ -229,8 +229,7 @@ SCREENING_ATTN_INLINE void norm_backward_plane(const NormBwd<T>& a, int64_t p, c
 }
 
 template <typename T>
-SCREENING_ATTN_INLINE void norm_backward_range_impl(const NormBwd<T>& a, int64_t p0,
-                                                    int64_t p1) {
+SCREENING_ATTN_INLINE void norm_backward_range_impl(const NormBwd<T>& a, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     norm_backward_plane(a, p, a.g1 != nullptr ? a.g1 + p * a.count : nullptr);
   }
@@ -420,29 +419,27 @@ SCREENING_ATTN_INLINE void unpool_norm_backward_range_impl(const NormBwd<T>& a,
 }
 
 SCREENING_ATTN_VECTOR_CLONES void unpool_norm_backward_range(const NormBwd<float>& a,
-                                                             const PoolArgs<float>& pa,
-                                                             int64_t p0, int64_t p1) {
+                                                             const PoolArgs<float>& pa, int64_t p0,
+                                                             int64_t p1) {
   unpool_norm_backward_range_impl(a, pa, p0, p1);
 }
 
 SCREENING_ATTN_VECTOR_CLONES void unpool_norm_backward_range(const NormBwd<double>& a,
-                                                             const PoolArgs<double>& pa,
-                                                             int64_t p0, int64_t p1) {
+                                                             const PoolArgs<double>& pa, int64_t p0,
+                                                             int64_t p1) {
   unpool_norm_backward_range_impl(a, pa, p0, p1);
 }
 
 template <typename T>
 void unpool_norm_backward(const NormBwd<T>& a, const PoolArgs<T>& pa, int64_t planes) {
-  at::parallel_for(0, planes, plane_grain(a.count), [&](int64_t p0, int64_t p1) {
-    unpool_norm_backward_range(a, pa, p0, p1);
-  });
+  at::parallel_for(0, planes, plane_grain(a.count),
+                   [&](int64_t p0, int64_t p1) { unpool_norm_backward_range(a, pa, p0, p1); });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-ins_bias_ada_relu_pool2d_cpu(const at::Tensor& x_, const std::optional<at::Tensor>& bias_,
-                             const std::optional<at::Tensor>& hidden_,
-                             const std::optional<at::Tensor>& pool_hidden_, double eta,
-                             double eps, bool centered, int64_t k) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_pool2d_cpu(
+    const at::Tensor& x_, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& hidden_, const std::optional<at::Tensor>& pool_hidden_,
+    double eta, double eps, bool centered, int64_t k) {
   check_ins_bias_ada_relu(x_, bias_, hidden_, centered);
   check_ada_pool2d(x_, pool_hidden_, k);
   const at::Tensor x = x_.contiguous();
@@ -490,9 +487,8 @@ struct PooledGrad {
 // (grad_x, grad_hidden, grad_bias) of ins_bias_ada_relu; with `pooled`, `grad` is the gradient
 // of the pooled output, unpooled plane by plane into an L1 scratch plane (never into memory).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_impl(
-    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_,
-    const at::Tensor& rstd_, double eta, bool gated, bool has_bias, bool centered,
-    const PooledGrad* pooled) {
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_, const at::Tensor& rstd_,
+    double eta, bool gated, bool has_bias, bool centered, const PooledGrad* pooled) {
   const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), rstd = rstd_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   at::Tensor gx = at::empty_like(x);

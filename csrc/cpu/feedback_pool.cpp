@@ -27,15 +27,9 @@ SCREENING_ATTN_INLINE void pool_range_impl(const PoolArgs<T>& a, PoolOp op, int6
                                            int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     switch (op) {
-      case PoolOp::kForward:
-        pool_plane<T, PoolOp::kForward>(a, p, a.x + p * a.g.H * a.g.W);
-        break;
-      case PoolOp::kUnpool:
-        pool_plane<T, PoolOp::kUnpool>(a, p, a.y + p * a.g.H * a.g.W);
-        break;
-      case PoolOp::kGather:
-        pool_plane<T, PoolOp::kGather>(a, p, a.x + p * a.g.H * a.g.W);
-        break;
+      case PoolOp::kForward: pool_plane<T, PoolOp::kForward>(a, p, a.x + p * a.g.H * a.g.W); break;
+      case PoolOp::kUnpool: pool_plane<T, PoolOp::kUnpool>(a, p, a.y + p * a.g.H * a.g.W); break;
+      case PoolOp::kGather: pool_plane<T, PoolOp::kGather>(a, p, a.x + p * a.g.H * a.g.W); break;
     }
   }
 }
@@ -158,15 +152,15 @@ SCREENING_ATTN_INLINE void unpool_gate_range_impl(const PoolArgs<T>& pa, const u
   stream_fence();
 }
 
-SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<float>& pa,
-                                                    const uint8_t* mask, float* out, bool stream,
-                                                    int64_t p0, int64_t p1) {
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<float>& pa, const uint8_t* mask,
+                                                    float* out, bool stream, int64_t p0,
+                                                    int64_t p1) {
   unpool_gate_range_impl(pa, mask, out, stream, p0, p1);
 }
 
-SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<double>& pa,
-                                                    const uint8_t* mask, double* out, bool stream,
-                                                    int64_t p0, int64_t p1) {
+SCREENING_ATTN_VECTOR_CLONES void unpool_gate_range(const PoolArgs<double>& pa, const uint8_t* mask,
+                                                    double* out, bool stream, int64_t p0,
+                                                    int64_t p1) {
   unpool_gate_range_impl(pa, mask, out, stream, p0, p1);
 }
 
@@ -217,12 +211,9 @@ SCREENING_ATTN_VECTOR_CLONES void unpool_gate_backward_range(const PoolArgs<doub
   unpool_gate_backward_range_impl(pa, gu, go, mask, p0, p1);
 }
 
-std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(const at::Tensor& z_,
-                                                       const std::optional<at::Tensor>& hidden_,
-                                                       const at::Tensor& amax_,
-                                                       const at::Tensor& amin_,
-                                                       const at::Tensor& mask_, int64_t k,
-                                                       int64_t height, int64_t width) {
+std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(
+    const at::Tensor& z_, const std::optional<at::Tensor>& hidden_, const at::Tensor& amax_,
+    const at::Tensor& amin_, const at::Tensor& mask_, int64_t k, int64_t height, int64_t width) {
   check_ada_unpool2d(z_, "z", hidden_, amax_, amin_, k, height, width);
   const std::vector<int64_t> full{z_.size(0), z_.size(1), height, width};
   TORCH_CHECK_TYPE(mask_.scalar_type() == at::kBool, "mask must be a bool tensor, got ",
@@ -245,10 +236,9 @@ std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(const at::Tensor& z_,
     pa.g = pool_geometry(height, width, k);
     const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, z.size(0) * z.size(1), plane_grain(height * width),
-                     [&](int64_t p0, int64_t p1) {
-                       unpool_gate_range(pa, mp, op, streams_output(u), p0, p1);
-                     });
+    at::parallel_for(
+        0, z.size(0) * z.size(1), plane_grain(height * width),
+        [&](int64_t p0, int64_t p1) { unpool_gate_range(pa, mp, op, streams_output(u), p0, p1); });
   });
   return {u, out};
 }
@@ -284,10 +274,9 @@ at::Tensor ada_unpool_gate_backward_cpu(const std::optional<at::Tensor>& grad_u_
     const scalar_t* gup = gu.defined() ? gu.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* gop = go.defined() ? go.const_data_ptr<scalar_t>() : nullptr;
     const uint8_t* mp = as_bytes(mask.const_data_ptr<bool>());
-    at::parallel_for(0, like.size(0) * like.size(1), plane_grain(pa.g.H * pa.g.W),
-                     [&](int64_t p0, int64_t p1) {
-                       unpool_gate_backward_range(pa, gup, gop, mp, p0, p1);
-                     });
+    at::parallel_for(
+        0, like.size(0) * like.size(1), plane_grain(pa.g.H * pa.g.W),
+        [&](int64_t p0, int64_t p1) { unpool_gate_backward_range(pa, gup, gop, mp, p0, p1); });
   });
   return gz;
 }

@@ -105,11 +105,11 @@ void gather_row_scalar(const PoolRow<T>& r, int k, int64_t W, int64_t j0, int64_
 template <typename T, int L>
 struct PoolLanes : Lanes<T, L> {
   using Base = Lanes<T, L>;
-  using typename Base::I;
-  using typename Base::V;
   using Base::load;
   using Base::store;
   using Base::zeros;
+  using typename Base::I;
+  using typename Base::V;
   static SCREENING_ATTN_INLINE V number(I mask) { return as_number<V>(mask); }
   // Even and odd elements of the 2 L values at p: the left and right columns of L windows.
   static SCREENING_ATTN_INLINE void columns(const T* p, V& left, V& right) {
@@ -216,8 +216,9 @@ SCREENING_ATTN_INLINE void pool_row(const PoolRow<T>& r, int k, int64_t W, int64
 // Plane p. `plane` is H x W: forward and gather read it (a.x's, or a scratch plane), unpool
 // writes it (a.y's, or a scratch plane).
 template <typename T, PoolOp Op>
-SCREENING_ATTN_INLINE void pool_plane(const PoolArgs<T>& a, int64_t p,
-                                      std::conditional_t<Op == PoolOp::kUnpool, T*, const T*> plane) {
+SCREENING_ATTN_INLINE void pool_plane(
+    const PoolArgs<T>& a, int64_t p,
+    std::conditional_t<Op == PoolOp::kUnpool, T*, const T*> plane) {
   const int k = a.g.k;
   const int64_t H = a.g.H, W = a.g.W, Ho = a.g.Ho, Wo = a.g.Wo;
   for (int64_t i = 0; i < Ho; ++i) {

@@ -34,8 +34,7 @@ void check_slots(const at::Tensor& slots, const char* name, int64_t t, int64_t w
   const int64_t oldest_window_step = t - std::min(t, window);
   for (int64_t i = 0; i < c.numel(); ++i) {
     TORCH_CHECK_VALUE(p[i] < oldest_window_step, name, " holds step ", p[i],
-                      ", which is not older than the window of step ", t, " (window ", window,
-                      ")");
+                      ", which is not older than the window of step ", t, " (window ", window, ")");
   }
 }
 
@@ -77,25 +76,25 @@ struct Step {
 template <typename T>
 struct Forward {
   Step<T> st;
-  int64_t* slots;   // (B, ρ)
-  T* slot_score;    // (B, ρ)
-  T* relevancy;     // (T', B)
-  T* s;             // (B, Hd), row stride lds
-  T* alpha;         // (B, window + ρ), row stride lda
-  int64_t* cand;    // (B, ρ), row stride ldc
+  int64_t* slots;  // (B, ρ)
+  T* slot_score;   // (B, ρ)
+  T* relevancy;    // (T', B)
+  T* s;            // (B, Hd), row stride lds
+  T* alpha;        // (B, window + ρ), row stride lda
+  int64_t* cand;   // (B, ρ), row stride ldc
   int64_t lds, lda, ldc;
 };
 
 template <typename T>
 struct Backward {
   Step<T> st;
-  const T* gs;       // (B, Hd) dL/ds_t, row stride ldg
-  const T* alpha;    // (B, window + ρ), row stride lda
+  const T* gs;          // (B, Hd) dL/ds_t, row stride ldg
+  const T* alpha;       // (B, window + ρ), row stride lda
   const int64_t* cand;  // (B, ρ)
-  T* gh;             // (T', B, Hd) += dL/dh_j
-  T* gk;             // (T', B, Hd) += dL/duah_j
-  T* gv;             // (B, Hd) += dL/dv per row
-  T* gq;             // (B, Hd) = dL/dquery, row stride ldgq
+  T* gh;                // (T', B, Hd) += dL/dh_j
+  T* gk;                // (T', B, Hd) += dL/duah_j
+  T* gv;                // (B, Hd) += dL/dv per row
+  T* gq;                // (B, Hd) = dL/dquery, row stride ldgq
   int64_t ldg, lda, ldgq;
 };
 
@@ -215,7 +214,7 @@ void attend_rows(const Forward<double>& f, int64_t begin, int64_t end) {
   attend_rows_impl(f, begin, end);
 }
 SCREENING_ATTN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
-                                                    int64_t end) {
+                                                int64_t end) {
   attend_backward_rows_impl(g, begin, end);
 }
 void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end) {
@@ -223,26 +222,30 @@ void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end)
 }
 
 void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
-                         const at::Tensor& uah_, const at::Tensor& v_,
-                         const at::Tensor& slot_index, const at::Tensor& slot_score,
-                         const at::Tensor& relevancy, const at::Tensor& s,
-                         const at::Tensor& alpha, const at::Tensor& cand, int64_t t,
-                         int64_t window, double attn) {
-  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
-                    t, window);
+                         const at::Tensor& uah_, const at::Tensor& v_, const at::Tensor& slot_index,
+                         const at::Tensor& slot_score, const at::Tensor& relevancy,
+                         const at::Tensor& s, const at::Tensor& alpha, const at::Tensor& cand,
+                         int64_t t, int64_t window, double attn) {
+  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand, t,
+                    window);
   check_slots(slot_index, "slot_index", t, window);
   const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
     using T = scalar_t;
-    const Forward<T> f{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                        query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho,
-                        static_cast<T>(attn)},
-                       slot_index.mutable_data_ptr<int64_t>(), slot_score.mutable_data_ptr<T>(),
-                       relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),
-                       alpha.mutable_data_ptr<T>(), cand.mutable_data_ptr<int64_t>(), s.stride(0),
-                       alpha.stride(0), cand.stride(0)};
+    const Forward<T> f{
+        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
+        slot_index.mutable_data_ptr<int64_t>(),
+        slot_score.mutable_data_ptr<T>(),
+        relevancy.mutable_data_ptr<T>(),
+        s.mutable_data_ptr<T>(),
+        alpha.mutable_data_ptr<T>(),
+        cand.mutable_data_ptr<int64_t>(),
+        s.stride(0),
+        alpha.stride(0),
+        cand.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_rows(f, begin, end); });
   });
@@ -266,14 +269,19 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
     using T = scalar_t;
-    const Backward<T> g{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(),
-                         v.const_data_ptr<T>(), query.const_data_ptr<T>(), query.stride(0), B, Hd,
-                         t, window, rho, static_cast<T>(attn)},
-                        grad_s.const_data_ptr<T>(), alpha.const_data_ptr<T>(),
-                        cand.const_data_ptr<int64_t>(), grad_hidden.mutable_data_ptr<T>(),
-                        grad_uah.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>(),
-                        grad_query.mutable_data_ptr<T>(), grad_s.stride(0), alpha.stride(0),
-                        grad_query.stride(0)};
+    const Backward<T> g{
+        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
+        grad_s.const_data_ptr<T>(),
+        alpha.const_data_ptr<T>(),
+        cand.const_data_ptr<int64_t>(),
+        grad_hidden.mutable_data_ptr<T>(),
+        grad_uah.mutable_data_ptr<T>(),
+        grad_v.mutable_data_ptr<T>(),
+        grad_query.mutable_data_ptr<T>(),
+        grad_s.stride(0),
+        alpha.stride(0),
+        grad_query.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_backward_rows(g, begin, end); });
   });
@@ -299,8 +307,7 @@ SCREENING_ATTN_INLINE void activation_backward_row_impl(const T* g, const T* h, 
 }
 
 template <int NL>
-SCREENING_ATTN_CLONES void activation_row(const float* pre, const float* mb, float* h,
-                                              int64_t n) {
+SCREENING_ATTN_CLONES void activation_row(const float* pre, const float* mb, float* h, int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
 template <int NL>
@@ -308,8 +315,8 @@ void activation_row(const double* pre, const double* mb, double* h, int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
 template <int NL>
-SCREENING_ATTN_CLONES void activation_backward_row(const float* g, const float* h,
-                                                       float* gpre, float* gb, int64_t n) {
+SCREENING_ATTN_CLONES void activation_backward_row(const float* g, const float* h, float* gpre,
+                                                   float* gb, int64_t n) {
   activation_backward_row_impl<NL>(g, h, gpre, gb, n);
 }
 template <int NL>
@@ -391,15 +398,14 @@ SCREENING_ATTN_INLINE void lstm_backward_row_impl(const T* gh, const T* gates, c
 }
 
 SCREENING_ATTN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
-                                        int64_t n) {
+                                    int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
 void lstm_row(double* gates, const double* c_prev, double* cell, double* h, int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
-SCREENING_ATTN_CLONES void lstm_backward_row(const float* gh, const float* gates,
-                                                 const float* cell, const float* c_prev,
-                                                 float* gc, float* ga, int64_t n) {
+SCREENING_ATTN_CLONES void lstm_backward_row(const float* gh, const float* gates, const float* cell,
+                                             const float* c_prev, float* gc, float* ga, int64_t n) {
   lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
 }
 void lstm_backward_row(const double* gh, const double* gates, const double* cell,

@@ -30,7 +30,7 @@ SCREENING_ATTN_LANEWISE acc_t as_number(M b) {
 // y = x' * open, not `open ? x' : 0`, so a NaN input stays NaN as in the reference.
 template <typename acc_t, typename M>
 SCREENING_ATTN_LANEWISE acc_t ada_relu_value(acc_t x, acc_t h, acc_t eta, bool has_hidden,
-                                            M* open) {
+                                             M* open) {
   const acc_t xr = has_hidden ? x + eta * (h - x) : x;
   *open = has_hidden ? xr * h > 0 : xr > 0;
   return xr * as_number<acc_t>(*open);
@@ -128,7 +128,8 @@ C10_HOST_DEVICE inline int64_t pool_offset(int pos, int k, int64_t width) {
 // Products, not selects, so that a NaN window stays NaN as in the reference.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ada_pool_value(acc_t vmax, acc_t vmin, acc_t h, bool has_hidden) {
-  return has_hidden ? vmax * as_number<acc_t>(h > acc_t(0)) + vmin * as_number<acc_t>(h < acc_t(0)) : vmax;
+  return has_hidden ? vmax * as_number<acc_t>(h > acc_t(0)) + vmin * as_number<acc_t>(h < acc_t(0))
+                    : vmax;
 }
 
 // Unpool (the feedback, and the forward's backward): the value at window position `pos` of
@@ -147,9 +148,9 @@ C10_HOST_DEVICE inline acc_t ada_unpool_value(acc_t z, acc_t h, bool has_hidden,
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ada_pool_gather_value(acc_t g_at_max, acc_t g_at_min, acc_t h,
                                                    bool has_hidden) {
-  return has_hidden ? g_at_max * as_number<acc_t>(h > acc_t(0)) +
-                          g_at_min * as_number<acc_t>(h < acc_t(0))
-                    : g_at_max;
+  return has_hidden
+             ? g_at_max * as_number<acc_t>(h > acc_t(0)) + g_at_min * as_number<acc_t>(h < acc_t(0))
+             : g_at_max;
 }
 
 }  // namespace screening_attn

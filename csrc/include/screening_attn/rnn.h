@@ -35,7 +35,8 @@ C10_HOST_DEVICE inline float tanh_(float x) {
 #ifdef __CUDA_ARCH__
   return ::tanhf(x);
 #else
-  constexpr float kClamp = 7.90531110763549805f;  // beyond: within 4e-7 of ±1
+  // Beyond kClamp, tanh is within 4e-7 of ±1.
+  constexpr float kClamp = 7.90531110763549805f;
   const float xc = x > kClamp ? kClamp : (x < -kClamp ? -kClamp : x);  // NaN stays NaN
   const float x2 = xc * xc;
   float p = -2.76076847742355e-16f;

@@ -57,10 +57,10 @@ inline void check_memory(const at::Tensor& query, const at::Tensor& hidden, cons
   TORCH_CHECK_VALUE(query.dim() == 2, "query must be 2-d (B, Hd), got ", query.sizes());
   const int64_t B = query.size(0), Hd = query.size(1);
   TORCH_CHECK_VALUE(t >= 1, "t must be >= 1 (step 0 does not attend), got ", t);
-  TORCH_CHECK_VALUE(hidden.dim() == 3 && hidden.size(0) >= t && hidden.size(1) == B &&
-                        hidden.size(2) == Hd,
-                    "hidden must have shape (T >= t, B, Hd) = (>= ", t, ", ", B, ", ", Hd,
-                    "), got ", hidden.sizes());
+  TORCH_CHECK_VALUE(
+      hidden.dim() == 3 && hidden.size(0) >= t && hidden.size(1) == B && hidden.size(2) == Hd,
+      "hidden must have shape (T >= t, B, Hd) = (>= ", t, ", ", B, ", ", Hd, "), got ",
+      hidden.sizes());
   check_same_shape(hidden, "hidden", uah, "uah");
   check_same_dtype_device(query, "query", hidden, "hidden");
   check_same_dtype_device(query, "query", uah, "uah");
@@ -127,9 +127,9 @@ inline void check_attend_step_backward(const at::Tensor& grad_s, const at::Tenso
   check_same_dtype_device(query, "query", grad_query, "grad_query");
   TORCH_CHECK_VALUE(grad_hidden.is_contiguous() && grad_uah.is_contiguous(),
                     "grad_hidden and grad_uah must be contiguous");
-  TORCH_CHECK_VALUE(grad_v.is_contiguous() && grad_v.dim() == 2 && grad_v.size(0) == B &&
-                        grad_v.size(1) == Hd,
-                    "grad_v must be a contiguous (B, Hd) tensor, got shape ", grad_v.sizes());
+  TORCH_CHECK_VALUE(
+      grad_v.is_contiguous() && grad_v.dim() == 2 && grad_v.size(0) == B && grad_v.size(1) == Hd,
+      "grad_v must be a contiguous (B, Hd) tensor, got shape ", grad_v.sizes());
   check_rows(grad_query, "grad_query", B, Hd);
 }
 
@@ -172,8 +172,10 @@ inline void check_activation(const at::Tensor& pre, const std::optional<at::Tens
 inline void check_activation_backward(const at::Tensor& grad_h, const at::Tensor& h,
                                       const at::Tensor& grad_pre, const at::Tensor& grad_b) {
   const int64_t Hd = grad_h.dim() == 2 ? grad_h.size(1) : 0;
-  check_elementwise(
-      {{&grad_h, "grad_h", Hd}, {&h, "h", Hd}, {&grad_pre, "grad_pre", Hd}, {&grad_b, "grad_b", Hd}});
+  check_elementwise({{&grad_h, "grad_h", Hd},
+                     {&h, "h", Hd},
+                     {&grad_pre, "grad_pre", Hd},
+                     {&grad_b, "grad_b", Hd}});
   TORCH_CHECK_VALUE(grad_b.is_contiguous(), "grad_b must be contiguous");
 }
 
@@ -181,7 +183,9 @@ inline void check_activation_backward(const at::Tensor& grad_h, const at::Tensor
 inline void check_lstm_cell(const at::Tensor& gates, const at::Tensor& cell_prev,
                             const at::Tensor& cell, const at::Tensor& h) {
   const int64_t Hd = cell.dim() == 2 ? cell.size(1) : 0;
-  check_elementwise({{&gates, "gates", 4 * Hd}, {&cell_prev, "cell_prev", Hd}, {&cell, "cell", Hd},
+  check_elementwise({{&gates, "gates", 4 * Hd},
+                     {&cell_prev, "cell_prev", Hd},
+                     {&cell, "cell", Hd},
                      {&h, "h", Hd}});
 }
 
@@ -189,8 +193,11 @@ inline void check_lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor&
                                      const at::Tensor& cell, const at::Tensor& cell_prev,
                                      const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
   const int64_t Hd = grad_h.dim() == 2 ? grad_h.size(1) : 0;
-  check_elementwise({{&grad_h, "grad_h", Hd}, {&gates, "gates", 4 * Hd}, {&cell, "cell", Hd},
-                     {&cell_prev, "cell_prev", Hd}, {&grad_cell, "grad_cell", Hd},
+  check_elementwise({{&grad_h, "grad_h", Hd},
+                     {&gates, "gates", 4 * Hd},
+                     {&cell, "cell", Hd},
+                     {&cell_prev, "cell_prev", Hd},
+                     {&grad_cell, "grad_cell", Hd},
                      {&grad_gates, "grad_gates", 4 * Hd}});
 }
 
