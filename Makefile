@@ -17,7 +17,8 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 DEPS      := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
 BUILT     := $(VENV)/.built
-SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+CXX_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+SOURCES := setup.py $(CXX_SOURCES)
 
 .PHONY: test fuzz bench bench-quick build sanitize lint clean
 .DEFAULT_GOAL := test
@@ -85,8 +86,10 @@ bench: $(BUILT)
 bench-quick:
 	$(MAKE) bench BENCH_ARGS="--quick $(BENCH_ARGS)"
 
+# Python (ruff) and C++ / CUDA (clang-format, style in .clang-format): checks only, no rewrite.
 lint: $(DEPS)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 clean:
 	rm -rf build $(BUILT) screening_attn/*.so
