@@ -19,8 +19,8 @@
 namespace screening_attn {
 namespace {
 
-// The gates' elementwise passes over a task's [begin, end): vector lanes as the per-plane
-// loops below (a range shorter than one vector runs one lane at a time).
+// The gates' elementwise passes over a task's [begin, end), on vector lanes as the per-plane
+// loops of the norm and pool kernels (a range shorter than one vector runs one lane at a time).
 // has_hidden is a template argument: as a runtime bool, `has_hidden ? vector : vector` in
 // ada_relu_value compiled lane by lane, with branches, 14x slower.
 template <typename W, bool kHidden, typename T = typename W::Scalar>

@@ -1,6 +1,7 @@
 // The AdaPool passes over one (n, c) plane on the CPU: forward (pool), unpool and gather, for
 // the pool ops (feedback_pool.cpp) and the stage that ends in a pool (feedback_norm.cpp). CPU
-// only; math from feedback.h.
+// only; math from feedback.h. A plane is done row of windows by row of windows, each window
+// scanned in row-major order.
 #pragma once
 
 #include <algorithm>
@@ -12,8 +13,6 @@
 #include "screening_attn/feedback.h"
 
 namespace screening_attn {
-
-// Per plane, row of windows by row of windows, each window scanned in row-major order.
 
 struct PoolGeometry {
   int64_t H, W, Ho, Wo;
