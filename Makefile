@@ -18,7 +18,8 @@ PIP_TORCH_FLAGS := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 DEPS      := $(VENV)/.deps
 INSTALLED := $(VENV)/.installed
 BUILT     := $(VENV)/.built
-SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+CXX_SOURCES := $(shell find csrc -name '*.h' -o -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' 2>/dev/null)
+SOURCES := setup.py $(CXX_SOURCES)
 
 .PHONY: test fuzz bench bench-quick build sanitize lint typecheck clean mutants
 .DEFAULT_GOAL := test
@@ -94,8 +95,12 @@ bench-quick:
 quality: $(BUILT)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m bench.quality $(QUALITY_ARGS)
 
+# Python (ruff), C++ / CUDA (clang-format, style in .clang-format) and the package's type hints
+# (mypy, [tool.mypy] in pyproject.toml): checks only, no rewrite.
 lint: $(DEPS)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
+	$(BIN)/mypy
 
 # mypy on the package ([tool.mypy] in pyproject.toml: the public API fully annotated).
 typecheck: $(DEPS)

@@ -1,5 +1,5 @@
-// Schemas of screened attention (SPEC §1). Kernels: csrc/cpu/attention.cpp; fakes and autograd:
-// screening_attn/attention/_ops.py. All tensors are (B, H, T, ·).
+// Schemas of screened attention (docs/attention.md). Kernels: csrc/cpu/attention.cpp; fakes and
+// autograd: screening_attn/attention/_ops.py. All tensors are (B, H, T, ·).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(screening_attn, m) {

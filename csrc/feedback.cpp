@@ -1,5 +1,6 @@
-// Schemas of the CNN-F ops. Kernels: csrc/cpu/feedback.cpp, csrc/cuda/feedback.cu;
-// fakes and autograd: screening_attn/feedback/_ops.py.
+// Schemas of the CNN-F ops (docs/feedback.md). Kernels: csrc/cpu/feedback_gate.cpp,
+// csrc/cpu/feedback_norm.cpp, csrc/cpu/feedback_pool.cpp, csrc/cuda/feedback.cu; fakes and
+// autograd: screening_attn/feedback/_ops.py.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
@@ -24,7 +25,8 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
       "ins_bias_ada_relu_backward(Tensor grad_y, Tensor x, Tensor mask, Tensor rstd, float eta, "
       "bool gated, bool has_bias, bool centered) -> (Tensor, Tensor, Tensor)");
   // Top-down InsNorm -> AdaReLU feedback: (zn, zn * mask, rstd); zn is the gate's new hidden.
-  m.def("ins_norm_gate(Tensor z, Tensor mask, float eps, bool centered) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "ins_norm_gate(Tensor z, Tensor mask, float eps, bool centered) -> (Tensor, Tensor, Tensor)");
   m.def(
       "ins_norm_gate_backward(Tensor grad_zn, Tensor grad_out, Tensor z, Tensor mask, "
       "Tensor rstd, bool centered) -> Tensor");

@@ -16,6 +16,8 @@
 #include <limits>
 #include <vector>
 
+#include "vec.h"
+
 #include "screening_attn/checks.h"
 #include "screening_attn/screening.h"
 
@@ -93,8 +95,8 @@ T dot(const T* a, const T* b, int64_t n) {
 // logits `ss` gathered from the relevant set (-inf for an empty slot). Writes the probabilities
 // to `pw` / `ps`, adds the window ones to `rel` (the keys' relevancy), returns the log-sum-exp.
 template <typename T>
-__attribute__((always_inline)) inline T softmax_query_impl(const T* sw, T* pw, int64_t nw, const T* ss, T* ps, int64_t ns,
-                            T* rel) {
+SCREENING_ATTN_INLINE T softmax_query_impl(const T* sw, T* pw, int64_t nw, const T* ss, T* ps,
+                                           int64_t ns, T* rel) {
   T m = -std::numeric_limits<T>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t i = 0; i < nw; ++i) m = std::max(m, sw[i]);
@@ -123,16 +125,9 @@ __attribute__((always_inline)) inline T softmax_query_impl(const T* sw, T* pw, i
 }
 
 // The scan's hot loop, compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SCREENING_ATTN_VECTOR_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SCREENING_ATTN_VECTOR_CLONES
-#endif
 
-SCREENING_ATTN_VECTOR_CLONES float softmax_query(const float* sw, float* pw, int64_t nw,
-                                                 const float* ss, float* ps, int64_t ns,
-                                                 float* rel) {
+SCREENING_ATTN_CLONES float softmax_query(const float* sw, float* pw, int64_t nw, const float* ss,
+                                          float* ps, int64_t ns, float* rel) {
   return softmax_query_impl(sw, pw, nw, ss, ps, ns, rel);
 }
 
@@ -144,11 +139,9 @@ double softmax_query(const double* sw, double* pw, int64_t nw, const double* ss,
 // Backward: p[c] = exp(logit[c] - lse) where column c (key[c], in the relevant set over queries
 // [start[c], end[c])) is a candidate of query t, else 0. In place on `p`.
 template <typename T>
-__attribute__((always_inline)) inline void candidate_probs_impl(T* p, int64_t n,
-                                                                const int32_t* key,
-                                                                const int32_t* start,
-                                                                const int32_t* end, int32_t t,
-                                                                int32_t nu, T lse) {
+SCREENING_ATTN_INLINE void candidate_probs_impl(T* p, int64_t n, const int32_t* key,
+                                                const int32_t* start, const int32_t* end, int32_t t,
+                                                int32_t nu, T lse) {
 #pragma omp simd
   for (int64_t c = 0; c < n; ++c) {
     const bool cand = (key[c] <= t && key[c] > t - nu) || (start[c] <= t && t < end[c]);
@@ -157,9 +150,9 @@ __attribute__((always_inline)) inline void candidate_probs_impl(T* p, int64_t n,
   }
 }
 
-SCREENING_ATTN_VECTOR_CLONES void candidate_probs(float* p, int64_t n, const int32_t* key,
-                                                  const int32_t* start, const int32_t* end,
-                                                  int32_t t, int32_t nu, float lse) {
+SCREENING_ATTN_CLONES void candidate_probs(float* p, int64_t n, const int32_t* key,
+                                           const int32_t* start, const int32_t* end, int32_t t,
+                                           int32_t nu, float lse) {
   candidate_probs_impl(p, n, key, start, end, t, nu, lse);
 }
 
@@ -178,9 +171,9 @@ struct Columns {
 };
 
 template <typename scalar_t>
-void forward_one(const Row<scalar_t>& x, scalar_t* out, scalar_t* lse,
-                 int64_t* slot_out, scalar_t* score_out, scalar_t* rel, int32_t* span, int64_t T,
-                 int64_t nu, int64_t rho, int64_t rho_live, scalar_t scale) {
+void forward_one(const Row<scalar_t>& x, scalar_t* out, scalar_t* lse, int64_t* slot_out,
+                 scalar_t* score_out, scalar_t* rel, int32_t* span, int64_t T, int64_t nu,
+                 int64_t rho, int64_t rho_live, scalar_t scale) {
   constexpr scalar_t kInf = std::numeric_limits<scalar_t>::infinity();
   const int64_t D = x.D, Dv = x.Dv, nr = rho_live;
   const int64_t ld = nr + std::min(T, kBlockQ + nu - 1);
@@ -194,7 +187,7 @@ void forward_one(const Row<scalar_t>& x, scalar_t* out, scalar_t* lse,
   for (int64_t t0 = 0; t0 < T; t0 += kBlockQ) {
     const int64_t t1 = std::min(T, t0 + kBlockQ), nq = t1 - t0;
     const int64_t w0 = std::max<int64_t>(0, t0 - nu + 1), W = t1 - w0, nc = nr + W;
-    bool exact = bad_v.any(w0, t1);  // (covers the keys screened in during the block too)
+    bool exact = bad_v.any(w0, t1);     // (covers the keys screened in during the block too)
     for (int64_t s = 0; s < nr; ++s) {  // empty slots get zero rows: never candidates
       slot_col[s] = s;
       const int64_t key = slot_key[s];
@@ -219,8 +212,8 @@ void forward_one(const Row<scalar_t>& x, scalar_t* out, scalar_t* lse,
       const int64_t lo = std::max<int64_t>(0, t - nu + 1);
       const int64_t c0 = nr + lo - w0, nw = t - lo + 1;  // window columns [c0, c0 + nw)
       for (int64_t s = 0; s < nr; ++s) slot_logit[s] = slot_key[s] >= 0 ? srow[slot_col[s]] : -kInf;
-      lse[t] = softmax_query(srow + c0, prow + c0, nw, slot_logit.data(), slot_p.data(), nr,
-                             rel + lo);
+      lse[t] =
+          softmax_query(srow + c0, prow + c0, nw, slot_logit.data(), slot_p.data(), nr, rel + lo);
       for (int64_t s = 0; s < nr; ++s)
         if (slot_key[s] >= 0) prow[slot_col[s]] = slot_p[s];
       if (exact) {  // out_t as a sum over the candidates only
@@ -256,9 +249,9 @@ void forward_one(const Row<scalar_t>& x, scalar_t* out, scalar_t* lse,
 }
 
 template <typename scalar_t>
-void backward_one(const Row<scalar_t>& x, const scalar_t* o,
-                  const scalar_t* dout, const scalar_t* lse, const int32_t* span, scalar_t* dq,
-                  scalar_t* dk, scalar_t* dv, int64_t T, int64_t nu, scalar_t scale) {
+void backward_one(const Row<scalar_t>& x, const scalar_t* o, const scalar_t* dout,
+                  const scalar_t* lse, const int32_t* span, scalar_t* dq, scalar_t* dk,
+                  scalar_t* dv, int64_t T, int64_t nu, scalar_t scale) {
   const int64_t D = x.D, Dv = x.Dv;
   std::vector<scalar_t> P, dS, delta(kBlockQ), Kr, Vr, dKr, dVr;
   std::vector<int64_t> members;  // the relevant set at the block start, replayed from spans
@@ -279,9 +272,9 @@ void backward_one(const Row<scalar_t>& x, const scalar_t* o,
       std::copy_n(x.v + members[s] * Dv, Dv, Vr.data() + s * Dv);
     }
     const Columns<scalar_t> cols{Kr.data(), Vr.data(), x.k, x.v, nr, w0, D, Dv};
-    const bool exact = bad_qg.any(t0, t1) || bad_kv.any(w0, t1) ||
-                       std::any_of(members.begin(), members.end(),
-                                   [&](int64_t j) { return bad_kv.at(j); });
+    const bool exact =
+        bad_qg.any(t0, t1) || bad_kv.any(w0, t1) ||
+        std::any_of(members.begin(), members.end(), [&](int64_t j) { return bad_kv.at(j); });
     // Column c holds key col_key[c]; it is a candidate of query t if in t's window or in the
     // relevant set then. (Keys of the set at t0 are <= t0 - ν: never in a window here.)
     col_key.resize(nc), col_start.resize(nc), col_end.resize(nc);
@@ -360,8 +353,8 @@ void backward_one(const Row<scalar_t>& x, const scalar_t* o,
   }
 }
 
-void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     int64_t window, int64_t relevant) {
+void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+                     int64_t relevant) {
   TORCH_CHECK_VALUE(q.dim() == 4, "q must be 4-d (B, H, T, D), got ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == 4 && v.dim() == 4, "k and v must be 4-d");
   TORCH_CHECK_TYPE(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
@@ -431,14 +424,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_attention_backward_cpu(
         const Row<scalar_t> x{q.const_data_ptr<scalar_t>() + n * T * D,
                               k.const_data_ptr<scalar_t>() + n * T * D,
                               v.const_data_ptr<scalar_t>() + n * T * Dv, D, Dv};
-        backward_one<scalar_t>(x, o.const_data_ptr<scalar_t>() + n * T * Dv,
-                               go.const_data_ptr<scalar_t>() + n * T * Dv,
-                               lse.const_data_ptr<scalar_t>() + n * T,
-                               span.const_data_ptr<int32_t>() + n * T * 2,
-                               dq.mutable_data_ptr<scalar_t>() + n * T * D,
-                               dk.mutable_data_ptr<scalar_t>() + n * T * D,
-                               dv.mutable_data_ptr<scalar_t>() + n * T * Dv, T, window,
-                               static_cast<scalar_t>(scale));
+        backward_one<scalar_t>(
+            x, o.const_data_ptr<scalar_t>() + n * T * Dv,
+            go.const_data_ptr<scalar_t>() + n * T * Dv, lse.const_data_ptr<scalar_t>() + n * T,
+            span.const_data_ptr<int32_t>() + n * T * 2, dq.mutable_data_ptr<scalar_t>() + n * T * D,
+            dk.mutable_data_ptr<scalar_t>() + n * T * D,
+            dv.mutable_data_ptr<scalar_t>() + n * T * Dv, T, window, static_cast<scalar_t>(scale));
       }
     });
   });

@@ -1,7 +1,8 @@
-// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas and
-// the time loops that call these: csrc/rnn.cpp). Every kernel is parallel over the B batch
-// rows (at::parallel_for); a row's work is sequential and vectorized over the Hd features. The
-// element math (scores, activations, LSTM cell) is shared with the CUDA kernels
+// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas:
+// csrc/rnn.cpp; the time loops that call these: csrc/rnn_loops.cpp). Every kernel is parallel
+// over the B batch rows (at::parallel_for); a row's work is sequential and vectorized over the
+// Hd features, and the row kernels are compiled for AVX-512 and AVX2 too (SCREENING_ATTN_CLONES,
+// vec.h). The element math (scores, activations, LSTM cell) is shared with the CUDA kernels
 // (include/screening_attn/rnn.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -13,23 +14,14 @@
 #include <string_view>
 #include <vector>
 
+#include "vec.h"
+
 #include "screening_attn/rnn.h"
 #include "screening_attn/rnn_checks.h"
 
 namespace screening_attn {
 
-int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
-
 namespace {
-
-// The row kernels are compiled for AVX-512 and AVX2 too and picked at load time (ifunc).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define SCREENING_ATTN_RNN_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SCREENING_ATTN_RNN_CLONES
-#endif
-#define SCREENING_ATTN_INLINE __attribute__((always_inline)) inline
 
 // Rows per task: a thread wake-up costs a few microseconds, a row ~`work` element operations.
 int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, work)); }
@@ -42,8 +34,7 @@ void check_slots(const at::Tensor& slots, const char* name, int64_t t, int64_t w
   const int64_t oldest_window_step = t - std::min(t, window);
   for (int64_t i = 0; i < c.numel(); ++i) {
     TORCH_CHECK_VALUE(p[i] < oldest_window_step, name, " holds step ", p[i],
-                      ", which is not older than the window of step ", t, " (window ", window,
-                      ")");
+                      ", which is not older than the window of step ", t, " (window ", window, ")");
   }
 }
 
@@ -85,25 +76,25 @@ struct Step {
 template <typename T>
 struct Forward {
   Step<T> st;
-  int64_t* slots;   // (B, ρ)
-  T* slot_score;    // (B, ρ)
-  T* relevancy;     // (T', B)
-  T* s;             // (B, Hd), row stride lds
-  T* alpha;         // (B, window + ρ), row stride lda
-  int64_t* cand;    // (B, ρ), row stride ldc
+  int64_t* slots;  // (B, ρ)
+  T* slot_score;   // (B, ρ)
+  T* relevancy;    // (T', B)
+  T* s;            // (B, Hd), row stride lds
+  T* alpha;        // (B, window + ρ), row stride lda
+  int64_t* cand;   // (B, ρ), row stride ldc
   int64_t lds, lda, ldc;
 };
 
 template <typename T>
 struct Backward {
   Step<T> st;
-  const T* gs;       // (B, Hd) dL/ds_t, row stride ldg
-  const T* alpha;    // (B, window + ρ), row stride lda
+  const T* gs;          // (B, Hd) dL/ds_t, row stride ldg
+  const T* alpha;       // (B, window + ρ), row stride lda
   const int64_t* cand;  // (B, ρ)
-  T* gh;             // (T', B, Hd) += dL/dh_j
-  T* gk;             // (T', B, Hd) += dL/duah_j
-  T* gv;             // (B, Hd) += dL/dv per row
-  T* gq;             // (B, Hd) = dL/dquery, row stride ldgq
+  T* gh;                // (T', B, Hd) += dL/dh_j
+  T* gk;                // (T', B, Hd) += dL/duah_j
+  T* gv;                // (B, Hd) += dL/dv per row
+  T* gq;                // (B, Hd) = dL/dquery, row stride ldgq
   int64_t ldg, lda, ldgq;
 };
 
@@ -216,14 +207,14 @@ SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64
   }
 }
 
-SCREENING_ATTN_RNN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
+SCREENING_ATTN_CLONES void attend_rows(const Forward<float>& f, int64_t begin, int64_t end) {
   attend_rows_impl(f, begin, end);
 }
 void attend_rows(const Forward<double>& f, int64_t begin, int64_t end) {
   attend_rows_impl(f, begin, end);
 }
-SCREENING_ATTN_RNN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
-                                                    int64_t end) {
+SCREENING_ATTN_CLONES void attend_backward_rows(const Backward<float>& g, int64_t begin,
+                                                int64_t end) {
   attend_backward_rows_impl(g, begin, end);
 }
 void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end) {
@@ -231,26 +222,30 @@ void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end)
 }
 
 void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
-                         const at::Tensor& uah_, const at::Tensor& v_,
-                         const at::Tensor& slot_index, const at::Tensor& slot_score,
-                         const at::Tensor& relevancy, const at::Tensor& s,
-                         const at::Tensor& alpha, const at::Tensor& cand, int64_t t,
-                         int64_t window, double attn) {
-  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
-                    t, window);
+                         const at::Tensor& uah_, const at::Tensor& v_, const at::Tensor& slot_index,
+                         const at::Tensor& slot_score, const at::Tensor& relevancy,
+                         const at::Tensor& s, const at::Tensor& alpha, const at::Tensor& cand,
+                         int64_t t, int64_t window, double attn) {
+  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand, t,
+                    window);
   check_slots(slot_index, "slot_index", t, window);
-  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
+  const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
     using T = scalar_t;
-    const Forward<T> f{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                        query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho,
-                        static_cast<T>(attn)},
-                       slot_index.mutable_data_ptr<int64_t>(), slot_score.mutable_data_ptr<T>(),
-                       relevancy.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(),
-                       alpha.mutable_data_ptr<T>(), cand.mutable_data_ptr<int64_t>(), s.stride(0),
-                       alpha.stride(0), cand.stride(0)};
+    const Forward<T> f{
+        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
+        slot_index.mutable_data_ptr<int64_t>(),
+        slot_score.mutable_data_ptr<T>(),
+        relevancy.mutable_data_ptr<T>(),
+        s.mutable_data_ptr<T>(),
+        alpha.mutable_data_ptr<T>(),
+        cand.mutable_data_ptr<int64_t>(),
+        s.stride(0),
+        alpha.stride(0),
+        cand.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_rows(f, begin, end); });
   });
@@ -266,28 +261,33 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
                              grad_uah, grad_v, grad_query, t, window);
   check_slots(cand_, "cand", t, window);
-  const at::Tensor query = query_.stride(-1) == 1 ? query_ : query_.contiguous();
-  const at::Tensor grad_s = grad_s_.stride(-1) == 1 ? grad_s_ : grad_s_.contiguous();
-  const at::Tensor alpha = alpha_.stride(-1) == 1 ? alpha_ : alpha_.contiguous();
+  const at::Tensor query = rows_of(query_);
+  const at::Tensor grad_s = rows_of(grad_s_);
+  const at::Tensor alpha = rows_of(alpha_);
   const at::Tensor cand = cand_.contiguous();
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
     using T = scalar_t;
-    const Backward<T> g{{hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(),
-                         v.const_data_ptr<T>(), query.const_data_ptr<T>(), query.stride(0), B, Hd,
-                         t, window, rho, static_cast<T>(attn)},
-                        grad_s.const_data_ptr<T>(), alpha.const_data_ptr<T>(),
-                        cand.const_data_ptr<int64_t>(), grad_hidden.mutable_data_ptr<T>(),
-                        grad_uah.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>(),
-                        grad_query.mutable_data_ptr<T>(), grad_s.stride(0), alpha.stride(0),
-                        grad_query.stride(0)};
+    const Backward<T> g{
+        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
+         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
+        grad_s.const_data_ptr<T>(),
+        alpha.const_data_ptr<T>(),
+        cand.const_data_ptr<int64_t>(),
+        grad_hidden.mutable_data_ptr<T>(),
+        grad_uah.mutable_data_ptr<T>(),
+        grad_v.mutable_data_ptr<T>(),
+        grad_query.mutable_data_ptr<T>(),
+        grad_s.stride(0),
+        alpha.stride(0),
+        grad_query.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_backward_rows(g, begin, end); });
   });
 }
 
-// ---- RelRNN activation: h = φ(pre) ----------------------------------------------------------
+// RelRNN activation: h = φ(pre)
 
 template <int NL, typename T>
 SCREENING_ATTN_INLINE void activation_row_impl(const T* pre, const T* mb, T* h, int64_t n) {
@@ -307,8 +307,7 @@ SCREENING_ATTN_INLINE void activation_backward_row_impl(const T* g, const T* h, 
 }
 
 template <int NL>
-SCREENING_ATTN_RNN_CLONES void activation_row(const float* pre, const float* mb, float* h,
-                                              int64_t n) {
+SCREENING_ATTN_CLONES void activation_row(const float* pre, const float* mb, float* h, int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
 template <int NL>
@@ -316,26 +315,14 @@ void activation_row(const double* pre, const double* mb, double* h, int64_t n) {
   activation_row_impl<NL>(pre, mb, h, n);
 }
 template <int NL>
-SCREENING_ATTN_RNN_CLONES void activation_backward_row(const float* g, const float* h,
-                                                       float* gpre, float* gb, int64_t n) {
+SCREENING_ATTN_CLONES void activation_backward_row(const float* g, const float* h, float* gpre,
+                                                   float* gb, int64_t n) {
   activation_backward_row_impl<NL>(g, h, gpre, gb, n);
 }
 template <int NL>
 void activation_backward_row(const double* g, const double* h, double* gpre, double* gb,
                              int64_t n) {
   activation_backward_row_impl<NL>(g, h, gpre, gb, n);
-}
-
-// Calls f(std::integral_constant<int, NL>) for the runtime code nl.
-template <typename F>
-void dispatch_nonlinearity(int nl, F&& f) {
-  switch (nl) {
-    case kTanh: return f(std::integral_constant<int, kTanh>{});
-    case kRelu: return f(std::integral_constant<int, kRelu>{});
-    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
-    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
-    default: return f(std::integral_constant<int, kModRelu>{});
-  }
 }
 
 template <typename T>
@@ -351,7 +338,7 @@ void rnn_activation_cpu(const at::Tensor& pre_, const std::optional<at::Tensor>&
                         c10::string_view nonlinearity, const at::Tensor& h) {
   const int nl = parse_nonlinearity(nonlinearity);
   check_activation(pre_, modrelu_b, nl, h);
-  const at::Tensor pre = pre_.stride(-1) == 1 ? pre_ : pre_.contiguous();
+  const at::Tensor pre = rows_of(pre_);
   const at::Tensor mb = nl == kModRelu ? modrelu_b->contiguous() : at::Tensor();
   const int64_t B = pre.size(0), Hd = pre.size(1);
   AT_DISPATCH_FLOATING_TYPES(pre.scalar_type(), "rnn_activation_cpu", [&] {
@@ -373,8 +360,8 @@ void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_
   const int nl = parse_nonlinearity(nonlinearity);
   check_activation_backward(grad_h_, h_, grad_pre, grad_b);
   const int64_t B = grad_h_.size(0), Hd = grad_h_.size(1);
-  const at::Tensor g = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
-  const at::Tensor h = h_.stride(-1) == 1 ? h_ : h_.contiguous();
+  const at::Tensor g = rows_of(grad_h_);
+  const at::Tensor h = rows_of(h_);
   AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "rnn_activation_backward_cpu", [&] {
     using T = scalar_t;
     dispatch_nonlinearity(nl, [&](auto NL) {
@@ -388,7 +375,7 @@ void rnn_activation_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& h_
   });
 }
 
-// ---- RelLSTM cell ----------------------------------------------------------------------------
+// RelLSTM cell
 
 // One row: gates [f | i | o | g] pre-activations -> the gates, in place; cell, h.
 template <typename T>
@@ -410,16 +397,15 @@ SCREENING_ATTN_INLINE void lstm_backward_row_impl(const T* gh, const T* gates, c
   }
 }
 
-SCREENING_ATTN_RNN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
-                                        int64_t n) {
+SCREENING_ATTN_CLONES void lstm_row(float* gates, const float* c_prev, float* cell, float* h,
+                                    int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
 void lstm_row(double* gates, const double* c_prev, double* cell, double* h, int64_t n) {
   lstm_row_impl(gates, c_prev, cell, h, n);
 }
-SCREENING_ATTN_RNN_CLONES void lstm_backward_row(const float* gh, const float* gates,
-                                                 const float* cell, const float* c_prev,
-                                                 float* gc, float* ga, int64_t n) {
+SCREENING_ATTN_CLONES void lstm_backward_row(const float* gh, const float* gates, const float* cell,
+                                             const float* c_prev, float* gc, float* ga, int64_t n) {
   lstm_backward_row_impl(gh, gates, cell, c_prev, gc, ga, n);
 }
 void lstm_backward_row(const double* gh, const double* gates, const double* cell,
@@ -430,7 +416,7 @@ void lstm_backward_row(const double* gh, const double* gates, const double* cell
 void lstm_cell_cpu(const at::Tensor& gates, const at::Tensor& cell_prev_, const at::Tensor& cell,
                    const at::Tensor& h) {
   check_lstm_cell(gates, cell_prev_, cell, h);
-  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const at::Tensor cp = rows_of(cell_prev_);
   const int64_t B = gates.size(0), Hd = gates.size(1) / 4;
   AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_cell_cpu", [&] {
     using T = scalar_t;
@@ -446,10 +432,10 @@ void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
                             const at::Tensor& cell_, const at::Tensor& cell_prev_,
                             const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
   check_lstm_cell_backward(grad_h_, gates_, cell_, cell_prev_, grad_cell, grad_gates);
-  const at::Tensor gh = grad_h_.stride(-1) == 1 ? grad_h_ : grad_h_.contiguous();
-  const at::Tensor gates = gates_.stride(-1) == 1 ? gates_ : gates_.contiguous();
-  const at::Tensor cell = cell_.stride(-1) == 1 ? cell_ : cell_.contiguous();
-  const at::Tensor cp = cell_prev_.stride(-1) == 1 ? cell_prev_ : cell_prev_.contiguous();
+  const at::Tensor gh = rows_of(grad_h_);
+  const at::Tensor gates = rows_of(gates_);
+  const at::Tensor cell = rows_of(cell_);
+  const at::Tensor cp = rows_of(cell_prev_);
   const int64_t B = gh.size(0), Hd = gh.size(1);
   AT_DISPATCH_FLOATING_TYPES(gh.scalar_type(), "lstm_cell_backward_cpu", [&] {
     using T = scalar_t;

@@ -27,8 +27,8 @@ constexpr int kThreads = 256;
 
 int blocks_for(int64_t n) {
   // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
-                                                                 65535)));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
 }
 
 template <typename scalar_t>
@@ -48,8 +48,8 @@ __global__ void ada_relu_kernel(const scalar_t* __restrict__ x, const scalar_t* 
 template <typename scalar_t>
 __global__ void ada_relu_backward_kernel(const scalar_t* __restrict__ g,
                                          const bool* __restrict__ mask, scalar_t* __restrict__ gx,
-                                         scalar_t* __restrict__ gh,
-                                         at::opmath_type<scalar_t> eta, int64_t n) {
+                                         scalar_t* __restrict__ gh, at::opmath_type<scalar_t> eta,
+                                         int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -62,8 +62,8 @@ __global__ void ada_relu_backward_kernel(const scalar_t* __restrict__ g,
 
 template <typename scalar_t>
 __global__ void ada_relu_feedback_kernel(const scalar_t* __restrict__ z,
-                                         const bool* __restrict__ mask,
-                                         scalar_t* __restrict__ out, int64_t n) {
+                                         const bool* __restrict__ mask, scalar_t* __restrict__ out,
+                                         int64_t n) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(gridDim.x) * blockDim.x) {
@@ -87,8 +87,8 @@ std::tuple<at::Tensor, at::Tensor> ada_relu_cuda(const at::Tensor& x_,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "ada_relu_cuda", [&] {
     ada_relu_kernel<scalar_t><<<blocks_for(n), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), hidden.const_data_ptr<scalar_t>(),
-        y.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(), static_cast<at::opmath_type<scalar_t>>(eta),
-        has_hidden, n);
+        y.mutable_data_ptr<scalar_t>(), mask.mutable_data_ptr<bool>(),
+        static_cast<at::opmath_type<scalar_t>>(eta), has_hidden, n);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mask};
@@ -135,11 +135,9 @@ at::Tensor ada_relu_feedback_cuda(const at::Tensor& z_, const at::Tensor& mask_)
   return out;
 }
 
-// --- Instance-norm family: one block per (n, c) plane ---------------------------------------------
+// Instance-norm family: one block per (n, c) plane
 
 constexpr int kPlaneThreads = 256;
-
-enum class Gate { kNone, kReLU, kAda, kFeedback };  // as in cpu/feedback.cpp
 
 template <typename acc_t>
 using PlaneReduce = cub::BlockReduce<acc_t, kPlaneThreads>;
@@ -197,7 +195,8 @@ __global__ void __launch_bounds__(kPlaneThreads)
     } else {
       const acc_t h = G == Gate::kAda ? static_cast<acc_t>(hidden[off + i]) : acc_t(0);
       bool open;
-      y[off + i] = static_cast<scalar_t>(ada_relu_value<acc_t>(u + b, h, eta, G == Gate::kAda, &open));
+      y[off + i] =
+          static_cast<scalar_t>(ada_relu_value<acc_t>(u + b, h, eta, G == Gate::kAda, &open));
       mask[off + i] = open;
     }
   }
@@ -236,43 +235,38 @@ __global__ void __launch_bounds__(kPlaneThreads)
     s_g = block_sum<acc_t>(s_g, temp, &total);
     if (threadIdx.x == 0) bias_part[p] = s_g;
   }
-  const acc_t mean = centered ? block_sum<acc_t>(s_x, temp, &total) / static_cast<acc_t>(n)
-                              : acc_t(0);
+  const acc_t mean =
+      centered ? block_sum<acc_t>(s_x, temp, &total) / static_cast<acc_t>(n) : acc_t(0);
   const acc_t r = rstd[p];
   const acc_t coef = ins_grad_coef<acc_t>(r, s_gx, n, centered);
   for (int64_t i = threadIdx.x; i < n; i += kPlaneThreads) {
-    gx[off + i] = static_cast<scalar_t>(ins_grad<acc_t>(gu(i), static_cast<acc_t>(x[off + i]), r, coef, mean));
+    gx[off + i] = static_cast<scalar_t>(
+        ins_grad<acc_t>(gu(i), static_cast<acc_t>(x[off + i]), r, coef, mean));
     if (gh != nullptr) {
-      gh[off + i] = static_cast<scalar_t>(eta * gate<acc_t>(static_cast<acc_t>(g1[off + i]), mask[off + i]));
+      gh[off + i] =
+          static_cast<scalar_t>(eta * gate<acc_t>(static_cast<acc_t>(g1[off + i]), mask[off + i]));
     }
   }
 }
 
-// (N, C) plane sums -> (C,), each channel summed over N in order by one thread.
+// (N, C) plane sums -> (C,), one thread per channel.
 template <typename scalar_t>
 __global__ void sum_bias_parts_kernel(const at::opmath_type<scalar_t>* __restrict__ part,
-                                      scalar_t* __restrict__ out, int64_t batch,
-                                      int64_t channels) {
+                                      scalar_t* __restrict__ out, int64_t batch, int64_t channels) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; c < channels;
        c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t s = 0;
-    for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
-    out[c] = static_cast<scalar_t>(s);
+    out[c] = static_cast<scalar_t>(bias_grad<acc_t>(part, batch, channels, c));
   }
 }
 
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor new_rstd(const at::Tensor& x) {
-  return at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type_of(x)));
+  return at::empty({x.size(0), x.size(1)}, x.options().dtype(acc_type(x.scalar_type())));
 }
 
 unsigned int plane_blocks(const at::Tensor& rstd) {
-  TORCH_CHECK_VALUE(rstd.numel() <= 0x7fffffff, "too many (n, c) planes for one grid: ",
-                    rstd.numel());
+  TORCH_CHECK_VALUE(rstd.numel() <= 0x7fffffff,
+                    "too many (n, c) planes for one grid: ", rstd.numel());
   return static_cast<unsigned int>(rstd.numel());
 }
 
@@ -380,8 +374,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_cuda(
-    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_,
-    const at::Tensor& rstd_, double eta, bool gated, bool has_bias, bool centered) {
+    const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_, const at::Tensor& rstd_,
+    double eta, bool gated, bool has_bias, bool centered) {
   check_ins_backward(grad_, "grad_y", x_, rstd_, centered);
   check_mask(mask_, x_, "x");
   const c10::cuda::CUDAGuard guard(x_.device());
@@ -392,8 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_cuda(
   at::Tensor part = has_bias ? at::empty(rstd.sizes(), rstd.options()) : at::Tensor();
   at::Tensor gb = at::empty({has_bias ? x.size(1) : 0}, x.options());
   SCREENING_ATTN_DISPATCH_FLOATS(x.scalar_type(), "ins_bias_ada_relu_backward_cuda", [&] {
-    launch_norm_backward<scalar_t>(none, grad, mask, x, rstd, gx, gh, part,
-                                   gated ? 1.0 - eta : 1.0, eta, centered);
+    launch_norm_backward<scalar_t>(none, grad, mask, x, rstd, gx, gh, part, gated ? 1.0 - eta : 1.0,
+                                   eta, centered);
     if (has_bias && gb.numel() > 0) {
       sum_bias_parts_kernel<scalar_t>
           <<<blocks_for(gb.numel()), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -434,7 +428,7 @@ at::Tensor ins_norm_gate_backward_cuda(const at::Tensor& grad_zn_, const at::Ten
   return gz;
 }
 
-// --- AdaPool ------------------------------------------------------------------------------------
+// AdaPool
 
 template <typename scalar_t>
 __global__ void ada_pool_forward_kernel(const scalar_t* __restrict__ x,
@@ -491,19 +485,19 @@ template <typename scalar_t>
 __global__ void ada_pool_gather_kernel(const scalar_t* __restrict__ g,
                                        const scalar_t* __restrict__ hidden,
                                        const uint8_t* __restrict__ amax,
-                                       const uint8_t* __restrict__ amin,
-                                       scalar_t* __restrict__ gz, int64_t total, int64_t H,
-                                       int64_t W, int64_t Ho, int64_t Wo, int k) {
+                                       const uint8_t* __restrict__ amin, scalar_t* __restrict__ gz,
+                                       int64_t total, int64_t H, int64_t W, int64_t Ho, int64_t Wo,
+                                       int k) {
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t o = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; o < total;
        o += int64_t(gridDim.x) * blockDim.x) {
     const int64_t j = o % Wo, i = (o / Wo) % Ho, p = o / (Wo * Ho);
     const scalar_t* w = g + p * H * W + i * k * W + j * k;
     const bool gated = hidden != nullptr;
-    gz[o] = static_cast<scalar_t>(ada_pool_gather_value<acc_t>(
-        static_cast<acc_t>(w[pool_offset(amax[o], k, W)]),
-        static_cast<acc_t>(w[pool_offset(amin[o], k, W)]),
-        gated ? static_cast<acc_t>(hidden[o]) : acc_t(0), gated));
+    gz[o] = static_cast<scalar_t>(
+        ada_pool_gather_value<acc_t>(static_cast<acc_t>(w[pool_offset(amax[o], k, W)]),
+                                     static_cast<acc_t>(w[pool_offset(amin[o], k, W)]),
+                                     gated ? static_cast<acc_t>(hidden[o]) : acc_t(0), gated));
   }
 }
 
@@ -555,8 +549,7 @@ at::Tensor ada_unpool2d_cuda(const at::Tensor& z_, const std::optional<at::Tenso
   return out;
 }
 
-at::Tensor ada_pool2d_gather_cuda(const at::Tensor& grad_,
-                                  const std::optional<at::Tensor>& hidden_,
+at::Tensor ada_pool2d_gather_cuda(const at::Tensor& grad_, const std::optional<at::Tensor>& hidden_,
                                   const at::Tensor& amax_, const at::Tensor& amin_, int64_t k) {
   const std::vector<int64_t> pooled =
       check_ada_pool2d_gather(grad_, "grad", hidden_, amax_, amin_, k);

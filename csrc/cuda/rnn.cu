@@ -1,9 +1,9 @@
-// CUDA kernels of the RelRNN / RelLSTM step ops (schemas and the time loops: csrc/rnn.cpp;
-// design: csrc/README.md). The attention step runs one block per batch row: a CUB block
-// reduction per candidate score, then block reductions for the softmax; the screening is done
-// by thread 0 with screen_slot. Elementwise ops are grid-stride loops. All math (scores,
-// activations, LSTM cell, candidates, slot rule) comes from include/screening_attn/rnn.h,
-// shared with the CPU kernels; half and bfloat16 compute in float.
+// CUDA kernels of the RelRNN / RelLSTM step ops (schemas: csrc/rnn.cpp; the time loops:
+// csrc/rnn_loops.cpp; design: csrc/README.md). The attention step runs one block per batch row:
+// a CUB block reduction per candidate score, then block reductions for the softmax; the
+// screening is done by thread 0 with screen_slot. Elementwise ops are grid-stride loops. All
+// math (scores, activations, LSTM cell, candidates, slot rule) comes from
+// include/screening_attn/rnn.h, shared with the CPU kernels; half and bfloat16 compute in float.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -23,15 +23,13 @@
 
 namespace screening_attn {
 
-int parse_nonlinearity(std::string_view name);  // csrc/rnn.cpp
-
 namespace {
 
 constexpr int kThreads = 128;  // per block (one batch row); loops cover Hd > kThreads
 
 int blocks_for(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads,
-                                                                 65535)));
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
 }
 
 template <typename scalar_t>
@@ -70,8 +68,8 @@ size_t shared_bytes(int64_t nmax) {
 template <typename scalar_t>
 __global__ void attend_step_kernel(Memory<scalar_t> m, const scalar_t* __restrict__ query,
                                    int64_t ldq, int64_t* __restrict__ slot_index,
-                                   at::opmath_type<scalar_t>* __restrict__ slot_score,
-                                   int64_t rho, at::opmath_type<scalar_t>* __restrict__ relevancy,
+                                   at::opmath_type<scalar_t>* __restrict__ slot_score, int64_t rho,
+                                   at::opmath_type<scalar_t>* __restrict__ relevancy,
                                    scalar_t* __restrict__ s, int64_t lds,
                                    at::opmath_type<scalar_t>* __restrict__ alpha, int64_t lda,
                                    int64_t* __restrict__ cand, int64_t ldc, int64_t t,
@@ -134,7 +132,8 @@ __global__ void attend_step_kernel(Memory<scalar_t> m, const scalar_t* __restric
     for (int64_t c = 0; c < nc; ++c) {
       ctx += sh.e[c] * static_cast<acc_t>(m.hidden[m.offset(sh.pos[c], b) + d]);
     }
-    s[b * lds + d] = static_cast<scalar_t>(acc_t(0.5) * (static_cast<acc_t>(h_prev[d]) + attn * ctx));
+    s[b * lds + d] =
+        static_cast<scalar_t>(acc_t(0.5) * (static_cast<acc_t>(h_prev[d]) + attn * ctx));
   }
   if (threadIdx.x == 0 && t >= window) {  // step t - window has left the window
     const int64_t leaving = t - window;
@@ -200,8 +199,8 @@ __global__ void attend_step_backward_kernel(
     for (int64_t c = 0; c < nc; ++c) {
       const acc_t a = arow[sh.col[c]];
       const int64_t off = m.offset(sh.pos[c], b) + d;
-      const acc_t u = score_term_backward<acc_t>(q[d], m.uah[off], m.v[d], a * (sh.e[c] - delta),
-                                                 &gv);
+      const acc_t u =
+          score_term_backward<acc_t>(q[d], m.uah[off], m.v[d], a * (sh.e[c] - delta), &gv);
       gq += u;
       grad_uah[off] = static_cast<scalar_t>(static_cast<acc_t>(grad_uah[off]) + u);
       grad_hidden[off] = static_cast<scalar_t>(static_cast<acc_t>(grad_hidden[off]) + a * gc);
@@ -234,8 +233,8 @@ __global__ void activation_backward_kernel(const scalar_t* __restrict__ g, int64
        i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / Hd, d = i % Hd;
     acc_t gbd = 0;
-    gpre[b * ldp + d] = static_cast<scalar_t>(
-        activate_backward<NL, acc_t>(g[b * ldg + d], h[b * ldh + d], &gbd));
+    gpre[b * ldp + d] =
+        static_cast<scalar_t>(activate_backward<NL, acc_t>(g[b * ldg + d], h[b * ldh + d], &gbd));
     if (NL == kModRelu) gb[i] = static_cast<scalar_t>(static_cast<acc_t>(gb[i]) + gbd);
   }
 }
@@ -287,28 +286,13 @@ __global__ void lstm_cell_backward_kernel(const scalar_t* __restrict__ gh, int64
   }
 }
 
-// Read-only (rows, cols) inputs: any row stride, unit stride within a row.
-at::Tensor rows_of(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
-
-template <typename F>
-void dispatch_nonlinearity(int nl, F&& f) {
-  switch (nl) {
-    case kTanh: return f(std::integral_constant<int, kTanh>{});
-    case kRelu: return f(std::integral_constant<int, kRelu>{});
-    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
-    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
-    default: return f(std::integral_constant<int, kModRelu>{});
-  }
-}
-
 void rnn_attend_step_cuda(const at::Tensor& query_, const at::Tensor& hidden_,
                           const at::Tensor& uah_, const at::Tensor& v_,
                           const at::Tensor& slot_index, const at::Tensor& slot_score,
-                          const at::Tensor& relevancy, const at::Tensor& s,
-                          const at::Tensor& alpha, const at::Tensor& cand, int64_t t,
-                          int64_t window, double attn) {
-  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand,
-                    t, window);
+                          const at::Tensor& relevancy, const at::Tensor& s, const at::Tensor& alpha,
+                          const at::Tensor& cand, int64_t t, int64_t window, double attn) {
+  check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand, t,
+                    window);
   const c10::cuda::CUDAGuard guard(query_.device());
   const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
@@ -353,14 +337,13 @@ void rnn_attend_step_backward_cuda(const at::Tensor& grad_s_, const at::Tensor& 
         using acc_t = at::opmath_type<scalar_t>;
         const Memory<scalar_t> m{hidden.const_data_ptr<scalar_t>(), uah.const_data_ptr<scalar_t>(),
                                  v.const_data_ptr<scalar_t>(), B, Hd};
-        attend_step_backward_kernel<scalar_t>
-            <<<B, kThreads, shared_bytes<acc_t>(nmax), stream>>>(
-                m, grad_s.const_data_ptr<scalar_t>(), grad_s.stride(0),
-                query.const_data_ptr<scalar_t>(), query.stride(0), alpha.const_data_ptr<acc_t>(),
-                alpha.stride(0), cand.const_data_ptr<int64_t>(), rho,
-                grad_hidden.mutable_data_ptr<scalar_t>(), grad_uah.mutable_data_ptr<scalar_t>(),
-                grad_v.mutable_data_ptr<scalar_t>(), grad_query.mutable_data_ptr<scalar_t>(),
-                grad_query.stride(0), t, window, static_cast<acc_t>(attn));
+        attend_step_backward_kernel<scalar_t><<<B, kThreads, shared_bytes<acc_t>(nmax), stream>>>(
+            m, grad_s.const_data_ptr<scalar_t>(), grad_s.stride(0),
+            query.const_data_ptr<scalar_t>(), query.stride(0), alpha.const_data_ptr<acc_t>(),
+            alpha.stride(0), cand.const_data_ptr<int64_t>(), rho,
+            grad_hidden.mutable_data_ptr<scalar_t>(), grad_uah.mutable_data_ptr<scalar_t>(),
+            grad_v.mutable_data_ptr<scalar_t>(), grad_query.mutable_data_ptr<scalar_t>(),
+            grad_query.stride(0), t, window, static_cast<acc_t>(attn));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
 }
@@ -418,16 +401,14 @@ void lstm_cell_cuda(const at::Tensor& gates, const at::Tensor& cell_prev_, const
   const int64_t B = cell.size(0), Hd = cell.size(1);
   if (B * Hd == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_cell_cuda",
-                                  [&] {
-                                    lstm_cell_kernel<scalar_t>
-                                        <<<blocks_for(B * Hd), kThreads, 0, stream>>>(
-                                            gates.mutable_data_ptr<scalar_t>(), gates.stride(0),
-                                            cp.const_data_ptr<scalar_t>(), cp.stride(0),
-                                            cell.mutable_data_ptr<scalar_t>(), cell.stride(0),
-                                            h.mutable_data_ptr<scalar_t>(), h.stride(0), B, Hd);
-                                    C10_CUDA_KERNEL_LAUNCH_CHECK();
-                                  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, gates.scalar_type(), "lstm_cell_cuda", [&] {
+        lstm_cell_kernel<scalar_t><<<blocks_for(B * Hd), kThreads, 0, stream>>>(
+            gates.mutable_data_ptr<scalar_t>(), gates.stride(0), cp.const_data_ptr<scalar_t>(),
+            cp.stride(0), cell.mutable_data_ptr<scalar_t>(), cell.stride(0),
+            h.mutable_data_ptr<scalar_t>(), h.stride(0), B, Hd);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
 }
 
 void lstm_cell_backward_cuda(const at::Tensor& grad_h_, const at::Tensor& gates_,

@@ -9,14 +9,20 @@
 
 namespace screening_attn {
 
+// The dtype of the kernels' statistics and softmax weights (rstd, alpha, relevancy): float64 for
+// float64 inputs, else float32 (half and bfloat16 compute in float), as _library.acc_dtype.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 inline void check_same_shape(const at::Tensor& a, const char* a_name, const at::Tensor& b,
                              const char* b_name) {
   TORCH_CHECK_VALUE(a.sizes() == b.sizes(), b_name, " must have the shape of ", a_name, " ",
                     a.sizes(), ", got ", b.sizes());
 }
 
-inline void check_same_dtype_device(const at::Tensor& a, const char* a_name,
-                                    const at::Tensor& b, const char* b_name) {
+inline void check_same_dtype_device(const at::Tensor& a, const char* a_name, const at::Tensor& b,
+                                    const char* b_name) {
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), b_name, " must have the dtype of ", a_name,
                    " (", a.scalar_type(), "), got ", b.scalar_type());
   TORCH_CHECK_VALUE(a.device() == b.device(), b_name, " must be on the device of ", a_name, " (",
@@ -56,8 +62,7 @@ inline void check_floating_4d(const at::Tensor& x, const char* name) {
 inline void check_ins_norm(const at::Tensor& x, const char* name, bool centered) {
   check_floating_4d(x, name);
   TORCH_CHECK_VALUE(!centered || x.size(2) * x.size(3) >= 2, name,
-                    " needs at least 2 elements in H x W for centered=True, got shape ",
-                    x.sizes());
+                    " needs at least 2 elements in H x W for centered=True, got shape ", x.sizes());
 }
 
 inline void check_ins_bias_ada_relu(const at::Tensor& x, const std::optional<at::Tensor>& bias,
@@ -76,7 +81,7 @@ inline void check_ins_bias_ada_relu(const at::Tensor& x, const std::optional<at:
 
 // rstd: one value per (n, c) plane of `like`, in the accumulation type (double for double).
 inline void check_rstd(const at::Tensor& rstd, const at::Tensor& like) {
-  const auto acc = like.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(like.scalar_type());
   TORCH_CHECK_TYPE(rstd.scalar_type() == acc, "rstd must be ", acc, ", got ", rstd.scalar_type());
   TORCH_CHECK_VALUE(rstd.dim() == 2 && rstd.size(0) == like.size(0) && rstd.size(1) == like.size(1),
                     "rstd must have shape (N, C) = (", like.size(0), ", ", like.size(1), "), got ",
@@ -136,8 +141,7 @@ inline void check_ada_pool2d(const at::Tensor& x, const std::optional<at::Tensor
 // z: pooled (N, C, Ho, Wo); the plane it unpools to is height x width, Ho = height / k.
 inline void check_ada_unpool2d(const at::Tensor& z, const char* z_name,
                                const std::optional<at::Tensor>& hidden, const at::Tensor& argmax,
-                               const at::Tensor& argmin, int64_t k, int64_t height,
-                               int64_t width) {
+                               const at::Tensor& argmin, int64_t k, int64_t height, int64_t width) {
   check_floating_4d(z, z_name);
   check_pool_kernel_size(k);
   TORCH_CHECK_VALUE(height / k == z.size(2) && width / k == z.size(3), z_name, " of shape ",
@@ -155,8 +159,7 @@ inline std::vector<int64_t> check_ada_pool2d_gather(const at::Tensor& grad, cons
                                                     const at::Tensor& argmin, int64_t k) {
   check_floating_4d(grad, grad_name);
   check_pool_kernel_size(k);
-  const std::vector<int64_t> pooled{grad.size(0), grad.size(1), grad.size(2) / k,
-                                    grad.size(3) / k};
+  const std::vector<int64_t> pooled{grad.size(0), grad.size(1), grad.size(2) / k, grad.size(3) / k};
   check_pool_hidden(hidden, grad, grad_name, pooled);
   check_pool_positions(argmax, "argmax", grad, grad_name, pooled);
   check_pool_positions(argmin, "argmin", grad, grad_name, pooled);

@@ -1,5 +1,5 @@
-// Elementwise and per-plane math of the CNN-F ops (SPEC §3), shared by the CPU and CUDA kernels.
-// The Triton kernels (kernels/feedback.py) write the same formulas.
+// Elementwise and per-plane math of the CNN-F ops (docs/feedback.md), shared by the CPU and CUDA
+// kernels. The Triton kernels (kernels/feedback.py) write the same formulas.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -24,13 +24,13 @@ SCREENING_ATTN_LANEWISE acc_t as_number(M b) {
   return b ? zero + 1 : zero;
 }
 
-// --- Gates -------------------------------------------------------------------------------------
+// Gates
 
 // AdaReLU: x' = x + eta (h - x), open where x' h > 0 (plain ReLU without feedback).
 // y = x' * open, not `open ? x' : 0`, so a NaN input stays NaN as in the reference.
 template <typename acc_t, typename M>
 SCREENING_ATTN_LANEWISE acc_t ada_relu_value(acc_t x, acc_t h, acc_t eta, bool has_hidden,
-                                            M* open) {
+                                             M* open) {
   const acc_t xr = has_hidden ? x + eta * (h - x) : x;
   *open = has_hidden ? xr * h > 0 : xr > 0;
   return xr * as_number<acc_t>(*open);
@@ -50,9 +50,19 @@ SCREENING_ATTN_LANEWISE void ada_relu_grad(acc_t g, M open, acc_t eta, acc_t* gx
   *gh = gm * eta;
 }
 
-// --- Instance norm over one (n, c) plane of `count` elements ------------------------------------
+// Instance norm over one (n, c) plane of `count` elements.
 // Forward: u = x r (+ bias), r = 1 / sqrt(power + eps), power = sum(x^2) / count, or with
 // `centered` the unbiased variance sum((x - mean)^2) / (count - 1) (x itself is not shifted).
+
+// What the norm kernels apply after u = x r (+ bias), a template argument of the CPU and CUDA
+// kernels. The values are fixed: the Python IntEnum `Gate` of kernels/feedback.py mirrors them
+// (the Triton kernels' GATE).
+enum class Gate {
+  kNone = 0,      // ins_norm: y = x r
+  kReLU = 1,      // ins_bias_ada_relu without hidden: y = relu(x r + b)
+  kAda = 2,       // ins_bias_ada_relu with hidden
+  kFeedback = 3,  // ins_norm_gate: zn = x r, out = zn [mask]
+};
 
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ins_divisor(int64_t count, bool centered) {
@@ -84,7 +94,17 @@ SCREENING_ATTN_LANEWISE acc_t ins_grad(acc_t gu, acc_t x, acc_t rstd, acc_t coef
   return rstd * gu - coef * (x - mean);
 }
 
-// --- AdaPool (k x k windows, stride k) ----------------------------------------------------------
+// The bias gradient of channel c from the backward's per-plane sums of gu, `part` (N, C): summed
+// over N in order, so that it does not depend on how the planes were split among threads.
+template <typename acc_t, typename part_t>
+C10_HOST_DEVICE inline acc_t bias_grad(const part_t* part, int64_t batch, int64_t channels,
+                                       int64_t c) {
+  acc_t s = 0;
+  for (int64_t b = 0; b < batch; ++b) s += part[b * channels + c];
+  return s;
+}
+
+// AdaPool (k x k windows, stride k)
 // Windows are scanned in row-major order; a candidate replaces the best so far only if strictly
 // better, so ties keep the first element. NaN beats any number (and the first NaN stays), as
 // torch.argmax / argmin do. Positions are stored window-local: p = row * k + col, in a uint8.
@@ -108,7 +128,8 @@ C10_HOST_DEVICE inline int64_t pool_offset(int pos, int k, int64_t width) {
 // Products, not selects, so that a NaN window stays NaN as in the reference.
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ada_pool_value(acc_t vmax, acc_t vmin, acc_t h, bool has_hidden) {
-  return has_hidden ? vmax * as_number<acc_t>(h > acc_t(0)) + vmin * as_number<acc_t>(h < acc_t(0)) : vmax;
+  return has_hidden ? vmax * as_number<acc_t>(h > acc_t(0)) + vmin * as_number<acc_t>(h < acc_t(0))
+                    : vmax;
 }
 
 // Unpool (the feedback, and the forward's backward): the value at window position `pos` of
@@ -127,9 +148,9 @@ C10_HOST_DEVICE inline acc_t ada_unpool_value(acc_t z, acc_t h, bool has_hidden,
 template <typename acc_t>
 C10_HOST_DEVICE inline acc_t ada_pool_gather_value(acc_t g_at_max, acc_t g_at_min, acc_t h,
                                                    bool has_hidden) {
-  return has_hidden ? g_at_max * as_number<acc_t>(h > acc_t(0)) +
-                          g_at_min * as_number<acc_t>(h < acc_t(0))
-                    : g_at_max;
+  return has_hidden
+             ? g_at_max * as_number<acc_t>(h > acc_t(0)) + g_at_min * as_number<acc_t>(h < acc_t(0))
+             : g_at_max;
 }
 
 }  // namespace screening_attn

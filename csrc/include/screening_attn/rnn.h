@@ -1,4 +1,4 @@
-// Element math of the RelRNN / RelLSTM step (SPEC §2), shared by the CPU kernels
+// Element math of the RelRNN / RelLSTM step (docs/rnn.md), shared by the CPU kernels
 // (csrc/cpu/rnn.cpp) and the CUDA kernels (csrc/cuda/rnn.cu), so the CPU tests exercise it.
 // acc_t is float or double (half inputs compute in float).
 #pragma once
@@ -6,13 +6,27 @@
 #include <c10/macros/Macros.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "screening_attn/screening.h"
 
 namespace screening_attn {
 
-// Order of SPEC §2's list; csrc/rnn.cpp parses the names.
+// Order of docs/rnn.md's list; parse_nonlinearity (rnn_checks.h) maps the names the ops take.
 enum Nonlinearity : int { kTanh = 0, kRelu = 1, kSigmoid = 2, kIdentity = 3, kModRelu = 4 };
+
+// Calls f(std::integral_constant<int, NL>) for the runtime code nl (host code: the kernels are
+// compiled per nonlinearity).
+template <typename F>
+void dispatch_nonlinearity(int nl, F&& f) {
+  switch (nl) {
+    case kTanh: return f(std::integral_constant<int, kTanh>{});
+    case kRelu: return f(std::integral_constant<int, kRelu>{});
+    case kSigmoid: return f(std::integral_constant<int, kSigmoid>{});
+    case kIdentity: return f(std::integral_constant<int, kIdentity>{});
+    default: return f(std::integral_constant<int, kModRelu>{});
+  }
+}
 
 // tanh. float on the host: Eigen's rational approximation (error < 7 ulp, < 4e-7 absolute),
 // branch-free so that the score loop, which calls it (ν+ρ)·Hd times per row and step,
@@ -21,7 +35,8 @@ C10_HOST_DEVICE inline float tanh_(float x) {
 #ifdef __CUDA_ARCH__
   return ::tanhf(x);
 #else
-  constexpr float kClamp = 7.90531110763549805f;  // beyond: within 4e-7 of ±1
+  // Beyond kClamp, tanh is within 4e-7 of ±1.
+  constexpr float kClamp = 7.90531110763549805f;
   const float xc = x > kClamp ? kClamp : (x < -kClamp ? -kClamp : x);  // NaN stays NaN
   const float x2 = xc * xc;
   float p = -2.76076847742355e-16f;
@@ -63,7 +78,7 @@ C10_HOST_DEVICE inline double sigmoid_(double x) {
 #endif
 }
 
-// ---- candidates of one batch row at step t >= 1 -----------------------------------------------
+// Candidates of one batch row at step t >= 1.
 
 // The window t-nw .. t-1 (nw = min(t, window)), then the filled slots (slot < 0: empty). Writes
 // each candidate's time step to pos and its column in the step's weight record to col (window:
@@ -89,7 +104,7 @@ C10_HOST_DEVICE inline int64_t step_candidates(const index_t* slots, int64_t rho
   return nc;
 }
 
-// ---- additive attention score: e = Σ_d v_d tanh(q_d + k_d), with q = Va s and k = Ua h --------
+// Additive attention score: e = Σ_d v_d tanh(q_d + k_d), with q = Va s and k = Ua h
 
 // One term: z = tanh(q + k), returns v z.
 template <typename acc_t>
@@ -106,7 +121,7 @@ C10_HOST_DEVICE inline acc_t score_term_backward(acc_t q, acc_t k, acc_t v, acc_
   return de * v * (acc_t(1) - z * z);
 }
 
-// ---- RelRNN activation h = φ(pre) and its backward (NL: a Nonlinearity) -----------------------
+// RelRNN activation h = φ(pre) and its backward (NL: a Nonlinearity)
 
 // sign(z) as torch.sign: 0 at 0 (and for NaN).
 template <typename acc_t>
@@ -155,7 +170,7 @@ C10_HOST_DEVICE inline acc_t activate_backward(acc_t g, acc_t h, acc_t* gb) {
   }
 }
 
-// ---- RelLSTM cell ---------------------------------------------------------------------------
+// RelLSTM cell
 
 // Gate pre-activations a_f, a_i, a_o, a_g -> gates f, i, o = σ(a), g = tanh(a_g);
 // c = f c_prev + i g; h = o tanh(c).

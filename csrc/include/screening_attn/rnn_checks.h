@@ -1,6 +1,7 @@
 // Input checks of the RelRNN / RelLSTM step ops (schemas in csrc/rnn.cpp), one helper per op,
-// called by the CPU and the CUDA kernel. The sequence ops build their arguments themselves;
-// these checks are for direct torch.ops callers.
+// called by the CPU and the CUDA kernel, and the host-side helpers they share (parse_nonlinearity,
+// rows_of). The sequence ops build their arguments themselves; these checks are for direct
+// torch.ops callers.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,16 +9,29 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string_view>
 #include <tuple>
 
 #include "screening_attn/checks.h"
+#include "screening_attn/rnn.h"
 
 namespace screening_attn {
 
-// Softmax weights and relevancy scores: float32 for half inputs, else the input dtype.
-inline at::ScalarType rnn_acc_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
+// The Nonlinearity of an activation's name (the ops take the name).
+inline int parse_nonlinearity(std::string_view name) {
+  if (name == "tanh") return kTanh;
+  if (name == "relu") return kRelu;
+  if (name == "sigmoid") return kSigmoid;
+  if (name == "identity") return kIdentity;
+  if (name == "modrelu") return kModRelu;
+  C10_THROW_ERROR(ValueError, c10::str("nonlinearity must be one of ('tanh', 'relu', 'sigmoid', "
+                                       "'identity', 'modrelu'), got '",
+                                       name, "'"));
 }
+
+// A read-only (rows, cols) input as the kernels take it: any row stride, unit stride within a
+// row (copied only if it has not).
+inline at::Tensor rows_of(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
 // A (rows, cols) tensor whose rows may be strided but whose elements within a row are not.
 inline void check_rows(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
@@ -43,10 +57,10 @@ inline void check_memory(const at::Tensor& query, const at::Tensor& hidden, cons
   TORCH_CHECK_VALUE(query.dim() == 2, "query must be 2-d (B, Hd), got ", query.sizes());
   const int64_t B = query.size(0), Hd = query.size(1);
   TORCH_CHECK_VALUE(t >= 1, "t must be >= 1 (step 0 does not attend), got ", t);
-  TORCH_CHECK_VALUE(hidden.dim() == 3 && hidden.size(0) >= t && hidden.size(1) == B &&
-                        hidden.size(2) == Hd,
-                    "hidden must have shape (T >= t, B, Hd) = (>= ", t, ", ", B, ", ", Hd,
-                    "), got ", hidden.sizes());
+  TORCH_CHECK_VALUE(
+      hidden.dim() == 3 && hidden.size(0) >= t && hidden.size(1) == B && hidden.size(2) == Hd,
+      "hidden must have shape (T >= t, B, Hd) = (>= ", t, ", ", B, ", ", Hd, "), got ",
+      hidden.sizes());
   check_same_shape(hidden, "hidden", uah, "uah");
   check_same_dtype_device(query, "query", hidden, "hidden");
   check_same_dtype_device(query, "query", uah, "uah");
@@ -63,7 +77,7 @@ inline void check_attend_step(const at::Tensor& query, const at::Tensor& hidden,
   check_memory(query, hidden, uah, v, t);
   TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
   const int64_t B = query.size(0), Hd = query.size(1);
-  const at::ScalarType acc = rnn_acc_type(query.scalar_type());
+  const at::ScalarType acc = acc_type(query.scalar_type());
   TORCH_CHECK_VALUE(slot_index.dim() == 2 && slot_index.size(0) == B,
                     "slot_index must have shape (B, relevant) with B = ", B, ", got ",
                     slot_index.sizes());
@@ -97,7 +111,7 @@ inline void check_attend_step_backward(const at::Tensor& grad_s, const at::Tenso
   const int64_t B = query.size(0), Hd = query.size(1);
   check_same_dtype_device(query, "query", grad_s, "grad_s");
   check_same_shape(query, "query", grad_s, "grad_s");
-  check_dtype_device(alpha, "alpha", rnn_acc_type(query.scalar_type()), query);
+  check_dtype_device(alpha, "alpha", acc_type(query.scalar_type()), query);
   check_dtype_device(cand, "cand", at::kLong, query);
   TORCH_CHECK_VALUE(cand.dim() == 2 && cand.size(0) == B,
                     "cand must have shape (B, relevant) with B = ", B, ", got ", cand.sizes());
@@ -113,9 +127,9 @@ inline void check_attend_step_backward(const at::Tensor& grad_s, const at::Tenso
   check_same_dtype_device(query, "query", grad_query, "grad_query");
   TORCH_CHECK_VALUE(grad_hidden.is_contiguous() && grad_uah.is_contiguous(),
                     "grad_hidden and grad_uah must be contiguous");
-  TORCH_CHECK_VALUE(grad_v.is_contiguous() && grad_v.dim() == 2 && grad_v.size(0) == B &&
-                        grad_v.size(1) == Hd,
-                    "grad_v must be a contiguous (B, Hd) tensor, got shape ", grad_v.sizes());
+  TORCH_CHECK_VALUE(
+      grad_v.is_contiguous() && grad_v.dim() == 2 && grad_v.size(0) == B && grad_v.size(1) == Hd,
+      "grad_v must be a contiguous (B, Hd) tensor, got shape ", grad_v.sizes());
   check_rows(grad_query, "grad_query", B, Hd);
 }
 
@@ -135,10 +149,10 @@ inline int64_t check_elementwise(
   return B;
 }
 
-// modrelu_b: Hd elements, required for modrelu (nonlinearity code 4).
+// modrelu_b: Hd elements, required for modrelu.
 inline void check_modrelu_b(const at::Tensor& like, const std::optional<at::Tensor>& modrelu_b,
                             int nonlinearity, int64_t Hd) {
-  TORCH_CHECK_VALUE(nonlinearity != 4 || modrelu_b.has_value(),
+  TORCH_CHECK_VALUE(nonlinearity != kModRelu || modrelu_b.has_value(),
                     "nonlinearity 'modrelu' needs modrelu_b, got None");
   if (modrelu_b.has_value()) {
     check_same_dtype_device(like, "the activation's inputs", *modrelu_b, "modrelu_b");
@@ -158,8 +172,10 @@ inline void check_activation(const at::Tensor& pre, const std::optional<at::Tens
 inline void check_activation_backward(const at::Tensor& grad_h, const at::Tensor& h,
                                       const at::Tensor& grad_pre, const at::Tensor& grad_b) {
   const int64_t Hd = grad_h.dim() == 2 ? grad_h.size(1) : 0;
-  check_elementwise(
-      {{&grad_h, "grad_h", Hd}, {&h, "h", Hd}, {&grad_pre, "grad_pre", Hd}, {&grad_b, "grad_b", Hd}});
+  check_elementwise({{&grad_h, "grad_h", Hd},
+                     {&h, "h", Hd},
+                     {&grad_pre, "grad_pre", Hd},
+                     {&grad_b, "grad_b", Hd}});
   TORCH_CHECK_VALUE(grad_b.is_contiguous(), "grad_b must be contiguous");
 }
 
@@ -167,7 +183,9 @@ inline void check_activation_backward(const at::Tensor& grad_h, const at::Tensor
 inline void check_lstm_cell(const at::Tensor& gates, const at::Tensor& cell_prev,
                             const at::Tensor& cell, const at::Tensor& h) {
   const int64_t Hd = cell.dim() == 2 ? cell.size(1) : 0;
-  check_elementwise({{&gates, "gates", 4 * Hd}, {&cell_prev, "cell_prev", Hd}, {&cell, "cell", Hd},
+  check_elementwise({{&gates, "gates", 4 * Hd},
+                     {&cell_prev, "cell_prev", Hd},
+                     {&cell, "cell", Hd},
                      {&h, "h", Hd}});
 }
 
@@ -175,8 +193,11 @@ inline void check_lstm_cell_backward(const at::Tensor& grad_h, const at::Tensor&
                                      const at::Tensor& cell, const at::Tensor& cell_prev,
                                      const at::Tensor& grad_cell, const at::Tensor& grad_gates) {
   const int64_t Hd = grad_h.dim() == 2 ? grad_h.size(1) : 0;
-  check_elementwise({{&grad_h, "grad_h", Hd}, {&gates, "gates", 4 * Hd}, {&cell, "cell", Hd},
-                     {&cell_prev, "cell_prev", Hd}, {&grad_cell, "grad_cell", Hd},
+  check_elementwise({{&grad_h, "grad_h", Hd},
+                     {&gates, "gates", 4 * Hd},
+                     {&cell, "cell", Hd},
+                     {&cell_prev, "cell_prev", Hd},
+                     {&grad_cell, "grad_cell", Hd},
                      {&grad_gates, "grad_gates", 4 * Hd}});
 }
 

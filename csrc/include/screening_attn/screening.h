@@ -1,5 +1,5 @@
-// The relevancy-screening slot rule (SPEC §1.5) and softmax helpers, shared by the CPU and CUDA
-// kernels of screened attention and of the RelRNN/RelLSTM step.
+// The relevancy-screening slot rule (docs/attention.md) and softmax helpers, shared by the CPU and
+// CUDA kernels of screened attention and of the RelRNN/RelLSTM step.
 #pragma once
 
 #include <c10/macros/Macros.h>
