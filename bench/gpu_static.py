@@ -16,21 +16,18 @@ How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cu
 32), options)`` with the signatures and constexprs of ``static_builds`` in kernels/attention.py
 (the launchers' own ``launch_config``); registers and stack (spills) from the cubin by the
 ``cuobjdump`` inside the triton wheel. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives
-interpreted functions that cannot be compiled, so this module drops the variable before
+interpreted functions that cannot be compiled, so ``main`` drops the variable before
 importing triton. Results are cached in ``build/gpu-static/`` by a hash of the kernel source,
 the triton version and the build's arguments: a re-run rebuilds only what changed.
 """
 
 from __future__ import annotations
 
-import os
-
-os.environ.pop("TRITON_INTERPRET", None)  # before any triton import (see the docstring)
-
 import argparse
 import hashlib
 import json
 import multiprocessing
+import os
 import re
 import subprocess
 import sys
@@ -217,6 +214,8 @@ def _progress(r: dict) -> None:
 
 
 def main(argv=None) -> int:
+    # before any triton import (see the docstring); spawned workers inherit the environment
+    os.environ.pop("TRITON_INTERPRET", None)
     from screening_attn._kernels.attention import GPU_ARCHS, HEAD_DIMS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -43,6 +43,7 @@ NaN/Inf stay where the reference puts them: products with P or dS go through ``_
 """
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -404,7 +405,7 @@ def screened_attention_replay_sets_kernel(
     snap_ptr,  # (N, NB, SW) int32, written: the set at each block start, CAP slots used
     T,
     nu,
-    CAP,  # max set size = the size of the last set (sets never shrink)
+    CAP,  # a bound on the set size (ρ, or the size of the last set: sets never shrink)
     NB,
     SW,
     BLOCK_M: tl.constexpr,
@@ -767,10 +768,11 @@ def launch_config(
     if kernel in ("scan", "replay"):
         bm = 64 if hd <= 128 else 32
         return LaunchConfig(bm, bm, bd, bdv, 4, 1, native, tf32, bw, bl)
-    bm = bn = 64 if hd <= 128 else (32 if hd <= 256 else 16)
-    stages = 2 if hd <= 64 else 1
-    warps = 4
-    return LaunchConfig(bm, bn, bd, bdv, warps, stages, native, tf32)
+    # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
+    # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
+    # 64-wide half head, 16 × 16 beyond.
+    bm = bn = 32 if hd <= 64 else 16
+    return LaunchConfig(bm, bn, bd, bdv, 4, 1, native, tf32)
 
 
 def _target(q: Tensor):
@@ -889,6 +891,7 @@ def screened_attention_bwd(
     span: Tensor,
     window: int,
     scale: float,
+    relevant: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of screened attention: the sets replayed from ``span``, then dQ, then dK and dV.
 
@@ -900,6 +903,8 @@ def screened_attention_bwd(
         span (Tensor): `(B, H, T, 2)` int32, from the forward.
         window (int): `ν >= 1`.
         scale (float): factor on the logits.
+        relevant (int): the forward's `ρ`, which bounds every set and so sizes the replay
+            without a host sync; -1 if unknown: then one sync reads the largest set off `span`.
 
     Returns:
         `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`.
@@ -929,9 +934,12 @@ def screened_attention_bwd(
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
     window = min(window, T + 1)
-    # Sets never shrink (a key leaves only when another takes its slot), so the largest
-    # one is the last: the keys whose span runs to the end. One host sync, to size `snap`.
-    cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
+    if relevant >= 0:  # the forward's live slots bound every set
+        cap = min(relevant, max(0, T - window + 1))
+    else:
+        # Sets never shrink (a key leaves only when another takes its slot), so the largest
+        # one is the last: the keys whose span runs to the end. A host sync, to size `snap`.
+        cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
     sw = max(cap, 1)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     rc = launch_config("replay", q.dtype, D, Dv, window, cap, target)
@@ -985,14 +993,20 @@ def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
     as the launchers pass them)."""
     kind = {"in": _TL_NAME[dtype], "acc": "fp32", "i32": "i32", "i64": "i64"}
     sig = {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name] = "constexpr"
-        elif p.name.endswith("_ptr"):
-            sig[p.name] = "*" + kind[_PTR_KIND[p.name[: -len("_ptr")]]]
+    for name, const in _params(fn):
+        if const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + kind[_PTR_KIND[name[: -len("_ptr")]]]
         else:
-            sig[p.name] = "fp32" if p.name == "scale" else "i32"
+            sig[name] = "fp32" if name == "scale" else "i32"
     return sig
+
+
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of a kernel's arguments, compiled or interpreted alike."""
+    raw = inspect.signature(fn.fn).parameters.values()
+    return [(p.name, p.annotation is tl.constexpr) for p in raw]
 
 
 def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, arch: int):
@@ -1025,7 +1039,7 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
             "BLOCK_DV": c.block_dv, "BLOCK_W": c.block_w, "BLOCK_L": c.block_l,
             "BLOCK_R": _pow2(live),
         }  # fmt: skip
-        names = {p.name for p in fn.params if p.is_constexpr}
+        names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}
         options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
         out.append((name, fn, _signature(fn, dtype), consts, options))
