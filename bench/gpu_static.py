@@ -17,8 +17,8 @@ How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cu
 (the launchers' own ``launch_config``); registers and stack (spills) from the cubin by the
 ``cuobjdump`` inside the triton wheel. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives
 interpreted functions that cannot be compiled, so ``main`` drops the variable before
-importing triton. Results are cached in ``build/gpu-static/`` by a hash of the kernel source,
-the triton version and the build's arguments: a re-run rebuilds only what changed.
+importing triton. Results are cached in ``build/gpu-static/`` by triton's key of each kernel's
+source, the triton version and the build's arguments: a re-run rebuilds only what changed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
-KERNEL_SOURCES = [ROOT / "kernels" / "attention.py"]
 DEFAULT_OUT = ROOT / "bench" / "results" / "gpu-static.json"
 DEFAULT_CACHE = ROOT / "build" / "gpu-static"
 
@@ -47,6 +48,7 @@ REG_LIMIT = 255
 DTYPES = ("fp16", "bf16", "fp32")
 # (ν, ρ): small, and large enough that the scan's lane vectors and the replay grow
 WINDOWS = ((64, 16), (1024, 256))
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
@@ -54,14 +56,13 @@ _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS) -> list[dict]:
     """The builds of the sweep, deduplicated (fwd/dq/dkdv don't depend on ν and ρ): plain
     dicts, so that worker processes rebuild the arguments from them."""
-    import torch
 
     from screening_attn._kernels.attention import static_builds
 
     seen, out = set(), []
     for arch in archs:
         for dt in dtypes:
-            dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dt]
+            dtype = _DTYPES[dt]
             for d in head_dims:
                 for window, live in windows:
                     for name, _fn, _sig, consts, options in static_builds(
@@ -85,15 +86,6 @@ def _jsonable(consts: dict) -> dict:
     return {k: (v if isinstance(v, (bool, int, float)) else str(v)) for k, v in consts.items()}
 
 
-def _source_hash() -> str:
-    import triton
-
-    h = hashlib.sha256(triton.__version__.encode())
-    for p in KERNEL_SOURCES:
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def _cuobjdump() -> str:
     import triton
 
@@ -102,14 +94,13 @@ def _cuobjdump() -> str:
 
 def build(rec: dict) -> dict:
     """Compile one planned build and measure it; errors are recorded, not raised."""
-    import torch
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from screening_attn._kernels.attention import static_builds
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[rec["dtype"]]
+    dtype = _DTYPES[rec["dtype"]]
     window, live = rec.get("window", WINDOWS[0][0]), rec.get("relevant", WINDOWS[0][1])
     d = rec["head_dim"]
     (spec,) = [
@@ -163,11 +154,23 @@ def violations(rec: dict) -> list[str]:
     return out
 
 
-def _cached_build(args: tuple[dict, str | None, str]) -> dict:
-    rec, cache_dir, src_hash = args
+def _kernel_hash(rec: dict) -> str:
+    """Triton's own key of the kernel's source and the jit functions it calls, with the triton
+    version: editing one kernel rebuilds only its builds."""
+    import triton
+
+    from screening_attn._kernels.attention import static_builds
+
+    fn = {name: f for name, f, *_ in static_builds(_DTYPES["fp32"], 32, 32, 64, 16, 80)}
+    return triton.__version__ + fn[rec["kernel"]].cache_key
+
+
+def _cached_build(args: tuple[dict, str | None]) -> dict:
+    rec, cache_dir = args
     path = None
     if cache_dir:
-        key = hashlib.sha256((src_hash + json.dumps(rec, sort_keys=True)).encode()).hexdigest()
+        key = _kernel_hash(rec) + json.dumps(rec, sort_keys=True)
+        key = hashlib.sha256(key.encode()).hexdigest()
         path = Path(cache_dir) / f"{key[:24]}.json"
         if path.exists():
             return json.loads(path.read_text())
@@ -180,8 +183,7 @@ def _cached_build(args: tuple[dict, str | None, str]) -> dict:
 
 def run(builds: list[dict], jobs: int, cache_dir: str | None) -> list[dict]:
     """Measure ``builds`` (in ``jobs`` processes) and attach their violations."""
-    src = _source_hash()
-    work = [(b, cache_dir, src) for b in builds]
+    work = [(b, cache_dir) for b in builds]
     if jobs > 1 and len(work) > 1:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
             results = []
@@ -237,7 +239,10 @@ def main(argv=None) -> int:
         WINDOWS[:1] if a.small_only else WINDOWS,
     )
     print(f"{len(builds)} builds, {a.jobs} processes", flush=True)
-    results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
+    # a private triton cache: build_s is a real build's time, never a hit of ~/.triton
+    with tempfile.TemporaryDirectory(prefix="gpu-static-triton-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp
+        results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     bad = [r for r in results if r["violations"]]

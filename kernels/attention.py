@@ -35,11 +35,14 @@ Backward (``screened_attention_bwd``), three kernels (the sets come back from ``
   key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
   keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
 
-``NATIVE`` (half inputs on a GPU): ``Q Kᵀ`` and ``dO Vᵀ`` run on the input dtype with float32
-accumulation (exact products, as float32 math); products with P or dS use float32 operands.
-Elsewhere (and always under the interpreter, whose bf16 ``tl.dot`` is wrong) tiles are cast to
-ACC first and every ``tl.dot`` uses ``input_precision="ieee"`` (no TF32).
-NaN/Inf stay where the reference puts them: products with P or dS go through ``_dot_masked``.
+``NATIVE`` (half inputs on a GPU): every product runs on tensor cores in the input dtype with
+float32 accumulation, P and dS cast down as FlashAttention does. Elsewhere (and always under the
+interpreter, whose bf16 ``tl.dot`` is wrong) tiles are cast to ACC first and every ``tl.dot``
+uses ``input_precision="ieee"`` (``"tf32"`` for float32 on a GPU with ``allow_tf32``).
+NaN/Inf stay where the reference puts them, out of the hot loop: the hot kernels zero the
+non-finite operand entries of the products with P or dS and flag the rows that met one; a fix-up
+launch of the same kernel (``EXACT``) recomputes only those rows through ``_dot_masked``.
+Launch settings: ``launch_config`` (a pure function, also used by bench/gpu_static.py).
 """
 
 import contextlib
@@ -764,7 +767,7 @@ def launch_config(
     wide = dtype in (torch.float32, torch.float64)  # operand bytes: half the tile fits
     hd = max(bd, bdv) * (2 if wide else 1)
     if kernel.endswith("_fix"):
-        return LaunchConfig(16, 16, bd, bdv, 2, 1, native, tf32)
+        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32)  # 2 warps spilled
     if kernel in ("scan", "replay"):
         bm = 64 if hd <= 128 else 32
         return LaunchConfig(bm, bm, bd, bdv, 4, 1, native, tf32, bw, bl)
