@@ -35,12 +35,19 @@ Backward (``screened_attention_bwd``), three kernels (the sets come back from ``
   key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
   keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
 
-``NATIVE`` (half inputs on a GPU): ``Q Kᵀ`` and ``dO Vᵀ`` run on the input dtype with float32
-accumulation (exact products, as float32 math); products with P or dS use float32 operands.
-Elsewhere (and always under the interpreter, whose bf16 ``tl.dot`` is wrong) tiles are cast to
-ACC first and every ``tl.dot`` uses ``input_precision="ieee"`` (no TF32).
-NaN/Inf stay where the reference puts them: products with P or dS go through ``_dot_masked``.
+``NATIVE`` (half inputs on a GPU): every product runs on tensor cores in the input dtype with
+float32 accumulation, P and dS cast down as FlashAttention does. Elsewhere (and always under the
+interpreter, whose bf16 ``tl.dot`` is wrong) tiles are cast to ACC first and every ``tl.dot``
+uses ``input_precision="ieee"`` (``"tf32"`` for float32 on a GPU with ``allow_tf32``).
+NaN/Inf stay where the reference puts them, out of the hot loop: the hot kernels zero the
+non-finite operand entries of the products with P or dS and flag the rows that met one; a fix-up
+launch of the same kernel (``EXACT``) recomputes only those rows through ``_dot_masked``.
+Launch settings: ``launch_config`` (a pure function, also used by bench/gpu_static.py).
 """
+
+import contextlib
+import inspect
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -52,10 +59,12 @@ from screening_attn._library import acc_dtype
 
 
 @triton.jit
-def _mm(a, b, NATIVE: tl.constexpr):
+def _mm(a, b, NATIVE: tl.constexpr, TF32: tl.constexpr):
     # a (M, K) @ b (K, N) of raw input tiles, accumulated in float32 / float64.
     if NATIVE:
         return tl.dot(a, b, out_dtype=tl.float32)
+    elif TF32:
+        return tl.dot(a, b, input_precision="tf32")
     else:
         return tl.dot(a, b, input_precision="ieee")
 
@@ -88,6 +97,31 @@ def _dot_masked(a, member, b):
     else:
         res = tl.dot(a, b, input_precision="ieee")
     return res
+
+
+@triton.jit
+def _dot_p(a, member, b, hit, MM: tl.constexpr, NATIVE: tl.constexpr, TF32: tl.constexpr,
+           EXACT: tl.constexpr):  # fmt: skip
+    """``(a @ b, hit)`` for a product with P or dS: ``a`` (M, K) in ACC, 0 off ``member``;
+    ``b`` (K, N) in MM. EXACT: ``_dot_masked``. Otherwise the hot path: non-finite entries of
+    ``b`` are zeroed (a zero weight must not carry 0 · NaN into other rows) and ``hit`` (M,)
+    marks the rows with a candidate whose row of ``b`` holds one: the fix-up launch
+    (EXACT) recomputes exactly those rows. NATIVE: ``a`` cast to the input dtype, tensor
+    cores with float32 accumulation, as FlashAttention."""
+    if EXACT:
+        return _dot_masked(a, member, b.to(a.dtype)), hit
+    else:
+        bad = (b != b) | (tl.abs(b) == float("inf"))
+        bad_row = tl.max(bad.to(tl.int32), 1)
+        hit = tl.maximum(hit, tl.max(tl.where(member, bad_row[None, :], 0), 1))
+        bz = tl.where(bad, 0.0, b).to(MM)
+        if NATIVE:
+            res = tl.dot(a.to(MM), bz, out_dtype=tl.float32)
+        elif TF32:
+            res = tl.dot(a, bz, input_precision="tf32")
+        else:
+            res = tl.dot(a, bz, input_precision="ieee")
+        return res, hit
 
 
 @triton.jit
@@ -191,7 +225,7 @@ def screened_attention_scan_kernel(
                 mask=(keys >= 0)[None, :] & d_ok[:, None],
                 other=0.0,
             ).to(MM)
-            s = _mm(qb, kt, NATIVE).to(ACC) * scale
+            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
             tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
         # logits against the key range [w0, t1): scratch columns R_PAD + (j - w0)
         for c0 in range(0, t1 - w0, BLOCK_N):
@@ -201,7 +235,7 @@ def screened_attention_scan_kernel(
                 mask=(keys < t1)[None, :] & d_ok[:, None],
                 other=0.0,
             ).to(MM)
-            s = _mm(qb, kt, NATIVE).to(ACC) * scale
+            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
             tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
         tl.store(scr + offs_m * NCOL + NEG, tl.full([BLOCK_M], neg_inf, ACC))
         tl.debug_barrier()  # scratch complete before the per-query reads
@@ -255,10 +289,10 @@ def screened_attention_scan_kernel(
 
 @triton.jit
 def _fwd_chunk(
-    acc, l, qb, lse, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
+    acc, l, hit, qb, lse, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
     D, DV, nu, scale,
     FROM_SET: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -272,12 +306,12 @@ def _fwd_chunk(
         v_base + keys[:, None] * DV + offs_dv[None, :],
         mask=keys_ok[:, None] & (offs_dv < DV)[None, :],
         other=0.0,
-    ).to(ACC)
-    s = _mm(qb, kt, NATIVE).to(ACC) * scale
+    ).to(MM)
+    s = _mm(qb, kt, NATIVE, TF32).to(ACC) * scale
     p = tl.where(member, tl.exp(s - lse[:, None]), 0.0)
     l += tl.sum(p, 1)
-    acc += _dot_masked(p, member, vb)
-    return acc, l
+    res, hit = _dot_p(p, member, vb, hit, MM, NATIVE, TF32, EXACT)
+    return acc + res, l, hit
 
 
 @triton.jit
@@ -287,8 +321,9 @@ def screened_attention_fwd_kernel(
     v_ptr,  # (N, T, DV)
     lse_ptr,  # (N, T) ACC, from the scan
     span_ptr,  # (N, T, 2) int32
-    snap_ptr,  # (N, NB, SW) int32: the set at each block start, RCOUNT slots used
-    out_ptr,  # (N, T, DV), written
+    snap_ptr,  # (N, NB, SW) int32: the set at each SNAP_M block start, RCOUNT slots used
+    out_ptr,  # (N, T, DV), written (EXACT: only the flagged rows)
+    flag_ptr,  # (N, T) int32: rows that met a non-finite V row (written; EXACT: read)
     T,
     D,
     DV,
@@ -300,6 +335,9 @@ def screened_attention_fwd_kernel(
     MM: tl.constexpr,
     ACC: tl.constexpr,
     NATIVE: tl.constexpr,
+    TF32: tl.constexpr,
+    EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
+    SNAP_M: tl.constexpr,  # the scan's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -310,11 +348,23 @@ def screened_attention_fwd_kernel(
     k_base = k_ptr + n * T * D
     v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
-    snap_base = snap_ptr + (n * NB + blk) * SW
 
     t0 = blk * BLOCK_M
     rows = t0 + tl.arange(0, BLOCK_M)
     rows_ok = rows < T
+    # the set at the snapshot block start ts <= t0 plus the keys [ts-ν+1, t1) hold every
+    # candidate of the rows (membership itself comes from the spans)
+    ts = (t0 // SNAP_M) * SNAP_M
+    snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+    w0 = tl.maximum(ts - nu + 1, 0)
+    t1 = tl.minimum(t0 + BLOCK_M, T)
+    rcount = RCOUNT
+    if EXACT:
+        flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
+        rows_ok = rows_ok & (flag != 0)
+        todo = tl.max(rows_ok.to(tl.int32), 0) > 0
+        rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
+        t1 = tl.where(todo, t1, w0)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -326,21 +376,20 @@ def screened_attention_fwd_kernel(
     lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
     l = tl.zeros([BLOCK_M], ACC)
+    hit = tl.zeros([BLOCK_M], tl.int32)
 
-    for c0 in range(0, RCOUNT, BLOCK_N):
+    for c0 in range(0, rcount, BLOCK_N):
         cols = c0 + offs_n
         keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
-        acc, l = _fwd_chunk(
-            acc, l, qb, lse, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
-            D, DV, nu, scale, True, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        acc, l, hit = _fwd_chunk(
+            acc, l, hit, qb, lse, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
+            D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-    w0 = tl.maximum(t0 - nu + 1, 0)
-    t1 = tl.minimum(t0 + BLOCK_M, T)
     for c0 in range(w0, t1, BLOCK_N):
         keys = c0 + offs_n
-        acc, l = _fwd_chunk(
-            acc, l, qb, lse, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
-            D, DV, nu, scale, False, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        acc, l, hit = _fwd_chunk(
+            acc, l, hit, qb, lse, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
+            D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
     # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
@@ -349,6 +398,8 @@ def screened_attention_fwd_kernel(
         out.to(out_ptr.dtype.element_ty),
         mask=rows_ok[:, None] & (offs_dv < DV)[None, :],
     )
+    if not EXACT:
+        tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
 @triton.jit
@@ -357,7 +408,7 @@ def screened_attention_replay_sets_kernel(
     snap_ptr,  # (N, NB, SW) int32, written: the set at each block start, CAP slots used
     T,
     nu,
-    CAP,  # max set size = the size of the last set (sets never shrink)
+    CAP,  # a bound on the set size (ρ, or the size of the last set: sets never shrink)
     NB,
     SW,
     BLOCK_M: tl.constexpr,
@@ -398,10 +449,11 @@ def screened_attention_replay_sets_kernel(
 
 @triton.jit
 def _dq_chunk(
-    acc, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
+    acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
     D, DV, nu, scale,
     FROM_SET: tl.constexpr, DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr,
-    NATIVE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_D) += dS K
     offs_d = tl.arange(0, BLOCK_D)
@@ -417,42 +469,46 @@ def _dq_chunk(
         mask=keys_ok[None, :] & (offs_dv < DV)[:, None],
         other=0.0,
     ).to(MM)
-    s = _mm(qb, kt, NATIVE).to(ACC) * scale
+    s = _mm(qb, kt, NATIVE, TF32).to(ACC) * scale
     p = tl.where(member, tl.exp(s - lse[:, None]), 0.0)
-    dp = _mm(dob, vt, NATIVE).to(ACC)
+    dp = _mm(dob, vt, NATIVE, TF32).to(ACC)
     if DELTA_ONLY:
-        return acc + tl.sum(tl.where(member, p * dp, 0.0), 1)
+        return acc + tl.sum(tl.where(member, p * dp, 0.0), 1), hit
     else:
         ds = tl.where(member, p * (dp - delta[:, None]), 0.0)  # where: dp may be NaN off C_t
-        return acc + _dot_masked(ds, member, tl.trans(kt.to(ACC)))
+        res, hit = _dot_p(ds, member, tl.trans(kt), hit, MM, NATIVE, TF32, EXACT)
+        return acc + res, hit
 
 
 @triton.jit
 def _dq_pass(
-    acc, qb, dob, lse, delta, rows, rows_ok, t0, k_base, v_base, span_base, snap_base,
-    T, D, DV, nu, RCOUNT, scale,
+    acc, qb, dob, lse, delta, rows, rows_ok, ts, t1, k_base, v_base, span_base, snap_base,
+    D, DV, nu, RCOUNT, rcount, scale,
     DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
-    """One sweep over the block's candidates: the set at t0, then the key range [w0, t1)."""
+    """One sweep over the rows' candidates: the set at ts (the snapshot block start), then the
+    key range [ts-ν+1, t1). Returns (acc, hit)."""
     offs_n = tl.arange(0, BLOCK_N)
-    for c0 in range(0, RCOUNT, BLOCK_N):
+    hit = tl.zeros([BLOCK_M], tl.int32)
+    for c0 in range(0, rcount, BLOCK_N):
         cols = c0 + offs_n
         keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
-        acc = _dq_chunk(
-            acc, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
-            D, DV, nu, scale, True, DELTA_ONLY, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        acc, hit = _dq_chunk(
+            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, k_base, v_base,
+            span_base, D, DV, nu, scale, True, DELTA_ONLY, MM, ACC, NATIVE, TF32, EXACT,
+            BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-    w0 = tl.maximum(t0 - nu + 1, 0)
-    t1 = tl.minimum(t0 + BLOCK_M, T)
+    w0 = tl.maximum(ts - nu + 1, 0)
     for c0 in range(w0, t1, BLOCK_N):
         keys = c0 + offs_n
-        acc = _dq_chunk(
-            acc, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
-            D, DV, nu, scale, False, DELTA_ONLY, MM, ACC, NATIVE, BLOCK_D, BLOCK_DV,
+        acc, hit = _dq_chunk(
+            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, k_base, v_base,
+            span_base, D, DV, nu, scale, False, DELTA_ONLY, MM, ACC, NATIVE, TF32, EXACT,
+            BLOCK_D, BLOCK_DV,
         )  # fmt: skip
-    return acc
+    return acc, hit
 
 
 @triton.jit
@@ -465,8 +521,9 @@ def screened_attention_bwd_dq_kernel(
     lse_ptr,  # (N, T) ACC
     span_ptr,  # (N, T, 2) int32
     snap_ptr,  # (N, NB, SW) int32 from screened_attention_replay_sets_kernel
-    dq_ptr,  # (N, T, D), written
-    delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O)
+    dq_ptr,  # (N, T, D), written (EXACT: only the flagged rows)
+    delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O) (EXACT: read)
+    flag_ptr,  # (N, T) int32: rows that met a non-finite K row (written; EXACT: read)
     T,
     D,
     DV,
@@ -478,7 +535,10 @@ def screened_attention_bwd_dq_kernel(
     MM: tl.constexpr,
     ACC: tl.constexpr,
     NATIVE: tl.constexpr,
+    TF32: tl.constexpr,
+    EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
     DELTA_FROM_P: tl.constexpr,
+    SNAP_M: tl.constexpr,  # the replay's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -489,11 +549,20 @@ def screened_attention_bwd_dq_kernel(
     k_base = k_ptr + n * T * D
     v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
-    snap_base = snap_ptr + (n * NB + blk) * SW
 
     t0 = blk * BLOCK_M
     rows = t0 + tl.arange(0, BLOCK_M)
     rows_ok = rows < T
+    ts = (t0 // SNAP_M) * SNAP_M
+    snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+    t1 = tl.minimum(t0 + BLOCK_M, T)
+    rcount = RCOUNT
+    if EXACT:
+        flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
+        rows_ok = rows_ok & (flag != 0)
+        todo = tl.max(rows_ok.to(tl.int32), 0) > 0
+        rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
+        t1 = tl.where(todo, t1, 0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     qmask = rows_ok[:, None] & (offs_d < D)[None, :]
@@ -503,28 +572,33 @@ def screened_attention_bwd_dq_kernel(
     o_off = n * T * DV + rows[:, None] * DV + offs_dv[None, :]
     dob = tl.load(do_ptr + o_off, mask=omask, other=0.0)
     lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
-    if DELTA_FROM_P:
+    if EXACT:
+        delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
+    elif DELTA_FROM_P:
         # delta = dO · O with O unrounded: a half-precision O would cost the gradients about
         # one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
-        delta = _dq_pass(
-            tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, t0,
-            k_base, v_base, span_base, snap_base, T, D, DV, nu, RCOUNT, scale,
-            True, MM, ACC, NATIVE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+        delta, _ = _dq_pass(
+            tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, ts, t1,
+            k_base, v_base, span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
+            True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
         )  # fmt: skip
     else:
         ob = tl.load(o_ptr + o_off, mask=omask, other=0.0)
         delta = tl.sum(dob.to(ACC) * ob.to(ACC), 1)
-    tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
-    dq = _dq_pass(
-        tl.zeros([BLOCK_M, BLOCK_D], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok, t0,
-        k_base, v_base, span_base, snap_base, T, D, DV, nu, RCOUNT, scale,
-        False, MM, ACC, NATIVE, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    if not EXACT:
+        tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
+    dq, hit = _dq_pass(
+        tl.zeros([BLOCK_M, BLOCK_D], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok, ts, t1,
+        k_base, v_base, span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
+        False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
     )  # fmt: skip
     tl.store(
         dq_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
         (dq * scale).to(dq_ptr.dtype.element_ty),
         mask=qmask,
     )
+    if not EXACT:
+        tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
 @triton.jit
@@ -536,8 +610,9 @@ def screened_attention_bwd_dkdv_kernel(
     lse_ptr,  # (N, T) ACC
     delta_ptr,  # (N, T) ACC
     span_ptr,  # (N, T, 2) int32
-    dk_ptr,  # (N, T, D), written
-    dv_ptr,  # (N, T, DV), written
+    dk_ptr,  # (N, T, D), written (EXACT: only the flagged keys)
+    dv_ptr,  # (N, T, DV), written (EXACT: only the flagged keys)
+    flag_ptr,  # (N, T) int32: keys that met a non-finite dO or Q row (written; EXACT: read)
     T,
     D,
     DV,
@@ -546,6 +621,8 @@ def screened_attention_bwd_dkdv_kernel(
     MM: tl.constexpr,
     ACC: tl.constexpr,
     NATIVE: tl.constexpr,
+    TF32: tl.constexpr,
+    EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged keys with _dot_masked
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -560,6 +637,9 @@ def screened_attention_bwd_dkdv_kernel(
     j0 = kblk * BLOCK_N
     keys = j0 + tl.arange(0, BLOCK_N)
     keys_ok = keys < T
+    if EXACT:
+        flag = tl.load(flag_ptr + n * T + keys, mask=keys_ok, other=0)
+        keys_ok = keys_ok & (flag != 0)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -574,9 +654,12 @@ def screened_attention_bwd_dkdv_kernel(
     j = keys[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
+    hit = tl.zeros([BLOCK_N], tl.int32)
 
     # queries that can see a key of the block: its window, then its span (starts >= j + ν)
     q_end = tl.maximum(tl.minimum(j0 + BLOCK_N - 1 + nu, T), tl.max(end, 0))
+    if EXACT:
+        q_end = tl.where(tl.max(keys_ok.to(tl.int32), 0) > 0, q_end, j0)  # nothing flagged
     for tq0 in range(j0, q_end, BLOCK_M):
         rows = tq0 + offs_m
         rows_ok = rows < T
@@ -591,15 +674,17 @@ def screened_attention_bwd_dkdv_kernel(
             ).to(MM)
             o_off = rows[:, None] * DV + offs_dv[None, :]
             omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
-            dob = tl.load(do_base + o_off, mask=omask, other=0.0)
+            dob = tl.load(do_base + o_off, mask=omask, other=0.0).to(MM)
             lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
             delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
-            s_t = _mm(kb, qt, NATIVE).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
+            s_t = _mm(kb, qt, NATIVE, TF32).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
             p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
-            dv += _dot_masked(p_t, member_t, dob.to(ACC))
-            dp_t = _mm(vb, tl.trans(dob.to(MM)), NATIVE).to(ACC)
+            res, hit = _dot_p(p_t, member_t, dob, hit, MM, NATIVE, TF32, EXACT)
+            dv += res
+            dp_t = _mm(vb, tl.trans(dob), NATIVE, TF32).to(ACC)
             ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
-            dk += _dot_masked(ds_t, member_t, tl.trans(qt.to(ACC)))
+            res, hit = _dot_p(ds_t, member_t, tl.trans(qt), hit, MM, NATIVE, TF32, EXACT)
+            dk += res
     tl.store(
         dk_ptr + n * T * D + keys[:, None] * D + offs_d[None, :],
         (dk * scale).to(dk_ptr.dtype.element_ty),
@@ -610,20 +695,104 @@ def screened_attention_bwd_dkdv_kernel(
         dv.to(dv_ptr.dtype.element_ty),
         mask=vmask,
     )
+    if not EXACT:
+        tl.store(flag_ptr + n * T + keys, hit, mask=keys_ok)
 
 
-def _block_sizes(interpret: bool) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N): 64 on a GPU; 16 under the interpreter, whose cost is per tl op, so
-    that small test sizes still span several query and key blocks."""
-    return (16, 16) if interpret else (64, 64)
+GPU_ARCHS = (80, 90)  # sm_80 (A100), sm_90 (H100/H200): what the static check builds for
+HEAD_DIMS = (32, 64, 128, 256)  # the head-dim buckets (BLOCK_D, BLOCK_DV are powers of two)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How one kernel is launched: its block sizes and compile options. A pure function of
+    the dtype, head dims, ν, ρ and target (``launch_config``), so that the launchers and the
+    static GPU check (bench/gpu_static.py) build exactly the same specialisations."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    block_dv: int
+    num_warps: int
+    num_stages: int
+    native: bool  # half inputs on a GPU: tl.dot in the input dtype, float32 accumulation
+    tf32: bool  # float32 inputs on a GPU with allow_tf32: TF32 tensor cores
+    block_w: int = 0  # scan only: relevancy ring lanes
+    block_l: int = 0  # scan only: ring + slot lanes
 
 
 def _pow2(x: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(max(x, 1)))
 
 
-def _setup(q: Tensor) -> tuple[bool, int, int]:
-    """(NATIVE, BLOCK_M, BLOCK_N) for the kernels, or an error saying why they can't run on
+def launch_config(
+    kernel: str,
+    dtype: torch.dtype,
+    d: int,
+    dv: int,
+    window: int,
+    live: int,
+    target,
+    allow_tf32: bool = False,
+) -> LaunchConfig:
+    """The launch configuration of ``kernel``: "scan", "fwd", "replay", "dq", "dkdv", or a
+    fix-up launch "fwd_fix", "dq_fix", "dkdv_fix" (the same kernels with EXACT, over the
+    rows flagged non-finite: small blocks, so that the exact path fits too).
+
+    Args:
+        dtype: the input dtype.
+        d, dv: head dims of q/k and v.
+        window: ν, clipped to T (scan) or T + 1; ``live``: the live slots (scan) or the
+            replay capacity (replay).
+        target: ``"interpreter"`` or a CUDA arch (80, 90). Under the interpreter, whose
+            cost is per tl op, blocks are 16 so that small test sizes still span several
+            query and key blocks.
+        allow_tf32: ``torch.backends.cuda.matmul.allow_tf32``: float32 products on TF32
+            tensor cores (a GPU only).
+
+    On a GPU, blocks shrink with the head dim and the operand width so that every
+    specialisation fits the shared memory and registers of sm_80 and sm_90 (checked by
+    ``make gpu-static``); the fix-up kernels use 16 × 16 blocks.
+    """
+    interpret = target == "interpreter"
+    native = not interpret and dtype in (torch.float16, torch.bfloat16)
+    tf32 = not interpret and dtype == torch.float32 and allow_tf32
+    bd, bdv = _pow2(d, 16), _pow2(dv, 16)
+    bw = bl = 0
+    if kernel == "scan":
+        bw = _pow2(window)
+        bl = _pow2(bw + live)
+    if interpret:
+        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32, bw, bl)
+    wide = dtype in (torch.float32, torch.float64)  # operand bytes: half the tile fits
+    hd = max(bd, bdv) * (2 if wide else 1)
+    if kernel.endswith("_fix"):
+        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32)  # 2 warps spilled
+    if kernel in ("scan", "replay"):
+        bm = 64 if hd <= 128 else 32
+        return LaunchConfig(bm, bm, bd, bdv, 4, 1, native, tf32, bw, bl)
+    # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
+    # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
+    # 64-wide half head, 16 × 16 beyond.
+    bm = bn = 32 if hd <= 64 else 16
+    return LaunchConfig(bm, bn, bd, bdv, 4, 1, native, tf32)
+
+
+def _target(q: Tensor):
+    """``"interpreter"`` for CPU tensors, else the CUDA arch of ``q``'s device."""
+    if q.device.type == "cpu":
+        return "interpreter"
+    major, minor = torch.cuda.get_device_capability(q.device)
+    return major * 10 + minor
+
+
+def _device(q: Tensor):
+    """The device guard of a launch: Triton launches on the current CUDA device."""
+    return torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _setup(q: Tensor):
+    """The target of ``q`` (``_target``), or an error saying why the kernels can't run on
     ``q``'s device or dtype."""
     interpret = q.device.type == "cpu"
     if interpret and not _backend.triton_interpret():
@@ -633,8 +802,7 @@ def _setup(q: Tensor) -> tuple[bool, int, int]:
         )
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
-    native = not interpret and q.dtype in (torch.float16, torch.bfloat16)
-    return native, *_block_sizes(interpret)
+    return _target(q)
 
 
 def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -669,7 +837,7 @@ def screened_attention_fwd(
         the dtype of `q`; `lse (B, H, T)`, the log-sum-exp of each query's logits, for the
         backward; the state as ``screened_attention_reference`` returns it.
     """
-    native, bm, bn = _setup(q)
+    target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
     Dv, N, acc = v.shape[-1], B * H, acc_dtype(q.dtype)
@@ -682,29 +850,37 @@ def screened_attention_fwd(
     if N == 0 or T == 0:
         return out.to(q.dtype), lse, index, score, relevancy, span
 
-    mm, acc_tl = _tl_dtypes(q.dtype, native)
-    nb = -(-T // bm)
     window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
     live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target)
+    mm, acc_tl = _tl_dtypes(q.dtype, sc.native)
+    bm, bn = sc.block_m, sc.block_n
+    nb = -(-T // bm)
     sw = max(live, 1)
     r_pad = -(-live // bn) * bn
     ncol = r_pad + -(-min(bm + window - 1, T) // bn) * bn + 1  # + a column of -inf
     snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
     scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
-    block_d, block_dv = _pow2(D, 16), _pow2(Dv, 16)
-    block_w = _pow2(min(window, T))
-    screened_attention_scan_kernel[(N,)](
-        q, k, lse, relevancy, span, index, score, snap, scratch,
-        T, D, window, live, relevant, nb, sw, r_pad, ncol, scale,
-        MM=mm, ACC=acc_tl, NATIVE=native, HAS_SLOTS=live > 0, BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_D=block_d, BLOCK_W=block_w, BLOCK_L=_pow2(block_w + live),
-    )  # fmt: skip
-    screened_attention_fwd_kernel[(nb, N)](
-        q, k, v, lse, span, snap, out,
-        T, D, Dv, window, live, nb, sw, scale,
-        MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-    )  # fmt: skip
+    flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
+    with _device(q):
+        screened_attention_scan_kernel[(N,)](
+            q, k, lse, relevancy, span, index, score, snap, scratch,
+            T, D, window, live, relevant, nb, sw, r_pad, ncol, scale,
+            MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0, BLOCK_M=bm, BLOCK_N=bn,
+            BLOCK_D=sc.block_d, BLOCK_W=sc.block_w, BLOCK_L=sc.block_l,
+            num_warps=sc.num_warps, num_stages=sc.num_stages,
+        )  # fmt: skip
+        # the output, then the rows that met a non-finite V row, recomputed exactly
+        for kernel in ("fwd", "fwd_fix"):
+            c = launch_config(kernel, q.dtype, D, Dv, window, live, target, tf32)
+            screened_attention_fwd_kernel[(-(-T // c.block_m), N)](
+                q, k, v, lse, span, snap, out, flag,
+                T, D, Dv, window, live, nb, sw, scale,
+                MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "fwd_fix",
+                SNAP_M=bm, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
+                BLOCK_DV=c.block_dv, num_warps=c.num_warps, num_stages=c.num_stages,
+            )  # fmt: skip
     return out.to(q.dtype), lse, index, score, relevancy, span
 
 
@@ -718,6 +894,7 @@ def screened_attention_bwd(
     span: Tensor,
     window: int,
     scale: float,
+    relevant: int = -1,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of screened attention: the sets replayed from ``span``, then dQ, then dK and dV.
 
@@ -729,6 +906,8 @@ def screened_attention_bwd(
         span (Tensor): `(B, H, T, 2)` int32, from the forward.
         window (int): `ν >= 1`.
         scale (float): factor on the logits.
+        relevant (int): the forward's `ρ`, which bounds every set and so sizes the replay
+            without a host sync; -1 if unknown: then one sync reads the largest set off `span`.
 
     Returns:
         `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`.
@@ -746,7 +925,7 @@ def screened_attention_bwd(
                 f"{name} must be a {dtype} tensor of shape {tuple(shape)} on {q.device}, "
                 f"got {x.dtype} {tuple(x.shape)} on {x.device}"
             )
-    native, bm, bn = _setup(q)
+    target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     grad_out, out = grad_out.contiguous(), out.contiguous()
     lse, span = lse.contiguous(), span.contiguous()
@@ -757,31 +936,114 @@ def screened_attention_bwd(
     if N == 0 or T == 0:
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
-    mm, acc_tl = _tl_dtypes(q.dtype, native)
-    nb = -(-T // bm)
     window = min(window, T + 1)
-    # Sets never shrink (a key leaves only when another takes its slot), so the largest
-    # one is the last: the keys whose span runs to the end. One host sync, to size `snap`.
-    cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
+    if relevant >= 0:  # the forward's live slots bound every set
+        cap = min(relevant, max(0, T - window + 1))
+    else:
+        # Sets never shrink (a key leaves only when another takes its slot), so the largest
+        # one is the last: the keys whose span runs to the end. A host sync, to size `snap`.
+        cap = int(((span[..., 0] >= 0) & (span[..., 0] < T) & (span[..., 1] == T)).sum(-1).max())
     sw = max(cap, 1)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    rc = launch_config("replay", q.dtype, D, Dv, window, cap, target)
+    mm, acc_tl = _tl_dtypes(q.dtype, rc.native)
+    nb = -(-T // rc.block_m)
     snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
-    if cap > 0:
-        screened_attention_replay_sets_kernel[(N,)](
-            span, snap, T, window, cap, nb, sw, BLOCK_M=bm, BLOCK_R=_pow2(cap)
-        )
     delta = torch.empty(N, T, dtype=acc_dtype(q.dtype), device=q.device)
-    block_d, block_dv = _pow2(D, 16), _pow2(Dv, 16)
-    screened_attention_bwd_dq_kernel[(nb, N)](
-        q, k, v, out, grad_out, lse, span, snap, dq, delta,
-        T, D, Dv, window, cap, nb, sw, scale,
-        MM=mm, ACC=acc_tl, NATIVE=native,
-        DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DV=block_dv,
-    )  # fmt: skip
-    screened_attention_bwd_dkdv_kernel[(-(-T // bn), N)](
-        q, k, v, grad_out, lse, delta, span, dk, dv,
-        T, D, Dv, window, scale,
-        MM=mm, ACC=acc_tl, NATIVE=native, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d,
-        BLOCK_DV=block_dv,
-    )  # fmt: skip
+    flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
+    with _device(q):
+        if cap > 0:
+            screened_attention_replay_sets_kernel[(N,)](
+                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=_pow2(cap),
+                num_warps=rc.num_warps, num_stages=rc.num_stages,
+            )  # fmt: skip
+        # each hot kernel flags the rows (dq) or keys (dk, dv) that met a non-finite row of
+        # K, Q or dO; its fix-up launch recomputes just those exactly
+        for kernel in ("dq", "dq_fix"):
+            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
+            screened_attention_bwd_dq_kernel[(-(-T // c.block_m), N)](
+                q, k, v, out, grad_out, lse, span, snap, dq, delta, flag,
+                T, D, Dv, window, cap, nb, sw, scale,
+                MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dq_fix",
+                DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16), SNAP_M=rc.block_m,
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )  # fmt: skip
+        for kernel in ("dkdv", "dkdv_fix"):
+            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
+            screened_attention_bwd_dkdv_kernel[(-(-T // c.block_n), N)](
+                q, k, v, grad_out, lse, delta, span, dk, dv, flag,
+                T, D, Dv, window, scale,
+                MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dkdv_fix",
+                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
+                num_warps=c.num_warps, num_stages=c.num_stages,
+            )  # fmt: skip
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
+
+
+_PTR_KIND = {
+    **dict.fromkeys(("q", "k", "v", "o", "do", "out", "dq", "dk", "dv"), "in"),
+    **dict.fromkeys(("lse", "rel", "score", "scr", "delta"), "acc"),
+    **dict.fromkeys(("span", "snap", "flag"), "i32"),
+    "idx": "i64",
+}
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
+    """The ``triton.compile`` signature of a kernel for inputs of ``dtype``: pointers by the
+    role their name says, ``scale`` float, every other runtime argument int32 (unspecialised,
+    as the launchers pass them)."""
+    kind = {"in": _TL_NAME[dtype], "acc": "fp32", "i32": "i32", "i64": "i64"}
+    sig = {}
+    for name, const in _params(fn):
+        if const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*" + kind[_PTR_KIND[name[: -len("_ptr")]]]
+        else:
+            sig[name] = "fp32" if name == "scale" else "i32"
+    return sig
+
+
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of a kernel's arguments, compiled or interpreted alike."""
+    raw = inspect.signature(fn.fn).parameters.values()
+    return [(p.name, p.annotation is tl.constexpr) for p in raw]
+
+
+def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, arch: int):
+    """Every kernel the launchers build for inputs of ``dtype``, head dims ``d``/``dv``,
+    window ``window`` (≤ T) and ``live`` slots (= the replay capacity), on CUDA ``arch``: a
+    list of ``(name, fn, signature, constexprs, options)`` for ``triton.compile``
+    (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    snap_m = {
+        k: launch_config(k, dtype, d, dv, window, live, arch).block_m for k in ("scan", "replay")
+    }
+    out = []
+    for name, fn in [
+        ("scan", screened_attention_scan_kernel),
+        ("fwd", screened_attention_fwd_kernel),
+        ("fwd_fix", screened_attention_fwd_kernel),
+        ("replay", screened_attention_replay_sets_kernel),
+        ("dq", screened_attention_bwd_dq_kernel),
+        ("dq_fix", screened_attention_bwd_dq_kernel),
+        ("dkdv", screened_attention_bwd_dkdv_kernel),
+        ("dkdv_fix", screened_attention_bwd_dkdv_kernel),
+    ]:
+        c = launch_config(name, dtype, d, dv, window, live, arch)
+        mm, acc = _tl_dtypes(dtype, c.native)
+        consts = {
+            "MM": mm, "ACC": acc, "NATIVE": c.native, "TF32": c.tf32,
+            "EXACT": name.endswith("_fix"), "HAS_SLOTS": live > 0, "DELTA_FROM_P": half,
+            "SNAP_M": snap_m["scan" if name.startswith("fwd") else "replay"],
+            "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
+            "BLOCK_DV": c.block_dv, "BLOCK_W": c.block_w, "BLOCK_L": c.block_l,
+            "BLOCK_R": _pow2(live),
+        }  # fmt: skip
+        names = {name for name, const in _params(fn) if const}
+        consts = {k: v for k, v in consts.items() if k in names}
+        options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
+        out.append((name, fn, _signature(fn, dtype), consts, options))
+    return out

@@ -29,7 +29,7 @@ def _fake_forward(q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, s
     )
 
 
-def _fake_backward(grad_out, q, k, v, out, lse, span, window: int, scale: float):
+def _fake_backward(grad_out, q, k, v, out, lse, span, window: int, scale: float, relevant=-1):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -38,22 +38,24 @@ def _fake_backward(grad_out, q, k, v, out, lse, span, window: int, scale: float)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, _, scale = inputs
+    q, k, v, window, relevant, scale = inputs
     out, lse, *_, span = output
-    ctx.window, ctx.scale = window, scale
+    ctx.window, ctx.scale, ctx.relevant = window, scale, relevant
     ctx.save_for_backward(q, k, v, out, lse, span)
     ctx.set_materialize_grads(False)  # no zero tensors for the state outputs, never read
 
 
-def _make_backward(backward_op):
-    """Autograd backward of a forward op whose gradients come from ``backward_op``."""
+def _make_backward(backward_op, pass_relevant: bool = False):
+    """Autograd backward of a forward op whose gradients come from ``backward_op``
+    (``pass_relevant``: it also takes ρ, which sizes its buffers without a host sync)."""
 
     def backward(ctx, grad_out, *_side_outputs):
         # The state outputs carry no gradient (r is a statistic; the sets are piecewise constant).
         q, k, v, out, lse, span = ctx.saved_tensors
         if grad_out is None:  # only a state output was used: zero gradients, as before
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = backward_op(grad_out, q, k, v, out, lse, span, ctx.window, ctx.scale)
+        args = (grad_out, q, k, v, out, lse, span, ctx.window, ctx.scale)
+        dq, dk, dv = backward_op(*args, *((ctx.relevant,) if pass_relevant else ()))
         return dq, dk, dv, None, None, None
 
     return backward
@@ -97,17 +99,20 @@ if _backend.HAS_TRITON:
         span: Tensor,
         window: int,
         scale: float,
+        relevant: int = -1,
     ) -> tuple[Tensor, Tensor, Tensor]:
+        # relevant: the forward's ρ; -1 (unknown) costs a host sync that reads it off `span`
         from screening_attn._kernels.attention import screened_attention_bwd
 
-        check_attention_inputs(q, k, v, window, 0, scale)
-        return screened_attention_bwd(grad_out, q, k, v, out, lse, span, window, scale)
+        check_attention_inputs(q, k, v, window, max(relevant, 0), scale)
+        args = (grad_out, q, k, v, out, lse, span, window, scale)
+        return screened_attention_bwd(*args, relevant=relevant)
 
     screened_attention_triton.register_fake(_fake_forward)
     screened_attention_backward_triton.register_fake(_fake_backward)
     torch.library.register_autograd(
         screened_attention_triton,
-        _make_backward(screened_attention_backward_triton),
+        _make_backward(screened_attention_backward_triton, pass_relevant=True),
         setup_context=_setup_context,
     )
     no_double_backward(screened_attention_backward_triton, "screened_attention")

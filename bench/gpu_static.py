@@ -1,0 +1,257 @@
+"""Static GPU check of the Triton kernels: compile every specialisation the launchers can
+build for sm_80 (A100) and sm_90 (H100/H200) on this machine, without a GPU, and check that
+each fits (shared memory, registers, spills) and that half-precision products run on tensor
+cores.
+
+    .venv/bin/python -m bench.gpu_static                 # the full sweep (make gpu-static)
+    .venv/bin/python -m bench.gpu_static --kernel fwd --dtype fp16 --head-dim 64 --arch 90
+
+Writes ``bench/results/gpu-static.json`` (``--out``): a list with one object per build:
+``kernel``, ``arch``, ``dtype``, ``head_dim``, ``shared_bytes``, ``registers``, ``spill_bytes``,
+``tensor_core_instructions`` (``mma``/``wgmma`` in the PTX), ``build_s``, the launch
+configuration, and ``violations`` (empty when within limits). Exit status 1 if any build fails
+or violates a limit.
+
+How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch,
+32), options)`` with the signatures and constexprs of ``static_builds`` in kernels/attention.py
+(the launchers' own ``launch_config``); registers and stack (spills) from the cubin by the
+``cuobjdump`` inside the triton wheel. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives
+interpreted functions that cannot be compiled, so ``main`` drops the variable before
+importing triton. Results are cached in ``build/gpu-static/`` by triton's key of each kernel's
+source, the triton version and the build's arguments: a re-run rebuilds only what changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "gpu-static.json"
+DEFAULT_CACHE = ROOT / "build" / "gpu-static"
+
+# Dynamic shared memory a block may use (opt-in maximum): H100/H200 227 KB, A100 163 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+SPILL_LIMIT = 256  # bytes of stack per thread: "a few hundred"
+REG_LIMIT = 255
+DTYPES = ("fp16", "bf16", "fp32")
+# (ν, ρ): small, and large enough that the scan's lane vectors and the replay grow
+WINDOWS = ((64, 16), (1024, 256))
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
+_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS) -> list[dict]:
+    """The builds of the sweep, deduplicated (fwd/dq/dkdv don't depend on ν and ρ): plain
+    dicts, so that worker processes rebuild the arguments from them."""
+
+    from screening_attn._kernels.attention import static_builds
+
+    seen, out = set(), []
+    for arch in archs:
+        for dt in dtypes:
+            dtype = _DTYPES[dt]
+            for d in head_dims:
+                for window, live in windows:
+                    for name, _fn, _sig, consts, options in static_builds(
+                        dtype, d, d, window, live, arch
+                    ):
+                        if kernels and name not in kernels:
+                            continue
+                        key = (name, arch, dt, json.dumps(_jsonable(consts), sort_keys=True))
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        rec = {"kernel": name, "arch": arch, "dtype": dt, "head_dim": d}
+                        if name in ("scan", "replay"):
+                            rec.update(window=window, relevant=live)
+                        rec["config"] = {**_jsonable(consts), **options}
+                        out.append(rec)
+    return out
+
+
+def _jsonable(consts: dict) -> dict:
+    return {k: (v if isinstance(v, (bool, int, float)) else str(v)) for k, v in consts.items()}
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def build(rec: dict) -> dict:
+    """Compile one planned build and measure it; errors are recorded, not raised."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from screening_attn._kernels.attention import static_builds
+
+    dtype = _DTYPES[rec["dtype"]]
+    window, live = rec.get("window", WINDOWS[0][0]), rec.get("relevant", WINDOWS[0][1])
+    d = rec["head_dim"]
+    (spec,) = [
+        b for b in static_builds(dtype, d, d, window, live, rec["arch"]) if b[0] == rec["kernel"]
+    ]
+    _name, fn, sig, consts, options = spec
+    rec = dict(rec)
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(
+            ASTSource(fn, sig, consts),
+            target=GPUTarget("cuda", rec["arch"], 32),
+            options=options,
+        )
+    except Exception as e:  # a build that fails is a finding, not a crash of the sweep
+        rec.update(
+            build_s=round(time.perf_counter() - t0, 1), error=f"{type(e).__name__}: {e}"[:2000]
+        )
+        return rec
+    rec["build_s"] = round(time.perf_counter() - t0, 1)
+    rec["shared_bytes"] = int(k.metadata.shared)
+    rec["tensor_core_instructions"] = len(_TC.findall(k.asm["ptx"]))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run(
+            [_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True
+        ).stdout
+    m = _USAGE.search(usage)
+    if m is None:
+        rec["error"] = f"no resource usage in cuobjdump output: {usage[:500]}"
+        return rec
+    rec["registers"], rec["spill_bytes"] = int(m[1]), int(m[2])
+    return rec
+
+
+def violations(rec: dict) -> list[str]:
+    """Why a measured build would not launch or not run as intended on its target."""
+    if "error" in rec:
+        return ["build failed: " + rec["error"].splitlines()[0]]
+    out = []
+    if rec["shared_bytes"] > SHARED_LIMIT[rec["arch"]]:
+        out.append(f"shared {rec['shared_bytes']} B > {SHARED_LIMIT[rec['arch']]} B")
+    if rec["registers"] > REG_LIMIT:
+        out.append(f"registers {rec['registers']} > {REG_LIMIT}")
+    if rec["spill_bytes"] > SPILL_LIMIT:
+        out.append(f"stack (spills) {rec['spill_bytes']} B > {SPILL_LIMIT} B")
+    has_products = rec["kernel"] != "replay"
+    if rec["dtype"] in ("fp16", "bf16") and has_products and rec["tensor_core_instructions"] == 0:
+        out.append("no mma/wgmma: half-precision products off the tensor cores")
+    return out
+
+
+def _kernel_hash(rec: dict) -> str:
+    """Triton's own key of the kernel's source and the jit functions it calls, with the triton
+    version: editing one kernel rebuilds only its builds."""
+    import triton
+
+    from screening_attn._kernels.attention import static_builds
+
+    fn = {name: f for name, f, *_ in static_builds(_DTYPES["fp32"], 32, 32, 64, 16, 80)}
+    return triton.__version__ + fn[rec["kernel"]].cache_key
+
+
+def _cached_build(args: tuple[dict, str | None]) -> dict:
+    rec, cache_dir = args
+    path = None
+    if cache_dir:
+        key = _kernel_hash(rec) + json.dumps(rec, sort_keys=True)
+        key = hashlib.sha256(key.encode()).hexdigest()
+        path = Path(cache_dir) / f"{key[:24]}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+    out = build(rec)
+    if path is not None and "error" not in out:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
+    return out
+
+
+def run(builds: list[dict], jobs: int, cache_dir: str | None) -> list[dict]:
+    """Measure ``builds`` (in ``jobs`` processes) and attach their violations."""
+    work = [(b, cache_dir) for b in builds]
+    if jobs > 1 and len(work) > 1:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            results = []
+            for r in pool.imap(_cached_build, work):
+                results.append(r)
+                _progress(r)
+    else:
+        results = []
+        for w in work:
+            results.append(_cached_build(w))
+            _progress(results[-1])
+    for r in results:
+        r["violations"] = violations(r)
+    return results
+
+
+def _progress(r: dict) -> None:
+    what = f"{r['kernel']:6} sm_{r['arch']} {r['dtype']} D={r['head_dim']:<3}"
+    if "window" in r:
+        what += f" ν={r['window']} ρ={r['relevant']}"
+    if "error" in r:
+        print(f"{what}: ERROR {r['error'].splitlines()[0][:200]}", flush=True)
+    else:
+        print(
+            f"{what}: shared {r['shared_bytes']:>6} B, {r['registers']} regs, "
+            f"stack {r['spill_bytes']} B, {r['tensor_core_instructions']} mma, "
+            f"{r['build_s']} s",
+            flush=True,
+        )
+
+
+def main(argv=None) -> int:
+    # before any triton import (see the docstring); spawned workers inherit the environment
+    os.environ.pop("TRITON_INTERPRET", None)
+    from screening_attn._kernels.attention import GPU_ARCHS, HEAD_DIMS
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", default=",".join(map(str, GPU_ARCHS)))
+    ap.add_argument("--dtype", default=",".join(DTYPES))
+    ap.add_argument("--head-dim", default=",".join(map(str, HEAD_DIMS)))
+    ap.add_argument("--kernel", default="", help="comma-separated: scan,fwd,replay,dq,dkdv")
+    ap.add_argument("--small-only", action="store_true", help="only the small (ν, ρ)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--out", default=str(DEFAULT_OUT))
+    ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
+    ap.add_argument("--no-cache", action="store_true")
+    a = ap.parse_args(argv)
+    builds = plan(
+        [int(x) for x in a.arch.split(",")],
+        a.dtype.split(","),
+        [int(x) for x in a.head_dim.split(",")],
+        set(filter(None, a.kernel.split(","))),
+        WINDOWS[:1] if a.small_only else WINDOWS,
+    )
+    print(f"{len(builds)} builds, {a.jobs} processes", flush=True)
+    # a private triton cache: build_s is a real build's time, never a hit of ~/.triton
+    with tempfile.TemporaryDirectory(prefix="gpu-static-triton-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp
+        results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    bad = [r for r in results if r["violations"]]
+    for r in bad:
+        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}: "
+              + "; ".join(r["violations"]))  # fmt: skip
+    print(f"{len(results) - len(bad)}/{len(results)} builds within limits; wrote {a.out}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""The static GPU check (bench/gpu_static.py, ``make gpu-static``) on a quick subset: two cheap
+sm_80 builds compiled here, without a GPU, and the limits it enforces. The full sweep is
+``make gpu-static``; its last result is bench/results/gpu-static.json."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("triton")
+
+
+def _record(**kw):
+    rec = {
+        "kernel": "fwd", "arch": 80, "dtype": "fp16", "head_dim": 64, "shared_bytes": 1024,
+        "registers": 128, "spill_bytes": 0, "tensor_core_instructions": 8, "build_s": 1.0,
+    }  # fmt: skip
+    rec.update(kw)
+    return rec
+
+
+def test_violations():
+    from bench.gpu_static import violations
+
+    assert violations(_record()) == []
+    assert violations(_record(arch=90, shared_bytes=200 * 1024)) == []
+    assert "shared" in violations(_record(arch=80, shared_bytes=200 * 1024))[0]
+    assert "shared" in violations(_record(arch=90, shared_bytes=228 * 1024))[0]
+    assert "stack" in violations(_record(spill_bytes=7408))[0]
+    assert "mma" in violations(_record(dtype="bf16", tensor_core_instructions=0))[0]
+    # float32 products may run on FMA units (IEEE by default); the replay has no products
+    assert violations(_record(dtype="fp32", tensor_core_instructions=0)) == []
+    assert violations(_record(kernel="replay", tensor_core_instructions=0)) == []
+    assert "build failed" in violations(_record(error="CompilationError: x"))[0]
+
+
+def test_plan_covers_the_launchers():
+    from bench.gpu_static import plan
+
+    builds = plan([80, 90], ["fp16", "bf16", "fp32"], [32, 64, 128, 256], set())
+    kinds = {(b["kernel"], b["arch"], b["dtype"], b["head_dim"]) for b in builds}
+    for kernel in ("scan", "fwd", "fwd_fix", "replay", "dq", "dq_fix", "dkdv", "dkdv_fix"):
+        for arch in (80, 90):
+            assert (kernel, arch, "bf16", 256) in kinds
+    # ν and ρ reach only the scan's lane vectors and the replay's capacity
+    assert {b.get("window") for b in builds if b["kernel"] == "scan"} == {64, 1024}
+    assert all("window" not in b for b in builds if b["kernel"] in ("fwd", "dq", "dkdv"))
+    # no build is specialised on T: no runtime int is a constexpr of the kernels
+    assert all("T" not in b["config"] for b in builds)
+
+
+def test_quick_builds(tmp_path):
+    """Compile the output kernel (fp16, D=32: tensor cores) and the replay for sm_80 in a
+    process without TRITON_INTERPRET, as ``make gpu-static`` does."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "gpu-static.json"
+    args = ["--kernel", "fwd,replay", "--dtype", "fp16", "--head-dim", "32", "--arch", "80"]
+    args += ["--small-only", "--jobs", "1", "--no-cache", "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_static", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = {rec["kernel"]: rec for rec in json.loads(out.read_text())}
+    assert set(recs) == {"fwd", "replay"}
+    for rec in recs.values():
+        assert rec["violations"] == []
+        assert 0 < rec["shared_bytes"] <= 163 * 1024 and 0 < rec["registers"] <= 255
+        assert rec["build_s"] > 0
+    assert recs["fwd"]["tensor_core_instructions"] > 0
+    assert recs["fwd"]["config"]["BLOCK_D"] == 32 and recs["fwd"]["config"]["NATIVE"] is True
