@@ -1,7 +1,9 @@
 """Every compiled backend of screened attention, the C++ CPU kernel (``"cpu"``) and the Triton
 kernels (``"triton"``), against the reference (never against another kernel): forward, every
 gradient and the state, over dtypes and awkward sizes; torch.library checks; torch.compile;
-NaN locality (determinism: test_determinism.py; random shapes and layouts: test_fuzz.py).
+NaN locality; the slot rule's exact ties (the worked example of docs/attention.md, saturated
+softmax, repeated states), each asserting that tied decisions happened (determinism:
+test_determinism.py; random shapes and layouts: test_fuzz.py).
 
 Without a GPU the Triton kernels run under the Triton interpreter (set by conftest.py), which is
 slow: their cases stay small (T <= 256, B·H <= 4), hence a size per backend in most tests.
