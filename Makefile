@@ -46,7 +46,7 @@ $(BUILT): $(INSTALLED) $(SOURCES)
 build: $(BUILT)
 
 test: $(BUILT)
-	$(BIN)/python -m pytest tests -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest tests screening_attn kernels -q $(PYTEST_ARGS)
 
 # The tests that run the C++ kernels against build/sanitize/.../_C*.so, which
 # SCREENING_ATTN_EXTENSION makes the package load (Triton's are deselected: under the interpreter

@@ -1,7 +1,9 @@
 """Every compiled backend of screened attention, the C++ CPU kernel (``"cpu"``) and the Triton
 kernels (``"triton"``), against the reference (never against another kernel): forward, every
 gradient and the state, over dtypes and awkward sizes; torch.library checks; torch.compile;
-NaN locality (determinism: test_determinism.py; random shapes and layouts: test_fuzz.py).
+NaN locality; the slot rule's exact ties (the worked example of docs/attention.md, saturated
+softmax, repeated states), each asserting that tied decisions happened (determinism:
+test_determinism.py; random shapes and layouts: test_fuzz.py).
 
 Without a GPU the Triton kernels run under the Triton interpreter (set by conftest.py), which is
 slow: their cases stay small (T <= 256, B·H <= 4), hence a size per backend in most tests.
@@ -18,6 +20,7 @@ from _attention_utils import (
     check_nan_locality,
     make_qkv,
     reference_with_state,
+    tied_decisions,
 )
 from _env import DEVICE
 from _ids import case_id, dtype_id
@@ -114,13 +117,89 @@ def test_explicit_scale_and_peaked_softmax(backend):
     assert check_against_reference(RUN[backend], q, k, v, 6, 4, scale=0.9)
 
 
+# ----------------------------------------------------------------------------- exact ties
+# One-hot keys (D = T) with scale 1 make the logit s_tj = q[t, j]; a candidate whose logit is
+# NEG gets weight exactly 0 (exp underflows in every dtype), the others share the mass
+# equally: 1/n, correctly rounded in every backend, added to r in query order. Equal sums are
+# then bitwise equal in every backend and dtype, so the slot rule itself decides the ties.
+# (float32: exp(-105) is 0 too. dk sums |q| = 105 times rounding-sized terms: float32
+# gradients get the float64 accuracy rule, ``conditioned``; selections and state are exact.)
+NEG = {torch.float64: -1.0e4, torch.float32: -105.0}
+TIE_DTYPES = [torch.float64, torch.float32]
+
+
+def one_hot_qk(backend, active, dtype):
+    """q (B, H, T, T) with logit 0 where ``active`` (bool, (B, H, T, T)) and NEG elsewhere, and
+    one-hot keys; v random."""
+    B, H, T, _ = active.shape
+    device = "cpu" if backend == "cpu" else DEVICE
+    q = torch.where(active, 0.0, NEG[dtype]).to(dtype)
+    k = torch.eye(T, dtype=dtype).expand(B, H, T, T).clone()
+    v = torch.randn(B, H, T, 3, generator=torch.Generator().manual_seed(T), dtype=dtype)
+    return tuple(x.to(device).requires_grad_() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", TIE_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_exact_ties_follow_the_slot_rule(backend):
-    # q = 0: uniform attention, so relevancies tie exactly and the slot rule alone decides
-    T = {"cpu": 80, "triton": 60}[backend]
-    q, k, v = qkv(backend, 2, 1, T, 4)
-    q = torch.zeros_like(q, requires_grad=True)
-    assert check_against_reference(RUN[backend], q, k, v, 4, 3)
+def test_worked_example(backend, dtype):
+    """docs/attention.md's worked example, with its exact final state: (a) a leaving key
+    against two slots tied at the minimum, (b) a key tying the minimum is dropped, (c) a key
+    overwrites the lower of two tied slots."""
+    T, window, relevant = 8, 2, 2
+    active = torch.zeros(1, 1, T, T, dtype=torch.bool)
+    for t, js in {0: [0], 1: [0, 1], 2: [1], 3: [2, 3], 4: [3], 5: [5], 6: [5],
+                  7: [6, 7, 5, 1]}.items():  # fmt: skip
+        active[0, 0, t, js] = True
+    q, k, v = one_hot_qk(backend, active, dtype)
+    _, state = RUN[backend](q, k, v, window, relevant, 1.0)
+    assert state.relevant_index.tolist() == [[[5, 1]]]
+    assert state.relevant_score.tolist() == [[[2.0, 1.5]]]
+    assert state.relevancy.tolist() == [[[1.5, 1.5, 0.5, 1.5, 0.0, 2.0, 0.25, 0.25]]]
+    span = [[2, 7], [3, 8], [-1, -1], [-1, -1], [-1, -1], [7, 8], [-1, -1], [-1, -1]]
+    assert state.span.tolist() == [[span]]
+    assert check_against_reference(
+        RUN[backend], q, k, v, window, relevant, 1.0, conditioned=dtype == torch.float32
+    )
+
+
+# (B, H, T, window, relevant, seed): ties of both kinds in every case (asserted)
+SATURATED = [(2, 2, 20, 2, 3, 0), (1, 3, 25, 3, 2, 0), (2, 1, 16, 1, 4, 0), (1, 2, 24, 2, 2, 1)]
+
+
+@pytest.mark.parametrize("dtype", TIE_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize(
+    "B,H,T,window,relevant,seed",
+    SATURATED,
+    ids=[f"B{c[0]}-H{c[1]}-T{c[2]}-w{c[3]}-r{c[4]}" for c in SATURATED],
+)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saturated_ties_follow_the_slot_rule(backend, B, H, T, window, relevant, seed, dtype):
+    """Each logit 0 or NEG at random: weights exactly 0 or 1/n, so relevancies tie exactly, with
+    the slot minimum and between slots."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = one_hot_qk(backend, torch.rand(B, H, T, T, generator=g) < 0.5, dtype)
+    equal, tied = tied_decisions(reference_with_state(q, k, v, window, relevant, 1.0)[1], window)
+    assert equal > 0 and tied > 0, (equal, tied)
+    assert check_against_reference(
+        RUN[backend], q, k, v, window, relevant, 1.0, conditioned=dtype == torch.float32
+    )
+
+
+@pytest.mark.parametrize("dtype", TIE_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_states_tie_every_decision(backend, dtype):
+    """Every query attends only to itself: every key's relevancy is exactly 1, so once the set
+    is full every screening is a tie, which keeps the incumbents (the first ρ keys)."""
+    T, window, relevant = 20, 3, 4
+    active = torch.eye(T, dtype=torch.bool).expand(1, 2, T, T)
+    q, k, v = one_hot_qk(backend, active, dtype)
+    equal, _ = tied_decisions(reference_with_state(q, k, v, window, relevant, 1.0)[1], window)
+    assert equal == 2 * (T - window + 1 - relevant)
+    assert check_against_reference(
+        RUN[backend], q, k, v, window, relevant, 1.0, conditioned=dtype == torch.float32
+    )
+    _, state = RUN[backend](q, k, v, window, relevant, 1.0)
+    assert state.relevant_index.tolist() == [[[0, 1, 2, 3]] * 2]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from screening_attn import _backend
 from screening_attn.attention import ScreeningState, screened_attention_reference
 from screening_attn.attention import reference as attention_reference
 from screening_attn.attention import screened_attention as public_screened_attention
@@ -639,13 +640,43 @@ def test_different_value_dim_is_fine():
     assert out.shape == (2, 3, 5, 6)
 
 
-@pytest.mark.parametrize("backend", ["reference"])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "reference",
+        pytest.param("cpu", marks=pytest.mark.skipif(
+            _backend.C_ERROR is not None, reason=str(_backend.C_ERROR))),
+        pytest.param("triton", marks=pytest.mark.skipif(
+            not _backend.HAS_TRITON, reason="triton is not installed")),
+    ],
+)  # fmt: skip
 def test_backends_agree_with_reference(backend):
+    """The public entry point with each backend, through the hand-derived tie case (exact in
+    every backend) and random inputs: float64 selections exactly the reference's."""
     q, k, v = make_qkv(2, 2, 20, 4, 3, torch.float64, requires_grad=False)
     out, state = public_screened_attention(q, k, v, 3, 2, return_state=True, backend=backend)
     ref, ref_state = reference_with_state(q, k, v, 3, 2)
-    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    exact = backend == "reference"
+    rtol, atol = (0, 0) if exact else (1e-10, 1e-10)
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(state.span, ref_state.span, rtol=0, atol=0)
+    torch.testing.assert_close(state.relevant_index, ref_state.relevant_index, rtol=0, atol=0)
+    torch.testing.assert_close(state.relevancy, ref_state.relevancy, rtol=rtol, atol=atol)
+    torch.testing.assert_close(state.relevant_score, ref_state.relevant_score, rtol=rtol,
+                               atol=atol)  # fmt: skip
+
+    # test_slot_rule_hand_derived's inputs: every weight 0, 1/2 or 1, so exact everywhere
+    T, active = 7, {0: [0], 1: [1], 2: [1, 2], 3: [2, 3], 4: [3], 5: [5], 6: [5]}
+    q = torch.full((1, 1, T, T), NEG, dtype=torch.float64)
+    for t, js in active.items():
+        q[0, 0, t, js] = 0.0
+    k = torch.eye(T, dtype=torch.float64).view(1, 1, T, T)
+    _, state = public_screened_attention(q, k, k, 2, 2, scale=1.0, return_state=True,
+                                         backend=backend)  # fmt: skip
+    assert state.relevant_index.tolist() == [[[5, 1]]]
+    assert state.relevancy.tolist() == [[[1.0, 1.5, 1.0, 1.5, 0.0, 2.0, 0.0]]]
+    expected_span = [[2, 5], [3, 7], [-1, -1], [5, 7], [-1, -1], [7, 7], [-1, -1]]
+    assert state.span.tolist() == [[expected_span]]
 
 
 def test_reference_imports_only_torch():
