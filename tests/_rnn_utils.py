@@ -30,6 +30,30 @@ def make(kind, I, Hd, window, relevant, nonlinearity="tanh", dtype=F64, device="
     return m.to(device)
 
 
+def saturated_model(kind, dtype, window=1, relevant=3):
+    """A model whose h_t depends on x_t alone, h = 0 for x = 0 ("hot") and h < 0 for x = -5
+    ("cold"), with scores v·tanh(Ua h_j) of 0 (hot) and about -6e3 (cold): attention weights
+    are exactly 1/(number of hot candidates) and 0, so relevancies repeat bitwise."""
+    big = 1e4
+    if kind == "rnn":
+        m = RelRNN(1, 1, window, relevant, nonlinearity="identity", bias=False, dtype=dtype)
+        with torch.no_grad():  # h_t = x_t
+            m.U.weight.fill_(1.0)
+            m.V.weight.zero_()
+    else:
+        m = RelLSTM(1, 1, window, relevant, dtype=dtype)
+        with torch.no_grad():  # f = σ(-big) = 0, i = o = σ(big) = 1: h_t = tanh(tanh(x_t))
+            for gate, bias in ((m.Wf, -big), (m.Wi, big), (m.Wo, big), (m.Wg, 0.0)):
+                gate.weight.zero_()
+                gate.bias.fill_(bias)
+            m.Wg.weight[0, 1] = 1.0  # z = [s, x]: the input only
+    with torch.no_grad():
+        m.Va.weight.zero_()
+        m.Ua.weight.fill_(1.0)
+        m.v.fill_(big)
+    return m
+
+
 def run(m, x, h0, g, backend, attn):
     """h, state and the gradients of x, h0 and every parameter (zeros where unused)."""
     kw = {"attn": attn} if isinstance(m, RelRNN) else {}
@@ -233,9 +257,10 @@ def check(
         if not failed:
             return want
         # Long recurrences can amplify rounding (BPTT through unsaturated steps): then every
-        # element of the float32 kernel must be as accurate as the float32 reference, both
-        # against float64 (the rule of _tolerances.assert_low_precision_close), or within
-        # float32's tolerance of it.
+        # element of the float32 kernel must be within float32's tolerance of float64, plus
+        # twice the float32 reference's largest error on that tensor: float32's noise on this
+        # problem, measured (every element sums terms of like size, so an element's own
+        # reference error is one draw of that noise, not its bound).
         if exact is None:
             exact, cuts64 = _float64_run(m, x, h0, g_cut, attn, want, window, relevant)
             merged = _merge(cuts, cuts64)
@@ -247,11 +272,11 @@ def check(
             e = exact[i][steps] if name == "h" else exact[i]
             e = e.double()
             err, ref_err = ((t.double() - e).abs() for t in (a, b))
-            bound = 2 * ref_err + rtol * e.abs() + atol
+            bound = 2 * ref_err.max() + rtol * e.abs() + atol
             bad = err > bound
             assert not bad.any(), (
-                f"d{name}: {int(bad.sum())} elements beyond 2 x the float32 reference's error "
-                f"against float64, worst {(err - bound).max().item():.3g}"
+                f"d{name}: {int(bad.sum())} elements beyond float32's tolerance + 2 x the float32 "
+                f"reference's error against float64, worst by {(err - bound).max().item():.3g}"
             )
         return want
 

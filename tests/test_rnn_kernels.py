@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 from _env import needs_cuda
-from _rnn_utils import check, make
+from _rnn_utils import check, make, saturated_model
 
 from screening_attn import _backend
-from screening_attn.nn import RelLSTM, RelRNN
+from screening_attn.nn import RelRNN
 from screening_attn.rnn import modules as rnn_modules
 
 F64, F32 = torch.float64, torch.float32
@@ -107,30 +107,6 @@ def test_exact_ties_lowest_slot_is_evicted(dtype):
     assert st.relevant_index.tolist() == [[0, 3, 2], [0, 4, 2]]
     assert st.relevant_score.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]]
     assert st.relevancy.T.tolist() == [[1, 0, 0, 0.5, 0, 0], [1, 0, 0, 0, 0.5, 0]]
-
-
-def saturated_model(kind, dtype, window=1, relevant=3):
-    """A model whose h_t depends on x_t alone, h = 0 for x = 0 ("hot") and h < 0 for x = -5
-    ("cold"), with scores v·tanh(Ua h_j) of 0 (hot) and about -6e3 (cold): attention weights
-    are exactly 1/(number of hot candidates) and 0, so relevancies repeat bitwise."""
-    big = 1e4
-    if kind == "rnn":
-        m = RelRNN(1, 1, window, relevant, nonlinearity="identity", bias=False, dtype=dtype)
-        with torch.no_grad():  # h_t = x_t
-            m.U.weight.fill_(1.0)
-            m.V.weight.zero_()
-    else:
-        m = RelLSTM(1, 1, window, relevant, dtype=dtype)
-        with torch.no_grad():  # f = σ(-big) = 0, i = o = σ(big) = 1: h_t = tanh(tanh(x_t))
-            for gate, bias in ((m.Wf, -big), (m.Wi, big), (m.Wo, big), (m.Wg, 0.0)):
-                gate.weight.zero_()
-                gate.bias.fill_(bias)
-            m.Wg.weight[0, 1] = 1.0  # z = [s, x]: the input only
-    with torch.no_grad():
-        m.Va.weight.zero_()
-        m.Ua.weight.fill_(1.0)
-        m.v.fill_(big)
-    return m
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
