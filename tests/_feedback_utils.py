@@ -80,3 +80,19 @@ def assert_non_finite_stays_in_its_plane(
         grad[1, 1], clean_grad[1, 1]
     )
     assert reached
+
+
+def windows(y: torch.Tensor, k: int) -> torch.Tensor:
+    """The k x k pooling windows of ``y`` `(N, C, H, W)`, row-major: `(N, C, H/k, W/k, k²)`."""
+    w = y.unfold(2, k, k).unfold(3, k, k)
+    return w.reshape(*w.shape[:4], k * k)
+
+
+def first_positions(y: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
+    """The pools' rule, written out: the first window position holding the window's maximum
+    (minimum); and how many windows hold it more than once (ties the rule decides)."""
+    w = windows(y, k)
+    best = w.amax(-1, keepdim=True) if largest else w.amin(-1, keepdim=True)
+    hit = w == best
+    pos = torch.where(hit, torch.arange(k * k), k * k).amin(-1)
+    return pos.to(torch.uint8), int((hit.sum(-1) > 1).sum())

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from _feedback_utils import BACKENDS, DTYPES, assert_non_finite_stays_in_its_plane, plane_inputs
-from _ids import case_id
+from _ids import case_id, dtype_id
 from _tolerances import assert_close
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -55,6 +55,31 @@ def test_ada_relu_formula_by_hand(backend):
     assert y.tolist() == [1.0, 0.0, 0.0, -1.5, 0.0, 1.5]
     y, m = ada_relu(x, None, 0.5, backend=backend)  # ungated: ReLU, eta unused
     assert y.tolist() == [1.0, 0.0, 2.0, 0.0, 0.5, 0.0]
+
+
+TINY = [1e-4, -1e-4, 3e-5, -3e-5, 1e-30, -1e-30, 1e-40, -1e-40, 0.0, -0.0, 2.0, -2.0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_gate_decides_near_zero_by_sign(backend, dtype):
+    """Gate arguments a hair from 0 (1e-40 is subnormal in float32) are decided by their sign
+    like any other: x > 0 ungated, x' h > 0 gated (eta = 0.5 moves x halfway to h, far from
+    any rounding of x'), and in the fused InsNorm·Bias·AdaReLU, u = x r > 0."""
+    x = torch.tensor(TINY, dtype=dtype)
+    y, m = ada_relu(x, None, 0.5, backend=backend)
+    assert m.tolist() == [v > 0 for v in TINY]
+    assert torch.equal(y, x * m)
+    h = torch.tensor([2e-4 if i % 3 else -2e-4 for i in range(len(TINY))], dtype=dtype)
+    moved = [0.5 * (a + b) for a, b in zip(TINY, h.double().tolist())]
+    y, m = ada_relu(x, h, 0.5, backend=backend)
+    assert m.tolist() == [a * b > 0 for a, b in zip(moved, h.double().tolist())]
+    y_ref, m_ref = reference.ada_relu(x, h, 0.5)
+    assert torch.equal(m, m_ref)
+    assert_close(y, y_ref)
+    planes = x.view(1, 2, 2, 3)  # the 1e-30 and 1e-40 stay tiny after the normalization
+    y, m = functional.ins_bias_ada_relu(planes, None, None, 0.0, backend=backend)
+    assert m.flatten().tolist() == [v > 0 for v in TINY]
 
 
 # --- every backend against the reference ---------------------------------------------------------

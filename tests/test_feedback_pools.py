@@ -15,8 +15,10 @@ from _feedback_utils import (
     DTYPES,
     F64,
     assert_non_finite_stays_in_its_plane,
+    first_positions,
     leaves,
     plane_inputs,
+    windows,
 )
 from _ids import case_id, dtype_id
 from hypothesis import HealthCheck, given, settings
@@ -143,6 +145,31 @@ def test_pool_cases_cover_every_cpu_path():
     widths = {shape[3] // 2 for k, shape, _ in (p.values for p in POOL_CASES) if k == 2}
     assert any(w >= 8 for w in widths) and any(4 <= w < 8 for w in widths)
     assert any(w < 4 for w in widths)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("k", [2, 3])
+def test_tied_windows_pick_the_first_position(backend, dtype, k):
+    """Windows of values in {-1, 0, 1} (most tie for their max and min, several at every
+    position: a rule picking a later or a shifted position cannot agree), gated and not,
+    against the rule written out (first_positions), not the reference."""
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randint(-1, 2, (2, 3, 4 * k, 3 * k + 1), generator=gen).to(dtype)
+    x[0, 0, :k, :k] = 1.0  # a window tied everywhere
+    hidden = torch.randint(-1, 2, (2, 3, 4, 3), generator=gen).to(dtype)
+    want_max, tied_max = first_positions(x, k, True)
+    want_min, tied_min = first_positions(x, k, False)
+    assert tied_max >= 10 and tied_min >= 10
+    assert (want_max > 0).any() and (want_min > 0).any()
+    w = windows(x, k)
+    for h in (None, hidden):
+        y, amax, amin = functional.ada_pool2d(x, h, k, backend=backend)
+        assert torch.equal(amax, want_max) and torch.equal(amin, want_min)
+        ymax = w.gather(-1, want_max.long()[..., None])[..., 0]
+        ymin = w.gather(-1, want_min.long()[..., None])[..., 0]
+        want_y = ymax if h is None else ymax * (h > 0) + ymin * (h < 0)
+        assert torch.equal(y, want_y)
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])

@@ -13,6 +13,7 @@ from _feedback_utils import (
     DTYPES,
     F64,
     assert_non_finite_stays_in_its_plane,
+    first_positions,
     grads,
     leaves,
     plane_inputs,
@@ -60,6 +61,35 @@ def test_stage_fusions_match_the_reference(backend, dtype, gated):
             torch.autograd.grad(ours, zk, g1, retain_graph=True)[0],
             torch.autograd.grad(theirs, zr, g1, retain_graph=True)[0],
         )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("gated", [False, True], ids=["first-pass", "gated"])
+@pytest.mark.parametrize("k", [2, 3])
+def test_stage_fusion_ties_pick_the_first_position(backend, dtype, gated, k):
+    """The fused pool on tied gate outputs: inputs in {-2, -1, 0, 1, 2} (and a hidden state
+    that is a function of them) give bitwise-equal normalized values wherever the inputs are
+    equal, and the ReLU makes every non-positive one 0: most windows tie, many at zero. The
+    positions must follow the pools' rule on the reference's gate output."""
+    gen = torch.Generator().manual_seed(10 + k)
+    shape = (2, 3, 3 * k, 4 * k + 1)
+    pooled = (2, 3, 3, 4)
+    x = torch.randint(-2, 3, shape, generator=gen).to(dtype)
+    x[0, 0, :k, :k] = -1.0  # a window of zeros after the ReLU
+    b = torch.tensor([0.0, 0.25, -0.5], dtype=dtype)
+    h = 0.5 * x if gated else None
+    hp = torch.randint(-1, 2, pooled, generator=gen).to(dtype) if gated else None
+    u_ref, m_ref = reference.ins_bias_ada_relu(x, b, h, 0.2)
+    want_max, tied_max = first_positions(u_ref, k, True)
+    want_min, tied_min = first_positions(u_ref, k, False)
+    assert tied_max >= 5 and tied_min >= 5
+    assert (want_max > 0).any() and (want_min > 0).any()
+    y_ref, _, _, _ = reference.ins_bias_ada_relu_pool2d(x, b, h, hp, 0.2, k)
+    y, m, amax, amin = functional.ins_bias_ada_relu_pool2d(x, b, h, hp, 0.2, k, backend=backend)
+    assert torch.equal(m, m_ref)
+    assert torch.equal(amax, want_max) and torch.equal(amin, want_min)
+    assert_close(y, y_ref)
 
 
 def test_stage_fusions_gradcheck_and_opcheck_cpu():
@@ -166,3 +196,52 @@ def test_non_finite_stays_in_its_plane_forward_and_backward(backend, bad, op):
 
 
 # Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_cpu_tensors_run_the_reference_or_name_the_backend(dtype):
+    """CNN-F ops on half CPU tensors: "auto" gives the reference's result (the C++ kernels take
+    float32 and float64), "cpu" the documented TypeError naming the backend and the dtypes."""
+    p = plane_inputs()
+    x, hidden, z, hp, bias, mask = (
+        t.to(dtype) if t.is_floating_point() else t
+        for t in (p.x, p.hidden, p.z, p.pool_hidden, p.bias, p.mask)
+    )
+    _, amax, amin = reference.ada_pool2d(x, hp, 2)
+    calls = {
+        "ada_relu": (lambda **kw: functional.ada_relu(x, hidden, 0.3, **kw)),
+        "ada_relu_feedback": (lambda **kw: functional.ada_relu_feedback(x, mask, **kw)),
+        "ins_norm": (lambda **kw: functional.ins_norm(x, **kw)),
+        "ins_norm_gate": (lambda **kw: functional.ins_norm_gate(x, mask, **kw)),
+        "ins_bias_ada_relu": (
+            lambda **kw: functional.ins_bias_ada_relu(x, bias, hidden, 0.3, **kw)
+        ),
+        "ada_pool2d": (lambda **kw: functional.ada_pool2d(x, hp, 2, **kw)),
+        "ada_unpool2d": (lambda **kw: functional.ada_unpool2d(z, amax, amin, hp, 2, (4, 6), **kw)),
+        "ins_bias_ada_relu_pool2d": (
+            lambda **kw: functional.ins_bias_ada_relu_pool2d(x, bias, hidden, hp, 0.3, 2, **kw)
+        ),
+        "ada_unpool_gate": (
+            lambda **kw: functional.ada_unpool_gate(z, amax, amin, hp, mask, 2, (4, 6), **kw)
+        ),
+    }
+    refs = {
+        "ada_relu": lambda: reference.ada_relu(x, hidden, 0.3),
+        "ada_relu_feedback": lambda: reference.ada_relu_feedback(x, mask),
+        "ins_norm": lambda: reference.ins_norm(x, 1e-8, False),
+        "ins_norm_gate": lambda: reference.ins_norm_gate(x, mask),
+        "ins_bias_ada_relu": lambda: reference.ins_bias_ada_relu(x, bias, hidden, 0.3),
+        "ada_pool2d": lambda: reference.ada_pool2d(x, hp, 2),
+        "ada_unpool2d": lambda: reference.ada_unpool2d(z, amax, amin, hp, 2, (4, 6)),
+        "ins_bias_ada_relu_pool2d": lambda: reference.ins_bias_ada_relu_pool2d(
+            x, bias, hidden, hp, 0.3, 2
+        ),
+        "ada_unpool_gate": lambda: reference.ada_unpool_gate(z, amax, amin, hp, mask, 2, (4, 6)),
+    }
+    for name, call in calls.items():
+        got, want = call(), refs[name]()
+        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+        with pytest.raises(TypeError, match=rf"{name}: backend='cpu' takes float32 or float64"):
+            call(backend="cpu")

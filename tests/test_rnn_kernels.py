@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from _env import needs_cuda
-from _rnn_utils import check, make
+from _rnn_utils import check, make, saturated_model
 
 from screening_attn import _backend
 from screening_attn.nn import RelRNN
@@ -107,6 +107,24 @@ def test_exact_ties_lowest_slot_is_evicted(dtype):
     assert st.relevant_index.tolist() == [[0, 3, 2], [0, 4, 2]]
     assert st.relevant_score.tolist() == [[1.0, 0.5, 0.0], [1.0, 0.5, 0.0]]
     assert st.relevancy.T.tolist() == [[1, 0, 0, 0.5, 0, 0], [1, 0, 0, 0, 0.5, 0]]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_exact_repeated_states_tie_at_screening(kind, dtype):
+    # Rows of hot (0) and cold (-5) inputs: with window 1 a hot state's relevancy is
+    # 1 / (hot candidates of the next step), a cold one's 0, so full sets meet equal scores (a
+    # new 0 against a slot's 0, a new 0.5 against two slots at 0.25). The kernel's final slots
+    # must be the slot rule's on its own relevancies (check replays it) and match the reference.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.where(torch.rand(24, 6, 1, generator=gen) < 0.5, 0.0, -5.0).to(F64)
+    x[:6, :2, 0] = torch.tensor([[0.0, 0], [-5, -5], [-5, -5], [0, -5], [-5, 0], [0, -5]])
+    m = saturated_model(kind, dtype)
+    screening = check(kind, x=x, model=m, I=1, Hd=1, window=1, relevant=3, dtype=dtype)
+    assert screening.tied and screening.evicted
+    # the two hand rows: slots 1 and 2 tie at 0 and the hot state 3 (row 0) or 4 (row 1)
+    # evicts the lower; row 1's cold state 3 ties them and is dropped
+    assert [t[:5] for t in screening.targets[:2]] == [[0, 1, 2, 1, -1], [0, 1, 2, -1, 1]]
 
 
 @pytest.mark.parametrize(
