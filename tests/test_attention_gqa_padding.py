@@ -1,4 +1,4 @@
-"""Grouped-query attention and key padding in ``screened_attention`` (docs/streaming.md, SPEC §5).
+"""Grouped-query attention and key padding in ``screened_attention`` (docs/streaming.md).
 
 Oracles: a slow scalar Python implementation of the §5 scan (group-mean relevancy, padded keys
 and queries), SDPA with ``enable_gqa=True`` and the mask that scan recorded (outputs and
