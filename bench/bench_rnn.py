@@ -6,7 +6,7 @@ Providers:
 
 * ``reference``, ``cpu``, ``triton``: ``module(x, backend=provider)``; backends the module does
   not have yet are skipped with the dispatcher's reason;
-* ``products``: the fused kernels' own matrix products alone (csrc/rnn.cpp's loops): the same
+* ``products``: the fused kernels' own matrix products alone (csrc/rnn_loops.cpp's loops): the same
   products, shapes, order and routines (the per-step ones through the extension's
   ``rnn_step_mm``), the outputs written to buffers allocated inside the timed region as the
   kernels' are, the inputs prepared beforehand; issued from Python, so each carries a Python
@@ -169,12 +169,12 @@ def _matmul_floor(op: str, mode: str, *, T, B, input_size, hidden, window, relev
     return run_bwd
 
 
-CHUNK = 64  # csrc/rnn.cpp's kChunk: the backward's weight gradients are products per chunk
+CHUNK = 64  # csrc/rnn_loops.cpp's kChunk: the backward's weight gradients are products per chunk
 
 
 def _products(op: str, mode: str, module, x: torch.Tensor) -> Callable[[], object]:
     """The matrix products of the ``cpu`` provider's loops, alone (see the module docstring),
-    on the routines csrc/rnn.cpp uses: per-step products through ``rnn_step_mm`` (its
+    on the routines csrc/rnn_loops.cpp uses: per-step products through ``rnn_step_mm`` (its
     ``step_mm``), the rest through torch.mm / addmm.
 
     Forward: ``U x + b`` (the gates' input part) for all steps up front; per step

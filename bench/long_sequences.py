@@ -100,7 +100,7 @@ def _child_attention(T: int, D: int, window: int, relevant: int, return_state: b
 def rnn_step_bytes(B: int, I: int, Hd: int, window: int, relevant: int, T: int) -> dict:
     """Bytes per time step a float32 RelRNN forward + backward through the C++ kernels must
     hold at the backward's peak: the input, the records the forward saves for the backward
-    (csrc/rnn.cpp: h, s, uah (B, Hd), the queries pq (B, 2Hd), the softmax weights over the
+    (csrc/rnn_loops.cpp: h, s, uah (B, Hd), the queries pq (B, 2Hd), the softmax weights over the
     w + live candidates, the candidates' positions (int64), the relevancy), and the backward's
     per-step buffers (the dL/dh and dL/duah accumulators, dL/dx). The incoming dL/dh of
     ``h.sum()`` is a stride-0 expansion: nothing per step."""

@@ -37,7 +37,7 @@ def assert_splits(n: int, grain: int) -> None:
 
 
 def feedback_plane_grain(plane_size: int) -> int:
-    """feedback.cpp ``plane_grain``: planes per task (the gates split elements by kGrain)."""
+    """csrc/cpu/vec.h ``plane_grain``: planes per task (the gates split elements by kGrain)."""
     return max(1, FEEDBACK_GRAIN // max(1, plane_size))
 
 
@@ -46,7 +46,7 @@ def rnn_grain(work: int) -> int:
     return max(1, 16384 // max(1, work))
 
 
-FEEDBACK_GRAIN = 32768  # feedback.cpp kGrain: elements per task
+FEEDBACK_GRAIN = 32768  # csrc/cpu/vec.h kGrain: elements per task
 
 
 # --- running and comparing --------------------------------------------------------------------

@@ -1,4 +1,4 @@
-// CPU kernels of screened attention (design and costs: csrc/README.md).
+// CPU kernels of screened attention (design and costs: docs/kernels/cpu-cuda.md).
 //
 // Parallel over B·H; within one (b, h) the queries go in blocks of kBlockQ. A block's candidate
 // keys are the relevant set at its start plus the key range [t0-ν+1, t1) (a key screened in

@@ -1,4 +1,4 @@
-// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: csrc/README.md; schemas:
+// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: docs/kernels/cpu-cuda.md; schemas:
 // csrc/rnn.cpp; the time loops that call these: csrc/rnn_loops.cpp). Every kernel is parallel
 // over the B batch rows (at::parallel_for); a row's work is sequential and vectorized over the
 // Hd features, and the row kernels are compiled for AVX-512 and AVX2 too (SCREENING_ATTN_CLONES,

@@ -1,6 +1,6 @@
-"""Registration glue of the RelRNN / RelLSTM kernels (schemas and time loops in csrc/rnn.cpp,
-step kernels in csrc/cpu/rnn.cpp and csrc/cuda/rnn.cu): fakes for every op, autograd for the
-two sequence ops, and the entry points the modules call (``rel_rnn_fused``,
+"""Registration glue of the RelRNN / RelLSTM kernels (schemas in csrc/rnn.cpp, time loops in
+csrc/rnn_loops.cpp, step kernels in csrc/cpu/rnn.cpp and csrc/cuda/rnn.cu): fakes for every op,
+autograd for the two sequence ops, and the entry points the modules call (``rel_rnn_fused``,
 ``rel_lstm_fused``: the arguments and results of ``rel_rnn_reference`` / ``rel_lstm_reference``).
 
 The sequence ops ``rel_rnn`` / ``rel_lstm`` run the whole forward (a loop over time of fused
@@ -24,7 +24,7 @@ _OPS = torch.ops.screening_attn if _backend.C_ERROR is None else None
 
 
 def _live(T: int, window: int, relevant: int) -> tuple[int, int]:
-    """(effective window, slots that can ever fill): as csrc/rnn.cpp's ``Screening``."""
+    """(effective window, slots that can ever fill): as csrc/rnn_loops.cpp's ``Screening``."""
     window = min(window, T)
     return window, min(relevant, max(0, T - window))
 

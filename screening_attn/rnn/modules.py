@@ -50,7 +50,7 @@ class RelState:
 
 
 # Backends per op, each returning ``(h, relevant_index, relevant_score, relevancy)``. "cpu" and
-# "cuda" are the same registered ops (csrc/rnn.cpp), which dispatch on the device;
+# "cuda" are the same registered ops (csrc/rnn_loops.cpp), which dispatch on the device;
 # _backend.resolve says why one can't run (extension not loaded, no CUDA build).
 _KERNELS = {"cpu": _backend.CPU_DTYPES, "cuda": _backend.CUDA_DTYPES}
 _RNN_IMPLS = {"reference": rel_rnn_reference, "cpu": _ops.rel_rnn_fused, "cuda": _ops.rel_rnn_fused}
