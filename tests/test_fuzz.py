@@ -290,7 +290,9 @@ def test_attention_triton(case):
 # RelRNN and RelLSTM: the C++ sequence kernels (backend "cpu") against the reference module.
 
 
-RNN_MODES = ("evict", "evict", "tie", "tie", "tie", "screening", "edge")
+RNN_MODES = ("evict", "evict", "evict", "tie", "tie", "screening", "edge")
+# Half the examples of the other ops: every one runs a Python loop over T >= ν+ρ+2 steps.
+RNN_EXAMPLES = 500
 
 
 @st.composite
@@ -311,8 +313,8 @@ def rnn_cases(draw, kind: str):
         window = draw(st.integers(2, 3 if mode == "evict" else 5))
         relevant = draw(st.integers(1, 2 if mode == "evict" else 4))
     if mode != "edge":
-        T = window + relevant + 2 + draw(st.integers(0, 12)) + (8 if mode == "evict" else 0)
-        T = 65 if draw(st.integers(0, 19)) == 0 else T
+        T = window + relevant + 2 + draw(st.integers(0, 10)) + (6 if mode == "evict" else 0)
+        T = 65 if draw(st.integers(0, 39)) == 0 else T
     case = {
         "mode": mode,
         "T": T,
@@ -349,19 +351,19 @@ def check_rnn_case(kind: str, case: dict) -> None:
         case["model"] = make_rnn(kind, *args, case.get("nonlinearity", "tanh"), case["dtype"],
                                  seed=case["seed"])  # fmt: skip
         with torch.no_grad():
-            case["model"].v.mul_(3.0 if kind == "rnn" else 10.0)
+            case["model"].v.mul_(3.0 if kind == "rnn" else 30.0)
     screening = check_rnn(kind, restride=lambda x: restride(x, layout), **case)
     event(f"{kind}: screening evicts" if screening.evicted else f"{kind}: no eviction")
     event(f"{kind}: exact tie at a screening" if screening.tied else f"{kind}: no tie")
 
 
-@fuzz(CPU_EXAMPLES)
+@fuzz(RNN_EXAMPLES)
 @given(rnn_cases("rnn"))
 def test_rel_rnn_cpu(case):
     check_rnn_case("rnn", case)
 
 
-@fuzz(CPU_EXAMPLES)
+@fuzz(RNN_EXAMPLES)
 @given(rnn_cases("lstm"))
 def test_rel_lstm_cpu(case):
     check_rnn_case("lstm", case)
