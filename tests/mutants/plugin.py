@@ -217,7 +217,10 @@ def _pool(x, hidden, k, mutation):
 
 
 def _gate(u, hidden, eta, mutation):
-    """AdaReLU on u: (y, mask)."""
+    """AdaReLU on u: (y, mask), in float32 for half inputs (as the kernels: docs/backends.md)."""
+    dtype = u.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        u, hidden = u.float(), None if hidden is None else hidden.float()
     if hidden is None:
         mask = u > 0
     else:
@@ -225,13 +228,13 @@ def _gate(u, hidden, eta, mutation):
         mask = u * hidden > 0
     if mutation == "flip-near-zero":
         mask = torch.where(u.abs() < FLIP_BAND, ~mask, mask)
-    return (u * mask).contiguous(), mask.contiguous()
+    return (u * mask).to(dtype).contiguous(), mask.contiguous()
 
 
 def _norm(x, eps, centered):
     """(x r, r) with r = 1 / sqrt(mean(x²) + eps) per plane, or the unbiased variance."""
     acc = _acc(x.dtype)
-    xa = x.to(acc)
+    xa = x.contiguous().to(acc)  # the sums in one order whatever the layout, as the kernels
     power = xa.var(dim=(2, 3)) if centered else xa.square().mean(dim=(2, 3))
     rstd = 1.0 / torch.sqrt(power + eps)
     return (xa * rstd[..., None, None]).to(x.dtype), rstd
