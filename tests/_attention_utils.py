@@ -170,7 +170,7 @@ def _masked_sdpa(q, k, v, mask, scale, dtype):
 
 def _rows_close(got, want, exact, rows, rtol, atol, what, conditioned, events):
     """Element-wise, over the flattened (b, h) ``rows``: ``|got - want| <= atol + rtol |want|``;
-    with ``conditioned`` (float32: a peaked softmax amplifies rounding) an element may instead
+    with ``conditioned`` (a peaked softmax amplifies rounding) an element may instead
     be as accurate as ``want`` is in its (b, h) row: ``|got - exact| <= 2 max_row |want - exact|
     + atol + rtol max_row |exact|`` (each element bounded; the row gives the scale)."""
     if not rows:
@@ -185,7 +185,7 @@ def _rows_close(got, want, exact, rows, rtol, atol, what, conditioned, events):
                         for x in (b - e, e))  # fmt: skip
         accurate = (a - e).abs() <= 2 * ref_err + atol + rtol * big
         if events is not None:
-            events.append("float32 ill-conditioned: checked against float64")
+            events.append("ill-conditioned: checked against float64 SDPA")
         close |= accurate
     bad = (~close).nonzero()
     assert len(bad) == 0, (

@@ -221,7 +221,10 @@ def check_attention(run, q, k, v, window, relevant, scale):
             event("selection differs at a near tie")
         return
     events = []
-    check_against_reference(run, q, k, v, window, relevant, scale, conditioned=q.dtype == F32,
+    # float64 too: the saturated tie modes' logits reach |800|, where one rounding of the
+    # reference's own summation order already costs ~1e-8 relative in a small dk entry (seen
+    # once in a full run); the bound is then per element, against an independent float64 SDPA
+    check_against_reference(run, q, k, v, window, relevant, scale, conditioned=True,
                             events=events)  # fmt: skip
     for name in sorted(set(events)):
         event(name)
