@@ -1,9 +1,9 @@
-// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: docs/kernels/cpu-cuda.md; schemas:
-// csrc/rnn.cpp; the time loops that call these: csrc/rnn_loops.cpp). Every kernel is parallel
-// over the B batch rows (at::parallel_for); a row's work is sequential and vectorized over the
-// Hd features, and the row kernels are compiled for AVX-512 and AVX2 too (SCREENING_ATTN_CLONES,
-// vec.h). The element math (scores, activations, LSTM cell) is shared with the CUDA kernels
-// (include/screening_attn/rnn.h).
+// CPU kernels of the RelRNN / RelLSTM step ops (design and costs: docs/kernels/cpu-cuda.md;
+// schemas: csrc/rnn.cpp; the time loops that call these: csrc/rnn_loops.cpp). Every kernel is
+// parallel over the B batch rows (at::parallel_for); a row's work is sequential and vectorized over
+// the Hd features, and the row kernels are compiled for AVX-512 and AVX2 too
+// (SCREENING_ATTN_CLONES, vec.h). The element math (scores, activations, LSTM cell) is shared with
+// the CUDA kernels (include/screening_attn/rnn.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>

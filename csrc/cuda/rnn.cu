@@ -1,6 +1,6 @@
 // CUDA kernels of the RelRNN / RelLSTM step ops (schemas: csrc/rnn.cpp; the time loops:
-// csrc/rnn_loops.cpp; design: docs/kernels/cpu-cuda.md). The attention step runs one block per batch row:
-// a CUB block reduction per candidate score, then block reductions for the softmax; the
+// csrc/rnn_loops.cpp; design: docs/kernels/cpu-cuda.md). The attention step runs one block per
+// batch row: a CUB block reduction per candidate score, then block reductions for the softmax; the
 // screening is done by thread 0 with screen_slot. Elementwise ops are grid-stride loops. All
 // math (scores, activations, LSTM cell, candidates, slot rule) comes from
 // include/screening_attn/rnn.h, shared with the CPU kernels; half and bfloat16 compute in float.
