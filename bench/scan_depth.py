@@ -1,12 +1,15 @@
 """Sequential depth of the chunk-parallel screening scan (issue #13, item 2).
 
-``python -m bench.scan_depth [--quick|--T T] [--rows N] [--chunk L] [--inputs F,..] [--check]
-[--out P]``
+``python -m bench.scan_depth [--quick|--T T] [--rows N] [--chunk L] [--inputs F,..]
+[--fallback-rounds K] [--check] [--out P]``
 
 Runs ``screening_attn.attention.scan.chunked_screening_scan`` (the CPU emulation) at T = 16384,
 ν = 128, ρ = 64, D = 64, chunks of ν queries, on three input families, and reports per family
 the sequential depth per (b, h) row (verification rounds of every chunk summed, plus 2 per exact
-tie step), the rounds per chunk (mean and max) and the tie steps. Writes
+tie step, plus 1 per one-query step of the fallback), the rounds per chunk (mean and max), the
+tie steps and the fallback's steps. The fallback finishes a chunk sequentially after
+``--fallback-rounds`` (default 2; 0: never) rounds that each made fewer than ⌈L/8⌉ decisions
+final. Writes
 ``bench/results/scan-depth.json``: a list of objects with ``inputs``, ``T``, ``window``,
 ``relevant``, ``depth`` (the largest over the rows), ``rounds_mean``, ``rounds_max`` and more.
 ``--quick`` runs T = 2048 (``--T``: any length) and writes ``scan-depth-T<T>.json``; ``--check``
@@ -97,18 +100,19 @@ def adversarial_inputs(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, f
 FAMILIES = {"random": random_inputs, "adversarial": adversarial_inputs, "ties": tie_inputs}
 
 
-def run(family: str, T: int, rows: int, chunk: int, check: bool) -> dict:
+def run(family: str, T: int, rows: int, chunk: int, check: bool, fallback_rounds: int) -> dict:
     qs, ks, scale = zip(*(FAMILIES[family](T, seed) for seed in range(rows)))
     q, k = torch.stack(qs), torch.stack(ks)
     stats: dict = {}
     start = time.perf_counter()
+    fallback = {"fallback_rounds": fallback_rounds or None}
     _, slot_index, _, _, span = chunked_screening_scan(
-        q, k, WINDOW, RELEVANT, scale[0], chunk=chunk, stats=stats
+        q, k, WINDOW, RELEVANT, scale[0], chunk=chunk, stats=stats, **fallback
     )
     seconds = time.perf_counter() - start
     if check:  # bitwise against the sequential reference (slow and O(T ν D) memory)
         expected = _screening_scan(q, k, WINDOW, RELEVANT, scale[0])
-        got = chunked_screening_scan(q, k, WINDOW, RELEVANT, scale[0], chunk=chunk)
+        got = chunked_screening_scan(q, k, WINDOW, RELEVANT, scale[0], chunk=chunk, **fallback)
         for name, e, a in zip(("history", "slots", "scores", "relevancy", "span"), expected, got):
             if not torch.equal(e, a):
                 raise SystemExit(f"{family}: {name} differs from the reference")
@@ -122,13 +126,17 @@ def run(family: str, T: int, rows: int, chunk: int, check: bool) -> dict:
         "D": D,
         "dtype": str(q.dtype).removeprefix("torch."),
         "chunk": stats["chunk"],
+        "fallback_rounds": fallback_rounds,
         "rows": rows,
         "depth": int(stats["depth"].max()),
         "depth_per_row": stats["depth"].tolist(),
         "rounds_mean": round(float(rounds.mean()), 4),
         "rounds_max": int(rounds.max()),
         "rounds_distribution": {str(r): n for r, n in stats["rounds_distribution"].items()},
+        "rounds_per_row": stats["rounds"].sum(dim=1).tolist(),
         "exact_tie_steps_per_row": stats["exact_steps"].tolist(),
+        "fallback_steps_per_row": stats["fallback_steps"].tolist(),
+        "fallback_chunks_per_row": stats["fallback_chunks"].tolist(),
         "evictions_per_row": evicted.tolist(),
         "slots_filled_per_row": (slot_index >= 0).sum(dim=1).tolist(),
         "emulation_seconds": round(seconds, 2),
@@ -144,6 +152,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--inputs", default=",".join(FAMILIES), help="comma-separated families to run"
     )
+    parser.add_argument(
+        "--fallback-rounds",
+        type=int,
+        default=2,
+        help="slow rounds before a chunk finishes sequentially (0: never)",
+    )
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
         "--check", action="store_true", help="also compare with the reference, bitwise (slow)"
@@ -155,7 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or ROOT / "bench" / "results" / name
 
     families = args.inputs.split(",")
-    results = [run(family, T, args.rows, args.chunk, args.check) for family in families]
+    results = [
+        run(family, T, args.rows, args.chunk, args.check, args.fallback_rounds)
+        for family in families
+    ]
     for r in results:
         r["threads"] = torch.get_num_threads()
         r["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS")
@@ -166,14 +183,16 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(results, indent=1) + "\n")
 
     print(
-        f"T={T} window={WINDOW} relevant={RELEVANT} D={D} chunk={args.chunk}, {args.rows} rows each"
+        f"T={T} window={WINDOW} relevant={RELEVANT} D={D} chunk={args.chunk} "
+        f"fallback_rounds={args.fallback_rounds}, {args.rows} rows each"
     )
     header = f"{'inputs':<12} {'depth':>6} {'T/depth':>8} {'rounds mean':>11} {'max':>4} "
-    print(header + f"{'tie steps':>9} {'evictions':>10} {'seconds':>8}")
+    print(header + f"{'tie steps':>9} {'seq steps':>9} {'evictions':>10} {'seconds':>8}")
     for r in results:
         print(
             f"{r['inputs']:<12} {r['depth']:>6} {T / r['depth']:>8.1f} {r['rounds_mean']:>11.3f} "
             f"{r['rounds_max']:>4} {max(r['exact_tie_steps_per_row']):>9} "
+            f"{max(r['fallback_steps_per_row']):>9} "
             f"{min(r['evictions_per_row']):>10} {r['emulation_seconds']:>8.1f}"
         )
     for r in results:

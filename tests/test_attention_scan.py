@@ -18,12 +18,14 @@ NAMES = ("history", "slot_index", "slot_score", "relevancy", "span")
 DTYPES = [torch.float64, torch.float32]
 
 
-def compare(q, k, window, relevant, scale, chunk=None):
+def compare(q, k, window, relevant, scale, chunk=None, **fallback):
     """Assert bitwise equality of all five outputs; return the emulation's stats and the
     reference's outputs."""
     expected = _screening_scan(q, k, window, relevant, scale)
     stats = {}
-    got = chunked_screening_scan(q, k, window, relevant, scale, chunk=chunk, stats=stats)
+    got = chunked_screening_scan(
+        q, k, window, relevant, scale, chunk=chunk, stats=stats, **fallback
+    )
     for name, e, g in zip(NAMES, expected, got):
         assert g.dtype == e.dtype and g.shape == e.shape, name
         if e.is_floating_point():  # torch.equal says NaN != NaN: compare where, then values
@@ -33,7 +35,9 @@ def compare(q, k, window, relevant, scale, chunk=None):
     chunks = math.ceil(q.shape[1] / stats["chunk"])
     assert stats["rounds"].shape == (q.shape[0], chunks)
     assert bool((stats["rounds"] >= 1).all()) and bool((stats["rounds"] <= stats["chunk"]).all())
-    assert torch.equal(stats["depth"], stats["rounds"].sum(1) + 2 * stats["exact_steps"])
+    depth = stats["rounds"].sum(1) + 2 * stats["exact_steps"] + stats["fallback_steps"]
+    assert torch.equal(stats["depth"], depth)
+    assert bool((stats["fallback_steps"] <= stats["chunk"] * stats["fallback_chunks"]).all())
     return stats, expected
 
 
@@ -161,18 +165,45 @@ def test_edge_cases(dtype, T, window, relevant, chunk):
 @pytest.mark.parametrize("family", ["random", "adversarial", "ties"])
 def test_benchmark_inputs(family):
     """bench/scan_depth.py's inputs at its ν = 128, ρ = 64 and a short T: exact, and the
-    adversarial chain really forces one round per decision."""
+    adversarial chain really forces one round per decision unless the fallback cuts it."""
     T = 2 * 128 + 64 + 40
     q, k, scale = zip(*(scan_depth.FAMILIES[family](T, seed) for seed in range(2)))
-    stats, _ = compare(torch.stack(q), torch.stack(k), 128, 64, scale[0])
+    q, k = torch.stack(q), torch.stack(k)
+    stats, _ = compare(q, k, 128, 64, scale[0])
     if family == "adversarial":
+        # Through the fallback: two rounds that fix one decision each (after, in the chunk
+        # that fills the slots, one that fixes the fill), then one-query steps.
+        assert int(stats["fallback_chunks"].min()) >= 1
+        assert int(stats["rounds"].max()) <= 3
+        chunks = stats["rounds"].shape[1]
+        assert bool((stats["depth"] <= T + 2 * chunks + 2 * stats["exact_steps"]).all())
+        # Without it, speculation really fixes one decision per round.
+        stats, _ = compare(q, k, 128, 64, scale[0], fallback_rounds=None)
         assert int(stats["rounds"].max()) >= 64
+        assert int(stats["fallback_steps"].sum()) == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float64", "float32"])
+@pytest.mark.parametrize("fallback_rounds", [1, 2])
+def test_fallback_random_and_ties(dtype, fallback_rounds):
+    """Every round counts as slow (``fallback_progress`` = L + 1), so each chunk that needs more
+    than ``fallback_rounds`` rounds finishes sequentially, from wherever its last round left
+    it."""
+    q, k = randn(3, 64, 8, dtype=dtype, seed=3), randn(3, 64, 8, dtype=dtype, seed=4)
+    stats = compare(q, k, 4, 4, 8.0, 16, fallback_rounds=fallback_rounds, fallback_progress=17)[0]
+    assert int(stats["fallback_chunks"].sum()) > 0
+    assert int(stats["rounds"].max()) <= fallback_rounds
+    q, k = one_hot_ties(3, 40, dtype, seed=1, p=0.3)
+    stats = compare(q, k, 2, 4, 1.0, 12, fallback_rounds=fallback_rounds, fallback_progress=13)[0]
+    assert int(stats["fallback_chunks"].sum()) > 0
 
 
 def test_bad_chunk():
     q = torch.zeros(1, 4, 2)
     with pytest.raises(ValueError, match="chunk"):
         chunked_screening_scan(q, q, 2, 1, 1.0, chunk=0)
+    with pytest.raises(ValueError, match="fallback_rounds"):
+        chunked_screening_scan(q, q, 2, 1, 1.0, fallback_rounds=0)
 
 
 @st.composite
@@ -194,16 +225,21 @@ def problems(draw):
     else:
         q, k = randn(N, T, 4, dtype=dtype, seed=seed), randn(N, T, 4, dtype=dtype, seed=seed + 1)
         scale = draw(st.floats(0.1, 5.0))
-    return q, k, window, relevant, scale, chunk, mode
+    fallback = {
+        "fallback_rounds": draw(st.sampled_from([None, 1, 2, 3])),
+        "fallback_progress": draw(st.one_of(st.none(), st.integers(1, 15))),
+    }
+    return q, k, window, relevant, scale, chunk, mode, fallback
 
 
 @settings(max_examples=250, deadline=None)
 @given(problems())
 def test_hypothesis(problem):
-    q, k, window, relevant, scale, chunk, mode = problem
-    stats, (*_, span) = compare(q, k, window, relevant, scale, chunk)
+    q, k, window, relevant, scale, chunk, mode, fallback = problem
+    stats, (*_, span) = compare(q, k, window, relevant, scale, chunk, **fallback)
     T = q.shape[1]
     event(f"mode={mode}")
     event("evicts" if bool(((span[..., 1] >= 0) & (span[..., 1] < T)).any()) else "no eviction")
     event("exact tie step" if int(stats["exact_steps"].sum()) else "no exact tie step")
     event("rounds > 1" if int(stats["rounds"].max()) > 1 else "rounds = 1")
+    event("fallback" if int(stats["fallback_chunks"].sum()) else "no fallback")

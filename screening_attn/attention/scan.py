@@ -39,8 +39,18 @@ apply the slot rule": component i of ``F(d)`` depends on ``d_0 … d_{i-1}`` onl
   same per-item shapes, only a larger batch), softmax is row-wise, and each key's relevancy is
   summed in query order, as in the reference: one add per window offset, vectorized over keys.
 
+* **Bounded cost: the sequential fallback.** Round k leaves the queries before the first one
+  whose set changed with their true sets (induction as above), so their weights and the
+  decisions before that query are final, and every round makes at least one more final. Inputs
+  where each decision flips the next make that one per round: L rounds for L decisions, each
+  round far costlier than a step of the sequential scan. So once ``fallback_rounds`` rounds of
+  a chunk each made fewer than ``fallback_progress`` decisions final, the row finishes the chunk
+  from the final prefix with one-query steps, the reference's own step (softmax over the true
+  set, the query's weights added to its window keys in query order, the one-key slot rule).
+
 Sequential depth (``stats``): per row, the rounds of every chunk summed, plus 2 per exact tie
-step (the exact step and the parallel slot-rule pass that restarts after it). A round is a fixed
+step (the exact step and the parallel slot-rule pass that restarts after it), plus 1 per
+one-query step of the fallback. A round is a fixed
 number of chunk-wide parallel operations (block products, a row softmax, a ν-term per-key sum,
 prefix counts over ``(ρ + L) × L`` comparisons, ⌈log2 L⌉ pointer jumps), like the block-wide
 reductions of one step of the sequential scan.
@@ -239,6 +249,70 @@ def _slot_rule(
     return target, exact
 
 
+def _sequential_tail(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    win_logits: torch.Tensor,
+    rel0: torch.Tensor,
+    alpha: torch.Tensor,
+    target: torch.Tensor,
+    slot_index: torch.Tensor,
+    slot_score: torch.Tensor,
+    keys: torch.Tensor,
+    valid: torch.Tensor,
+    start: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Finish a chunk with one-query steps from step ``start`` of each row, as the reference.
+
+    Args:
+        q: ``(N, L, D)`` the chunk's queries; k: ``(N, T, D)``.
+        win_logits: ``(N, L, ν)``; rel0: ``(N, L + ν - 1)`` the relevancies before the chunk.
+        alpha: ``(N, L, ν + ρ)`` and target ``(N, L)``: a round whose queries before ``start``
+            saw their true sets (so their weights and the decisions before ``start`` are final).
+        slot_index, slot_score: ``(N, ρ)`` the state before the chunk; keys, valid: ``(L,)``.
+        start: ``(N,)`` the first step to take sequentially (L: none).
+
+    Returns:
+        ``rel (N, L + ν - 1)`` and ``target (N, L)`` of the sequential scan.
+    """
+    N, L, nu = win_logits.shape
+    steps = torch.arange(L, device=q.device)
+    kept = steps < start[:, None]  # (N, L)
+    target = torch.where(kept, target, -1)
+    # The final prefix's weights, added per window offset in query order as in the rounds.
+    rel = rel0.clone()
+    for i in range(nu):
+        col = nu - 1 - i
+        part = rel[:, col : col + L]
+        rel[:, col : col + L] = torch.where(kept, part + alpha[:, :, col], part)
+    first = int(start.min())
+    if first >= L:
+        return rel, target
+    index_all, score_all = _slots_over_steps(
+        slot_index, slot_score, keys.clamp(min=0), rel[:, :L], target
+    )
+    rows = torch.arange(N, device=q.device)
+    index, score = index_all[rows, start.clamp(max=L)], score_all[rows, start.clamp(max=L)]
+    neg_inf = float("-inf")
+    for s in range(first, L):
+        on = s >= start  # (N,)
+        k_slot = _gather_rows(k, index.clamp(min=0))  # (N, ρ, D)
+        slot_logits = scale * torch.einsum("nd,nsd->ns", q[:, s], k_slot)
+        slot_logits = slot_logits.masked_fill(index < 0, neg_inf)
+        step_alpha = torch.softmax(torch.cat([win_logits[:, s], slot_logits], dim=-1), dim=-1)
+        part = rel[:, s : s + nu]
+        rel[:, s : s + nu] = torch.where(on[:, None], part + step_alpha[:, :nu], part)
+        if not bool(valid[s]):
+            continue
+        step = torch.where(on, _exact_step(index, score, rel[:, s]), -1)
+        target[:, s] = torch.where(on, step, target[:, s])
+        write = (step[:, None] == torch.arange(index.shape[1], device=q.device)) & on[:, None]
+        index = torch.where(write, keys[s], index)
+        score = torch.where(write, rel[:, s, None], score)
+    return rel, target
+
+
 @torch.no_grad()
 def chunked_screening_scan(
     q: torch.Tensor,
@@ -248,6 +322,8 @@ def chunked_screening_scan(
     scale: float,
     *,
     chunk: int | None = None,
+    fallback_rounds: int | None = 2,
+    fallback_progress: int | None = None,
     stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The screening recurrence of N rows, chunk-parallel, bitwise equal to the reference's.
@@ -256,9 +332,15 @@ def chunked_screening_scan(
         q, k: ``(N, T, D)`` in the compute dtype.
         window, relevant, scale: ν, ρ and the logit factor, as for ``_screening_scan``.
         chunk: queries per chunk (default ν).
+        fallback_rounds, fallback_progress: a row finishes a chunk with one-query sequential
+            steps once ``fallback_rounds`` of its rounds there each made fewer than
+            ``fallback_progress`` decisions final (default ``ceil(L / 8)``); ``None`` never
+            falls back.
         stats: if given, receives ``"chunk"``; ``"rounds"`` ``(N, chunks)`` int64, the
             verification rounds of every chunk; ``"exact_steps"`` ``(N,)``, the tie steps taken
-            on the exact path; ``"depth"`` ``(N,)``, rounds summed plus 2 per exact step; and
+            on the exact path; ``"fallback_steps"`` ``(N,)``, the sequential steps and
+            ``"fallback_chunks"`` ``(N,)`` the chunks that fell back; ``"depth"`` ``(N,)``,
+            rounds summed plus 2 per exact step plus 1 per sequential step; and
             ``"rounds_distribution"``, a ``{rounds: chunks}`` count over all rows.
 
     Returns:
@@ -270,6 +352,9 @@ def chunked_screening_scan(
     L = nu if chunk is None else chunk
     if L < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if fallback_rounds is not None and fallback_rounds < 1:
+        raise ValueError(f"fallback_rounds must be >= 1 or None, got {fallback_rounds}")
+    min_progress = -(-L // 8) if fallback_progress is None else fallback_progress
     device, dtype = q.device, q.dtype
     neg_inf = float("-inf")
     n_chunks = -(-T // L)
@@ -282,6 +367,8 @@ def chunked_screening_scan(
     span = torch.full((N, T, 2), -1, dtype=torch.int32, device=device)
     rounds = torch.zeros((N, n_chunks), dtype=torch.int64, device=device)
     exact_steps = torch.zeros(N, dtype=torch.int64, device=device)
+    fallback_steps = torch.zeros(N, dtype=torch.int64, device=device)
+    fallback_chunks = torch.zeros(N, dtype=torch.int64, device=device)
 
     for c, t0 in enumerate(range(0, T, L)):
         t1 = min(t0 + L, T)
@@ -296,7 +383,11 @@ def chunked_screening_scan(
         q_flat = q[:, t0:t1].reshape(N * n, D)
 
         guess = slot_index[:, None, :].expand(N, n, rho)  # speculation: no change in the chunk
-        converged = torch.zeros(N, dtype=torch.bool, device=device)
+        done = torch.zeros(N, dtype=torch.bool, device=device)  # converged or falling back
+        verified = torch.zeros(N, dtype=torch.long, device=device)  # final decisions
+        low = torch.zeros(N, dtype=torch.long, device=device)  # rounds with little progress
+        fall = torch.zeros(N, dtype=torch.bool, device=device)
+        fb_alpha = fb_target = None
         for _ in range(n + 1):
             logits = win_logits
             if rho > 0:
@@ -311,22 +402,63 @@ def chunked_screening_scan(
                 col = nu - 1 - i
                 rel[:, col : col + n] += alpha[:, :, col]
             r = rel[:, :n]
-            rounds[:, c] += (~converged).long()
+            live = ~done
+            rounds[:, c] += live.long()
             if rho > 0:
                 target, exact = _slot_rule(slot_index, slot_score, keys.clamp(min=0), r, valid)
-                exact_steps += torch.where(converged, 0, exact)
+                exact_steps += torch.where(live, exact, 0)
                 idx_all, score_all = _slots_over_steps(
                     slot_index, slot_score, keys.clamp(min=0), r, target
                 )
                 new_guess = idx_all[:, :n]
             else:
                 new_guess = guess
-            converged |= (new_guess == guess).flatten(1).all(dim=1)
-            guess = new_guess
-            if bool(converged.all()):
+            # The guesses agree with the result up to the first query whose set changed, so
+            # those queries' sets, and the decisions before that query, are final.
+            changed = (new_guess != guess).any(dim=-1)
+            first = torch.where(changed.any(dim=1), changed.to(torch.uint8).argmax(dim=1), n)
+            converged = live & (first == n)
+            low += (live & ~converged & (first - verified < min_progress)).long()
+            verified = torch.where(live, first, verified)
+            go = live & ~converged
+            go &= low >= (fallback_rounds if fallback_rounds is not None else n + 2)
+            if bool(go.any()):
+                # Keep what the sequential steps start from: the final prefix of this round.
+                if fb_alpha is None:
+                    fb_alpha, fb_target = alpha.clone(), target.clone()
+                fb_alpha[go], fb_target[go] = alpha[go], target[go]
+                fall |= go
+            done |= converged | go
+            guess = torch.where(live[:, None, None], new_guess, guess)
+            if bool(done.all()):
                 break
         else:
             raise RuntimeError("the verification rounds did not converge (a bug)")
+
+        if bool(fall.any()):
+            assert fb_alpha is not None and fb_target is not None
+            fb_rel, fb_target = _sequential_tail(
+                q[:, t0:t1],
+                k,
+                win_logits,
+                rel_pad[:, t0 : t1 + nu - 1],
+                fb_alpha,
+                fb_target,
+                slot_index,
+                slot_score,
+                keys,
+                valid,
+                torch.where(fall, verified, n),
+                scale,
+            )
+            rel = torch.where(fall[:, None], fb_rel, rel)
+            target = torch.where(fall[:, None], fb_target, target)
+            idx_all, score_all = _slots_over_steps(
+                slot_index, slot_score, keys.clamp(min=0), rel[:, :n], target
+            )
+            guess = idx_all[:, :n]
+            fallback_steps += torch.where(fall, n - verified, 0)
+            fallback_chunks += fall.long()
 
         history[:, t0:t1] = guess
         rel_pad[:, t0 : t1 + nu - 1] = rel
@@ -348,6 +480,8 @@ def chunked_screening_scan(
         stats["chunk"] = L
         stats["rounds"] = rounds
         stats["exact_steps"] = exact_steps
-        stats["depth"] = rounds.sum(dim=1) + 2 * exact_steps
+        stats["fallback_steps"] = fallback_steps
+        stats["fallback_chunks"] = fallback_chunks
+        stats["depth"] = rounds.sum(dim=1) + 2 * exact_steps + fallback_steps
         stats["rounds_distribution"] = dict(sorted(Counter(rounds.flatten().tolist()).items()))
     return history, slot_index, slot_score, rel_pad[:, nu - 1 :].clone(), span
