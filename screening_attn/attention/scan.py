@@ -424,9 +424,10 @@ def chunked_screening_scan(
             go &= low >= (fallback_rounds if fallback_rounds is not None else n + 2)
             if bool(go.any()):
                 # Keep what the sequential steps start from: the final prefix of this round.
-                if fb_alpha is None:
+                if fb_alpha is None or fb_target is None:
                     fb_alpha, fb_target = alpha.clone(), target.clone()
-                fb_alpha[go], fb_target[go] = alpha[go], target[go]
+                else:
+                    fb_alpha[go], fb_target[go] = alpha[go], target[go]
                 fall |= go
             done |= converged | go
             guess = torch.where(live[:, None, None], new_guess, guess)
