@@ -3,10 +3,12 @@
 [--no-plots]``.
 
 Runs the standard sweep of bench/_cases.py (bench.run), prints one table per op with ratios
-measured in the same run (bench.tables), the targets (bench.targets), the comparison with a
-baseline (bench.baseline), and writes ``<out>/<machine>-<date>.json`` (every figure, the
-machine, versions, git SHA: bench.machine) and PNG plots (bench.plots). ``python -m
-bench.readme`` then puts the latest full run into README.md. See bench/README.md for the columns.
+measured in the same run (bench.tables), the targets (bench.targets), the screening scan's
+sequential depth as bench/results/scan-depth.json holds it (written by ``python -m
+bench.scan_depth``), the comparison with a baseline (bench.baseline), and writes
+``<out>/<machine>-<date>.json`` (every figure, the machine, versions, git SHA: bench.machine)
+and PNG plots (bench.plots). ``python -m bench.readme`` then puts the latest full run into
+README.md. See bench/README.md for the columns.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from bench.machine import ROOT, loadavg, machine_info, machine_slug, matmul_gflo
 from bench.plots import write_plots
 from bench.ratios import add_ratios
 from bench.run import run_cases
-from bench.tables import print_tables
+from bench.tables import print_scan_depth, print_tables
 from bench.targets import print_targets, targets
 
 
@@ -126,6 +128,9 @@ def main(argv=None) -> int:
     target_items = targets(results)
     if target_items:
         print_targets(target_items)
+    scan_depth = None
+    if "attention" in args.families:
+        scan_depth = print_scan_depth(ROOT / "bench" / "results" / "scan-depth.json")
 
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     meta["loadavg_end"] = loadavg()
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     if args.baseline is not None:
         slower = compare_baseline(results, meta, args.baseline)
     payload = {"meta": meta, "results": results, "targets": target_items}
+    if scan_depth is not None:
+        payload["scan_depth"] = scan_depth
     if args.baseline is not None:
         payload["baseline"] = {"path": str(args.baseline), "slower": slower}
     json_path = stem.with_suffix(".json")

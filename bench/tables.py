@@ -1,11 +1,13 @@
 """The report's console tables: one per op, a row per (shape, provider, mode), the ratio
 columns of ``bench.ratios.RATIOS``; skipped and failed cases listed under the table with their
-reason. bench/README.md explains the columns."""
+reason; and the screening scan's sequential depth from bench/results/scan-depth.json.
+bench/README.md explains the columns."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 from bench._common import fmt_time
 from bench.ratios import RATIOS
@@ -94,3 +96,48 @@ def print_tables(results: list[dict], out=sys.stdout) -> None:
         )
         for provider, reason in skipped:
             print(f"  skipped {provider}: {reason}", file=out)
+
+
+def print_scan_depth(path: Path, out=sys.stdout) -> list[dict] | None:
+    """The chunk-parallel scan's sequential depth per (b, h) row, as ``python -m
+    bench.scan_depth`` last wrote it to ``path`` (read, not re-measured: the T = 16384 emulation
+    takes minutes). Returns the file's records, or None (and says so) when there is none."""
+    if not path.is_file():
+        print(
+            f"\n== screening scan depth: no {path.name}; run python -m bench.scan_depth ==",
+            file=out,
+        )
+        return None
+    records = json.loads(path.read_text())
+    print(
+        f"\n== screening scan depth (CPU emulation of the chunk-parallel scan, issue #13; "
+        f"{path.name}, written by python -m bench.scan_depth) ==",
+        file=out,
+    )
+    header = ["inputs", "T", "window", "relevant", "chunk", "depth", "T/depth", "rounds mean"]
+    header += ["rounds max", "tie steps", "seq steps"]
+    rows = []
+    for r in records:
+        seq = r.get("fallback_steps_per_row")
+        rows.append(
+            [
+                r["inputs"],
+                str(r["T"]),
+                str(r["window"]),
+                str(r["relevant"]),
+                str(r.get("chunk", "-")),
+                str(r["depth"]),
+                f"{r['T'] / r['depth']:.1f}",
+                f"{r['rounds_mean']:.2f}",
+                str(r["rounds_max"]),
+                str(max(r["exact_tie_steps_per_row"])) if "exact_tie_steps_per_row" in r else "-",
+                str(max(seq)) if seq else "-",
+            ]
+        )
+    print(_table(rows, header, set(range(1, len(header)))), file=out)
+    print(
+        "  depth: dependent steps per (b, h) row, the largest row (rounds + 2 per tie step + "
+        "sequential steps); the sequential scan's is T",
+        file=out,
+    )
+    return records
