@@ -187,14 +187,20 @@ def test_benchmark_inputs(family):
 @pytest.mark.parametrize("fallback_rounds", [1, 2])
 def test_fallback_random_and_ties(dtype, fallback_rounds):
     """Every round counts as slow (``fallback_progress`` = L + 1), so each chunk that needs more
-    than ``fallback_rounds`` rounds finishes sequentially, from wherever its last round left
-    it."""
+    than ``fallback_rounds`` rounds takes one-query steps from wherever its last round left it:
+    to the chunk's end, or for a short stretch and then speculates again."""
     q, k = randn(3, 64, 8, dtype=dtype, seed=3), randn(3, 64, 8, dtype=dtype, seed=4)
-    stats = compare(q, k, 4, 4, 8.0, 16, fallback_rounds=fallback_rounds, fallback_progress=17)[0]
+    fb = dict(fallback_rounds=fallback_rounds, fallback_progress=17)
+    stats = compare(q, k, 4, 4, 8.0, 16, fallback_stretch=16, **fb)[0]
     assert int(stats["fallback_chunks"].sum()) > 0
     assert int(stats["rounds"].max()) <= fallback_rounds
+    # Stretches of 2 steps: speculation resumes inside the chunk after each one.
+    stats = compare(q, k, 4, 4, 8.0, 16, fallback_stretch=2, **fb)[0]
+    assert int(stats["fallback_chunks"].sum()) > 0
+    assert int(stats["rounds"].max()) > fallback_rounds
     q, k = one_hot_ties(3, 40, dtype, seed=1, p=0.3)
-    stats = compare(q, k, 2, 4, 1.0, 12, fallback_rounds=fallback_rounds, fallback_progress=13)[0]
+    fb = dict(fallback_rounds=fallback_rounds, fallback_progress=13)
+    stats = compare(q, k, 2, 4, 1.0, 12, fallback_stretch=12, **fb)[0]
     assert int(stats["fallback_chunks"].sum()) > 0
 
 
@@ -204,6 +210,8 @@ def test_bad_chunk():
         chunked_screening_scan(q, q, 2, 1, 1.0, chunk=0)
     with pytest.raises(ValueError, match="fallback_rounds"):
         chunked_screening_scan(q, q, 2, 1, 1.0, fallback_rounds=0)
+    with pytest.raises(ValueError, match="fallback_stretch"):
+        chunked_screening_scan(q, q, 2, 1, 1.0, fallback_stretch=0)
 
 
 @st.composite
@@ -228,6 +236,7 @@ def problems(draw):
     fallback = {
         "fallback_rounds": draw(st.sampled_from([None, 1, 2, 3])),
         "fallback_progress": draw(st.one_of(st.none(), st.integers(1, 15))),
+        "fallback_stretch": draw(st.one_of(st.none(), st.integers(1, 6))),
     }
     return q, k, window, relevant, scale, chunk, mode, fallback
 
@@ -243,3 +252,6 @@ def test_hypothesis(problem):
     event("exact tie step" if int(stats["exact_steps"].sum()) else "no exact tie step")
     event("rounds > 1" if int(stats["rounds"].max()) > 1 else "rounds = 1")
     event("fallback" if int(stats["fallback_chunks"].sum()) else "no fallback")
+    if int(stats["fallback_chunks"].sum()):
+        resumed = bool((stats["fallback_steps"] < stats["chunk"] * stats["fallback_chunks"]).any())
+        event("speculation resumed after a stretch" if resumed else "stretches to chunk ends")

@@ -44,9 +44,11 @@ apply the slot rule": component i of ``F(d)`` depends on ``d_0 … d_{i-1}`` onl
   decisions before that query are final, and every round makes at least one more final. Inputs
   where each decision flips the next make that one per round: L rounds for L decisions, each
   round far costlier than a step of the sequential scan. So once ``fallback_rounds`` rounds of
-  a chunk each made fewer than ``fallback_progress`` decisions final, the row finishes the chunk
-  from the final prefix with one-query steps, the reference's own step (softmax over the true
-  set, the query's weights added to its window keys in query order, the one-key slot rule).
+  a chunk each made fewer than ``fallback_progress`` decisions final, the row takes a stretch of
+  one-query steps from the final prefix, the reference's own step (softmax over the true set,
+  the query's weights added to its window keys in query order, the one-key slot rule), then
+  speculates again from there; the stretch doubles at each fallback in the chunk. With the
+  default stretch of ``max(ν, L/8)`` steps, a chunk of ν queries finishes in one stretch.
 
 Sequential depth (``stats``): per row, the rounds of every chunk summed, plus 2 per exact tie
 step (the exact step and the parallel slot-rule pass that restarts after it), plus 1 per
@@ -261,9 +263,10 @@ def _sequential_tail(
     keys: torch.Tensor,
     valid: torch.Tensor,
     start: torch.Tensor,
+    stop: torch.Tensor,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Finish a chunk with one-query steps from step ``start`` of each row, as the reference.
+    """One-query steps ``start … stop-1`` of each row of a chunk, as the reference takes them.
 
     Args:
         q: ``(N, L, D)`` the chunk's queries; k: ``(N, T, D)``.
@@ -271,10 +274,11 @@ def _sequential_tail(
         alpha: ``(N, L, ν + ρ)`` and target ``(N, L)``: a round whose queries before ``start``
             saw their true sets (so their weights and the decisions before ``start`` are final).
         slot_index, slot_score: ``(N, ρ)`` the state before the chunk; keys, valid: ``(L,)``.
-        start: ``(N,)`` the first step to take sequentially (L: none).
+        start, stop: ``(N,)`` the steps to take sequentially (``start = L``: none).
 
     Returns:
-        ``rel (N, L + ν - 1)`` and ``target (N, L)`` of the sequential scan.
+        ``rel (N, L + ν - 1)`` with the weights of the queries before ``stop`` and ``target
+        (N, L)`` (-1 from ``stop`` on), as the sequential scan has them.
     """
     N, L, nu = win_logits.shape
     steps = torch.arange(L, device=q.device)
@@ -295,8 +299,8 @@ def _sequential_tail(
     rows = torch.arange(N, device=q.device)
     index, score = index_all[rows, start.clamp(max=L)], score_all[rows, start.clamp(max=L)]
     neg_inf = float("-inf")
-    for s in range(first, L):
-        on = s >= start  # (N,)
+    for s in range(first, int(stop.max())):
+        on = (s >= start) & (s < stop)  # (N,)
         k_slot = _gather_rows(k, index.clamp(min=0))  # (N, ρ, D)
         slot_logits = scale * torch.einsum("nd,nsd->ns", q[:, s], k_slot)
         slot_logits = slot_logits.masked_fill(index < 0, neg_inf)
@@ -324,6 +328,7 @@ def chunked_screening_scan(
     chunk: int | None = None,
     fallback_rounds: int | None = 2,
     fallback_progress: int | None = None,
+    fallback_stretch: int | None = None,
     stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The screening recurrence of N rows, chunk-parallel, bitwise equal to the reference's.
@@ -332,14 +337,15 @@ def chunked_screening_scan(
         q, k: ``(N, T, D)`` in the compute dtype.
         window, relevant, scale: ν, ρ and the logit factor, as for ``_screening_scan``.
         chunk: queries per chunk (default ν).
-        fallback_rounds, fallback_progress: a row finishes a chunk with one-query sequential
-            steps once ``fallback_rounds`` of its rounds there each made fewer than
-            ``fallback_progress`` decisions final (default ``ceil(L / 8)``); ``None`` never
-            falls back.
+        fallback_rounds, fallback_progress, fallback_stretch: once ``fallback_rounds`` rounds
+            of a row each made fewer than ``fallback_progress`` decisions final (default
+            ``ceil(L / 8)``), the row takes the next ``fallback_stretch`` steps (default
+            ``max(ν, ceil(L / 8))``, doubled at each fallback in a chunk) one query at a time,
+            then speculates again; ``fallback_rounds=None`` never falls back.
         stats: if given, receives ``"chunk"``; ``"rounds"`` ``(N, chunks)`` int64, the
             verification rounds of every chunk; ``"exact_steps"`` ``(N,)``, the tie steps taken
-            on the exact path; ``"fallback_steps"`` ``(N,)``, the sequential steps and
-            ``"fallback_chunks"`` ``(N,)`` the chunks that fell back; ``"depth"`` ``(N,)``,
+            on the exact path; ``"fallback_steps"`` ``(N,)``, the one-query steps and
+            ``"fallback_chunks"`` ``(N,)`` the chunks that took some; ``"depth"`` ``(N,)``,
             rounds summed plus 2 per exact step plus 1 per sequential step; and
             ``"rounds_distribution"``, a ``{rounds: chunks}`` count over all rows.
 
@@ -354,7 +360,10 @@ def chunked_screening_scan(
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if fallback_rounds is not None and fallback_rounds < 1:
         raise ValueError(f"fallback_rounds must be >= 1 or None, got {fallback_rounds}")
+    if fallback_stretch is not None and fallback_stretch < 1:
+        raise ValueError(f"fallback_stretch must be >= 1 or None, got {fallback_stretch}")
     min_progress = -(-L // 8) if fallback_progress is None else fallback_progress
+    stretch0 = max(nu, -(-L // 8)) if fallback_stretch is None else fallback_stretch
     device, dtype = q.device, q.dtype
     neg_inf = float("-inf")
     n_chunks = -(-T // L)
@@ -383,12 +392,14 @@ def chunked_screening_scan(
         q_flat = q[:, t0:t1].reshape(N * n, D)
 
         guess = slot_index[:, None, :].expand(N, n, rho)  # speculation: no change in the chunk
-        done = torch.zeros(N, dtype=torch.bool, device=device)  # converged or falling back
+        done = torch.zeros(N, dtype=torch.bool, device=device)
         verified = torch.zeros(N, dtype=torch.long, device=device)  # final decisions
         low = torch.zeros(N, dtype=torch.long, device=device)  # rounds with little progress
-        fall = torch.zeros(N, dtype=torch.bool, device=device)
-        fb_alpha = fb_target = None
-        for _ in range(n + 1):
+        stretch = torch.full((N,), stretch0, dtype=torch.long, device=device)
+        seq_done = torch.zeros(N, dtype=torch.bool, device=device)  # finished by steps
+        fb_rel = fb_target = None
+        fell = torch.zeros(N, dtype=torch.bool, device=device)
+        for _ in range(2 * n + 2):
             logits = win_logits
             if rho > 0:
                 k_slot = _gather_rows(k, guess.clamp(min=0).reshape(N, n * rho))
@@ -421,45 +432,62 @@ def chunked_screening_scan(
             low += (live & ~converged & (first - verified < min_progress)).long()
             verified = torch.where(live, first, verified)
             go = live & ~converged
-            go &= low >= (fallback_rounds if fallback_rounds is not None else n + 2)
-            if bool(go.any()):
-                # Keep what the sequential steps start from: the final prefix of this round.
-                if fb_alpha is None or fb_target is None:
-                    fb_alpha, fb_target = alpha.clone(), target.clone()
-                else:
-                    fb_alpha[go], fb_target[go] = alpha[go], target[go]
-                fall |= go
-            done |= converged | go
+            go &= low >= (fallback_rounds if fallback_rounds is not None else 2 * n + 3)
             guess = torch.where(live[:, None, None], new_guess, guess)
+            done |= converged
+            if bool(go.any()):
+                # One-query steps over the next stretch, then speculation again from there
+                # (nothing changes after the stretch) with the true sets before it.
+                stop = torch.where(go, (verified + stretch).clamp(max=n), 0)
+                seq_rel, seq_target = _sequential_tail(
+                    q[:, t0:t1],
+                    k,
+                    win_logits,
+                    rel_pad[:, t0 : t1 + nu - 1],
+                    alpha,
+                    target,
+                    slot_index,
+                    slot_score,
+                    keys,
+                    valid,
+                    torch.where(go, verified, n),
+                    stop,
+                    scale,
+                )
+                seq_index = _slots_over_steps(
+                    slot_index, slot_score, keys.clamp(min=0), seq_rel[:, :n], seq_target
+                )[0][:, :n]
+                guess = torch.where(go[:, None, None], seq_index, guess)
+                fallback_steps += torch.where(go, stop - verified, 0)
+                fell |= go
+                finished = go & (stop == n)
+                if bool(finished.any()):
+                    if fb_rel is None or fb_target is None:
+                        fb_rel, fb_target = seq_rel, seq_target
+                    else:
+                        fb_rel[finished], fb_target[finished] = (
+                            seq_rel[finished],
+                            seq_target[finished],
+                        )
+                    seq_done |= finished
+                    done |= finished
+                verified = torch.where(go, stop, verified)
+                low = torch.where(go, 0, low)
+                stretch = torch.where(go, 2 * stretch, stretch)
             if bool(done.all()):
                 break
         else:
             raise RuntimeError("the verification rounds did not converge (a bug)")
 
-        if bool(fall.any()):
-            assert fb_alpha is not None and fb_target is not None
-            fb_rel, fb_target = _sequential_tail(
-                q[:, t0:t1],
-                k,
-                win_logits,
-                rel_pad[:, t0 : t1 + nu - 1],
-                fb_alpha,
-                fb_target,
-                slot_index,
-                slot_score,
-                keys,
-                valid,
-                torch.where(fall, verified, n),
-                scale,
-            )
-            rel = torch.where(fall[:, None], fb_rel, rel)
-            target = torch.where(fall[:, None], fb_target, target)
+        fallback_chunks += fell.long()
+        if bool(seq_done.any()):
+            assert fb_rel is not None and fb_target is not None
+            rel = torch.where(seq_done[:, None], fb_rel, rel)
+            target = torch.where(seq_done[:, None], fb_target, target)
             idx_all, score_all = _slots_over_steps(
                 slot_index, slot_score, keys.clamp(min=0), rel[:, :n], target
             )
             guess = idx_all[:, :n]
-            fallback_steps += torch.where(fall, n - verified, 0)
-            fallback_chunks += fall.long()
 
         history[:, t0:t1] = guess
         rel_pad[:, t0 : t1 + nu - 1] = rel
