@@ -2,6 +2,7 @@
 # make test      - the test suite (what CI runs)
 # make fuzz      - tests/test_fuzz.py with 10x the examples, new random ones each run
 # make mutants   - the mutation harness: every deliberately wrong kernel must fail the tests
+# make gpu-check - on a GPU machine: CUDA-tensor tests + benchmark against SDPA flash
 # make sanitize  - the C++ kernels' tests against an AddressSanitizer + UBSan build of _C, made
 #                  in build/sanitize (the optimized in-place build is left alone)
 # All create .venv, install torch and the rest, and build the extension on first use.
@@ -121,3 +122,11 @@ mutants: $(BUILT)
 .PHONY: gpu-static
 gpu-static: $(INSTALLED)
 	$(BIN)/python -m bench.gpu_static $(GPU_STATIC_ARGS)
+
+# make gpu-check: on a machine with one CUDA GPU (< 10 min): the tests of the GPU backends on
+# CUDA tensors, then screened attention (Triton) against SDPA's flash kernel and, if installed,
+# flash-attn's sliding window; writes bench/results/gpu-*.json and plots (bench/gpu_check.py).
+# Without a GPU it says so and fails.
+.PHONY: gpu-check
+gpu-check: $(BUILT)
+	$(BIN)/python -m bench.gpu_check $(GPU_CHECK_ARGS)

@@ -19,6 +19,10 @@ How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cu
 interpreted functions that cannot be compiled, so ``main`` drops the variable before
 importing triton. Results are cached in ``build/gpu-static/`` by triton's key of each kernel's
 source, the triton version and the build's arguments: a re-run rebuilds only what changed.
+
+The CNN-F kernels' builds come from ``static_builds`` in kernels/feedback.py (``kernel``
+prefixed ``feedback.``, ``head_dim`` null: elementwise and per-plane kernels without products,
+so no tensor-core check); ``--family`` picks the families.
 """
 
 from __future__ import annotations
@@ -86,6 +90,34 @@ def _jsonable(consts: dict) -> dict:
     return {k: (v if isinstance(v, (bool, int, float)) else str(v)) for k, v in consts.items()}
 
 
+def plan_feedback(archs, dtypes, kernels) -> list[dict]:
+    """The CNN-F builds (kernels/feedback.py ``static_builds``), one per specialisation."""
+    from screening_attn._kernels.feedback import static_builds
+
+    out = []
+    for arch in archs:
+        for dt in dtypes:
+            for name, _fn, _sig, consts, options in static_builds(_DTYPES[dt], arch):
+                if kernels and name not in kernels:
+                    continue
+                rec = {"kernel": name, "arch": arch, "dtype": dt, "head_dim": None}
+                rec["config"] = {**_jsonable(consts), **options}
+                out.append(rec)
+    return out
+
+
+def _feedback_spec(rec: dict):
+    """The ``static_builds`` entry of a planned CNN-F build (its name and config)."""
+    from screening_attn._kernels.feedback import static_builds
+
+    (spec,) = [
+        b
+        for b in static_builds(_DTYPES[rec["dtype"]], rec["arch"])
+        if b[0] == rec["kernel"] and {**_jsonable(b[3]), **b[4]} == rec["config"]
+    ]
+    return spec
+
+
 def _cuobjdump() -> str:
     import triton
 
@@ -100,12 +132,17 @@ def build(rec: dict) -> dict:
 
     from screening_attn._kernels.attention import static_builds
 
-    dtype = _DTYPES[rec["dtype"]]
-    window, live = rec.get("window", WINDOWS[0][0]), rec.get("relevant", WINDOWS[0][1])
-    d = rec["head_dim"]
-    (spec,) = [
-        b for b in static_builds(dtype, d, d, window, live, rec["arch"]) if b[0] == rec["kernel"]
-    ]
+    if rec["kernel"].startswith("feedback."):
+        spec = _feedback_spec(rec)
+    else:
+        dtype = _DTYPES[rec["dtype"]]
+        window, live = rec.get("window", WINDOWS[0][0]), rec.get("relevant", WINDOWS[0][1])
+        d = rec["head_dim"]
+        (spec,) = [
+            b
+            for b in static_builds(dtype, d, d, window, live, rec["arch"])
+            if b[0] == rec["kernel"]
+        ]
     _name, fn, sig, consts, options = spec
     rec = dict(rec)
     t0 = time.perf_counter()
@@ -148,7 +185,7 @@ def violations(rec: dict) -> list[str]:
         out.append(f"registers {rec['registers']} > {REG_LIMIT}")
     if rec["spill_bytes"] > SPILL_LIMIT:
         out.append(f"stack (spills) {rec['spill_bytes']} B > {SPILL_LIMIT} B")
-    has_products = rec["kernel"] != "replay"
+    has_products = rec["kernel"] != "replay" and not rec["kernel"].startswith("feedback.")
     if rec["dtype"] in ("fp16", "bf16") and has_products and rec["tensor_core_instructions"] == 0:
         out.append("no mma/wgmma: half-precision products off the tensor cores")
     return out
@@ -161,6 +198,8 @@ def _kernel_hash(rec: dict) -> str:
 
     from screening_attn._kernels.attention import static_builds
 
+    if rec["kernel"].startswith("feedback."):
+        return triton.__version__ + _feedback_spec(rec)[1].cache_key
     fn = {name: f for name, f, *_ in static_builds(_DTYPES["fp32"], 32, 32, 64, 16, 80)}
     return triton.__version__ + fn[rec["kernel"]].cache_key
 
@@ -201,7 +240,9 @@ def run(builds: list[dict], jobs: int, cache_dir: str | None) -> list[dict]:
 
 
 def _progress(r: dict) -> None:
-    what = f"{r['kernel']:6} sm_{r['arch']} {r['dtype']} D={r['head_dim']:<3}"
+    what = f"{r['kernel']:6} sm_{r['arch']} {r['dtype']} D={r['head_dim']!s:<3}"
+    if r["kernel"].startswith("feedback."):
+        what += " " + json.dumps({k: v for k, v in r["config"].items() if k != "num_stages"})
     if "window" in r:
         what += f" ν={r['window']} ρ={r['relevant']}"
     if "error" in r:
@@ -225,19 +266,27 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default=",".join(DTYPES))
     ap.add_argument("--head-dim", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--kernel", default="", help="comma-separated: scan,fwd,replay,dq,dkdv")
+    ap.add_argument("--family", default="attention,feedback", help="attention,feedback")
     ap.add_argument("--small-only", action="store_true", help="only the small (ν, ρ)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     ap.add_argument("--no-cache", action="store_true")
     a = ap.parse_args(argv)
-    builds = plan(
-        [int(x) for x in a.arch.split(",")],
-        a.dtype.split(","),
-        [int(x) for x in a.head_dim.split(",")],
-        set(filter(None, a.kernel.split(","))),
-        WINDOWS[:1] if a.small_only else WINDOWS,
-    )
+    families = set(a.family.split(","))
+    kernels = set(filter(None, a.kernel.split(",")))
+    archs, dtypes = [int(x) for x in a.arch.split(",")], a.dtype.split(",")
+    builds = []
+    if "attention" in families:
+        builds += plan(
+            archs,
+            dtypes,
+            [int(x) for x in a.head_dim.split(",")],
+            kernels,
+            WINDOWS[:1] if a.small_only else WINDOWS,
+        )
+    if "feedback" in families:
+        builds += plan_feedback(archs, dtypes, kernels)
     print(f"{len(builds)} builds, {a.jobs} processes", flush=True)
     # a private triton cache: build_s is a real build's time, never a hit of ~/.triton
     with tempfile.TemporaryDirectory(prefix="gpu-static-triton-") as tmp:

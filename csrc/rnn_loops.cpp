@@ -39,6 +39,7 @@ void attend_step(const Tensor& query, const Tensor& hidden, const Tensor& uah, c
                        .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, const Tensor&, int64_t, int64_t, double)>();
+  const SlotsFromLoop trusted;
   op.call(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t, window,
           attn);
 }
@@ -54,6 +55,7 @@ void attend_step_backward(const Tensor& grad_s, const Tensor& query, const Tenso
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, int64_t, int64_t, double)>();
+  const SlotsFromLoop trusted;
   op.call(grad_s, query, hidden, uah, v, alpha, cand, grad_hidden, grad_uah, grad_v, grad_query, t,
           window, attn);
 }

@@ -19,6 +19,8 @@ above are independent and read on their own.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from enum import IntEnum
 
 import torch
@@ -39,12 +41,18 @@ def _mask_bytes(mask: Tensor) -> Tensor:
     return mask.contiguous().view(torch.uint8)
 
 
+def _on(t: Tensor):
+    """The device guard of a launch: Triton launches on the current CUDA device, which need not
+    be ``t``'s."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
 # --- AdaReLU gate ---------------------------------------------------------------------------------
 @triton.jit
 def ada_relu_kernel(
     x_ptr, h_ptr, y_ptr, mask_ptr, eta, n, HAS_HIDDEN: tl.constexpr, BLOCK: tl.constexpr
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2**31
     inb = offs < n
     x = tl.load(x_ptr + offs, mask=inb, other=0.0)
     acc = x.to(tl.float32) if x.dtype.primitive_bitwidth < 32 else x
@@ -62,7 +70,7 @@ def ada_relu_kernel(
 
 @triton.jit
 def ada_relu_backward_kernel(g_ptr, mask_ptr, gx_ptr, gh_ptr, eta, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2**31
     inb = offs < n
     g = tl.load(g_ptr + offs, mask=inb, other=0.0)
     acc = g.to(tl.float32) if g.dtype.primitive_bitwidth < 32 else g
@@ -73,7 +81,7 @@ def ada_relu_backward_kernel(g_ptr, mask_ptr, gx_ptr, gh_ptr, eta, n, BLOCK: tl.
 
 @triton.jit
 def ada_relu_feedback_kernel(z_ptr, mask_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # n may pass 2**31
     inb = offs < n
     z = tl.load(z_ptr + offs, mask=inb, other=0.0)
     m = tl.load(mask_ptr + offs, mask=inb, other=0).to(z.dtype)
@@ -88,9 +96,10 @@ def ada_relu(x: Tensor, hidden: Tensor | None, eta: float) -> tuple[Tensor, Tens
     n = x.numel()
     if n:
         h = x if hidden is None else hidden.contiguous()
-        ada_relu_kernel[grid(n)](
-            x, h, y, mask.view(torch.uint8), eta, n, HAS_HIDDEN=hidden is not None, BLOCK=BLOCK
-        )
+        with _on(x):
+            ada_relu_kernel[grid(n)](
+                x, h, y, mask.view(torch.uint8), eta, n, HAS_HIDDEN=hidden is not None, BLOCK=BLOCK
+            )
     return y, mask
 
 
@@ -100,9 +109,10 @@ def ada_relu_backward(grad_y: Tensor, mask: Tensor, eta: float) -> tuple[Tensor,
     gx, gh = torch.empty_like(grad_y), torch.empty_like(grad_y)
     n = grad_y.numel()
     if n:
-        ada_relu_backward_kernel[grid(n)](
-            grad_y, mask.view(torch.uint8), gx, gh, eta, n, BLOCK=BLOCK
-        )
+        with _on(grad_y):
+            ada_relu_backward_kernel[grid(n)](
+                grad_y, mask.view(torch.uint8), gx, gh, eta, n, BLOCK=BLOCK
+            )
     return gx, gh
 
 
@@ -112,7 +122,8 @@ def ada_relu_feedback(z: Tensor, mask: Tensor) -> Tensor:
     out = torch.empty_like(z)
     n = z.numel()
     if n:
-        ada_relu_feedback_kernel[grid(n)](z, mask.view(torch.uint8), out, n, BLOCK=BLOCK)
+        with _on(z):
+            ada_relu_feedback_kernel[grid(n)](z, mask.view(torch.uint8), out, n, BLOCK=BLOCK)
     return out
 
 
@@ -134,9 +145,12 @@ GATE_ADA = tl.constexpr(int(Gate.ADA))
 GATE_FEEDBACK = tl.constexpr(int(Gate.FEEDBACK))
 
 
+PLANE_BLOCKS = (256, 1024)  # the only loop steps: one build per bucket, not per plane size
+
+
 def plane_block(n: int) -> int:
-    """Elements per loop step of a plane: the plane rounded up to a power of two, at most 1024."""
-    return min(1024, triton.next_power_of_2(max(n, 1)))
+    """Elements per loop step of an ``n``-element plane: 256 up to 256 (one step), else 1024."""
+    return PLANE_BLOCKS[0] if n <= PLANE_BLOCKS[0] else PLANE_BLOCKS[1]
 
 
 def _triton_acc(x: Tensor):
@@ -145,6 +159,24 @@ def _triton_acc(x: Tensor):
 
 def _new_rstd(x: Tensor) -> Tensor:
     return x.new_empty((x.shape[0], x.shape[1]), dtype=acc_dtype(x.dtype))
+
+
+@triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    # IEEE division and square root, as the C++ kernels (whose gate decisions the tests compare
+    # exactly): Triton's float32 `/` and `tl.sqrt` are approximate on a GPU; float64's are IEEE.
+    if ACC == tl.float32:
+        return tl.div_rn(a, b * 1.0)  # b may be an int (a plane's size), even a constexpr 1
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(a, ACC: tl.constexpr):
+    if ACC == tl.float32:
+        return tl.sqrt_rn(a)
+    else:
+        return tl.sqrt(a)
 
 
 @triton.jit
@@ -163,7 +195,7 @@ def _plane_rstd(
             acc += v * v
     total = tl.sum(acc, axis=0)
     if CENTERED:
-        mean = total / n
+        mean = _div(total, n, ACC)
         acc = tl.zeros([BLOCK], dtype=ACC)
         for start in range(0, n, BLOCK):
             offs = start + offs0
@@ -172,10 +204,10 @@ def _plane_rstd(
             d = tl.where(inb, v - mean, 0.0)
             acc += d * d
         total = tl.sum(acc, axis=0)
-        power = total / (n - 1)
+        power = _div(total, n - 1, ACC)
     else:
-        power = total / n
-    return 1.0 / tl.sqrt(power + eps)
+        power = _div(total, n, ACC)
+    return _div(1.0, _sqrt(power + eps, ACC), ACC)
 
 
 @triton.jit
@@ -281,12 +313,12 @@ def ins_norm_family_bwd_kernel(
         s_x += x
     r = tl.load(rstd_ptr + plane)
     if CENTERED:
-        mean = tl.sum(s_x, axis=0) / n
+        mean = _div(tl.sum(s_x, axis=0), n, ACC)
         divisor = n - 1
     else:
         mean = 0.0
         divisor = n
-    coef = r * r * r * tl.sum(s_gx, axis=0) / divisor
+    coef = _div(r * r * r * tl.sum(s_gx, axis=0), divisor, ACC)
     if WRITE_GB:
         tl.store(gb_ptr + plane, tl.sum(s_g, axis=0))
     for start in range(0, n, BLOCK):
@@ -327,25 +359,26 @@ def _ins_norm_family_fwd(
     n = x.shape[2] * x.shape[3]
     if rstd.numel() and n:
         # unused pointers point at y: any valid buffer will do
-        ins_norm_family_fwd_kernel[(rstd.numel(),)](
-            x,
-            x if bias is None else bias.contiguous(),
-            x if hidden is None else hidden.contiguous(),
-            y if mask_in is None else _mask_bytes(mask_in),
-            y,
-            out,
-            y if mask is None else mask.view(torch.uint8),
-            rstd,
-            x.shape[1],
-            n,
-            eta,
-            eps,
-            GATE=int(gate),
-            HAS_BIAS=bias is not None,
-            CENTERED=centered,
-            ACC=_triton_acc(x),
-            BLOCK=plane_block(n),
-        )
+        with _on(x):
+            ins_norm_family_fwd_kernel[(rstd.numel(),)](
+                x,
+                x if bias is None else bias.contiguous(),
+                x if hidden is None else hidden.contiguous(),
+                y if mask_in is None else _mask_bytes(mask_in),
+                y,
+                out,
+                y if mask is None else mask.view(torch.uint8),
+                rstd,
+                x.shape[1],
+                n,
+                eta,
+                eps,
+                GATE=int(gate),
+                HAS_BIAS=bias is not None,
+                CENTERED=centered,
+                ACC=_triton_acc(x),
+                BLOCK=plane_block(n),
+            )
     elif rstd.numel():  # empty planes: the mean of nothing is NaN, as in the reference
         rstd.fill_(float("nan"))
     return y, out, mask, rstd
@@ -370,26 +403,27 @@ def _ins_norm_family_bwd(
     parts = x.new_empty(rstd.shape) if write_gb else None
     n = x.shape[2] * x.shape[3]
     if rstd.numel() and n:
-        ins_norm_family_bwd_kernel[(rstd.numel(),)](
-            x if g0 is None else g0.contiguous(),
-            x if g1 is None else g1.contiguous(),
-            x if mask is None else _mask_bytes(mask),
-            x,
-            rstd.contiguous(),
-            gx,
-            gx if not write_gh else gh,
-            gx if parts is None else parts,
-            n,
-            scale1,
-            eta,
-            HAS_G0=g0 is not None,
-            HAS_G1=g1 is not None,
-            WRITE_GH=write_gh,
-            WRITE_GB=write_gb,
-            CENTERED=centered,
-            ACC=_triton_acc(x),
-            BLOCK=plane_block(n),
-        )
+        with _on(x):
+            ins_norm_family_bwd_kernel[(rstd.numel(),)](
+                x if g0 is None else g0.contiguous(),
+                x if g1 is None else g1.contiguous(),
+                x if mask is None else _mask_bytes(mask),
+                x,
+                rstd.contiguous(),
+                gx,
+                gx if not write_gh else gh,
+                gx if parts is None else parts,
+                n,
+                scale1,
+                eta,
+                HAS_G0=g0 is not None,
+                HAS_G1=g1 is not None,
+                WRITE_GH=write_gh,
+                WRITE_GB=write_gb,
+                CENTERED=centered,
+                ACC=_triton_acc(x),
+                BLOCK=plane_block(n),
+            )
     elif parts is not None:
         parts.zero_()
     gb = parts.sum(0) if write_gb else x.new_empty((0,))  # (N, C) -> (C,), in order
@@ -451,7 +485,7 @@ def ins_norm_gate_backward(
     ]
 
 
-# --- AdaPool: k x k windows, stride k (K is constexpr) -------------------------------------------
+# --- AdaPool: k x k windows, stride k ------------------------------------------------------------
 # Positions are window-local, row * K + col, stored as uint8. A candidate replaces the best only
 # if strictly better (first element on ties); NaN beats numbers and the first NaN stays.
 POOL_BLOCK = 256
@@ -478,7 +512,7 @@ def ada_pool2d_kernel(
     Ho,
     Wo,
     HAS_HIDDEN: tl.constexpr,
-    K: tl.constexpr,
+    K,
     BLOCK: tl.constexpr,
 ):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -493,7 +527,7 @@ def ada_pool2d_kernel(
     vmin = vmax
     am = tl.zeros([BLOCK], dtype=tl.int32)
     an = tl.zeros([BLOCK], dtype=tl.int32)
-    for q in tl.static_range(1, K * K):
+    for q in range(1, K * K):  # a loop, not unrolled: k = 16 took minutes to compile
         v = tl.load(x_ptr + corner + (q // K) * W + q % K, mask=valid, other=0.0).to(acc_dtype)
         nan = v != v
         up = (v > vmax) | (nan & (vmax == vmax))
@@ -525,7 +559,7 @@ def ada_unpool2d_kernel(
     Ho,
     Wo,
     HAS_HIDDEN: tl.constexpr,
-    K: tl.constexpr,
+    K,
     BLOCK: tl.constexpr,
 ):
     # one lane per output element: coalesced writes, zeros outside the selected positions
@@ -568,7 +602,7 @@ def ada_pool2d_gather_kernel(
     Ho,
     Wo,
     HAS_HIDDEN: tl.constexpr,
-    K: tl.constexpr,
+    K,
     BLOCK: tl.constexpr,
 ):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -597,21 +631,22 @@ def ada_pool2d(x: Tensor, hidden: Tensor | None, kernel_size: int) -> tuple[Tens
     argmax = x.new_empty(shape, dtype=torch.uint8)
     argmin = torch.empty_like(argmax)
     if y.numel():
-        ada_pool2d_kernel[_pool_grid(y.numel())](
-            x,
-            x if hidden is None else hidden.contiguous(),
-            y,
-            argmax,
-            argmin,
-            y.numel(),
-            x.shape[2],
-            x.shape[3],
-            shape[2],
-            shape[3],
-            HAS_HIDDEN=hidden is not None,
-            K=kernel_size,
-            BLOCK=POOL_BLOCK,
-        )
+        with _on(x):
+            ada_pool2d_kernel[_pool_grid(y.numel())](
+                x,
+                x if hidden is None else hidden.contiguous(),
+                y,
+                argmax,
+                argmin,
+                y.numel(),
+                x.shape[2],
+                x.shape[3],
+                shape[2],
+                shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=POOL_BLOCK,
+            )
     return y, argmax, argmin
 
 
@@ -628,21 +663,22 @@ def ada_unpool2d(
     z = z.contiguous()
     out = z.new_empty((z.shape[0], z.shape[1], height, width))
     if out.numel():
-        ada_unpool2d_kernel[_pool_grid(out.numel())](
-            z,
-            z if hidden is None else hidden.contiguous(),
-            argmax.contiguous(),
-            argmin.contiguous(),
-            out,
-            out.numel(),
-            height,
-            width,
-            z.shape[2],
-            z.shape[3],
-            HAS_HIDDEN=hidden is not None,
-            K=kernel_size,
-            BLOCK=POOL_BLOCK,
-        )
+        with _on(z):
+            ada_unpool2d_kernel[_pool_grid(out.numel())](
+                z,
+                z if hidden is None else hidden.contiguous(),
+                argmax.contiguous(),
+                argmin.contiguous(),
+                out,
+                out.numel(),
+                height,
+                width,
+                z.shape[2],
+                z.shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=POOL_BLOCK,
+            )
     return out
 
 
@@ -654,19 +690,105 @@ def ada_pool2d_gather(
     shape = _pooled(grad, kernel_size)
     gz = grad.new_empty(shape)
     if gz.numel():
-        ada_pool2d_gather_kernel[_pool_grid(gz.numel())](
-            grad,
-            grad if hidden is None else hidden.contiguous(),
-            argmax.contiguous(),
-            argmin.contiguous(),
-            gz,
-            gz.numel(),
-            grad.shape[2],
-            grad.shape[3],
-            shape[2],
-            shape[3],
-            HAS_HIDDEN=hidden is not None,
-            K=kernel_size,
-            BLOCK=POOL_BLOCK,
-        )
+        with _on(grad):
+            ada_pool2d_gather_kernel[_pool_grid(gz.numel())](
+                grad,
+                grad if hidden is None else hidden.contiguous(),
+                argmax.contiguous(),
+                argmin.contiguous(),
+                gz,
+                gz.numel(),
+                grad.shape[2],
+                grad.shape[3],
+                shape[2],
+                shape[3],
+                HAS_HIDDEN=hidden is not None,
+                K=kernel_size,
+                BLOCK=POOL_BLOCK,
+            )
     return gz
+
+
+# --- Static GPU check (bench/gpu_static.py) -------------------------------------------------------
+_TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_BYTE_PTRS = ("mask", "gate", "amax", "amin")  # bool buffers seen as uint8, pool positions
+
+
+def _params(fn) -> list[tuple[str, bool]]:
+    """(name, is constexpr) of a kernel's arguments."""
+    raw = inspect.signature(fn.fn).parameters.values()
+    return [(p.name, p.annotation is tl.constexpr) for p in raw]
+
+
+def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
+    """The ``triton.compile`` signature of a kernel for inputs of ``dtype``, as the launchers
+    pass them: byte buffers u8, ``rstd`` in the accumulator dtype, every other pointer in
+    ``dtype``; ``eta``, ``eps``, ``scale1`` float; every other runtime argument int32."""
+    sig = {}
+    for name, const in _params(fn):
+        if const:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            base = name[: -len("_ptr")]
+            kind = "u8" if base in _BYTE_PTRS else "fp32" if base == "rstd" else _TL_NAME[dtype]
+            sig[name] = "*" + kind
+        else:
+            sig[name] = "fp32" if name in ("eta", "eps", "scale1") else "i32"
+    return sig
+
+
+def static_builds(dtype: torch.dtype, arch: int):
+    """Every CNN-F kernel specialisation the launchers build for inputs of ``dtype`` (float16,
+    bfloat16, float32) on CUDA ``arch`` (the same for 80 and 90): a list of ``(name, fn,
+    signature, constexprs, options)`` for ``triton.compile`` (bench/gpu_static.py). The norm
+    kernels come in each gate / bias / centering the ops use and each of ``PLANE_BLOCKS``; the
+    pools' window size is a runtime argument. Options: Triton's defaults (the launchers pass
+    none)."""
+    acc = tl.float32  # float32 math for half inputs, as the launchers (_triton_acc)
+    options = {"num_warps": 4, "num_stages": 3}
+    variants = [
+        (
+            "feedback.ada_relu",
+            ada_relu_kernel,
+            [{"HAS_HIDDEN": h, "BLOCK": BLOCK} for h in (False, True)],
+        ),
+        ("feedback.ada_relu_backward", ada_relu_backward_kernel, [{"BLOCK": BLOCK}]),
+        ("feedback.ada_relu_feedback", ada_relu_feedback_kernel, [{"BLOCK": BLOCK}]),
+    ]
+    fwd = [(Gate.NONE, False), (Gate.FEEDBACK, False)]
+    fwd += [(g, b) for g in (Gate.RELU, Gate.ADA) for b in (False, True)]
+    # (HAS_G0, HAS_G1, WRITE_GH, WRITE_GB): ins_norm, ins_bias_ada_relu (gated?, bias?), gate
+    bwd = [(True, False, False, False), (True, True, False, False)]
+    bwd += [(False, True, gh, gb) for gh in (False, True) for gb in (False, True)]
+    per_plane = [
+        {"CENTERED": c, "ACC": acc, "BLOCK": b} for c in (False, True) for b in PLANE_BLOCKS
+    ]
+    variants.append(
+        (
+            "feedback.ins_norm_fwd",
+            ins_norm_family_fwd_kernel,
+            [{"GATE": int(g), "HAS_BIAS": b, **p} for g, b in fwd for p in per_plane],
+        )
+    )
+    variants.append(
+        (
+            "feedback.ins_norm_bwd",
+            ins_norm_family_bwd_kernel,
+            [
+                {"HAS_G0": g0, "HAS_G1": g1, "WRITE_GH": gh, "WRITE_GB": gb, **p}
+                for g0, g1, gh, gb in bwd
+                for p in per_plane
+            ],
+        )
+    )
+    pools = [{"HAS_HIDDEN": h, "BLOCK": POOL_BLOCK} for h in (False, True)]
+    variants += [
+        ("feedback.ada_pool2d", ada_pool2d_kernel, pools),
+        ("feedback.ada_unpool2d", ada_unpool2d_kernel, pools),
+        ("feedback.ada_pool2d_gather", ada_pool2d_gather_kernel, pools),
+    ]
+    return [
+        (name, fn, _signature(fn, dtype), consts, dict(options))
+        for name, fn, consts_list in variants
+        for consts in consts_list
+    ]

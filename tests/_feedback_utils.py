@@ -6,9 +6,13 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+from _env import HAS_CUDA
 from torch import nn
 
-BACKENDS = ["cpu", "triton"]  # the compiled backends run here (Triton under its interpreter)
+# The compiled backends of the tests that build CPU tensors: the C++ kernels, and Triton where it
+# takes CPU tensors, under its interpreter (tests/conftest.py sets it when there is no GPU). With
+# a GPU, Triton (and the CUDA kernels) run on CUDA tensors in test_feedback_devices.py.
+BACKENDS = ["cpu"] if HAS_CUDA else ["cpu", "triton"]
 DTYPES = [torch.float32, torch.float64]
 F64 = torch.float64
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,48 @@ def test_quick_builds(tmp_path):
         assert rec["build_s"] > 0
     assert recs["fwd"]["tensor_core_instructions"] > 0
     assert recs["fwd"]["config"]["BLOCK_D"] == 32 and recs["fwd"]["config"]["NATIVE"] is True
+
+
+def test_plan_covers_the_feedback_launchers():
+    """Every CNN-F kernel in each dtype and arch, the norm kernels in every gate the ops use and
+    both plane blocks; no size of a tensor is a constexpr (one build per variant, not per shape)."""
+    from bench.gpu_static import plan_feedback
+    from screening_attn._kernels import feedback
+
+    builds = plan_feedback([80, 90], ["fp16", "bf16", "fp32"], set())
+    kernels = {b["kernel"] for b in builds}
+    assert kernels == {
+        "feedback.ada_relu", "feedback.ada_relu_backward", "feedback.ada_relu_feedback",
+        "feedback.ins_norm_fwd", "feedback.ins_norm_bwd", "feedback.ada_pool2d",
+        "feedback.ada_unpool2d", "feedback.ada_pool2d_gather",
+    }  # fmt: skip
+    fwd = [b["config"] for b in builds if b["kernel"] == "feedback.ins_norm_fwd"]
+    assert {c["GATE"] for c in fwd} == {int(g) for g in feedback.Gate}
+    assert {c["BLOCK"] for c in fwd} == set(feedback.PLANE_BLOCKS)
+    assert {feedback.plane_block(n) for n in (1, 49, 256, 257, 784, 1 << 20)} == {256, 1024}
+    sizes = {"n", "C", "total", "H", "W", "Ho", "Wo", "K"}
+    assert all(not sizes & set(b["config"]) for b in builds)
+    # per arch and dtype: 2 + 1 + 1 gates, 6 (gate, bias) x 2 x 2 and 6 x 2 x 2 norms, 3 x 2 pools
+    per_target = Counter((b["arch"], b["dtype"]) for b in builds)
+    assert len(per_target) == 6 and set(per_target.values()) == {4 + 24 + 24 + 6}
+
+
+def test_quick_feedback_builds(tmp_path):
+    """The gated AdaReLU and the centered, gated InsNorm·Bias·AdaReLU forward (the largest
+    plane block) in bfloat16 for sm_90, compiled here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "gpu-static.json"
+    args = ["--family", "feedback", "--kernel", "feedback.ada_relu,feedback.ins_norm_fwd"]
+    args += ["--dtype", "bf16", "--arch", "90", "--jobs", "1", "--no-cache", "--out", str(out)]
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.gpu_static", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = json.loads(out.read_text())
+    assert {rec["kernel"] for rec in recs} == {"feedback.ada_relu", "feedback.ins_norm_fwd"}
+    assert len(recs) == 2 + 24  # ada_relu gated or not; 6 gates x centered x 2 blocks
+    for rec in recs:
+        assert rec["violations"] == [] and rec["head_dim"] is None
+        assert rec["shared_bytes"] <= 227 * 1024 and 0 < rec["registers"] <= 255
+        assert rec["spill_bytes"] == 0 and rec["build_s"] > 0

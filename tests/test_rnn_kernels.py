@@ -468,3 +468,50 @@ def test_cuda_matches_reference(kind, nonlinearity, dtype):
     if not _backend.cuda_compiled():
         pytest.skip("screening_attn._C was built without CUDA")
     check(kind, T=70, nonlinearity=nonlinearity, dtype=dtype, backend="cuda", device="cuda")
+
+
+def _bad_slot_state(device: str):
+    """A direct call's arguments whose slot 0 of row 0 holds step 3, inside the window of step 4
+    (window 2): ``(step args, step_backward args)``."""
+    T, B, Hd, t, window = 6, 2, 3, 4, 2
+    hidden, q, v = torch.randn(T, B, Hd), torch.randn(B, Hd), torch.randn(Hd)
+    slots = torch.tensor([[3], [-1]])
+    alpha = torch.zeros(B, window + 1)
+    step = (q, hidden, hidden, v, slots, torch.zeros(B, 1), torch.zeros(T, B))
+    step += (torch.empty(B, Hd), alpha, torch.empty(B, 1, dtype=torch.long), t, window, 1.0)
+    grads = (torch.zeros(T, B, Hd), torch.zeros(T, B, Hd), torch.zeros(B, Hd), torch.empty(B, Hd))
+    backward = (torch.randn(B, Hd), q, hidden, hidden, v, alpha, slots, *grads, t, window, 1.0)
+    move = lambda a: a.to(device) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    return [move(a) for a in step], [move(a) for a in backward]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_bad_slot_state_raises_on_every_device(device):
+    """The same error on both kernels; on CUDA validated on the host: a ValueError, not a device
+    assert that would poison the context (the sequence op after it still runs)."""
+    if device == "cuda" and not _backend.cuda_compiled():
+        pytest.skip("screening_attn._C was built without CUDA")
+    step, backward = _bad_slot_state(device)
+    with pytest.raises(ValueError, match="slot_index holds step 3, which is not older"):
+        OPS.rnn_attend_step(*step)
+    with pytest.raises(ValueError, match="cand holds step 3, which is not older"):
+        OPS.rnn_attend_step_backward(*backward)
+    if device == "cuda":
+        torch.cuda.synchronize()  # raises if a kernel had failed
+        check("rnn", T=12, nonlinearity="tanh", dtype=torch.float32, backend="cuda", device="cuda")
+
+
+@needs_cuda
+def test_cuda_step_beyond_shared_memory_raises():
+    """window + relevant candidates past the block's shared memory: a clear error before any
+    launch (not a launch failure), naming window + relevant and Hd."""
+    if not _backend.cuda_compiled():
+        pytest.skip("screening_attn._C was built without CUDA")
+    step, _ = _bad_slot_state("cuda")
+    window = 1 << 16  # 1.3 MB of candidates at 20 B each: more than any GPU's block has
+    step[4] = torch.full_like(step[4], -1)
+    step[8] = torch.zeros(2, window + 1, device="cuda")
+    step[-2] = window
+    with pytest.raises(ValueError, match=r"window \+ relevant = 65537 candidates \(Hd = 3\)"):
+        OPS.rnn_attend_step(*step)
+    torch.cuda.synchronize()

@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/max.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -54,13 +55,43 @@ struct Shared {
   }
 };
 
-template <typename acc_t>
-size_t shared_bytes(int64_t nmax) {
-  const size_t bytes = nmax * (2 * sizeof(int64_t) + sizeof(acc_t));
-  TORCH_CHECK_VALUE(bytes <= 48 * 1024, "the CUDA RelRNN/RelLSTM step holds its ", nmax,
-                    " candidates (window + filled slots) in shared memory: at most ",
-                    48 * 1024 / (2 * sizeof(int64_t) + sizeof(acc_t)), " are supported");
+// The dynamic shared memory of a step over nmax candidates. Checked for the most a step of this
+// window can hold (window + rho, so that a sequence fails at its first step, not midway) with the
+// kernel's static shared memory (CUB's temp storage, broadcasts) against the device's opt-in limit;
+// past the default 48 KB the kernel opts in.
+template <typename acc_t, typename Kernel>
+size_t shared_bytes(Kernel kernel, int64_t nmax, int64_t window, int64_t rho, int64_t Hd) {
+  constexpr size_t per = 2 * sizeof(int64_t) + sizeof(acc_t);
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  int device = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const size_t limit = static_cast<size_t>(optin), fixed = attr.sharedSizeBytes;
+  const size_t most = static_cast<size_t>(window + rho) * per;
+  TORCH_CHECK_VALUE(fixed + most <= limit, "the CUDA RelRNN/RelLSTM step holds its window + ",
+                    "relevant = ", window + rho, " candidates (Hd = ", Hd,
+                    ") in shared memory: ", most, " B, plus ", fixed, " B of the kernel's own, ",
+                    "exceed the ", limit, " B a block may use on this device; at most ",
+                    (limit - fixed) / per, " candidates fit: use a smaller window + relevant, ",
+                    "or the CPU kernels");
+  const size_t bytes = static_cast<size_t>(nmax) * per;
+  if (fixed + bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+  }
   return bytes;
+}
+
+// Every filled slot of a direct call must hold a step older than step t's window (as the CPU
+// kernel's check): validated here on the host, at the cost of one device sync, since a failed
+// assert inside the kernel would poison the CUDA context. The time loops own their slot state
+// (only the step kernel writes it) and skip the sync (SlotsFromLoop).
+void check_slots_on_host(const at::Tensor& slots, const char* name, int64_t t, int64_t window) {
+  if (slots.numel() == 0 || slots_from_loop) return;
+  const int64_t newest = slots.max().item<int64_t>();
+  TORCH_CHECK_VALUE(newest < t - std::min(t, window), name, " holds step ", newest,
+                    ", which is not older than the window of step ", t, " (window ", window, ")");
 }
 
 // One block per row b: scores, softmax, context, s_t, relevancy, screening (as attend_row in
@@ -87,8 +118,7 @@ __global__ void attend_step_kernel(Memory<scalar_t> m, const scalar_t* __restric
   for (int64_t c = threadIdx.x; c < window + rho; c += blockDim.x) arow[c] = acc_t(0);
   if (threadIdx.x == 0) {
     for (int64_t i = 0; i < rho; ++i) cand[b * ldc + i] = slots[i];
-    n_cand = step_candidates(slots, rho, t, nw, window, sh.pos, sh.col);
-    CUDA_KERNEL_ASSERT(n_cand >= 0 && "slot_index holds a step inside the window");
+    n_cand = step_candidates(slots, rho, t, nw, window, sh.pos, sh.col);  // >= 0: host-checked
   }
   __syncthreads();
   const int64_t nc = n_cand;
@@ -168,8 +198,7 @@ __global__ void attend_step_backward_kernel(
   Shared<acc_t> sh(smem, nw + rho);  // sh.e holds dα
   const acc_t* arow = alpha + b * lda;
   if (threadIdx.x == 0) {
-    n_cand = step_candidates(cand + b * rho, rho, t, nw, window, sh.pos, sh.col);
-    CUDA_KERNEL_ASSERT(n_cand >= 0 && "cand holds a step inside the window");
+    n_cand = step_candidates(cand + b * rho, rho, t, nw, window, sh.pos, sh.col);  // >= 0
   }
   __syncthreads();
   const int64_t nc = n_cand;
@@ -298,6 +327,7 @@ void rnn_attend_step_cuda(const at::Tensor& query_, const at::Tensor& hidden_,
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   if (B == 0) return;
+  check_slots_on_host(slot_index, "slot_index", t, window);
   const int64_t nmax = std::min(t, window) + rho;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -305,7 +335,9 @@ void rnn_attend_step_cuda(const at::Tensor& query_, const at::Tensor& hidden_,
         using acc_t = at::opmath_type<scalar_t>;
         const Memory<scalar_t> m{hidden.const_data_ptr<scalar_t>(), uah.const_data_ptr<scalar_t>(),
                                  v.const_data_ptr<scalar_t>(), B, Hd};
-        attend_step_kernel<scalar_t><<<B, kThreads, shared_bytes<acc_t>(nmax), stream>>>(
+        const size_t smem =
+            shared_bytes<acc_t>(attend_step_kernel<scalar_t>, nmax, window, rho, Hd);
+        attend_step_kernel<scalar_t><<<B, kThreads, smem, stream>>>(
             m, query.const_data_ptr<scalar_t>(), query.stride(0),
             slot_index.mutable_data_ptr<int64_t>(), slot_score.mutable_data_ptr<acc_t>(), rho,
             relevancy.mutable_data_ptr<acc_t>(), s.mutable_data_ptr<scalar_t>(), s.stride(0),
@@ -330,6 +362,7 @@ void rnn_attend_step_backward_cuda(const at::Tensor& grad_s_, const at::Tensor& 
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
   if (B == 0) return;
+  check_slots_on_host(cand, "cand", t, window);
   const int64_t nmax = std::min(t, window) + rho;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -337,7 +370,9 @@ void rnn_attend_step_backward_cuda(const at::Tensor& grad_s_, const at::Tensor& 
         using acc_t = at::opmath_type<scalar_t>;
         const Memory<scalar_t> m{hidden.const_data_ptr<scalar_t>(), uah.const_data_ptr<scalar_t>(),
                                  v.const_data_ptr<scalar_t>(), B, Hd};
-        attend_step_backward_kernel<scalar_t><<<B, kThreads, shared_bytes<acc_t>(nmax), stream>>>(
+        const size_t smem =
+            shared_bytes<acc_t>(attend_step_backward_kernel<scalar_t>, nmax, window, rho, Hd);
+        attend_step_backward_kernel<scalar_t><<<B, kThreads, smem, stream>>>(
             m, grad_s.const_data_ptr<scalar_t>(), grad_s.stride(0),
             query.const_data_ptr<scalar_t>(), query.stride(0), alpha.const_data_ptr<acc_t>(),
             alpha.stride(0), cand.const_data_ptr<int64_t>(), rho,

@@ -17,6 +17,22 @@
 
 namespace screening_attn {
 
+// True while the sequence ops' time loops (csrc/rnn_loops.cpp) call the step ops: they own the
+// slot state (only the step kernel writes it), so the CUDA step skips its host-side validation,
+// a device sync per step. Thread-local: autograd may run the backward loop on another thread.
+inline thread_local bool slots_from_loop = false;
+
+class SlotsFromLoop {  // sets slots_from_loop for its scope
+ public:
+  SlotsFromLoop() : prev_(slots_from_loop) { slots_from_loop = true; }
+  ~SlotsFromLoop() { slots_from_loop = prev_; }
+  SlotsFromLoop(const SlotsFromLoop&) = delete;
+  SlotsFromLoop& operator=(const SlotsFromLoop&) = delete;
+
+ private:
+  bool prev_;
+};
+
 // The Nonlinearity of an activation's name (the ops take the name).
 inline int parse_nonlinearity(std::string_view name) {
   if (name == "tanh") return kTanh;
