@@ -412,39 +412,43 @@ def screened_attention_replay_sets_kernel(
     NB,
     SW,
     BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # slots per step: the sets pass through snap in chunks
 ):
     n = tl.program_id(0).to(tl.int64)
     span_base = span_ptr + n * T * 2
     snap_base = snap_ptr + n * NB * SW
     c = tl.arange(0, BLOCK_R)
-    live = c < CAP
     offs = tl.arange(0, BLOCK_M)
-    slot = tl.full([BLOCK_R], -1, tl.int32)
-    slot_end = tl.full([BLOCK_R], -1, tl.int32)
-    for blk in range(0, NB):
-        t0 = blk * BLOCK_M
-        t1 = t0 + BLOCK_M
-        tl.store(snap_base + blk * SW + c, slot, mask=live)
+    for c0 in range(0, CAP, BLOCK_R):
+        tl.store(snap_base + c0 + c, tl.full([BLOCK_R], -1, tl.int32), mask=c0 + c < CAP)
+    # Row blk of snap from row blk-1, a chunk of slots at a time (a whole set in registers
+    # would need (CAP, BLOCK_M) match tiles, which spill for large ρ).
+    for blk in range(1, NB):
+        t1 = blk * BLOCK_M
+        tl.debug_barrier()  # row blk-1 is complete, whichever thread stored it
         # the set at t1: members whose span goes on, plus the keys e = t-ν+1 screened in
-        # after the queries t of this block (span start t+1 <= t1) that are still there at t1
-        keep = (slot >= 0) & (slot_end > t1)
-        slot = tl.where(keep, slot, -1)
-        slot_end = tl.where(keep, slot_end, -1)
-        e = t0 - nu + 1 + offs
+        # after the queries t of the previous block (span start t+1 <= t1) still there at t1
+        e = t1 - BLOCK_M - nu + 1 + offs
         e_ok = (e >= 0) & (e < T)
         start = tl.load(span_base + 2 * e, mask=e_ok, other=-1)
         end = tl.load(span_base + 2 * e + 1, mask=e_ok, other=-1)
         new = e_ok & (start >= 0) & (start <= t1) & (end > t1)
-        # k-th new key -> k-th empty slot
+        # k-th new key -> k-th empty slot, counting the empty slots across the chunks
         new_rank = tl.cumsum(new.to(tl.int32), 0) - 1
-        empty = live & (slot < 0)
-        empty_rank = tl.cumsum(empty.to(tl.int32), 0) - 1
-        match = empty[:, None] & new[None, :] & (empty_rank[:, None] == new_rank[None, :])
-        add = tl.max(tl.where(match, e[None, :], -1), 1)
-        add_end = tl.max(tl.where(match, end[None, :], -1), 1)
-        slot = tl.where(add >= 0, add, slot)
-        slot_end = tl.where(add >= 0, add_end, slot_end)
+        empties = 0
+        for c0 in range(0, CAP, BLOCK_R):
+            cols = c0 + c
+            live = cols < CAP
+            slot = tl.load(snap_base + (blk - 1) * SW + cols, mask=live, other=-1)
+            slot_end = tl.load(span_base + 2 * slot + 1, mask=slot >= 0, other=-1)
+            slot = tl.where(slot_end > t1, slot, -1)
+            empty = live & (slot < 0)
+            empty_rank = empties + tl.cumsum(empty.to(tl.int32), 0) - 1
+            empties += tl.sum(empty.to(tl.int32), 0)
+            match = empty[:, None] & new[None, :] & (empty_rank[:, None] == new_rank[None, :])
+            add = tl.max(tl.where(match, e[None, :], -1), 1)
+            slot = tl.where(add >= 0, add, slot)
+            tl.store(snap_base + blk * SW + cols, slot, mask=live)
 
 
 @triton.jit
@@ -768,7 +772,9 @@ def launch_config(
     hd = max(bd, bdv) * (2 if wide else 1)
     if kernel.endswith("_fix"):
         return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32)  # 2 warps spilled
-    if kernel in ("scan", "replay"):
+    if kernel == "replay":  # block_n: the slots per step (a (block_n, block_m) match tile)
+        return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
+    if kernel == "scan":
         bm = 64 if hd <= 128 else 32
         return LaunchConfig(bm, bm, bd, bdv, 4, 1, native, tf32, bw, bl)
     # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
@@ -954,7 +960,7 @@ def screened_attention_bwd(
     with _device(q):
         if cap > 0:
             screened_attention_replay_sets_kernel[(N,)](
-                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=_pow2(cap),
+                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=rc.block_n,
                 num_warps=rc.num_warps, num_stages=rc.num_stages,
             )  # fmt: skip
         # each hot kernel flags the rows (dq) or keys (dk, dv) that met a non-finite row of
@@ -1040,7 +1046,7 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
             "SNAP_M": snap_m["scan" if name.startswith("fwd") else "replay"],
             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
             "BLOCK_DV": c.block_dv, "BLOCK_W": c.block_w, "BLOCK_L": c.block_l,
-            "BLOCK_R": _pow2(live),
+            "BLOCK_R": c.block_n,
         }  # fmt: skip
         names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}
