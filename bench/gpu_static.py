@@ -13,16 +13,21 @@ configuration, and ``violations`` (empty when within limits). Exit status 1 if a
 or violates a limit.
 
 How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch,
-32), options)`` with the signatures and constexprs of ``static_builds`` in kernels/attention.py
-(the launchers' own ``launch_config``); registers and stack (spills) from the cubin by the
-``cuobjdump`` inside the triton wheel. Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives
-interpreted functions that cannot be compiled, so ``main`` drops the variable before
-importing triton. Results are cached in ``build/gpu-static/`` by triton's key of each kernel's
-source, the triton version and the build's arguments: a re-run rebuilds only what changed.
+32), options)`` with the signatures and constexprs of each kernel family's builds (attention:
+``static_builds`` in kernels/attention.py, with the launchers' own ``launch_config``; CNN-F:
+``static_builds`` in kernels/feedback.py, kernels prefixed ``feedback.``, ``head_dim`` null);
+registers and stack (spills) from the cubin by the ``cuobjdump`` inside the triton wheel.
+Under ``TRITON_INTERPRET=1`` ``@triton.jit`` gives interpreted functions that cannot be
+compiled, so ``main`` drops the variable before importing triton.
 
-The CNN-F kernels' builds come from ``static_builds`` in kernels/feedback.py (``kernel``
-prefixed ``feedback.``, ``head_dim`` null: elementwise and per-plane kernels without products,
-so no tensor-core check); ``--family`` picks the families.
+Kernel families register in ``FAMILIES``: a name -> ``(points, builds)``, where
+``points(archs, dtypes, head_dims, windows)`` yields the sweep's points as JSON-able dicts
+(with ``arch``, ``dtype`` and, where it applies, ``head_dim``) and ``builds(**point)`` returns
+that point's ``(kernel, fn, signature, constexprs, options)`` list. Records carry ``family``
+and ``point``, so that a worker process rebuilds the arguments from them.
+
+Results are cached in ``build/gpu-static/`` by triton's key of each kernel's
+source, the triton version and the build's arguments: a re-run rebuilds only what changed.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -57,65 +63,76 @@ _TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
-def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS) -> list[dict]:
-    """The builds of the sweep, deduplicated (fwd/dq/dkdv don't depend on ν and ρ): plain
-    dicts, so that worker processes rebuild the arguments from them."""
-
-    from screening_attn._kernels.attention import static_builds
-
-    seen, out = set(), []
+def attention_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
+    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ)."""
     for arch in archs:
         for dt in dtypes:
-            dtype = _DTYPES[dt]
             for d in head_dims:
                 for window, live in windows:
-                    for name, _fn, _sig, consts, options in static_builds(
-                        dtype, d, d, window, live, arch
-                    ):
-                        if kernels and name not in kernels:
-                            continue
-                        key = (name, arch, dt, json.dumps(_jsonable(consts), sort_keys=True))
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        rec = {"kernel": name, "arch": arch, "dtype": dt, "head_dim": d}
-                        if name in ("scan", "replay"):
-                            rec.update(window=window, relevant=live)
-                        rec["config"] = {**_jsonable(consts), **options}
-                        out.append(rec)
+                    yield {"arch": arch, "dtype": dt, "head_dim": d, "window": window,
+                           "relevant": live}  # fmt: skip
+
+
+def attention_builds(arch: int, dtype: str, head_dim: int, window: int, relevant: int):
+    """The attention kernels the launchers build at one point (``static_builds``)."""
+    from screening_attn._kernels.attention import static_builds
+
+    return static_builds(_DTYPES[dtype], head_dim, head_dim, window, relevant, arch)
+
+
+def feedback_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
+    """The sweep's points of the CNN-F kernels: every (arch, dtype); no head dim, no window."""
+    for arch in archs:
+        for dt in dtypes:
+            yield {"arch": arch, "dtype": dt}
+
+
+def feedback_builds(arch: int, dtype: str):
+    """The CNN-F kernels the launchers build for one dtype (``static_builds`` in
+    kernels/feedback.py; names prefixed ``feedback.``, several configurations per kernel)."""
+    from screening_attn._kernels.feedback import static_builds
+
+    return static_builds(_DTYPES[dtype], arch)
+
+
+# family -> (points, builds): see the module docstring
+FAMILIES: dict[str, tuple[Callable[..., Iterable[dict]], Callable[..., list]]] = {
+    "attention": (attention_points, attention_builds),
+    "feedback": (feedback_points, feedback_builds),
+}
+# kernels whose build records name the (ν, ρ) point (the others don't depend on it)
+_WINDOWED = {("attention", "scan"), ("attention", "replay")}
+
+
+def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS, families=None) -> list[dict]:
+    """The builds of the sweep, deduplicated by their constexprs (fwd/dq/dkdv don't depend on
+    ν and ρ, the replay not on the head dim): plain dicts, so that worker processes rebuild
+    the arguments from them."""
+    seen, out = set(), []
+    for family, (points, builds) in FAMILIES.items():
+        if families and family not in families:
+            continue
+        for point in points(archs, dtypes, head_dims, windows):
+            for name, _fn, _sig, consts, options in builds(**point):
+                if kernels and name not in kernels:
+                    continue
+                key = (family, name, point["arch"], point["dtype"],
+                       json.dumps(_jsonable(consts), sort_keys=True))  # fmt: skip
+                if key in seen:
+                    continue
+                seen.add(key)
+                rec = {"family": family, "kernel": name, "arch": point["arch"],
+                       "dtype": point["dtype"], "head_dim": point.get("head_dim")}  # fmt: skip
+                if (family, name) in _WINDOWED:
+                    rec.update(window=point["window"], relevant=point["relevant"])
+                rec["config"] = {**_jsonable(consts), **options}
+                rec["point"] = point
+                out.append(rec)
     return out
 
 
 def _jsonable(consts: dict) -> dict:
     return {k: (v if isinstance(v, (bool, int, float)) else str(v)) for k, v in consts.items()}
-
-
-def plan_feedback(archs, dtypes, kernels) -> list[dict]:
-    """The CNN-F builds (kernels/feedback.py ``static_builds``), one per specialisation."""
-    from screening_attn._kernels.feedback import static_builds
-
-    out = []
-    for arch in archs:
-        for dt in dtypes:
-            for name, _fn, _sig, consts, options in static_builds(_DTYPES[dt], arch):
-                if kernels and name not in kernels:
-                    continue
-                rec = {"kernel": name, "arch": arch, "dtype": dt, "head_dim": None}
-                rec["config"] = {**_jsonable(consts), **options}
-                out.append(rec)
-    return out
-
-
-def _feedback_spec(rec: dict):
-    """The ``static_builds`` entry of a planned CNN-F build (its name and config)."""
-    from screening_attn._kernels.feedback import static_builds
-
-    (spec,) = [
-        b
-        for b in static_builds(_DTYPES[rec["dtype"]], rec["arch"])
-        if b[0] == rec["kernel"] and {**_jsonable(b[3]), **b[4]} == rec["config"]
-    ]
-    return spec
 
 
 def _cuobjdump() -> str:
@@ -130,20 +147,7 @@ def build(rec: dict) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from screening_attn._kernels.attention import static_builds
-
-    if rec["kernel"].startswith("feedback."):
-        spec = _feedback_spec(rec)
-    else:
-        dtype = _DTYPES[rec["dtype"]]
-        window, live = rec.get("window", WINDOWS[0][0]), rec.get("relevant", WINDOWS[0][1])
-        d = rec["head_dim"]
-        (spec,) = [
-            b
-            for b in static_builds(dtype, d, d, window, live, rec["arch"])
-            if b[0] == rec["kernel"]
-        ]
-    _name, fn, sig, consts, options = spec
+    _name, fn, sig, consts, options = _spec(rec)
     rec = dict(rec)
     t0 = time.perf_counter()
     try:
@@ -185,10 +189,22 @@ def violations(rec: dict) -> list[str]:
         out.append(f"registers {rec['registers']} > {REG_LIMIT}")
     if rec["spill_bytes"] > SPILL_LIMIT:
         out.append(f"stack (spills) {rec['spill_bytes']} B > {SPILL_LIMIT} B")
-    has_products = rec["kernel"] != "replay" and not rec["kernel"].startswith("feedback.")
+    # the replay copies sets; the CNN-F kernels are elementwise and per-plane sums
+    has_products = rec.get("family", "attention") == "attention" and rec["kernel"] != "replay"
     if rec["dtype"] in ("fp16", "bf16") and has_products and rec["tensor_core_instructions"] == 0:
         out.append("no mma/wgmma: half-precision products off the tensor cores")
     return out
+
+
+def _spec(rec: dict) -> tuple:
+    """The ``(kernel, fn, signature, constexprs, options)`` of a planned build."""
+    builds = FAMILIES[rec["family"]][1]
+    (spec,) = [
+        b
+        for b in builds(**rec["point"])
+        if b[0] == rec["kernel"] and {**_jsonable(b[3]), **b[4]} == rec["config"]
+    ]
+    return spec
 
 
 def _kernel_hash(rec: dict) -> str:
@@ -196,12 +212,7 @@ def _kernel_hash(rec: dict) -> str:
     version: editing one kernel rebuilds only its builds."""
     import triton
 
-    from screening_attn._kernels.attention import static_builds
-
-    if rec["kernel"].startswith("feedback."):
-        return triton.__version__ + _feedback_spec(rec)[1].cache_key
-    fn = {name: f for name, f, *_ in static_builds(_DTYPES["fp32"], 32, 32, 64, 16, 80)}
-    return triton.__version__ + fn[rec["kernel"]].cache_key
+    return triton.__version__ + _spec(rec)[1].cache_key
 
 
 def _cached_build(args: tuple[dict, str | None]) -> dict:
@@ -213,7 +224,11 @@ def _cached_build(args: tuple[dict, str | None]) -> dict:
         path = Path(cache_dir) / f"{key[:24]}.json"
         if path.exists():
             return json.loads(path.read_text())
-    out = build(rec)
+    # a fresh triton cache per build: build_s is a real build's time, never a hit of ~/.triton
+    # or of an identical kernel built earlier in the run (the replay has no dtype)
+    with tempfile.TemporaryDirectory(prefix="gpu-static-triton-") as tmp:
+        os.environ["TRITON_CACHE_DIR"] = tmp
+        out = build(rec)
     if path is not None and "error" not in out:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out))
@@ -240,9 +255,9 @@ def run(builds: list[dict], jobs: int, cache_dir: str | None) -> list[dict]:
 
 
 def _progress(r: dict) -> None:
-    what = f"{r['kernel']:6} sm_{r['arch']} {r['dtype']} D={r['head_dim']!s:<3}"
-    if r["kernel"].startswith("feedback."):
-        what += " " + json.dumps({k: v for k, v in r["config"].items() if k != "num_stages"})
+    what = f"{r['kernel']:8} sm_{r['arch']} {r['dtype']}"
+    if r["head_dim"] is not None:
+        what += f" D={r['head_dim']:<3}"
     if "window" in r:
         what += f" ν={r['window']} ρ={r['relevant']}"
     if "error" in r:
@@ -256,6 +271,35 @@ def _progress(r: dict) -> None:
         )
 
 
+def table(results: list[dict]) -> str:
+    """A markdown summary of a sweep (docs/kernels/triton.md): per family, kernel and dtype,
+    the largest shared memory per arch, registers and stack, the fewest tensor-core
+    instructions and the longest build over head dims and (ν, ρ)."""
+    rows = {}
+    for r in results:
+        if "error" not in r:
+            rows.setdefault((r.get("family", "attention"), r["kernel"], r["dtype"]), []).append(r)
+    out = [
+        "| kernel | dtype | head dims | builds | shared KB sm_80 / sm_90 | registers | stack B "
+        "| mma (min) | build s (max) | within limits |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (family, kernel, dt), rs in rows.items():
+        shared = [max((x["shared_bytes"] for x in rs if x["arch"] == a), default=0) / 1024
+                  for a in (80, 90)]  # fmt: skip
+        dims = sorted({x["head_dim"] for x in rs if x["head_dim"] is not None})
+        ok = sum(not x.get("violations", violations(x)) for x in rs)
+        name = kernel if family == "attention" else f"{family}.{kernel}"
+        out.append(
+            f"| {name} | {dt} | {','.join(map(str, dims)) or '-'} | {len(rs)} "
+            f"| {shared[0]:.0f} / {shared[1]:.0f} | ≤ {max(x['registers'] for x in rs)} "
+            f"| ≤ {max(x['spill_bytes'] for x in rs)} "
+            f"| {min(x['tensor_core_instructions'] for x in rs)} "
+            f"| {max(x['build_s'] for x in rs)} | {ok}/{len(rs)} |"
+        )
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     # before any triton import (see the docstring); spawned workers inherit the environment
     os.environ.pop("TRITON_INTERPRET", None)
@@ -265,40 +309,39 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default=",".join(map(str, GPU_ARCHS)))
     ap.add_argument("--dtype", default=",".join(DTYPES))
     ap.add_argument("--head-dim", default=",".join(map(str, HEAD_DIMS)))
-    ap.add_argument("--kernel", default="", help="comma-separated: scan,fwd,replay,dq,dkdv")
-    ap.add_argument("--family", default="attention,feedback", help="attention,feedback")
+    ap.add_argument("--family", default="", help="comma-separated: " + ",".join(FAMILIES))
+    ap.add_argument(
+        "--kernel", default="", help="comma-separated, e.g. scan,fwd,replay,dq,dkdv,dq_fix"
+    )
     ap.add_argument("--small-only", action="store_true", help="only the small (ν, ρ)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print --out as markdown, no builds")
     a = ap.parse_args(argv)
-    families = set(a.family.split(","))
-    kernels = set(filter(None, a.kernel.split(",")))
-    archs, dtypes = [int(x) for x in a.arch.split(",")], a.dtype.split(",")
-    builds = []
-    if "attention" in families:
-        builds += plan(
-            archs,
-            dtypes,
-            [int(x) for x in a.head_dim.split(",")],
-            kernels,
-            WINDOWS[:1] if a.small_only else WINDOWS,
-        )
-    if "feedback" in families:
-        builds += plan_feedback(archs, dtypes, kernels)
+    if a.table:
+        print(table(json.loads(Path(a.out).read_text())))
+        return 0
+    builds = plan(
+        [int(x) for x in a.arch.split(",")],
+        a.dtype.split(","),
+        [int(x) for x in a.head_dim.split(",")],
+        set(filter(None, a.kernel.split(","))),
+        WINDOWS[:1] if a.small_only else WINDOWS,
+        set(filter(None, a.family.split(","))),
+    )
     print(f"{len(builds)} builds, {a.jobs} processes", flush=True)
-    # a private triton cache: build_s is a real build's time, never a hit of ~/.triton
-    with tempfile.TemporaryDirectory(prefix="gpu-static-triton-") as tmp:
-        os.environ["TRITON_CACHE_DIR"] = tmp
-        results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
+    t0 = time.perf_counter()
+    results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     bad = [r for r in results if r["violations"]]
     for r in bad:
-        print(f"FAIL {r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}: "
+        print(f"FAIL {r['family']} {r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}: "
               + "; ".join(r["violations"]))  # fmt: skip
-    print(f"{len(results) - len(bad)}/{len(results)} builds within limits; wrote {a.out}")
+    print(f"{len(results) - len(bad)}/{len(results)} builds within limits in "
+          f"{time.perf_counter() - t0:.0f} s; wrote {a.out}")  # fmt: skip
     return 1 if bad else 0
 
 

@@ -19,7 +19,7 @@ Forward (``screened_attention_fwd``), two kernels:
   over the block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax,
   lse, the relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors
   (slot key, score, scratch column); 4 reductions per query.
-* ``screened_attention_fwd_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: given ``snap``, ``span``
+* ``screened_attention_fwd_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: given ``snap``, ``span``
   and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
 Backward (``screened_attention_bwd``), three kernels (the sets come back from ``span`` alone):
@@ -28,10 +28,10 @@ Backward (``screened_attention_bwd``), three kernels (the sets come back from ``
   rebuilt from the spans, one vectorised step per block (keep members whose span goes on, put
   the keys screened in during the block into empty slots, in key order). Only membership
   matters, not slot order.
-* ``screened_attention_bwd_dq_kernel``, grid ``(cdiv(T, BLOCK_M), N)``: ``delta`` (written for
+* ``screened_attention_bwd_dq_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: ``delta`` (written for
   the next kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)``
   from one more sweep, as the rounded O would cost the gradients about one ulp.
-* ``screened_attention_bwd_dkdv_kernel``, grid ``(cdiv(T, BLOCK_N), N)``: one program owns a
+* ``screened_attention_bwd_dkdv_kernel``, grid ``(N, cdiv(T, BLOCK_N), 1)``: one program owns a
   key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
   keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
 
@@ -67,6 +67,42 @@ def _mm(a, b, NATIVE: tl.constexpr, TF32: tl.constexpr):
         return tl.dot(a, b, input_precision="tf32")
     else:
         return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _mm_rows(a_base, a_rows, a_ok, b_base, b_rows, b_ok, K, MM: tl.constexpr, ACC: tl.constexpr,
+             NATIVE: tl.constexpr, TF32: tl.constexpr, BLOCK_A: tl.constexpr,
+             BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """(BLOCK_A, BLOCK_B) in ACC: rows ``a_rows`` of A times rows ``b_rows`` of B transposed, A and
+    B row-major with K columns, BLOCK_K columns at a time from memory. For float32 on FMA
+    units, whose dot keeps whole operand rows per thread: a 256-wide head spilled 1-6 KB."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_A, BLOCK_B], ACC)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(
+            a_base + a_rows[:, None] * K + ks[None, :],
+            mask=a_ok[:, None] & (ks < K)[None, :],
+            other=0.0,
+        ).to(MM)
+        b = tl.load(
+            b_base + b_rows[None, :] * K + ks[:, None],
+            mask=b_ok[None, :] & (ks < K)[:, None],
+            other=0.0,
+        ).to(MM)
+        acc += _mm(a, b, NATIVE, TF32).to(ACC)
+    return acc
+
+
+@triton.jit
+def _div(a, b, ACC: tl.constexpr):
+    # IEEE division, as the C++ kernels divide: a GPU's float32 `/` is approximate (2 ulp),
+    # and the relevancies decide the slot rule's ties
+    if ACC == tl.float32:
+        a, b = tl.broadcast(a, b)
+        return tl.div_rn(a, b)
+    else:
+        return a / b
 
 
 @triton.jit
@@ -256,7 +292,7 @@ def screened_attention_scan_kernel(
             p = tl.exp(s - m)
             z = tl.sum(p, 0)
             tl.store(lse_base + t, m + tl.log(z))
-            ring += p / z  # slot lanes collect junk that is never read
+            ring += _div(p, z, ACC)  # slot lanes collect junk that is never read
 
             # screening of e = t-ν+1, which leaves the window with its final r
             e = t - nu + 1
@@ -289,13 +325,12 @@ def screened_attention_scan_kernel(
 
 @triton.jit
 def _fwd_chunk(
-    acc, l, hit, qb, lse, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
+    acc, l, hit, qb, lse, rows, rows_ok, keys, keys_ok, offs_dv, k_base, v_base, span_base,
     D, DV, nu, scale,
     FROM_SET: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
-    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
     kt = tl.load(
         k_base + keys[None, :] * D + offs_d[:, None],
@@ -343,63 +378,64 @@ def screened_attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    blk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
     k_base = k_ptr + n * T * D
     v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
+    # axis 2: BLOCK_DV output columns per program (the fix-up splits the head)
+    offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    # axis 1 holds at most 65535 programs: they stride over the query blocks
+    for blk in range(tl.program_id(1), tl.cdiv(T, BLOCK_M), tl.num_programs(1)):
+        t0 = blk * BLOCK_M
+        rows = t0 + tl.arange(0, BLOCK_M)
+        rows_ok = rows < T
+        # the set at the snapshot block start ts <= t0 plus the keys [ts-ν+1, t1) hold every
+        # candidate of the rows (membership itself comes from the spans)
+        ts = (t0 // SNAP_M) * SNAP_M
+        snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+        w0 = tl.maximum(ts - nu + 1, 0)
+        t1 = tl.minimum(t0 + BLOCK_M, T)
+        rcount = RCOUNT
+        if EXACT:
+            flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
+            rows_ok = rows_ok & (flag != 0)
+            todo = tl.max(rows_ok.to(tl.int32), 0) > 0
+            rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
+            t1 = tl.where(todo, t1, w0)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        qb = tl.load(
+            q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
+            mask=rows_ok[:, None] & (offs_d < D)[None, :],
+            other=0.0,
+        ).to(MM)
+        lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
+        l = tl.zeros([BLOCK_M], ACC)
+        hit = tl.zeros([BLOCK_M], tl.int32)
 
-    t0 = blk * BLOCK_M
-    rows = t0 + tl.arange(0, BLOCK_M)
-    rows_ok = rows < T
-    # the set at the snapshot block start ts <= t0 plus the keys [ts-ν+1, t1) hold every
-    # candidate of the rows (membership itself comes from the spans)
-    ts = (t0 // SNAP_M) * SNAP_M
-    snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
-    w0 = tl.maximum(ts - nu + 1, 0)
-    t1 = tl.minimum(t0 + BLOCK_M, T)
-    rcount = RCOUNT
-    if EXACT:
-        flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
-        rows_ok = rows_ok & (flag != 0)
-        todo = tl.max(rows_ok.to(tl.int32), 0) > 0
-        rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
-        t1 = tl.where(todo, t1, w0)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    qb = tl.load(
-        q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
-        mask=rows_ok[:, None] & (offs_d < D)[None, :],
-        other=0.0,
-    ).to(MM)
-    lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], ACC)
-    l = tl.zeros([BLOCK_M], ACC)
-    hit = tl.zeros([BLOCK_M], tl.int32)
-
-    for c0 in range(0, rcount, BLOCK_N):
-        cols = c0 + offs_n
-        keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
-        acc, l, hit = _fwd_chunk(
-            acc, l, hit, qb, lse, rows, rows_ok, keys, keys >= 0, k_base, v_base, span_base,
-            D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D, BLOCK_DV,
-        )  # fmt: skip
-    for c0 in range(w0, t1, BLOCK_N):
-        keys = c0 + offs_n
-        acc, l, hit = _fwd_chunk(
-            acc, l, hit, qb, lse, rows, rows_ok, keys, keys < t1, k_base, v_base, span_base,
-            D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D, BLOCK_DV,
-        )  # fmt: skip
-    # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
-    tl.store(
-        out_ptr + n * T * DV + rows[:, None] * DV + offs_dv[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=rows_ok[:, None] & (offs_dv < DV)[None, :],
-    )
-    if not EXACT:
-        tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
+        for c0 in range(0, rcount, BLOCK_N):
+            cols = c0 + offs_n
+            keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
+            acc, l, hit = _fwd_chunk(
+                acc, l, hit, qb, lse, rows, rows_ok, keys, keys >= 0, offs_dv, k_base, v_base,
+                span_base, D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D,
+            )  # fmt: skip
+        for c0 in range(w0, t1, BLOCK_N):
+            keys = c0 + offs_n
+            acc, l, hit = _fwd_chunk(
+                acc, l, hit, qb, lse, rows, rows_ok, keys, keys < t1, offs_dv, k_base, v_base,
+                span_base, D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D,
+            )  # fmt: skip
+        # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
+        out = _div(acc, tl.where(l > 0, l, 1.0)[:, None], ACC)
+        tl.store(
+            out_ptr + n * T * DV + rows[:, None] * DV + offs_dv[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (offs_dv < DV)[None, :],
+        )
+        if not EXACT:
+            tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
 @triton.jit
@@ -412,81 +448,101 @@ def screened_attention_replay_sets_kernel(
     NB,
     SW,
     BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # slots per step: the sets pass through snap in chunks
 ):
     n = tl.program_id(0).to(tl.int64)
     span_base = span_ptr + n * T * 2
     snap_base = snap_ptr + n * NB * SW
     c = tl.arange(0, BLOCK_R)
-    live = c < CAP
     offs = tl.arange(0, BLOCK_M)
-    slot = tl.full([BLOCK_R], -1, tl.int32)
-    slot_end = tl.full([BLOCK_R], -1, tl.int32)
-    for blk in range(0, NB):
-        t0 = blk * BLOCK_M
-        t1 = t0 + BLOCK_M
-        tl.store(snap_base + blk * SW + c, slot, mask=live)
+    for c0 in range(0, CAP, BLOCK_R):
+        tl.store(snap_base + c0 + c, tl.full([BLOCK_R], -1, tl.int32), mask=c0 + c < CAP)
+    # Row blk of snap from row blk-1, a chunk of slots at a time (a whole set in registers
+    # would need (CAP, BLOCK_M) match tiles, which spill for large ρ).
+    for blk in range(1, NB):
+        t1 = blk * BLOCK_M
+        tl.debug_barrier()  # row blk-1 is complete, whichever thread stored it
         # the set at t1: members whose span goes on, plus the keys e = t-ν+1 screened in
-        # after the queries t of this block (span start t+1 <= t1) that are still there at t1
-        keep = (slot >= 0) & (slot_end > t1)
-        slot = tl.where(keep, slot, -1)
-        slot_end = tl.where(keep, slot_end, -1)
-        e = t0 - nu + 1 + offs
+        # after the queries t of the previous block (span start t+1 <= t1) still there at t1
+        e = t1 - BLOCK_M - nu + 1 + offs
         e_ok = (e >= 0) & (e < T)
         start = tl.load(span_base + 2 * e, mask=e_ok, other=-1)
         end = tl.load(span_base + 2 * e + 1, mask=e_ok, other=-1)
         new = e_ok & (start >= 0) & (start <= t1) & (end > t1)
-        # k-th new key -> k-th empty slot
+        # k-th new key -> k-th empty slot, counting the empty slots across the chunks
         new_rank = tl.cumsum(new.to(tl.int32), 0) - 1
-        empty = live & (slot < 0)
-        empty_rank = tl.cumsum(empty.to(tl.int32), 0) - 1
-        match = empty[:, None] & new[None, :] & (empty_rank[:, None] == new_rank[None, :])
-        add = tl.max(tl.where(match, e[None, :], -1), 1)
-        add_end = tl.max(tl.where(match, end[None, :], -1), 1)
-        slot = tl.where(add >= 0, add, slot)
-        slot_end = tl.where(add >= 0, add_end, slot_end)
+        empties = 0
+        for c0 in range(0, CAP, BLOCK_R):
+            cols = c0 + c
+            live = cols < CAP
+            slot = tl.load(snap_base + (blk - 1) * SW + cols, mask=live, other=-1)
+            slot_end = tl.load(span_base + 2 * slot + 1, mask=slot >= 0, other=-1)
+            slot = tl.where(slot_end > t1, slot, -1)
+            empty = live & (slot < 0)
+            empty_rank = empties + tl.cumsum(empty.to(tl.int32), 0) - 1
+            empties += tl.sum(empty.to(tl.int32), 0)
+            match = empty[:, None] & new[None, :] & (empty_rank[:, None] == new_rank[None, :])
+            add = tl.max(tl.where(match, e[None, :], -1), 1)
+            slot = tl.where(add >= 0, add, slot)
+            tl.store(snap_base + blk * SW + cols, slot, mask=live)
 
 
 @triton.jit
 def _dq_chunk(
-    acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, k_base, v_base, span_base,
-    D, DV, nu, scale,
+    acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, offs_c, q_base, do_base,
+    k_base, v_base, span_base, D, DV, nu, scale,
     FROM_SET: tl.constexpr, DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr,
-    NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_DV: tl.constexpr,
+    NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_D) += dS K
+    # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_C) += dS K[:, offs_c]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
-    kt = tl.load(
-        k_base + keys[None, :] * D + offs_d[:, None],
-        mask=keys_ok[None, :] & (offs_d < D)[:, None],
-        other=0.0,
-    ).to(MM)
-    vt = tl.load(
-        v_base + keys[None, :] * DV + offs_dv[:, None],
-        mask=keys_ok[None, :] & (offs_dv < DV)[:, None],
-        other=0.0,
-    ).to(MM)
-    s = _mm(qb, kt, NATIVE, TF32).to(ACC) * scale
+    if BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV:  # S and dP from memory, BLOCK_K columns at a time
+        s = _mm_rows(q_base, rows, rows_ok, k_base, keys, keys_ok, D, MM, ACC, NATIVE, TF32,
+                     BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        dp = _mm_rows(do_base, rows, rows_ok, v_base, keys, keys_ok, DV, MM, ACC, NATIVE, TF32,
+                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
+        s = s * scale
+    else:
+        kt = tl.load(
+            k_base + keys[None, :] * D + offs_d[:, None],
+            mask=keys_ok[None, :] & (offs_d < D)[:, None],
+            other=0.0,
+        ).to(MM)
+        vt = tl.load(
+            v_base + keys[None, :] * DV + offs_dv[:, None],
+            mask=keys_ok[None, :] & (offs_dv < DV)[:, None],
+            other=0.0,
+        ).to(MM)
+        s = _mm(qb, kt, NATIVE, TF32).to(ACC) * scale
+        dp = _mm(dob, vt, NATIVE, TF32).to(ACC)
     p = tl.where(member, tl.exp(s - lse[:, None]), 0.0)
-    dp = _mm(dob, vt, NATIVE, TF32).to(ACC)
     if DELTA_ONLY:
         return acc + tl.sum(tl.where(member, p * dp, 0.0), 1), hit
     else:
         ds = tl.where(member, p * (dp - delta[:, None]), 0.0)  # where: dp may be NaN off C_t
-        res, hit = _dot_p(ds, member, tl.trans(kt), hit, MM, NATIVE, TF32, EXACT)
+        if BLOCK_C == BLOCK_D and BLOCK_K >= BLOCK_D and BLOCK_K >= BLOCK_DV:
+            kc = tl.trans(kt)  # the whole head: K is in registers already
+        else:
+            kc = tl.load(
+                k_base + keys[:, None] * D + offs_c[None, :],
+                mask=keys_ok[:, None] & (offs_c < D)[None, :],
+                other=0.0,
+            ).to(MM)
+        res, hit = _dot_p(ds, member, kc, hit, MM, NATIVE, TF32, EXACT)
         return acc + res, hit
 
 
 @triton.jit
 def _dq_pass(
-    acc, qb, dob, lse, delta, rows, rows_ok, ts, t1, k_base, v_base, span_base, snap_base,
-    D, DV, nu, RCOUNT, rcount, scale,
+    acc, qb, dob, lse, delta, rows, rows_ok, offs_c, ts, t1, q_base, do_base, k_base, v_base,
+    span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
     DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
     TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One sweep over the rows' candidates: the set at ts (the snapshot block start), then the
     key range [ts-ν+1, t1). Returns (acc, hit)."""
@@ -496,17 +552,17 @@ def _dq_pass(
         cols = c0 + offs_n
         keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
         acc, hit = _dq_chunk(
-            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, k_base, v_base,
-            span_base, D, DV, nu, scale, True, DELTA_ONLY, MM, ACC, NATIVE, TF32, EXACT,
-            BLOCK_D, BLOCK_DV,
+            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, offs_c, q_base,
+            do_base, k_base, v_base, span_base, D, DV, nu, scale, True, DELTA_ONLY, MM, ACC,
+            NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
         )  # fmt: skip
     w0 = tl.maximum(ts - nu + 1, 0)
     for c0 in range(w0, t1, BLOCK_N):
         keys = c0 + offs_n
         acc, hit = _dq_chunk(
-            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, k_base, v_base,
-            span_base, D, DV, nu, scale, False, DELTA_ONLY, MM, ACC, NATIVE, TF32, EXACT,
-            BLOCK_D, BLOCK_DV,
+            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, offs_c, q_base,
+            do_base, k_base, v_base, span_base, D, DV, nu, scale, False, DELTA_ONLY, MM, ACC,
+            NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
         )  # fmt: skip
     return acc, hit
 
@@ -543,62 +599,69 @@ def screened_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_C: tl.constexpr,  # dQ columns per program (grid axis 2): BLOCK_D, less in the fix-up
+    BLOCK_K: tl.constexpr,  # < the head: S and dP by _mm_rows (float32 on FMA units)
 ):
-    blk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
+    q_base = q_ptr + n * T * D
+    do_base = do_ptr + n * T * DV
     k_base = k_ptr + n * T * D
     v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
-
-    t0 = blk * BLOCK_M
-    rows = t0 + tl.arange(0, BLOCK_M)
-    rows_ok = rows < T
-    ts = (t0 // SNAP_M) * SNAP_M
-    snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
-    t1 = tl.minimum(t0 + BLOCK_M, T)
-    rcount = RCOUNT
-    if EXACT:
-        flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
-        rows_ok = rows_ok & (flag != 0)
-        todo = tl.max(rows_ok.to(tl.int32), 0) > 0
-        rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
-        t1 = tl.where(todo, t1, 0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    qmask = rows_ok[:, None] & (offs_d < D)[None, :]
-    omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
-    qb = tl.load(q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
-    qb = qb.to(MM)
-    o_off = n * T * DV + rows[:, None] * DV + offs_dv[None, :]
-    dob = tl.load(do_ptr + o_off, mask=omask, other=0.0)
-    lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
-    if EXACT:
-        delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
-    elif DELTA_FROM_P:
-        # delta = dO · O with O unrounded: a half-precision O would cost the gradients about
-        # one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
-        delta, _ = _dq_pass(
-            tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, ts, t1,
-            k_base, v_base, span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
-            True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # axis 1 holds at most 65535 programs: they stride over the query blocks
+    for blk in range(tl.program_id(1), tl.cdiv(T, BLOCK_M), tl.num_programs(1)):
+        t0 = blk * BLOCK_M
+        rows = t0 + tl.arange(0, BLOCK_M)
+        rows_ok = rows < T
+        ts = (t0 // SNAP_M) * SNAP_M
+        snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+        t1 = tl.minimum(t0 + BLOCK_M, T)
+        rcount = RCOUNT
+        if EXACT:
+            flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
+            rows_ok = rows_ok & (flag != 0)
+            todo = tl.max(rows_ok.to(tl.int32), 0) > 0
+            rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
+            t1 = tl.where(todo, t1, 0)
+        qmask = rows_ok[:, None] & (offs_d < D)[None, :]
+        omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
+        qb = tl.load(q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
+        qb = qb.to(MM)
+        o_off = n * T * DV + rows[:, None] * DV + offs_dv[None, :]
+        dob = tl.load(do_ptr + o_off, mask=omask, other=0.0)
+        lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+        if EXACT:
+            delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
+        elif DELTA_FROM_P:
+            # delta = dO · O with O unrounded: a half-precision O would cost the gradients
+            # about one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
+            delta, _ = _dq_pass(
+                tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, offs_c,
+                ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, D, DV, nu,
+                RCOUNT, rcount, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N,
+                BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
+            )  # fmt: skip
+        else:
+            ob = tl.load(o_ptr + o_off, mask=omask, other=0.0)
+            delta = tl.sum(dob.to(ACC) * ob.to(ACC), 1)
+        if not EXACT:
+            tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
+        dq, hit = _dq_pass(
+            tl.zeros([BLOCK_M, BLOCK_C], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok,
+            offs_c, ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, D, DV, nu,
+            RCOUNT, rcount, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N,
+            BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
         )  # fmt: skip
-    else:
-        ob = tl.load(o_ptr + o_off, mask=omask, other=0.0)
-        delta = tl.sum(dob.to(ACC) * ob.to(ACC), 1)
-    if not EXACT:
-        tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
-    dq, hit = _dq_pass(
-        tl.zeros([BLOCK_M, BLOCK_D], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok, ts, t1,
-        k_base, v_base, span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
-        False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
-    )  # fmt: skip
-    tl.store(
-        dq_ptr + n * T * D + rows[:, None] * D + offs_d[None, :],
-        (dq * scale).to(dq_ptr.dtype.element_ty),
-        mask=qmask,
-    )
-    if not EXACT:
-        tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
+        tl.store(
+            dq_ptr + n * T * D + rows[:, None] * D + offs_c[None, :],
+            (dq * scale).to(dq_ptr.dtype.element_ty),
+            mask=rows_ok[:, None] & (offs_c < D)[None, :],
+        )
+        if not EXACT:
+            tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
 @triton.jit
@@ -627,78 +690,116 @@ def screened_attention_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
+    BLOCK_CK: tl.constexpr,  # dK columns per program (grid axis 2): BLOCK_D, less in the fix-up
+    BLOCK_CV: tl.constexpr,  # dV columns per program: BLOCK_DV, less in the fix-up
+    BLOCK_K: tl.constexpr,  # < the head: S and dP by _mm_rows (float32 on FMA units)
 ):
-    kblk = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+    n = tl.program_id(0).to(tl.int64)
     q_base = q_ptr + n * T * D
     do_base = do_ptr + n * T * DV
+    k_base = k_ptr + n * T * D
+    v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
-
-    j0 = kblk * BLOCK_N
-    keys = j0 + tl.arange(0, BLOCK_N)
-    keys_ok = keys < T
-    if EXACT:
-        flag = tl.load(flag_ptr + n * T + keys, mask=keys_ok, other=0)
-        keys_ok = keys_ok & (flag != 0)
+    SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    kmask = keys_ok[:, None] & (offs_d < D)[None, :]
-    vmask = keys_ok[:, None] & (offs_dv < DV)[None, :]
-    kb = tl.load(k_ptr + n * T * D + keys[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
-    kb = kb.to(MM)
-    vb = tl.load(v_ptr + n * T * DV + keys[:, None] * DV + offs_dv[None, :], mask=vmask, other=0.0)
-    vb = vb.to(MM)
-    start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
-    end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
-    j = keys[:, None]
-    dk = tl.zeros([BLOCK_N, BLOCK_D], ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], ACC)
-    hit = tl.zeros([BLOCK_N], tl.int32)
+    offs_ck = tl.program_id(2) * BLOCK_CK + tl.arange(0, BLOCK_CK)
+    offs_cv = tl.program_id(2) * BLOCK_CV + tl.arange(0, BLOCK_CV)
+    # axis 1 holds at most 65535 programs: they stride over the key blocks
+    for kblk in range(tl.program_id(1), tl.cdiv(T, BLOCK_N), tl.num_programs(1)):
+        j0 = kblk * BLOCK_N
+        keys = j0 + tl.arange(0, BLOCK_N)
+        keys_ok = keys < T
+        if EXACT:
+            flag = tl.load(flag_ptr + n * T + keys, mask=keys_ok, other=0)
+            keys_ok = keys_ok & (flag != 0)
+        kmask = keys_ok[:, None] & (offs_d < D)[None, :]
+        vmask = keys_ok[:, None] & (offs_dv < DV)[None, :]
+        if not SPLIT_K:
+            kb = tl.load(k_base + keys[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            kb = kb.to(MM)
+            vb = tl.load(v_base + keys[:, None] * DV + offs_dv[None, :], mask=vmask, other=0.0)
+            vb = vb.to(MM)
+        start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
+        end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
+        j = keys[:, None]
+        dk = tl.zeros([BLOCK_N, BLOCK_CK], ACC)
+        dv = tl.zeros([BLOCK_N, BLOCK_CV], ACC)
+        hit = tl.zeros([BLOCK_N], tl.int32)
 
-    # queries that can see a key of the block: its window, then its span (starts >= j + ν)
-    q_end = tl.maximum(tl.minimum(j0 + BLOCK_N - 1 + nu, T), tl.max(end, 0))
-    if EXACT:
-        q_end = tl.where(tl.max(keys_ok.to(tl.int32), 0) > 0, q_end, j0)  # nothing flagged
-    for tq0 in range(j0, q_end, BLOCK_M):
-        rows = tq0 + offs_m
-        rows_ok = rows < T
-        t = rows[None, :]
-        member_t = ((j <= t) & (j > t - nu)) | ((start[:, None] <= t) & (t < end[:, None]))
-        member_t = member_t & keys_ok[:, None] & rows_ok[None, :]  # (BLOCK_N, BLOCK_M)
-        if tl.max(member_t.to(tl.int32)) > 0:  # spans leave gaps: skip empty tiles
-            qt = tl.load(
-                q_base + rows[None, :] * D + offs_d[:, None],
-                mask=rows_ok[None, :] & (offs_d < D)[:, None],
-                other=0.0,
-            ).to(MM)
-            o_off = rows[:, None] * DV + offs_dv[None, :]
-            omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
-            dob = tl.load(do_base + o_off, mask=omask, other=0.0).to(MM)
-            lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
-            delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
-            s_t = _mm(kb, qt, NATIVE, TF32).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
-            p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
-            res, hit = _dot_p(p_t, member_t, dob, hit, MM, NATIVE, TF32, EXACT)
-            dv += res
-            dp_t = _mm(vb, tl.trans(dob), NATIVE, TF32).to(ACC)
-            ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
-            res, hit = _dot_p(ds_t, member_t, tl.trans(qt), hit, MM, NATIVE, TF32, EXACT)
-            dk += res
-    tl.store(
-        dk_ptr + n * T * D + keys[:, None] * D + offs_d[None, :],
-        (dk * scale).to(dk_ptr.dtype.element_ty),
-        mask=kmask,
-    )
-    tl.store(
-        dv_ptr + n * T * DV + keys[:, None] * DV + offs_dv[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
-        mask=vmask,
-    )
-    if not EXACT:
-        tl.store(flag_ptr + n * T + keys, hit, mask=keys_ok)
+        # queries that can see a key of the block: its window, then its span (starts >= j + ν)
+        q_end = tl.maximum(tl.minimum(j0 + BLOCK_N - 1 + nu, T), tl.max(end, 0))
+        if EXACT:
+            q_end = tl.where(tl.max(keys_ok.to(tl.int32), 0) > 0, q_end, j0)  # nothing flagged
+        for tq0 in range(j0, q_end, BLOCK_M):
+            rows = tq0 + offs_m
+            rows_ok = rows < T
+            t = rows[None, :]
+            member_t = ((j <= t) & (j > t - nu)) | ((start[:, None] <= t) & (t < end[:, None]))
+            member_t = member_t & keys_ok[:, None] & rows_ok[None, :]  # (BLOCK_N, BLOCK_M)
+            if tl.max(member_t.to(tl.int32)) > 0:  # spans leave gaps: skip empty tiles
+                omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
+                dob = tl.load(
+                    do_base + rows[:, None] * DV + offs_dv[None, :], mask=omask, other=0.0
+                )
+                dob = dob.to(MM)
+                lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
+                delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
+                if SPLIT_K:  # (BLOCK_N, BLOCK_M) = S^T and dP^T, BLOCK_K columns at a time
+                    s_t = _mm_rows(k_base, keys, keys_ok, q_base, rows, rows_ok, D, MM, ACC,
+                                   NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
+                    dp_t = _mm_rows(v_base, keys, keys_ok, do_base, rows, rows_ok, DV, MM, ACC,
+                                    NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
+                    s_t = s_t * scale
+                else:
+                    qt = tl.load(
+                        q_base + rows[None, :] * D + offs_d[:, None],
+                        mask=rows_ok[None, :] & (offs_d < D)[:, None],
+                        other=0.0,
+                    ).to(MM)
+                    s_t = _mm(kb, qt, NATIVE, TF32).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
+                    dp_t = _mm(vb, tl.trans(dob), NATIVE, TF32).to(ACC)
+                p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
+                ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
+                # the product operands: the whole head in registers, or a column chunk
+                if BLOCK_CV == BLOCK_DV:
+                    doc = dob
+                else:
+                    doc = tl.load(
+                        do_base + rows[:, None] * DV + offs_cv[None, :],
+                        mask=rows_ok[:, None] & (offs_cv < DV)[None, :],
+                        other=0.0,
+                    ).to(MM)
+                if BLOCK_CK == BLOCK_D and not SPLIT_K:
+                    qc = tl.trans(qt)
+                else:
+                    qc = tl.load(
+                        q_base + rows[:, None] * D + offs_ck[None, :],
+                        mask=rows_ok[:, None] & (offs_ck < D)[None, :],
+                        other=0.0,
+                    ).to(MM)
+                res, hit = _dot_p(p_t, member_t, doc, hit, MM, NATIVE, TF32, EXACT)
+                dv += res
+                res, hit = _dot_p(ds_t, member_t, qc, hit, MM, NATIVE, TF32, EXACT)
+                dk += res
+        tl.store(
+            dk_ptr + n * T * D + keys[:, None] * D + offs_ck[None, :],
+            (dk * scale).to(dk_ptr.dtype.element_ty),
+            mask=keys_ok[:, None] & (offs_ck < D)[None, :],
+        )
+        tl.store(
+            dv_ptr + n * T * DV + keys[:, None] * DV + offs_cv[None, :],
+            dv.to(dv_ptr.dtype.element_ty),
+            mask=keys_ok[:, None] & (offs_cv < DV)[None, :],
+        )
+        if not EXACT:
+            tl.store(flag_ptr + n * T + keys, hit, mask=keys_ok)
 
 
+# grid axes 1 and 2 hold at most 65535 programs: B·H goes on axis 0 (up to 2³¹ - 1), the
+# query/key blocks on axis 1, where the programs stride over them
+_GRID_YZ = 65535
 GPU_ARCHS = (80, 90)  # sm_80 (A100), sm_90 (H100/H200): what the static check builds for
 HEAD_DIMS = (32, 64, 128, 256)  # the head-dim buckets (BLOCK_D, BLOCK_DV are powers of two)
 
@@ -719,6 +820,18 @@ class LaunchConfig:
     tf32: bool  # float32 inputs on a GPU with allow_tf32: TF32 tensor cores
     block_w: int = 0  # scan only: relevancy ring lanes
     block_l: int = 0  # scan only: ring + slot lanes
+    block_c: int = 0  # fix-ups: output columns per program (grid axis 2); 0: the whole head
+    block_k: int = 0  # dq/dkdv: S and dP over head columns in chunks of block_k; 0: at once
+
+    def columns(self) -> tuple[int, int]:
+        """Output columns per program of q/k-wide (dQ, dK) and v-wide (out, dV) results."""
+        if self.block_c == 0:
+            return self.block_d, self.block_dv
+        return min(self.block_c, self.block_d), min(self.block_c, self.block_dv)
+
+    def k_chunk(self) -> int:
+        """BLOCK_K of dq/dkdv: ``block_k``, or the whole head (no split)."""
+        return self.block_k or max(self.block_d, self.block_dv)
 
 
 def _pow2(x: int, minimum: int = 1) -> int:
@@ -762,20 +875,34 @@ def launch_config(
     if kernel == "scan":
         bw = _pow2(window)
         bl = _pow2(bw + live)
-    if interpret:
-        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32, bw, bl)
+    fix = kernel.endswith("_fix")
+    backward = kernel.startswith(("dq", "dkdv"))
+    if interpret:  # 16-column chunks (fix-up outputs, backward S and dP), so that D=32 spans two
+        bc = 16 if fix else 0
+        bk = 16 if backward and max(bd, bdv) > 16 else 0
+        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32, bw, bl, bc, bk)
     wide = dtype in (torch.float32, torch.float64)  # operand bytes: half the tile fits
     hd = max(bd, bdv) * (2 if wide else 1)
-    if kernel.endswith("_fix"):
-        return LaunchConfig(16, 16, bd, bdv, 4, 1, native, tf32)  # 2 warps spilled
-    if kernel in ("scan", "replay"):
-        bm = 64 if hd <= 128 else 32
-        return LaunchConfig(bm, bm, bd, bdv, 4, 1, native, tf32, bw, bl)
+    warps = 8 if hd >= 256 else 4  # the operand tiles of a wide head over more threads
+    # IEEE float32 runs tl.dot on FMA units, which hold whole operand rows per thread: the
+    # backward's S and dP over a 256-wide head spilled 1-6 KB, so they go 64 columns at a time
+    bk = 64 if backward and wide and not tf32 and max(bd, bdv) >= 256 else 0
+    if fix:
+        # the exact path's masked products and counts over a whole head spill (5 KB at D=128):
+        # 32 output columns per program (16 in float32), S recomputed per chunk
+        bc = 16 if wide else 32
+        return LaunchConfig(16, 16, bd, bdv, warps, 1, native, tf32, block_c=bc, block_k=bk)
+    if kernel == "replay":  # block_n: the slots per step (a (block_n, block_m) match tile)
+        return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
+    if kernel == "scan":  # float32 at 64 × 64 spilled 400-660 B (make gpu-static)
+        bm = 64 if hd <= 128 and not wide else 32
+        # float32 D=256 (logits on FMA units) spilled 6.5 KB on sm_90 with 4 warps
+        return LaunchConfig(bm, bm, bd, bdv, 8 if hd >= 512 else 4, 1, native, tf32, bw, bl)
     # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
     # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
     # 64-wide half head, 16 × 16 beyond.
     bm = bn = 32 if hd <= 64 else 16
-    return LaunchConfig(bm, bn, bd, bdv, 4, 1, native, tf32)
+    return LaunchConfig(bm, bn, bd, bdv, warps, 1, native, tf32, block_k=bk)
 
 
 def _target(q: Tensor):
@@ -803,6 +930,16 @@ def _setup(q: Tensor):
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"q must be float16, bfloat16, float32 or float64, got {q.dtype}")
     return _target(q)
+
+
+def _check_sizes(T: int, D: int, Dv: int) -> None:
+    """The kernels offset inside one (b, h) row in int32 (the row base is int64): a row of
+    2³¹ elements or more would wrap around, so it is refused before any launch."""
+    if T * max(D, Dv, 2) >= 2**31:
+        raise ValueError(
+            f"screened_attention_triton: T * max(D, Dv, 2) = {T * max(D, Dv, 2)} must be < 2^31 "
+            f"(int32 offsets inside a (batch, head) row); got T={T}, D={D}, Dv={Dv}"
+        )
 
 
 def _store_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -841,6 +978,7 @@ def screened_attention_fwd(
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
     Dv, N, acc = v.shape[-1], B * H, acc_dtype(q.dtype)
+    _check_sizes(T, D, Dv)
     out = torch.empty(B, H, T, Dv, dtype=_store_dtype(q.dtype, q.device), device=q.device)
     lse = torch.empty(B, H, T, dtype=acc, device=q.device)
     index = torch.full((B, H, relevant), -1, dtype=torch.int64, device=q.device)
@@ -874,12 +1012,13 @@ def screened_attention_fwd(
         # the output, then the rows that met a non-finite V row, recomputed exactly
         for kernel in ("fwd", "fwd_fix"):
             c = launch_config(kernel, q.dtype, D, Dv, window, live, target, tf32)
-            screened_attention_fwd_kernel[(-(-T // c.block_m), N)](
+            cv = c.columns()[1]
+            screened_attention_fwd_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-Dv // cv))](
                 q, k, v, lse, span, snap, out, flag,
                 T, D, Dv, window, live, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "fwd_fix",
                 SNAP_M=bm, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
-                BLOCK_DV=c.block_dv, num_warps=c.num_warps, num_stages=c.num_stages,
+                BLOCK_DV=cv, num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
     return out.to(q.dtype), lse, index, score, relevancy, span
 
@@ -931,6 +1070,7 @@ def screened_attention_bwd(
     lse, span = lse.contiguous(), span.contiguous()
     B, H, T, D = q.shape
     Dv, N = v.shape[-1], B * H
+    _check_sizes(T, D, Dv)
     store = _store_dtype(q.dtype, q.device)
     dq, dk, dv = (torch.empty_like(x, dtype=store) for x in (q, k, v))
     if N == 0 or T == 0:
@@ -954,29 +1094,33 @@ def screened_attention_bwd(
     with _device(q):
         if cap > 0:
             screened_attention_replay_sets_kernel[(N,)](
-                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=_pow2(cap),
+                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=rc.block_n,
                 num_warps=rc.num_warps, num_stages=rc.num_stages,
             )  # fmt: skip
         # each hot kernel flags the rows (dq) or keys (dk, dv) that met a non-finite row of
         # K, Q or dO; its fix-up launch recomputes just those exactly
         for kernel in ("dq", "dq_fix"):
             c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
-            screened_attention_bwd_dq_kernel[(-(-T // c.block_m), N)](
+            ck = c.columns()[0]
+            screened_attention_bwd_dq_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-D // ck))](
                 q, k, v, out, grad_out, lse, span, snap, dq, delta, flag,
                 T, D, Dv, window, cap, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dq_fix",
                 DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16), SNAP_M=rc.block_m,
                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-                num_warps=c.num_warps, num_stages=c.num_stages,
+                BLOCK_C=ck, BLOCK_K=c.k_chunk(), num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
         for kernel in ("dkdv", "dkdv_fix"):
             c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
-            screened_attention_bwd_dkdv_kernel[(-(-T // c.block_n), N)](
+            ck, cv = c.columns()
+            chunks = max(-(-D // ck), -(-Dv // cv))
+            screened_attention_bwd_dkdv_kernel[(N, min(-(-T // c.block_n), _GRID_YZ), chunks)](
                 q, k, v, grad_out, lse, delta, span, dk, dv, flag,
                 T, D, Dv, window, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dkdv_fix",
                 BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-                num_warps=c.num_warps, num_stages=c.num_stages,
+                BLOCK_CK=ck, BLOCK_CV=cv, BLOCK_K=c.k_chunk(), num_warps=c.num_warps,
+                num_stages=c.num_stages,
             )  # fmt: skip
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
@@ -1034,13 +1178,16 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
     ]:
         c = launch_config(name, dtype, d, dv, window, live, arch)
         mm, acc = _tl_dtypes(dtype, c.native)
+        ck, cv = c.columns()
         consts = {
             "MM": mm, "ACC": acc, "NATIVE": c.native, "TF32": c.tf32,
             "EXACT": name.endswith("_fix"), "HAS_SLOTS": live > 0, "DELTA_FROM_P": half,
             "SNAP_M": snap_m["scan" if name.startswith("fwd") else "replay"],
             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
-            "BLOCK_DV": c.block_dv, "BLOCK_W": c.block_w, "BLOCK_L": c.block_l,
-            "BLOCK_R": _pow2(live),
+            "BLOCK_DV": cv if name.startswith("fwd") else c.block_dv, "BLOCK_C": ck,
+            "BLOCK_CK": ck, "BLOCK_CV": cv, "BLOCK_K": c.k_chunk(), "BLOCK_W": c.block_w,
+            "BLOCK_L": c.block_l,
+            "BLOCK_R": c.block_n,
         }  # fmt: skip
         names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}

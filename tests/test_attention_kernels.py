@@ -247,12 +247,13 @@ def test_empty_inputs(backend, dtype):
 def test_nan_reaches_only_dependent_outputs(backend):
     """A NaN/Inf in one key, value or query row gives the reference's NaN pattern, forward and
     backward (a plain tile GEMM would smear 0 · NaN over the tile)."""
-    T, positions = {
-        "cpu": (150, {"v": (0, 1, 70, 2), "k": (0, 0, 3, 1), "q": (0, 1, 100, 0)}),
-        # 3 blocks of 16 under the interpreter
-        "triton": (40, {"v": (0, 1, 25, 2), "k": (0, 0, 3, 1), "q": (0, 1, 33, 0)}),
+    T, D, Dv, positions = {
+        "cpu": (150, 4, 4, {"v": (0, 1, 70, 2), "k": (0, 0, 3, 1), "q": (0, 1, 100, 0)}),
+        # 3 blocks of 16 under the interpreter; heads wider than the fix-up launches' 16-column
+        # chunks, with the non-finite entries in the second chunk
+        "triton": (40, 24, 20, {"v": (0, 1, 25, 18), "k": (0, 0, 3, 17), "q": (0, 1, 33, 0)}),
     }[backend]
-    q, k, v = qkv(backend, 1, 2, T, 4, 4)
+    q, k, v = qkv(backend, 1, 2, T, D, Dv)
     check_nan_locality(lambda *a: RUN[backend](*a)[0], q, k, v, positions)
 
 
@@ -369,6 +370,32 @@ def test_triton_half_precision(dtype):
     assert_low_precision_close(out, out64, out_lp)
     for a, b64, b_lp in zip(grads, grads64, grads_lp):
         assert_low_precision_close(a, b64, b_lp)
+
+
+@needs_triton
+def test_triton_programs_stride_over_blocks(monkeypatch):
+    """Grid axes 1 and 2 hold at most 65535 programs (B·H goes on axis 0), so the programs of
+    axis 1 stride over the query and key blocks: with 2 of them, each takes 2-3 of the 5
+    blocks of 16, forward and backward, fix-ups included (a NaN in V)."""
+    from screening_attn._kernels import attention as kernels
+
+    monkeypatch.setattr(kernels, "_GRID_YZ", 2)
+    q, k, v = qkv("triton", 1, 2, 70, 8, 8)
+    assert check_against_reference(run_triton, q, k, v, 5, 3)
+    check_nan_locality(lambda *a: run_triton(*a)[0], q, k, v, {"v": (0, 1, 40, 2)}, 5, 3)
+
+
+@needs_triton
+def test_triton_refuses_rows_past_int32_offsets():
+    """Offsets inside one (b, h) row are int32: T · max(D, Dv) >= 2³¹ is refused before a
+    launch (a tensor that large can't be built here, so the check itself is called)."""
+    from screening_attn._kernels import attention as kernels
+
+    kernels._check_sizes(2**24, 127, 64)
+    with pytest.raises(ValueError, match=r"< 2\^31"):
+        kernels._check_sizes(2**24, 64, 128)
+    with pytest.raises(ValueError, match=r"T=1073741824"):
+        kernels._check_sizes(2**30, 1, 1)  # the span's 2 columns
 
 
 @needs_triton

@@ -44,14 +44,50 @@ def test_plan_covers_the_launchers():
 
     builds = plan([80, 90], ["fp16", "bf16", "fp32"], [32, 64, 128, 256], set())
     kinds = {(b["kernel"], b["arch"], b["dtype"], b["head_dim"]) for b in builds}
-    for kernel in ("scan", "fwd", "fwd_fix", "replay", "dq", "dq_fix", "dkdv", "dkdv_fix"):
+    for kernel in ("scan", "fwd", "fwd_fix", "dq", "dq_fix", "dkdv", "dkdv_fix"):
         for arch in (80, 90):
             assert (kernel, arch, "bf16", 256) in kinds
+    # the replay reads only spans: one build per (arch, dtype, ν-ρ bucket), whatever the head
+    replay = [b for b in builds if b["kernel"] == "replay"]
+    assert {(b["arch"], b["dtype"]) for b in replay} == {
+        (a, dt) for a in (80, 90) for dt in ("fp16", "bf16", "fp32")
+    }
+    assert len(replay) == 12 and all("BLOCK_D" not in b["config"] for b in replay)
     # ν and ρ reach only the scan's lane vectors and the replay's capacity
     assert {b.get("window") for b in builds if b["kernel"] == "scan"} == {64, 1024}
     assert all("window" not in b for b in builds if b["kernel"] in ("fwd", "dq", "dkdv"))
     # no build is specialised on T: no runtime int is a constexpr of the kernels
     assert all("T" not in b["config"] for b in builds)
+
+
+def test_plan_takes_registered_families(monkeypatch):
+    """A second kernel family registers a (points, builds) pair in FAMILIES: its builds are
+    planned (deduplicated by constexprs, filtered by --family / --kernel) and rebuilt from
+    their records."""
+    from bench import gpu_static
+
+    def points(archs, dtypes, head_dims, windows):
+        for arch in archs:
+            for dt in dtypes:  # twice: the same constexprs build once
+                yield {"arch": arch, "dtype": dt, "width": 2}
+                yield {"arch": arch, "dtype": dt, "width": 2}
+
+    def builds(arch, dtype, width):
+        return [("a", "fn_a", {}, {"W": width, "D": dtype}, {"num_warps": 4}),
+                ("b", "fn_b", {}, {"W": width}, {"num_warps": 4})]  # fmt: skip
+
+    monkeypatch.setitem(gpu_static.FAMILIES, "toy", (points, builds))
+    recs = gpu_static.plan([80, 90], ["fp16", "fp32"], [32], set(), families={"toy"})
+    assert len(recs) == 8 and {(r["family"], r["kernel"], r["arch"], r["dtype"]) for r in recs} == {
+        ("toy", k, arch, dt) for k in "ab" for arch in (80, 90) for dt in ("fp16", "fp32")
+    }
+    assert all(r["head_dim"] is None and r["config"]["W"] == 2 for r in recs)
+    assert gpu_static._spec(recs[0])[1] == "fn_a"
+    assert [
+        r["kernel"] for r in gpu_static.plan([80], ["fp16"], [32], {"b"}, families={"toy"})
+    ] == ["b"]
+    attention = gpu_static.plan([80], ["fp16"], [32], set(), families={"attention"})
+    assert attention and all(r["family"] == "attention" for r in attention)
 
 
 def test_quick_builds(tmp_path):
@@ -79,10 +115,10 @@ def test_quick_builds(tmp_path):
 def test_plan_covers_the_feedback_launchers():
     """Every CNN-F kernel in each dtype and arch, the norm kernels in every gate the ops use and
     both plane blocks; no size of a tensor is a constexpr (one build per variant, not per shape)."""
-    from bench.gpu_static import plan_feedback
+    from bench.gpu_static import plan
     from screening_attn._kernels import feedback
 
-    builds = plan_feedback([80, 90], ["fp16", "bf16", "fp32"], set())
+    builds = plan([80, 90], ["fp16", "bf16", "fp32"], [], set(), families={"feedback"})
     kernels = {b["kernel"] for b in builds}
     assert kernels == {
         "feedback.ada_relu", "feedback.ada_relu_backward", "feedback.ada_relu_feedback",
