@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from bench import _cases
 from bench._common import fmt_time
-from bench.machine import ROOT
+from bench.machine import ROOT, loadavg
 
 THREADS = (1, 2)
 
@@ -140,6 +140,7 @@ def measure(
         "target": tc.target,
         "status": "ok",
         "reason": None,
+        "loadavg": loadavg(),  # at the start: the cores other work already occupies
     }
     workers: list[_Worker] = []
     try:
@@ -187,6 +188,14 @@ def run_threads(preset: str, families: list[str]) -> list[dict]:
     return out
 
 
+def busy(records: list[dict], cores: int) -> float | None:
+    """The highest 1-minute load average at the start of a case if it left no core free for a
+    second thread (>= cores - 0.5), else None."""
+    loads = [r["loadavg"][0] for r in records if r.get("loadavg")]
+    worst = max(loads, default=0.0)
+    return worst if worst >= cores - 0.5 else None
+
+
 def print_threads(records: list[dict], out=sys.stdout) -> None:
     if not records:
         return
@@ -210,6 +219,15 @@ def print_threads(records: list[dict], out=sys.stdout) -> None:
     for row in rows:
         cells = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         print("  " + "  ".join(cells).rstrip(), file=out)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = busy(records, cores or 1)
+    if load is not None:
+        print(
+            f"  WARNING: load average {load} on {cores} cores: other work holds the cores a "
+            "second thread needs, and every barrier waits for a descheduled thread; these "
+            "speed-ups measure that contention, not the kernels",
+            file=out,
+        )
 
 
 def _worker(spec: dict) -> int:

@@ -27,6 +27,14 @@ def test_each_thread_count_is_timed_in_its_own_worker():
     out = io.StringIO()
     threads.print_threads([rec], out=out)
     assert "tiny RelRNN" in out.getvalue() and f"{rec['speedup']:.2f}x" in out.getvalue()
+    assert len(rec["loadavg"]) == 3
+
+
+def test_a_busy_machine_is_flagged():
+    recs = [{"loadavg": [0.3, 0.2, 0.1]}, {"loadavg": [1.6, 1.0, 0.5]}, {"loadavg": None}]
+    assert threads.busy(recs[:1], cores=2) is None
+    assert threads.busy(recs, cores=2) == 1.6
+    assert threads.busy(recs, cores=4) is None
 
 
 def test_a_case_that_fails_its_setup_is_reported():
