@@ -145,7 +145,8 @@ FEEDBACK_PROVIDERS = {
     # reference = the eager composition (every gate in PyTorch ops); conv_floor = the same
     # convolutions and linear layers alone
     "feedback_step": ("reference", "cpu", "triton", "conv_floor"),
-    "run_cycles": ("reference", "cpu", "triton", "conv_floor"),
+    # cpu_bf16: the cpu provider's network in bfloat16 (run_cycles only)
+    "run_cycles": ("reference", "cpu", "cpu_bf16", "triton", "conv_floor"),
 }
 
 

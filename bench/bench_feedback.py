@@ -12,12 +12,15 @@ to time. Ops and providers:
 * ``feedback_step`` (one cycle: feedback pass, ``ff`` update, gated forward pass from ``ff``)
   and ``run_cycles`` (reset, first pass, ``cycles`` cycles) on the paper's Fashion-MNIST
   ``CNNF``: ``reference`` is the eager composition (every gate in PyTorch ops), ``cpu`` the same
-  network with its gates on the C++ kernels, and ``conv_floor`` the same convolutions,
-  transposed convolutions and linear maps alone, on fixed inputs.
+  network with its gates on the C++ kernels, ``cpu_bf16`` that network in bfloat16 (weights,
+  images, gradients; convolutions in bfloat16 by torch, gates in float32 by the kernels), and
+  ``conv_floor`` the same convolutions, transposed convolutions and linear maps alone, on fixed
+  inputs.
 
 Kernel providers are checked against the reference provider run in the same dtype (the gates'
 masks are sign decisions; a float64 reference could flip a gate where a value rounds to zero,
-which would be no bug). ``feedback_step`` is timed in the steady state: after a first pass and
+which would be no bug); ``cpu_bf16`` by the half rule of docs/numerics.md against the float64
+reference. ``feedback_step`` is timed in the steady state: after a first pass and
 one cycle, so every timed call runs the gated path of every layer.
 
 pytest-benchmark: ``pytest bench/bench_feedback.py --benchmark-only [--bench-preset quick]``.
@@ -47,9 +50,15 @@ ETA = 0.1
 NUM_CLASSES = 10
 SEED = 0
 TOL = {"rtol": 1e-4, "atol": 1e-5}
+F64 = torch.float64
+
+
+# bfloat16 providers: the backend they run, in bfloat16.
+HALF_PROVIDERS = {"cpu_bf16": "cpu"}
 
 
 def _available(provider: str) -> None:
+    provider = HALF_PROVIDERS.get(provider, provider)
     if provider in ("triton", "cuda"):
         raise Unavailable("GPU kernel: the feedback benchmarks run on CPU tensors")
     try:
@@ -162,6 +171,9 @@ def _model(provider: str, ind: int, cycles: int) -> CNNF:
     for m in model.modules():  # the zero-initialized biases would leave the gates symmetric
         if hasattr(m, "bias") and isinstance(m.bias, torch.nn.Parameter):
             torch.nn.init.normal_(m.bias, 0.0, 0.1)
+    if provider in HALF_PROVIDERS:
+        model.set_backend(HALF_PROVIDERS[provider])
+        return model.to(torch.bfloat16)
     if provider != "reference":
         model.set_backend(provider)
     return model
@@ -235,6 +247,29 @@ def _check_cnnf(op: str, provider: str, mode: str, N: int, ind: int, cycles: int
         raise CheckFailed(f"gradients of {sorted(got_grads)}, expected {sorted(want_grads)}")
     for name in want_grads:
         check_close(name, got_grads[name], want_grads[name], rtol=1e-7, atol=1e-9)
+
+
+def _check_cnnf_bf16(op: str, provider: str, mode: str, N: int, ind: int, cycles: int) -> None:
+    """``run_cycles`` in bfloat16: logits and every gradient within twice the error of the
+    reference run in bfloat16 (the truth: the float64 reference on the same weights and images,
+    upcast exactly) plus 1e-2 of the largest entry (a gate that flips on a value within
+    bfloat16 rounding of zero moves the network's outputs)."""
+    runs = []
+    for p, dtype in ((provider, torch.bfloat16), ("reference", torch.bfloat16), ("reference", F64)):
+        model = _model(p, ind, cycles).to(torch.bfloat16).to(dtype)
+        x = _images(N).to(torch.bfloat16).to(dtype)
+        g = _randn(N, NUM_CLASSES, seed=SEED + 4).to(torch.bfloat16).to(dtype)
+        x.requires_grad_(mode == "fwd+bwd")
+        logits = _cycles_run(model, mode, x, g)
+        runs.append({"logits": logits.detach(), **_grads(model, x)})
+    got, lowp, want = runs
+    for name, w in want.items():
+        err = (got[name].double() - w).abs().max().item()
+        ref_err = (lowp[name].double() - w).abs().max().item()
+        if not err <= 2 * ref_err + 1e-2 * w.abs().max().item():
+            raise CheckFailed(
+                f"{name}: error {err:.3g} > 2 x the bfloat16 reference's {ref_err:.3g}"
+            )
 
 
 @functools.cache
@@ -341,15 +376,17 @@ def _setup_cnnf(op: str, provider: str, mode: str, N: int, ind: int, cycles: int
         return _conv_floor(op, mode, N=N, ind=ind, cycles=cycles)
     _available(provider)
     if provider != "reference":
+        check = _check_cnnf_bf16 if provider in HALF_PROVIDERS else _check_cnnf
         try:
-            _check_cnnf(op, provider, mode, N, ind, cycles)
+            check(op, provider, mode, N, ind, cycles)
         except CheckFailed:
             raise
         except Exception as exc:
             raise _failed(exc) from exc
     model = _model(provider, ind, cycles)
-    x = _images(N)
-    g = _randn(N, NUM_CLASSES, seed=SEED + 4)
+    dtype = torch.bfloat16 if provider in HALF_PROVIDERS else torch.float32
+    x = _images(N).to(dtype)
+    g = _randn(N, NUM_CLASSES, seed=SEED + 4).to(dtype)
     if op == "feedback_step":
         out, ff = _prepare_step(model, x, mode == "fwd+bwd")
         return functools.partial(_step_run, model, mode, out, ff, g)

@@ -1,14 +1,14 @@
 """The benchmark report: ``python -m bench.report [--quick|--full] [--only attention,rnn,feedback]
-[--threads N] [--baseline JSON [--fail-on-regression]] [--device cpu|cuda] [--out DIR]
-[--no-plots]``.
+[--threads N] [--no-thread-scaling] [--baseline JSON [--fail-on-regression]] [--device cpu|cuda]
+[--out DIR] [--no-plots]``.
 
 Runs the standard sweep of bench/_cases.py (bench.run), prints one table per op with ratios
-measured in the same run (bench.tables), the targets (bench.targets), the screening scan's
-sequential depth as bench/results/scan-depth.json holds it (written by ``python -m
-bench.scan_depth``), the comparison with a baseline (bench.baseline), and writes
-``<out>/<machine>-<date>.json`` (every figure, the machine, versions, git SHA: bench.machine)
-and PNG plots (bench.plots). ``python -m bench.readme`` then puts the latest full run into
-README.md. See bench/README.md for the columns.
+measured in the same run (bench.tables), each family's 1 -> 2 thread speed-up (bench.threads),
+the targets (bench.targets), the screening scan's sequential depth as
+bench/results/scan-depth.json holds it (written by ``python -m bench.scan_depth``), the
+comparison with a baseline (bench.baseline), and writes ``<out>/<machine>-<date>.json`` (every
+figure, the machine, versions, git SHA: bench.machine) and PNG plots (bench.plots). ``python -m
+bench.readme`` then puts the latest full run into README.md. See bench/README.md for the columns.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from bench.plots import write_plots
 from bench.ratios import add_ratios
 from bench.run import run_cases
 from bench.tables import print_scan_depth, print_tables
-from bench.targets import print_targets, targets
+from bench.targets import print_targets, targets, thread_targets
+from bench.threads import print_threads, run_threads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,6 +54,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma-separated families (default: attention,rnn,feedback)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    p.add_argument(
+        "--no-thread-scaling",
+        action="store_true",
+        help="skip the 1 -> 2 thread speed-ups (bench.threads)",
+    )
     p.add_argument(
         "--device",
         default="cpu",
@@ -113,6 +119,7 @@ def main(argv=None) -> int:
     cases = _cases.cases(args.preset, args.families, device=args.device)
     mm_start = meta["matmul_gflops"]
     results = run_cases(cases, args.preset)
+    threads = [] if args.no_thread_scaling else run_threads(args.preset, args.families)
 
     # measured again at the end: the machine's throughput is the better of the two (other load
     # or throttling only ever lowers it)
@@ -125,7 +132,8 @@ def main(argv=None) -> int:
     )
     add_ratios(results, meta["matmul_gflops"])
     print_tables(results)
-    target_items = targets(results)
+    print_threads(threads)
+    target_items = targets(results) + thread_targets(threads)
     if target_items:
         print_targets(target_items)
     scan_depth = None
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     slower = []
     if args.baseline is not None:
         slower = compare_baseline(results, meta, args.baseline)
-    payload = {"meta": meta, "results": results, "targets": target_items}
+    payload = {"meta": meta, "results": results, "threads": threads, "targets": target_items}
     if scan_depth is not None:
         payload["scan_depth"] = scan_depth
     if args.baseline is not None:

@@ -21,6 +21,7 @@ TITLES = {
     "attention": "screened attention, the C++ CPU kernel",
     "rnn": "RelRNN / RelLSTM forward + backward, the fused CPU kernels",
     "feedback": "CNN-F, the fused CPU kernels (CNNF at the largest batch)",
+    "threads": "1 -> 2 threads, time at 1 thread / time at 2 (bench.threads)",
 }
 
 
@@ -161,6 +162,14 @@ def _feedback_targets(results: list[dict], out: _Targets) -> None:
             False,
             f"needs {op} cpu and conv_floor",
         )
+    out.add(
+        "feedback",
+        f"run_cycles cpu fwd+bwd time in bfloat16 / in float32, N={N}",
+        time_ratio(get("run_cycles", "cpu_bf16", "fwd+bwd"), get("run_cycles", "cpu", "fwd+bwd")),
+        1.3,
+        False,
+        "needs run_cycles cpu and cpu_bf16",
+    )
 
 
 _COLLECT = {"attention": _attention_targets, "rnn": _rnn_targets, "feedback": _feedback_targets}
@@ -173,6 +182,21 @@ def targets(results: list[dict]) -> list[dict]:
     for family, collect in _COLLECT.items():
         if family in families:
             collect(results, out)
+    return out.items
+
+
+def thread_targets(records: list[dict]) -> list[dict]:
+    """The speed-up of each of bench.threads' cases against its target (#15)."""
+    out = _Targets()
+    for r in records:
+        out.add(
+            "threads",
+            f"{r['label']} fwd+bwd speed-up, 1 -> 2 threads",
+            r.get("speedup"),
+            r["target"],
+            True,
+            f"{r['status']}: {r['reason']}",
+        )
     return out.items
 
 

@@ -265,9 +265,16 @@ def test_cpp_op_checks_its_inputs():
 
 
 def test_auto_picks_the_cpp_kernel_on_cpu():
-    cpu, kernels = torch.device("cpu"), {"cpu": _backend.CPU_DTYPES}
-    assert _backend.resolve("ada_relu", "auto", cpu, torch.float32, kernels) == "cpu"
-    # a dtype the kernel does not take: "auto" runs the reference, a named backend refuses
-    assert _backend.resolve("ada_relu", "auto", cpu, torch.float16, kernels) == "reference"
-    with pytest.raises(TypeError, match="backend='cpu' takes float32 or float64 inputs"):
-        _backend.resolve("ada_relu", "cpu", cpu, torch.float16, kernels)
+    cpu, kernels = torch.device("cpu"), functional._KERNELS
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert _backend.resolve("ada_relu", "auto", cpu, dtype, kernels) == "cpu"
+    # a dtype the kernel does not take: "auto" runs the reference, a named backend refuses,
+    # naming the op, the backend, the dtypes it takes and the one it got
+    fp8 = torch.float8_e4m3fn
+    assert _backend.resolve("ada_relu", "auto", cpu, fp8, kernels) == "reference"
+    with pytest.raises(
+        TypeError,
+        match=r"ada_relu: backend='cpu' takes float16, bfloat16, float32 or float64 inputs, "
+        r"got torch.float8_e4m3fn",
+    ):
+        _backend.resolve("ada_relu", "cpu", cpu, fp8, kernels)

@@ -18,6 +18,7 @@ from _feedback_utils import (
     plane_inputs,
     randomize,
 )
+from _ids import dtype_id
 from _tolerances import assert_close
 from torch import nn
 
@@ -520,6 +521,35 @@ def test_cnnf_cpu_equals_reference(ind):
         lambda backend: CNNF(10, ind=ind, cycles=2, res_param=0.3, backend=backend),
         torch.randn(2, 1, 28, 28, dtype=F64),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_cnnf_runs_its_gates_on_the_cpu_kernels(dtype, monkeypatch):
+    """A half CNNF on CPU tensors under backend="auto" never calls a reference op, and its
+    logits and input gradient are within twice the error of the same network run on the
+    reference in that dtype (the truth: float64 on the same, exactly upcast, weights and
+    images), plus 1e-2 of the largest entry: a gate that flips on a value within half rounding
+    of zero moves a whole network's outputs."""
+    base = randomize(CNNF(10, ind=0, cycles=2, res_param=0.3, backend="auto")).to(dtype)
+    x = torch.randn(2, 1, 28, 28).to(dtype)
+
+    def run(model, t):
+        t = t.clone().requires_grad_()
+        out = model.run_cycles(t)
+        return out.detach(), *torch.autograd.grad(out.float().logsumexp(1).sum(), t)
+
+    with monkeypatch.context() as m:
+        for name in functional.__all__:
+            m.setattr(functional.reference, name, None)  # any reference call raises TypeError
+        got = run(base, x)
+    base.set_backend("reference")
+    lowp = run(base, x)
+    want = run(base.double(), x.double())
+    assert got[0].dtype == dtype and got[1].dtype == dtype
+    for a, b, c in zip(got, want, lowp, strict=True):
+        err = (a.double() - b).abs().max().item()
+        assert err <= 2 * (c.double() - b).abs().max().item() + 1e-2 * b.abs().max().item()
+    assert got[1].abs().sum() > 0
 
 
 @pytest.mark.parametrize("widen,ind", [(1, 0), (2, 1)])

@@ -5,6 +5,7 @@ torch.library checks of the C++ ops and their backward ops; streaming stores; em
 and non-finite values. (Which layers run them: test_feedback_layers.py.)"""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from _feedback_utils import (
     plane_inputs,
 )
 from _ids import case_id, dtype_id
-from _tolerances import assert_close
+from _tolerances import assert_close, assert_low_precision_close
 
+from screening_attn import _backend
 from screening_attn.feedback import _ops, functional, reference
 
 
@@ -198,50 +200,101 @@ def test_non_finite_stays_in_its_plane_forward_and_backward(backend, bad, op):
 # Random shapes, dtypes and layouts against the reference: tests/test_fuzz.py.
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
-def test_half_cpu_tensors_run_the_reference_or_name_the_backend(dtype):
-    """CNN-F ops on half CPU tensors: "auto" gives the reference's result (the C++ kernels take
-    float32 and float64), "cpu" the documented TypeError naming the backend and the dtypes."""
+# Each CNN-F op on the tensors of plane_inputs() (shapes in the helper): the op's outputs, and
+# the names of the inputs it is differentiable in.
+_OPS = {
+    "ada_relu": (lambda t, b: functional.ada_relu(t.x, t.hidden, 0.3, backend=b), "x hidden"),
+    "ada_relu_feedback": (lambda t, b: functional.ada_relu_feedback(t.x, t.mask, backend=b), "x"),
+    "ins_norm": (lambda t, b: functional.ins_norm(t.x, backend=b), "x"),
+    "ins_norm_gate": (lambda t, b: functional.ins_norm_gate(t.x, t.mask, backend=b), "x"),
+    "ins_bias_ada_relu": (
+        lambda t, b: functional.ins_bias_ada_relu(t.x, t.bias, t.hidden, 0.3, backend=b),
+        "x bias hidden",
+    ),
+    "ada_pool2d": (lambda t, b: functional.ada_pool2d(t.x, t.pool_hidden, 2, backend=b), "x"),
+    "ada_unpool2d": (
+        lambda t, b: functional.ada_unpool2d(
+            t.z, t.amax, t.amin, t.pool_hidden, 2, (4, 6), backend=b
+        ),
+        "z",
+    ),
+    "ins_bias_ada_relu_pool2d": (
+        lambda t, b: functional.ins_bias_ada_relu_pool2d(
+            t.x, t.bias, t.hidden, t.pool_hidden, 0.3, 2, backend=b
+        ),
+        "x bias hidden",
+    ),
+    "ada_unpool_gate": (
+        lambda t, b: functional.ada_unpool_gate(
+            t.z, t.amax, t.amin, t.pool_hidden, t.mask, 2, (4, 6), backend=b
+        ),
+        "z",
+    ),
+}
+
+
+def _run_op(name, dtype, backend, g):
+    """``name`` on plane_inputs() cast to ``dtype``: (outputs, gradients of its inputs for the
+    output gradients ``g``, cast to ``dtype``)."""
+    op, wrt = _OPS[name]
     p = plane_inputs()
-    x, hidden, z, hp, bias, mask = (
-        t.to(dtype) if t.is_floating_point() else t
-        for t in (p.x, p.hidden, p.z, p.pool_hidden, p.bias, p.mask)
+    _, p.amax, p.amin = reference.ada_pool2d(p.x, p.pool_hidden, 2)
+    t = SimpleNamespace(
+        **{k: v.to(dtype) if v.is_floating_point() else v for k, v in vars(p).items()}
     )
-    _, amax, amin = reference.ada_pool2d(x, hp, 2)
-    calls = {
-        "ada_relu": (lambda **kw: functional.ada_relu(x, hidden, 0.3, **kw)),
-        "ada_relu_feedback": (lambda **kw: functional.ada_relu_feedback(x, mask, **kw)),
-        "ins_norm": (lambda **kw: functional.ins_norm(x, **kw)),
-        "ins_norm_gate": (lambda **kw: functional.ins_norm_gate(x, mask, **kw)),
-        "ins_bias_ada_relu": (
-            lambda **kw: functional.ins_bias_ada_relu(x, bias, hidden, 0.3, **kw)
-        ),
-        "ada_pool2d": (lambda **kw: functional.ada_pool2d(x, hp, 2, **kw)),
-        "ada_unpool2d": (lambda **kw: functional.ada_unpool2d(z, amax, amin, hp, 2, (4, 6), **kw)),
-        "ins_bias_ada_relu_pool2d": (
-            lambda **kw: functional.ins_bias_ada_relu_pool2d(x, bias, hidden, hp, 0.3, 2, **kw)
-        ),
-        "ada_unpool_gate": (
-            lambda **kw: functional.ada_unpool_gate(z, amax, amin, hp, mask, 2, (4, 6), **kw)
-        ),
-    }
-    refs = {
-        "ada_relu": lambda: reference.ada_relu(x, hidden, 0.3),
-        "ada_relu_feedback": lambda: reference.ada_relu_feedback(x, mask),
-        "ins_norm": lambda: reference.ins_norm(x, 1e-8, False),
-        "ins_norm_gate": lambda: reference.ins_norm_gate(x, mask),
-        "ins_bias_ada_relu": lambda: reference.ins_bias_ada_relu(x, bias, hidden, 0.3),
-        "ada_pool2d": lambda: reference.ada_pool2d(x, hp, 2),
-        "ada_unpool2d": lambda: reference.ada_unpool2d(z, amax, amin, hp, 2, (4, 6)),
-        "ins_bias_ada_relu_pool2d": lambda: reference.ins_bias_ada_relu_pool2d(
-            x, bias, hidden, hp, 0.3, 2
-        ),
-        "ada_unpool_gate": lambda: reference.ada_unpool_gate(z, amax, amin, hp, mask, 2, (4, 6)),
-    }
-    for name, call in calls.items():
-        got, want = call(), refs[name]()
-        got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
-        for a, b in zip(got, want, strict=True):
-            assert a.dtype == b.dtype and torch.equal(a, b), name
-        with pytest.raises(TypeError, match=rf"{name}: backend='cpu' takes float32 or float64"):
-            call(backend="cpu")
+    for k in wrt.split():
+        setattr(t, k, getattr(t, k).requires_grad_())
+    out = op(t, backend)
+    out = out if isinstance(out, tuple) else (out,)
+    floating = [o for o in out if o.is_floating_point()]
+    grad = torch.autograd.grad(
+        floating, [getattr(t, k) for k in wrt.split()], [gi.to(dtype) for gi in g(floating)]
+    )
+    return out, grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("name", list(_OPS))
+def test_half_cpu_tensors_run_the_cpu_kernels_in_float32(name, dtype):
+    """CNN-F ops on half CPU tensors: "auto" picks the C++ kernels (never the reference), which
+    compute in float32 and round once. Outputs and gradients against the float64 reference on the
+    exactly upcast inputs, by the half rule (at most twice the error of the reference run in
+    that dtype); masks and positions equal to the float64 reference's."""
+    assert _backend.resolve(name, "auto", torch.device("cpu"), dtype, functional._KERNELS) == "cpu"
+    gen = torch.Generator().manual_seed(5)
+    fixed: list[torch.Tensor] = []
+
+    def g(outs):  # the same output gradients for every run
+        if not fixed:
+            fixed.extend(torch.randn(o.shape, dtype=F64, generator=gen) for o in outs)
+        return fixed
+
+    got, got_grad = _run_op(name, dtype, "cpu", g)
+    want, want_grad = _run_op(name, F64, "reference", g)
+    lowp, lowp_grad = _run_op(name, dtype, "reference", g)
+    assert len(got) == len(want)
+    for a, b, c in zip(got, want, lowp, strict=True):
+        if b.is_floating_point():
+            assert a.dtype == dtype
+            assert_low_precision_close(a, b, c)
+        else:
+            assert torch.equal(a, b), name
+    for a, b, c in zip(got_grad, want_grad, lowp_grad, strict=True):
+        assert a.dtype == dtype
+        assert_low_precision_close(a, b, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+def test_half_cpp_ops_check_before_converting(dtype):
+    """The C++ ops take half tensors directly (rstd stays float32) and still reject mixed dtypes:
+    the checks see the arguments as given, before the conversion to float32."""
+    p = plane_inputs()
+    x, hidden = p.x.to(dtype), p.hidden.to(dtype)
+    y, rstd = torch.ops.screening_attn.ins_norm(x, 1e-8, False)
+    assert y.dtype == dtype and rstd.dtype == torch.float32
+    assert_close(rstd, torch.ops.screening_attn.ins_norm(x.float(), 1e-8, False)[1])
+    other = torch.bfloat16 if dtype == torch.float16 else torch.float16
+    with pytest.raises(TypeError, match="hidden must have the dtype of x"):
+        torch.ops.screening_attn.ada_relu(x, hidden.to(other), 0.1)
+    with pytest.raises(TypeError, match="rstd must be Float"):
+        torch.ops.screening_attn.ins_norm_backward(x, x, rstd.to(dtype), False)

@@ -7,7 +7,8 @@ layouts (transposed, sliced, broadcast, channels_last views).
 Example counts per op (`make test`, the "ci" profile of conftest.py: fixed, derandomized
 examples; `make fuzz` multiplies every count by FUZZ_FACTOR = 10 and draws new ones each run):
 
-* every op's C++ CPU kernel: 1000 examples (float64 and float32);
+* every op's C++ CPU kernel: 1000 examples (float64 and float32; float16 / bfloat16 too for the
+  CNN-F gates, pools and the top-down norm);
 * the Triton kernels run under the interpreter, 10-1000x slower than the C++ kernels, so they
   get fewer examples of smaller sizes: screened attention 20 (T <= 32, B·H <= 2; float64,
   float32, float16, bfloat16), each CNN-F op 100 (planes up to 8 x 8; float64, float32, and
@@ -381,7 +382,7 @@ def examples_for(backend: str) -> int:
 
 
 def dtypes_for(backend: str, half: bool = True) -> list[torch.dtype]:
-    return [F64, F32, *(HALF if half and backend == "triton" else ())]
+    return [F64, F32, *(HALF if half and backend in ("cpu", "triton") else ())]
 
 
 def grads(out, inputs, grad):

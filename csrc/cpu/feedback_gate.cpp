@@ -13,6 +13,7 @@
 
 #include "vec.h"  // first: its -Wpsabi pragma also covers feedback.h
 
+#include "half_inputs.h"
 #include "screening_attn/checks.h"
 #include "screening_attn/feedback.h"
 
@@ -102,6 +103,10 @@ std::tuple<at::Tensor, at::Tensor> ada_relu_cpu(const at::Tensor& x_,
                                                 const std::optional<at::Tensor>& hidden_,
                                                 double eta) {
   check_ada_relu(x_, hidden_);
+  if (is_half(x_)) {
+    auto [y, mask] = ada_relu_cpu(as_float(x_), as_float(hidden_), eta);
+    return {y.to(x_.scalar_type()), mask};
+  }
   const bool has_hidden = hidden_.has_value();
   const at::Tensor x = x_.contiguous();
   const at::Tensor hidden = has_hidden ? hidden_->contiguous() : x;
@@ -123,6 +128,10 @@ std::tuple<at::Tensor, at::Tensor> ada_relu_cpu(const at::Tensor& x_,
 std::tuple<at::Tensor, at::Tensor> ada_relu_backward_cpu(const at::Tensor& grad_,
                                                          const at::Tensor& mask_, double eta) {
   check_ada_relu_backward(grad_, mask_);
+  if (is_half(grad_)) {
+    auto [gx, gh] = ada_relu_backward_cpu(as_float(grad_), mask_, eta);
+    return {gx.to(grad_.scalar_type()), gh.to(grad_.scalar_type())};
+  }
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   at::Tensor gx = at::empty_like(grad);
@@ -142,6 +151,7 @@ std::tuple<at::Tensor, at::Tensor> ada_relu_backward_cpu(const at::Tensor& grad_
 
 at::Tensor ada_relu_feedback_cpu(const at::Tensor& z_, const at::Tensor& mask_) {
   check_ada_relu_backward(z_, mask_);
+  if (is_half(z_)) return ada_relu_feedback_cpu(as_float(z_), mask_).to(z_.scalar_type());
   const at::Tensor z = z_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   at::Tensor out = at::empty_like(z);

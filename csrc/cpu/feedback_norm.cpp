@@ -21,6 +21,7 @@
 #include "feedback_pool.h"
 #include "vec.h"
 
+#include "half_inputs.h"
 #include "screening_attn/checks.h"
 #include "screening_attn/feedback.h"
 
@@ -257,6 +258,10 @@ at::Tensor new_rstd(const at::Tensor& x) {
 
 std::tuple<at::Tensor, at::Tensor> ins_norm_cpu(const at::Tensor& x_, double eps, bool centered) {
   check_ins_norm(x_, "x", centered);
+  if (is_half(x_)) {
+    auto [y, rstd] = ins_norm_cpu(as_float(x_), eps, centered);
+    return {y.to(x_.scalar_type()), rstd};
+  }
   const at::Tensor x = x_.contiguous();
   at::Tensor y = at::empty_like(x);
   at::Tensor rstd = new_rstd(x);
@@ -277,6 +282,10 @@ std::tuple<at::Tensor, at::Tensor> ins_norm_cpu(const at::Tensor& x_, double eps
 at::Tensor ins_norm_backward_cpu(const at::Tensor& grad_, const at::Tensor& x_,
                                  const at::Tensor& rstd_, bool centered) {
   check_ins_backward(grad_, "grad_y", x_, rstd_, centered);
+  if (is_half(x_)) {
+    return ins_norm_backward_cpu(as_float(grad_), as_float(x_), rstd_, centered)
+        .to(x_.scalar_type());
+  }
   const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), rstd = rstd_.contiguous();
   at::Tensor gx = at::empty_like(x);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ins_norm_backward_cpu", [&] {
@@ -297,6 +306,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& bias_,
     const std::optional<at::Tensor>& hidden_, double eta, double eps, bool centered) {
   check_ins_bias_ada_relu(x_, bias_, hidden_, centered);
+  if (is_half(x_)) {
+    auto [y, mask, rstd] =
+        ins_bias_ada_relu_cpu(as_float(x_), as_float(bias_), as_float(hidden_), eta, eps, centered);
+    return {y.to(x_.scalar_type()), mask, rstd};
+  }
   const at::Tensor x = x_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
@@ -332,6 +346,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_norm_gate_cpu(const at::Tenso
                                                                  double eps, bool centered) {
   check_ins_norm(z_, "z", centered);
   check_mask(mask_, z_, "z");
+  if (is_half(z_)) {
+    auto [zn, out, rstd] = ins_norm_gate_cpu(as_float(z_), mask_, eps, centered);
+    return {zn.to(z_.scalar_type()), out.to(z_.scalar_type()), rstd};
+  }
   const at::Tensor z = z_.contiguous(), mask = mask_.contiguous();
   at::Tensor zn = at::empty_like(z);
   at::Tensor out = at::empty_like(z);
@@ -357,6 +375,11 @@ at::Tensor ins_norm_gate_backward_cpu(const at::Tensor& grad_zn_, const at::Tens
                                       const at::Tensor& z_, const at::Tensor& mask_,
                                       const at::Tensor& rstd_, bool centered) {
   check_ins_norm_gate_backward(grad_zn_, grad_out_, z_, mask_, rstd_, centered);
+  if (is_half(z_)) {
+    return ins_norm_gate_backward_cpu(as_float(grad_zn_), as_float(grad_out_), as_float(z_), mask_,
+                                      rstd_, centered)
+        .to(z_.scalar_type());
+  }
   const at::Tensor gzn = grad_zn_.contiguous(), gout = grad_out_.contiguous();
   const at::Tensor z = z_.contiguous(), mask = mask_.contiguous(), rstd = rstd_.contiguous();
   at::Tensor gz = at::empty_like(z);
@@ -442,6 +465,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ins_bias_
     double eta, double eps, bool centered, int64_t k) {
   check_ins_bias_ada_relu(x_, bias_, hidden_, centered);
   check_ada_pool2d(x_, pool_hidden_, k);
+  if (is_half(x_)) {
+    auto [y, mask, rstd, amax, amin] =
+        ins_bias_ada_relu_pool2d_cpu(as_float(x_), as_float(bias_), as_float(hidden_),
+                                     as_float(pool_hidden_), eta, eps, centered, k);
+    return {y.to(x_.scalar_type()), mask, rstd, amax, amin};
+  }
   const at::Tensor x = x_.contiguous();
   const at::Tensor bias = bias_.has_value() ? bias_->contiguous() : at::Tensor();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
@@ -489,6 +518,18 @@ struct PooledGrad {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ins_bias_ada_relu_backward_impl(
     const at::Tensor& grad_, const at::Tensor& x_, const at::Tensor& mask_, const at::Tensor& rstd_,
     double eta, bool gated, bool has_bias, bool centered, const PooledGrad* pooled) {
+  if (is_half(x_)) {
+    std::optional<PooledGrad> as_float_pooled;
+    if (pooled != nullptr) {
+      as_float_pooled =
+          PooledGrad{as_float(pooled->hidden), pooled->argmax, pooled->argmin, pooled->k};
+    }
+    auto [gx, gh, gb] = ins_bias_ada_relu_backward_impl(
+        as_float(grad_), as_float(x_), mask_, rstd_, eta, gated, has_bias, centered,
+        pooled != nullptr ? &*as_float_pooled : nullptr);
+    const auto dtype = x_.scalar_type();
+    return {gx.to(dtype), gh.to(dtype), gb.to(dtype)};
+  }
   const at::Tensor grad = grad_.contiguous(), x = x_.contiguous(), rstd = rstd_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   at::Tensor gx = at::empty_like(x);

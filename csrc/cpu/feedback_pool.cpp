@@ -16,6 +16,7 @@
 #include "feedback_pool.h"
 #include "vec.h"
 
+#include "half_inputs.h"
 #include "screening_attn/checks.h"
 #include "screening_attn/feedback.h"
 
@@ -53,6 +54,10 @@ void run_pool(const PoolArgs<T>& a, PoolOp op, int64_t planes) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ada_pool2d_cpu(
     const at::Tensor& x_, const std::optional<at::Tensor>& hidden_, int64_t k) {
   check_ada_pool2d(x_, hidden_, k);
+  if (is_half(x_)) {
+    auto [y, amax, amin] = ada_pool2d_cpu(as_float(x_), as_float(hidden_), k);
+    return {y.to(x_.scalar_type()), amax, amin};
+  }
   const at::Tensor x = x_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
   const PoolGeometry g = pool_geometry(x.size(2), x.size(3), k);
@@ -76,6 +81,10 @@ at::Tensor ada_unpool2d_cpu(const at::Tensor& z_, const std::optional<at::Tensor
                             const at::Tensor& amax_, const at::Tensor& amin_, int64_t k,
                             int64_t height, int64_t width) {
   check_ada_unpool2d(z_, "z", hidden_, amax_, amin_, k, height, width);
+  if (is_half(z_)) {
+    return ada_unpool2d_cpu(as_float(z_), as_float(hidden_), amax_, amin_, k, height, width)
+        .to(z_.scalar_type());
+  }
   const at::Tensor z = z_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
   at::Tensor out = at::empty({z.size(0), z.size(1), height, width}, z.options());
@@ -96,6 +105,10 @@ at::Tensor ada_pool2d_gather_cpu(const at::Tensor& grad_, const std::optional<at
                                  const at::Tensor& amax_, const at::Tensor& amin_, int64_t k) {
   const std::vector<int64_t> pooled =
       check_ada_pool2d_gather(grad_, "grad", hidden_, amax_, amin_, k);
+  if (is_half(grad_)) {
+    return ada_pool2d_gather_cpu(as_float(grad_), as_float(hidden_), amax_, amin_, k)
+        .to(grad_.scalar_type());
+  }
   const at::Tensor grad = grad_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
   at::Tensor gz = at::empty(pooled, grad.options());
@@ -221,6 +234,11 @@ std::tuple<at::Tensor, at::Tensor> ada_unpool_gate_cpu(
   TORCH_CHECK_VALUE(mask_.sizes() == at::IntArrayRef(full) && mask_.device() == z_.device(),
                     "mask must have the unpooled shape ", at::IntArrayRef(full), " on ",
                     z_.device(), ", got ", mask_.sizes(), " on ", mask_.device());
+  if (is_half(z_)) {
+    auto [u, out] =
+        ada_unpool_gate_cpu(as_float(z_), as_float(hidden_), amax_, amin_, mask_, k, height, width);
+    return {u.to(z_.scalar_type()), out.to(z_.scalar_type())};
+  }
   const at::Tensor z = z_.contiguous(), amax = amax_.contiguous(), amin = amin_.contiguous();
   const at::Tensor mask = mask_.contiguous();
   const at::Tensor hidden = hidden_.has_value() ? hidden_->contiguous() : at::Tensor();
@@ -259,6 +277,11 @@ at::Tensor ada_unpool_gate_backward_cpu(const std::optional<at::Tensor>& grad_u_
     check_same_shape(*grad_u_, "grad_u", *grad_out_, "grad_out");
   }
   check_mask(mask_, like, like_name);
+  if (is_half(like)) {
+    return ada_unpool_gate_backward_cpu(as_float(grad_u_), as_float(grad_out_), as_float(hidden_),
+                                        amax_, amin_, mask_, k)
+        .to(like.scalar_type());
+  }
   const at::Tensor gu = grad_u_.has_value() ? grad_u_->contiguous() : at::Tensor();
   const at::Tensor go = grad_out_.has_value() ? grad_out_->contiguous() : at::Tensor();
   const at::Tensor amax = amax_.contiguous(), amin = amin_.contiguous(), mask = mask_.contiguous();
