@@ -21,6 +21,8 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 
 # What the kernels compute, by backend (half inputs are computed in float32).
 CPU_DTYPES = (torch.float32, torch.float64)
+# The C++ kernels that also take half inputs (computed in float32): screened attention.
+CPU_HALF_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
