@@ -10,12 +10,14 @@
 // deterministic, no atomics.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
@@ -434,8 +436,37 @@ void backward_one(const Group<scalar_t>& x, const scalar_t* o, const scalar_t* d
 
 bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
 
-// Half inputs are computed in float32 (docs/backends.md): the kernels run on float copies.
-at::Tensor to_float(const at::Tensor& t) { return t.to(at::kFloat); }
+// Half inputs are computed in float32 (docs/backends.md): each (b, KV head) is converted into
+// float buffers of its thread, reused from row to row, so no tensor-sized copy is made. For
+// float32 and float64 the pointers pass through.
+template <typename in_t>
+struct Staging {
+  using acc_t = at::opmath_type<in_t>;
+  static constexpr bool kPass = std::is_same_v<in_t, acc_t>;
+  std::vector<acc_t> buf[8];
+
+  const acc_t* in(int slot, const in_t* p, int64_t n) {
+    if constexpr (kPass) {
+      return p;
+    } else {
+      buf[slot].resize(n);
+      for (int64_t i = 0; i < n; ++i) buf[slot][i] = static_cast<acc_t>(p[i]);
+      return buf[slot].data();
+    }
+  }
+  acc_t* out(int slot, in_t* p, int64_t n) {
+    if constexpr (kPass) {
+      return p;
+    } else {
+      buf[slot].resize(n);
+      return buf[slot].data();
+    }
+  }
+  void flush(int slot, in_t* p, int64_t n) {  // an `out` buffer back into p
+    if constexpr (!kPass)
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<in_t>(buf[slot][i]);
+  }
+};
 
 void check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
                      int64_t relevant) {
@@ -485,14 +516,8 @@ Outputs screened_attention_stream_cpu(const at::Tensor& q_, const at::Tensor& k_
   check_attention(q_, k_, v_, window, relevant);
   const int64_t R0 = slot_index0_.size(-1), P = rel0_.size(-1);
   check_stream(q_, k_, mask_, R0, P);
-  if (is_half(q_.scalar_type())) {
-    auto [out, lse, index, score, rel, span] =
-        screened_attention_stream_cpu(to_float(q_), to_float(k_), to_float(v_), mask_, rel0_,
-                                      slot_index0_, slot_score0_, window, relevant, scale);
-    return {out.to(q_.scalar_type()), lse, index, score, rel, span};
-  }
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const auto acc = q.scalar_type();
+  const auto acc = acc_type(q.scalar_type());
   const int64_t B = q.size(0), H = q.size(1), n = q.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t Hkv = k.size(1), G = Hkv > 0 ? H / Hkv : 1, S = P + n, X = R0 + S;
   const auto expect = [&](const at::Tensor& t, at::ScalarType dt, int64_t last, const char* name) {
@@ -508,41 +533,47 @@ Outputs screened_attention_stream_cpu(const at::Tensor& q_, const at::Tensor& k_
   const at::Tensor slot_score0 = slot_score0_.contiguous();
   const at::Tensor mask = mask_ ? mask_->contiguous() : at::Tensor();
   at::Tensor out = at::empty({B, H, n, Dv}, q.options());
-  at::Tensor lse = at::empty({B, H, n}, q.options());
+  at::Tensor lse = at::empty({B, H, n}, q.options().dtype(acc));
   at::Tensor index = at::empty({B, Hkv, relevant}, q.options().dtype(at::kLong));
-  at::Tensor score = at::empty({B, Hkv, relevant}, q.options());
-  at::Tensor rel = at::empty({B, Hkv, S}, q.options());
+  at::Tensor score = at::empty({B, Hkv, relevant}, q.options().dtype(acc));
+  at::Tensor rel = at::empty({B, Hkv, S}, q.options().dtype(acc));
   at::Tensor span = at::empty({B, Hkv, X, 2}, q.options().dtype(at::kInt));
   window = std::min(window, S + 1);  // any larger window sees and screens the same keys
   // Slots that can ever fill: the initial ones, and one per key leaving the window.
   const int64_t rho_live = std::min(relevant, R0 + std::max<int64_t>(0, S - window + 1));
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "screened_attention_stream_cpu", [&] {
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {  // r = b Hkv + kv head; its query heads r G ..
-        const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() + (r / Hkv) * S : nullptr;
-        const Group<scalar_t> x{q.const_data_ptr<scalar_t>() + r * G * n * D,
-                                k.const_data_ptr<scalar_t>() + r * X * D,
-                                v.const_data_ptr<scalar_t>() + r * X * Dv,
-                                valid,
-                                G,
-                                n,
-                                P,
-                                R0,
-                                S,
-                                D,
-                                Dv};
-        forward_one<scalar_t>(
-            x, out.mutable_data_ptr<scalar_t>() + r * G * n * Dv,
-            lse.mutable_data_ptr<scalar_t>() + r * G * n,
-            index.mutable_data_ptr<int64_t>() + r * relevant,
-            score.mutable_data_ptr<scalar_t>() + r * relevant,
-            rel.mutable_data_ptr<scalar_t>() + r * S, span.mutable_data_ptr<int32_t>() + r * X * 2,
-            rel0.const_data_ptr<scalar_t>() + r * P, slot_index0.const_data_ptr<int64_t>() + r * R0,
-            slot_score0.const_data_ptr<scalar_t>() + r * R0, window, relevant, rho_live,
-            static_cast<scalar_t>(scale));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "screened_attention_stream_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+          Staging<scalar_t> st;
+          for (int64_t r = begin; r < end; ++r) {  // r = b Hkv + kv head; its query heads r G ..
+            const bool* valid =
+                mask.defined() ? mask.const_data_ptr<bool>() + (r / Hkv) * S : nullptr;
+            const Group<acc_t> x{st.in(0, q.const_data_ptr<scalar_t>() + r * G * n * D, G * n * D),
+                                 st.in(1, k.const_data_ptr<scalar_t>() + r * X * D, X * D),
+                                 st.in(2, v.const_data_ptr<scalar_t>() + r * X * Dv, X * Dv),
+                                 valid,
+                                 G,
+                                 n,
+                                 P,
+                                 R0,
+                                 S,
+                                 D,
+                                 Dv};
+            scalar_t* o = out.mutable_data_ptr<scalar_t>() + r * G * n * Dv;
+            forward_one<acc_t>(
+                x, st.out(3, o, G * n * Dv), lse.mutable_data_ptr<acc_t>() + r * G * n,
+                index.mutable_data_ptr<int64_t>() + r * relevant,
+                score.mutable_data_ptr<acc_t>() + r * relevant,
+                rel.mutable_data_ptr<acc_t>() + r * S, span.mutable_data_ptr<int32_t>() + r * X * 2,
+                rel0.const_data_ptr<acc_t>() + r * P,
+                slot_index0.const_data_ptr<int64_t>() + r * R0,
+                slot_score0.const_data_ptr<acc_t>() + r * R0, window, relevant, rho_live,
+                static_cast<acc_t>(scale));
+            st.flush(3, o, G * n * Dv);
+          }
+        });
+      });
   return {out, lse, index, score, rel, span};
 }
 
@@ -579,13 +610,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_attention_stream_backwar
   TORCH_CHECK_TYPE(lse_.scalar_type() == acc_type(q_.scalar_type()) &&
                        lse_.sizes() == at::IntArrayRef({B, H, n}),
                    "lse must be a (B, H, n) tensor of the accumulation dtype");
-  if (is_half(q_.scalar_type())) {
-    const auto dt = q_.scalar_type();
-    auto [dq, dk, dv] = screened_attention_stream_backward_cpu(
-        to_float(grad_out_), to_float(q_), to_float(k_), to_float(v_), to_float(out_), lse_, span_,
-        mask_, initial_slots, window, scale);
-    return {dq.to(dt), dk.to(dt), dv.to(dt)};
-  }
   const at::Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
   const at::Tensor go = grad_out_.contiguous(), o = out_.contiguous(), lse = lse_.contiguous();
   const at::Tensor span = span_.contiguous();
@@ -594,31 +618,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_attention_stream_backwar
   const int64_t X = R0 + S;
   at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   window = std::min(window, S + 1);  // keeps ν within int32, as the spans are
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "screened_attention_backward_cpu", [&] {
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const bool* valid = mask.defined() ? mask.const_data_ptr<bool>() + (r / Hkv) * S : nullptr;
-        const Group<scalar_t> x{q.const_data_ptr<scalar_t>() + r * G * n * D,
-                                k.const_data_ptr<scalar_t>() + r * X * D,
-                                v.const_data_ptr<scalar_t>() + r * X * Dv,
-                                valid,
-                                G,
-                                n,
-                                P,
-                                R0,
-                                S,
-                                D,
-                                Dv};
-        backward_one<scalar_t>(
-            x, o.const_data_ptr<scalar_t>() + r * G * n * Dv,
-            go.const_data_ptr<scalar_t>() + r * G * n * Dv,
-            lse.const_data_ptr<scalar_t>() + r * G * n, span.const_data_ptr<int32_t>() + r * X * 2,
-            dq.mutable_data_ptr<scalar_t>() + r * G * n * D,
-            dk.mutable_data_ptr<scalar_t>() + r * X * D,
-            dv.mutable_data_ptr<scalar_t>() + r * X * Dv, window, static_cast<scalar_t>(scale));
-      }
-    });
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, q.scalar_type(), "screened_attention_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+          Staging<scalar_t> st;
+          for (int64_t r = begin; r < end; ++r) {
+            const bool* valid =
+                mask.defined() ? mask.const_data_ptr<bool>() + (r / Hkv) * S : nullptr;
+            const Group<acc_t> x{st.in(0, q.const_data_ptr<scalar_t>() + r * G * n * D, G * n * D),
+                                 st.in(1, k.const_data_ptr<scalar_t>() + r * X * D, X * D),
+                                 st.in(2, v.const_data_ptr<scalar_t>() + r * X * Dv, X * Dv),
+                                 valid,
+                                 G,
+                                 n,
+                                 P,
+                                 R0,
+                                 S,
+                                 D,
+                                 Dv};
+            scalar_t* dq_r = dq.mutable_data_ptr<scalar_t>() + r * G * n * D;
+            scalar_t* dk_r = dk.mutable_data_ptr<scalar_t>() + r * X * D;
+            scalar_t* dv_r = dv.mutable_data_ptr<scalar_t>() + r * X * Dv;
+            backward_one<acc_t>(
+                x, st.in(3, o.const_data_ptr<scalar_t>() + r * G * n * Dv, G * n * Dv),
+                st.in(4, go.const_data_ptr<scalar_t>() + r * G * n * Dv, G * n * Dv),
+                lse.const_data_ptr<acc_t>() + r * G * n, span.const_data_ptr<int32_t>() + r * X * 2,
+                st.out(5, dq_r, G * n * D), st.out(6, dk_r, X * D), st.out(7, dv_r, X * Dv), window,
+                static_cast<acc_t>(scale));
+            st.flush(5, dq_r, G * n * D);
+            st.flush(6, dk_r, X * D);
+            st.flush(7, dv_r, X * Dv);
+          }
+        });
+      });
   return {dq, dk, dv};
 }
 
