@@ -30,6 +30,27 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;
 
+// MKL's per-thread thread count (C interface), exported by libtorch_cpu when torch is built with
+// MKL; weak, so the extension loads without it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// The block GEMMs are small (kBlockQ x (ν+ρ) x D): threaded, they are slower than on one thread,
+// and much slower on a loaded machine. Inside at::parallel_for's OpenMP team MKL runs them
+// sequentially by itself, but a call with one (b, KV head) runs inline, outside any team: this
+// keeps MKL on the calling thread there too, so more threads never make the kernel slower.
+class SequentialBlas {
+ public:
+  SequentialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
 // A row-major (rows x cols) matrix view with leading dimension ld over raw memory.
 template <typename T>
 at::Tensor mat(const T* p, int64_t rows, int64_t cols, int64_t ld) {
@@ -545,6 +566,7 @@ Outputs screened_attention_stream_cpu(const at::Tensor& q_, const at::Tensor& k_
       at::kHalf, at::kBFloat16, q.scalar_type(), "screened_attention_stream_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+          const SequentialBlas sequential;
           Staging<scalar_t> st;
           for (int64_t r = begin; r < end; ++r) {  // r = b Hkv + kv head; its query heads r G ..
             const bool* valid =
@@ -622,6 +644,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> screened_attention_stream_backwar
       at::kHalf, at::kBFloat16, q.scalar_type(), "screened_attention_backward_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
+          const SequentialBlas sequential;
           Staging<scalar_t> st;
           for (int64_t r = begin; r < end; ++r) {
             const bool* valid =
