@@ -25,6 +25,7 @@ from _attention_utils import (
 from _env import DEVICE
 from _ids import case_id, dtype_id
 from _tolerances import assert_low_precision_close
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from screening_attn import _backend
 from screening_attn.attention import ScreeningState, _ops, screened_attention
@@ -294,12 +295,23 @@ def test_compile_fullgraph_matches_eager(backend):
         torch.testing.assert_close(a, b)
 
 
+class OpsCalled(TorchDispatchMode):
+    """Records the names of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
 def test_errors_cpu():
     q = torch.randn(1, 1, 4, 2)
-    with pytest.raises(TypeError, match="backend='cpu' takes float32 or float64"):
-        screened_attention(q.half(), q.half(), q.half(), 2, 1, backend="cpu")
-    out = screened_attention(q.half(), q.half(), q.half(), 2, 1)  # auto: the reference
-    assert out.dtype == torch.float16
+    q8 = q.to(torch.float8_e4m3fn)
+    with pytest.raises(TypeError, match="'cpu' takes float16, bfloat16, float32 or float64"):
+        screened_attention(q8, q8, q8, 2, 1, backend="cpu")
     # direct op callers get the C++ checks
     with pytest.raises(ValueError, match="window must be >= 1"):
         _ops.screened_attention_cpp(q, q, q, 0, 1, 1.0)
@@ -370,6 +382,49 @@ def test_triton_half_precision(dtype):
     assert_low_precision_close(out, out64, out_lp)
     for a, b64, b_lp in zip(grads, grads64, grads_lp):
         assert_low_precision_close(a, b64, b_lp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)
+@pytest.mark.parametrize("grouped", [False, True], ids=["mha", "gqa-padding"])
+def test_cpu_half_precision(dtype, grouped):
+    """fp16/bf16 inputs on the C++ kernel ("auto" picks it), computed in float32: output and
+    gradients within twice the reference's own error in that dtype of the float64 reference;
+    the state in float32, the sets those of the reference in that dtype."""
+    B, H, T, D, Dv, window, relevant = 2, 4, 150, 16, 8, 5, 3
+    Hkv = 2 if grouped else H
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(B, h, T, d, generator=gen, dtype=torch.float64).to(dtype)
+               for h, d in ((H, D), (Hkv, D), (Hkv, Dv)))  # fmt: skip
+    real = torch.arange(T)[None] >= torch.tensor([[0], [40]]) if grouped else None
+    g = torch.randn(B, H, T, Dv, generator=gen).to(dtype)
+
+    def run(backend, x_dtype):
+        xs = [x.to(x_dtype).requires_grad_() for x in (q, k, v)]
+        out, state = screened_attention(*xs, window, relevant, key_padding_mask=real,
+                                        return_state=True, backend=backend)  # fmt: skip
+        return out, torch.autograd.grad(out, xs, g.to(x_dtype)), state
+
+    with OpsCalled() as mode:
+        out, grads, state = run("auto", dtype)
+    assert {n.split("::")[0] for n in mode.names if "screened" in n} == {"screening_attn"}
+    out64, grads64, state64 = run("reference", torch.float64)
+    out_lp, grads_lp, state_lp = run("reference", dtype)
+    assert out.dtype == dtype and all(x.dtype == dtype for x in grads)
+    assert state.relevancy.dtype == state.relevant_score.dtype == torch.float32
+    assert torch.equal(state.span, state_lp.span) and torch.equal(state.span, state64.span)
+    torch.testing.assert_close(state.relevancy, state_lp.relevancy, rtol=1e-5, atol=1e-5)
+    assert_low_precision_close(out, out64, out_lp)
+    for a, b64, b_lp in zip(grads, grads64, grads_lp):
+        assert_low_precision_close(a, b64, b_lp)
+
+
+def test_cpu_half_precision_op_checks():
+    """Direct callers of the C++ op: half inputs give a half output and float32 statistics."""
+    q, k, v = (x.detach().to(torch.bfloat16) for x in make_qkv(1, 2, 20, 4, 4))
+    out, lse, _, score, rel, _ = _ops.screened_attention_cpp(q, k, v, 3, 2, 0.5)
+    assert out.dtype == torch.bfloat16 and lse.dtype == score.dtype == rel.dtype == torch.float32
+    ref = screened_attention(q.float(), k.float(), v.float(), 3, 2, scale=0.5, backend="cpu")
+    torch.testing.assert_close(out, ref.to(torch.bfloat16), rtol=0, atol=0)
 
 
 @needs_triton

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from screening_attn import ScreenedKVCache, screened_attention
 
 EXACT = dict(rtol=0, atol=1e-12)
+# The backends that stream from an initial state (the GPU kernels don't yet).
+BACKENDS = ["reference", "cpu"]
 
 
 def make_qkv(B, H, Hkv, T, D=4, Dv=3, seed=0, dtype=torch.float64):
@@ -36,7 +38,8 @@ def run_split(cache, q, k, v, cuts, real=None):
     return torch.cat(outs, dim=2), stored
 
 
-@settings(max_examples=40)
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=40, deadline=None)
 @given(
     B=st.integers(1, 2),
     Hkv=st.integers(1, 2),
@@ -48,7 +51,7 @@ def run_split(cache, q, k, v, cuts, real=None):
     pad=st.sampled_from(["none", "left", "random"]),
     data=st.data(),
 )
-def test_any_split_equals_one_call(B, Hkv, G, T, window, relevant, seed, pad, data):
+def test_any_split_equals_one_call(backend, B, Hkv, G, T, window, relevant, seed, pad, data):
     cuts = sorted(data.draw(st.sets(st.integers(1, T - 1), max_size=6)) if T > 1 else [])
     q, k, v = make_qkv(B, G * Hkv, Hkv, T, seed=seed)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -57,10 +60,10 @@ def test_any_split_equals_one_call(B, Hkv, G, T, window, relevant, seed, pad, da
         "left": torch.arange(T)[None] >= torch.randint(0, T + 1, (B, 1), generator=gen),
         "random": torch.rand(B, T, generator=gen) < 0.7,
     }[pad]
-    cache = ScreenedKVCache(window, relevant)
+    cache = ScreenedKVCache(window, relevant, backend=backend)
     out, stored = run_split(cache, q, k, v, cuts, real)
     expected, state = screened_attention(
-        q, k, v, window, relevant, key_padding_mask=real, return_state=True
+        q, k, v, window, relevant, key_padding_mask=real, return_state=True, backend="reference"
     )
     torch.testing.assert_close(out, expected, **EXACT)
     torch.testing.assert_close(cache.relevant_index, state.relevant_index, rtol=0, atol=0)
@@ -69,26 +72,29 @@ def test_any_split_equals_one_call(B, Hkv, G, T, window, relevant, seed, pad, da
     assert max(stored) <= window - 1 + relevant
 
 
-def test_decode_one_token_at_a_time_long_stream():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_one_token_at_a_time_long_stream(backend):
     """Prefill then 1-token steps over a stream 20x the window: storage never exceeds ν-1+ρ
     keys (and stays constant once full), and the outputs are the one-call outputs."""
     window, relevant, T = 4, 3, 80
     q, k, v = make_qkv(2, 4, 2, T, seed=1)
-    cache = ScreenedKVCache(window, relevant)
+    cache = ScreenedKVCache(window, relevant, backend=backend)
     out, stored = run_split(cache, q, k, v, [10, *range(11, T)])
-    torch.testing.assert_close(out, screened_attention(q, k, v, window, relevant), **EXACT)
+    expected = screened_attention(q, k, v, window, relevant, backend="reference")
+    torch.testing.assert_close(out, expected, **EXACT)
     assert stored[0] <= window - 1 + relevant
     assert set(stored[5:]) == {window - 1 + relevant}
 
 
-def test_memory_held_is_bounded_after_a_long_prefill():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_memory_held_is_bounded_after_a_long_prefill(backend):
     """The memory the cache keeps alive (storages, not views of the prefill's buffers) is that
     of ν-1+ρ keys and values with their statistics, whatever the prefill's length."""
     window, relevant, B, Hkv, D, Dv = 4, 3, 2, 2, 4, 3
     sizes = []
     for T in (50, 400):
         q, k, v = make_qkv(B, 4, Hkv, T, D, Dv, seed=6)
-        cache = ScreenedKVCache(window, relevant)
+        cache = ScreenedKVCache(window, relevant, backend=backend)
         cache.attend(q, k, v)
         sizes.append(cache.nbytes())
     kept = window - 1 + relevant
@@ -97,17 +103,19 @@ def test_memory_held_is_bounded_after_a_long_prefill():
     assert sizes[0] == sizes[1] <= bound
 
 
-def test_float32_and_scale():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_and_scale(backend):
     q, k, v = make_qkv(1, 2, 1, 12, dtype=torch.float32, seed=2)
-    cache = ScreenedKVCache(3, 2, scale=0.3)
+    cache = ScreenedKVCache(3, 2, scale=0.3, backend=backend)
     out, _ = run_split(cache, q, k, v, [5, 6])
     expected = screened_attention(q, k, v, 3, 2, scale=0.3, backend="reference")
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
-def test_gradients_reach_the_new_inputs():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_reach_the_new_inputs(backend):
     q, k, v = (x.requires_grad_() for x in make_qkv(1, 2, 1, 6, seed=3))
-    cache = ScreenedKVCache(3, 1)
+    cache = ScreenedKVCache(3, 1, backend=backend)
     cache.attend(q[:, :, :4].detach(), k[:, :, :4].detach(), v[:, :, :4].detach())
     out = cache.attend(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:])
     expected = screened_attention(q, k, v, 3, 1)[:, :, 4:]
@@ -120,8 +128,9 @@ def test_gradients_reach_the_new_inputs():
         torch.testing.assert_close(a[:, :, 4:], e[:, :, 4:], **EXACT)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("how", ["reorder", "select", "select-bool"])
-def test_reorder_and_select_batch_rows(how):
+def test_reorder_and_select_batch_rows(how, backend):
     """Beam search: after reordering (or selecting) rows, continuing the stream equals one call
     over the reordered prefix followed by the new positions."""
     window, relevant = 3, 2
@@ -131,7 +140,7 @@ def test_reorder_and_select_batch_rows(how):
         "select": torch.tensor([1, 2]),
         "select-bool": torch.tensor([True, False, True]),
     }[how]
-    cache = ScreenedKVCache(window, relevant)
+    cache = ScreenedKVCache(window, relevant, backend=backend)
     cache.attend(q[:, :, :9], k[:, :, :9], v[:, :, :9])
     getattr(cache, how.split("-")[0])(index)
     rows = index.nonzero().flatten() if index.dtype == torch.bool else index
@@ -181,6 +190,10 @@ def test_bad_arguments_raise():
         ScreenedKVCache(2, -1)
     with pytest.raises(ValueError, match=r"^scale must be a finite float"):
         ScreenedKVCache(2, 1, scale=float("nan"))
+    with pytest.raises(ValueError, match=r"^backend must be one of"):
+        ScreenedKVCache(2, 1, backend="gpu")
+    with pytest.raises(ValueError, match=r"ScreenedKVCache has no backend='triton'"):
+        ScreenedKVCache(2, 1, backend="triton").attend(*make_qkv(1, 2, 2, 5))
     cache = ScreenedKVCache(3, 2)
     with pytest.raises(ValueError, match="the cache is empty"):
         cache.reorder(torch.tensor([0]))

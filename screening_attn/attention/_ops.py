@@ -3,7 +3,11 @@
 csrc/attention.cpp, CPU kernel in csrc/cpu/attention.cpp), and the Triton ops
 ``screened_attention_triton`` / ``screened_attention_backward_triton``, stubs made here with
 ``torch.library.custom_op`` around the launchers of kernels/attention.py. Both forward ops
-return ``(out, lse, relevant_index, relevant_score, relevancy, span)``."""
+return ``(out, lse, relevant_index, relevant_score, relevancy, span)``.
+
+The C++ op ``screened_attention_stream`` (grouped heads, key padding, a stream's initial state;
+docs/streaming.md) has its own fake and autograd, and ``screened_attention_stream_cpu`` runs it as
+the reference's ``screened_attention_stream`` runs its scan."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from screening_attn import _backend
 from screening_attn._library import acc_dtype as score_dtype
 from screening_attn._library import no_double_backward
 from screening_attn._validate import check_attention_inputs
+from screening_attn.attention.reference import StreamState, _finish
 
 
 def _fake_forward(q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float):
@@ -72,6 +77,144 @@ if _backend.C_ERROR is None:
         setup_context=_setup_context,
     )
     no_double_backward(screened_attention_backward_cpp, "screened_attention")
+
+
+def _fake_stream(
+    q,
+    k,
+    v,
+    key_padding_mask,
+    relevancy0,
+    slot_index0,
+    slot_score0,
+    window: int,
+    relevant: int,
+    scale: float,
+):
+    B, H, n, _ = q.shape
+    Hkv, X = k.shape[1], k.shape[2]
+    acc = score_dtype(q.dtype)
+    return (
+        q.new_empty(B, H, n, v.shape[-1]),
+        q.new_empty(B, H, n, dtype=acc),
+        q.new_empty(B, Hkv, relevant, dtype=torch.int64),
+        q.new_empty(B, Hkv, relevant, dtype=acc),
+        q.new_empty(B, Hkv, relevancy0.shape[-1] + n, dtype=acc),
+        q.new_empty(B, Hkv, X, 2, dtype=torch.int32),
+    )
+
+
+def _fake_stream_backward(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    span,
+    key_padding_mask,
+    initial_slots: int,
+    window: int,
+    scale: float,
+):
+    return _fake_backward(grad_out, q, k, v, out, lse, span, window, scale)
+
+
+def _setup_stream(ctx, inputs, output):
+    q, k, v, mask, _rel0, slot_index0, _score0, window, _relevant, scale = inputs
+    out, lse, *_, span = output
+    ctx.window, ctx.scale, ctx.initial_slots = window, scale, slot_index0.shape[-1]
+    ctx.save_for_backward(q, k, v, out, lse, span, mask)
+    ctx.set_materialize_grads(False)
+
+
+def _stream_backward(ctx, grad_out, *_side_outputs):
+    q, k, v, out, lse, span, mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = screened_attention_stream_backward_cpp(
+        grad_out, q, k, v, out, lse, span, mask, ctx.initial_slots, ctx.window, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+if _backend.C_ERROR is None:
+    screened_attention_stream_cpp = torch.ops.screening_attn.screened_attention_stream.default
+    screened_attention_stream_backward_cpp = (
+        torch.ops.screening_attn.screened_attention_stream_backward.default
+    )
+    torch.library.register_fake(screened_attention_stream_cpp)(_fake_stream)
+    torch.library.register_fake(screened_attention_stream_backward_cpp)(_fake_stream_backward)
+    torch.library.register_autograd(
+        screened_attention_stream_cpp, _stream_backward, setup_context=_setup_stream
+    )
+    no_double_backward(screened_attention_stream_backward_cpp, "screened_attention")
+
+
+def screened_attention_grouped_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One ``screened_attention`` call with grouped heads or padding on the C++ kernel:
+    ``q (B, H, T, D)``, ``k (B, Hkv, T, D)``, ``v (B, Hkv, T, Dv)``, ``key_padding_mask (B, T)``
+    or None. Returns ``(out, relevant_index, relevant_score, relevancy, span)``, the state with
+    Hkv heads and ρ = ``relevant`` slots."""
+    B, Hkv = k.shape[:2]
+    acc = score_dtype(q.dtype)
+    none = q.new_empty(B, Hkv, 0, dtype=acc)
+    out, _lse, *state = screened_attention_stream_cpp(
+        q, k, v, key_padding_mask, none, none.long(), none, window, relevant, scale
+    )
+    return out, *state
+
+
+def screened_attention_stream_cpu(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    state: StreamState | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StreamState]:
+    """``reference.screened_attention_stream`` on the C++ kernel: the same arguments (checked by
+    the caller) and results. The kernel takes ``state`` as its initial state; the buffers it
+    reads are the state's slot keys, its last keys and the new ones, one ``cat`` (none without
+    a state), so prefill and single-token decode are one op call each."""
+    B, _, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    if state is None:
+        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    P, R0 = state.keys.shape[2], state.slot_keys.shape[2]
+    S = P + n
+    rho = min(relevant, R0 + max(S - window + 1, 0))
+    if key_padding_mask is None:
+        key_padding_mask = torch.ones((B, n), dtype=torch.bool, device=q.device)
+    valid_b = torch.cat([state.valid, key_padding_mask], dim=1)  # (B, S)
+    if R0 + P > 0:
+        k_all = torch.cat([state.slot_keys, state.keys, k], dim=2)
+        v_all = torch.cat([state.slot_values, state.values, v], dim=2)
+    else:
+        k_all, v_all = k, v
+    out, _lse, slot_x, slot_score, relevancy, span = screened_attention_stream_cpp(
+        q,
+        k_all,
+        v_all,
+        valid_b,
+        state.relevancy,
+        state.slot_index,
+        state.slot_score,
+        window,
+        rho,
+        scale,
+    )
+    return _finish(out, state, window, k_all, v_all, valid_b, relevancy, slot_x, slot_score, span)
 
 
 if _backend.HAS_TRITON:

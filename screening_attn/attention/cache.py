@@ -3,8 +3,8 @@
 The cache holds exactly what later queries can still see, per (b, KV head): the last ν-1 keys
 and values with their relevancy so far, the ρ slots of the relevant set (keys, values, scores,
 positions) and the number of positions seen. ``attend`` runs the next positions from that state
-(the reference's ``screened_attention_stream``), so any split of a sequence into calls gives the
-one-call result.
+(the C++ kernel on CPU, else the reference's ``screened_attention_stream``), so any split of a
+sequence into calls gives the one-call result.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ import math
 
 import torch
 
-from screening_attn import _validate
+from screening_attn import _backend, _validate
+from screening_attn.attention import _ops
 from screening_attn.attention.reference import StreamState, screened_attention_stream
 
 __all__ = ["ScreenedKVCache"]
+
+# The compiled backends of the stream form and the dtypes they take (the GPU kernels don't take
+# an initial state yet; docs/backends.md).
+KERNELS = {"cpu": _backend.CPU_HALF_DTYPES}
 
 
 class ScreenedKVCache:
@@ -27,6 +32,8 @@ class ScreenedKVCache:
         window (int): `ν >= 1`, the most recent positions every query sees (itself included).
         relevant (int): `ρ >= 0`, the slots of the relevant set (one set per KV head).
         scale (Optional[float]): factor on the logits; `None` means `1 / sqrt(D)`.
+        backend (str): `"auto"` (the C++ kernel for CPU tensors it takes, else the reference),
+            `"reference"` or `"cpu"`; checked on each ``attend`` against its tensors.
 
     The first ``attend`` fixes the batch size, the heads, the head dims, the dtype and the
     device; later calls must match them (a ``ValueError``/``TypeError`` says what differs).
@@ -45,10 +52,13 @@ class ScreenedKVCache:
         (10, 4)
     """
 
-    def __init__(self, window: int, relevant: int, *, scale: float | None = None) -> None:
+    def __init__(
+        self, window: int, relevant: int, *, scale: float | None = None, backend: str = "auto"
+    ) -> None:
         self.window = _validate.check_int("window", window, minimum=1)
         self.relevant = _validate.check_int("relevant", relevant, minimum=0)
         self.scale = _validate.check_finite_scale("scale", scale)
+        self.backend = _backend.check_backend(backend)
         self._state: StreamState | None = None
         self._heads: int | None = None  # H, the query heads, fixed by the first call
 
@@ -128,11 +138,13 @@ class ScreenedKVCache:
         if q.shape[2] < 1:
             raise ValueError(f"q, k, v must hold n >= 1 new positions, got n = {q.shape[2]}")
         self._check_matches(q, k, v)
+        impl = _backend.resolve("ScreenedKVCache", self.backend, q.device, q.dtype, KERNELS)
         D = q.shape[-1]
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-        out, *_, self._state = screened_attention_stream(
+        stream = _ops.screened_attention_stream_cpu if impl == "cpu" else screened_attention_stream
+        out, *_, self._state = stream(
             q, k, v, self.window, self.relevant, scale, key_padding_mask, self._state
         )
         self._heads = q.shape[1]

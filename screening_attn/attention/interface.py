@@ -15,7 +15,7 @@ from screening_attn.attention.state import ScreeningState
 __all__ = ["KERNELS", "screened_attention"]
 
 # The compiled backends of this op and the dtypes they take.
-KERNELS = {"cpu": _backend.CPU_DTYPES, "triton": _backend.TRITON_DTYPES}
+KERNELS = {"cpu": _backend.CPU_HALF_DTYPES, "triton": _backend.TRITON_DTYPES}
 
 
 def screened_attention(
@@ -81,9 +81,10 @@ def screened_attention(
             `"auto"`, `"reference"`, `"cpu"`, `"triton"` or `"cuda"`. `"auto"` picks the compiled
             kernel for the tensors' device and falls back to the pure-PyTorch reference where
             there is none; asking for a backend that can't run raises a `ValueError` saying why.
-            Grouped heads (`Hkv < H`) and `key_padding_mask` are implemented by the reference
-            only for now: `"auto"` runs the reference for such calls, and `"cpu"`, `"triton"`
-            or `"cuda"` named explicitly raise a `ValueError`. Default: `"auto"`.
+            Grouped heads (`Hkv < H`) and `key_padding_mask` run on the reference and on the
+            C++ CPU kernel; the GPU kernels don't take them yet: `"auto"` runs the reference for
+            such calls on CUDA tensors, and `"triton"` or `"cuda"` named explicitly raise a
+            `ValueError`. Default: `"auto"`.
 
     Returns:
         out (torch.Tensor):
@@ -112,7 +113,7 @@ def screened_attention(
         ValueError: wrong rank, mismatched `(B, H, T, D)`, `H % Hkv != 0`, a
             `key_padding_mask` not of shape `(B, T)`, tensors on different devices,
             `window < 1`, `relevant < 0`, non-finite `scale`, an unknown or unavailable
-            `backend`, or a compiled backend asked for grouped heads or padding.
+            `backend`, or a GPU backend asked for grouped heads or padding.
 
     Examples::
         >>> import torch
@@ -139,12 +140,12 @@ def screened_attention(
         # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
         relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, q.dtype, KERNELS)
-    missing = _reference_only(q, k, key_padding_mask)
-    if missing and impl != "reference":
+    missing = _unsupported(impl, q, k, key_padding_mask)
+    if missing:
         if backend != "auto":
             raise ValueError(
                 f"screened_attention: backend={backend!r} does not support {missing} yet; use "
-                f"backend='auto' or 'reference' (docs/backends.md)"
+                f"backend='auto', 'cpu' (on CPU tensors) or 'reference' (docs/backends.md)"
             )
         impl = "reference"
     if scale is None:
@@ -152,6 +153,10 @@ def screened_attention(
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
     if impl == "reference":
         out, *state = screened_attention_reference(
+            q, k, v, window, relevant, scale, key_padding_mask
+        )
+    elif impl == "cpu" and (key_padding_mask is not None or k.shape[1] != q.shape[1]):
+        out, *state = _ops.screened_attention_grouped_cpu(
             q, k, v, window, relevant, scale, key_padding_mask
         )
     else:
@@ -162,9 +167,12 @@ def screened_attention(
     return out, ScreeningState(*state)
 
 
-def _reference_only(q: torch.Tensor, k: torch.Tensor, key_padding_mask: object) -> str:
-    """What of this call only the reference implements so far ("" if nothing): the compiled
-    kernels take neither grouped heads nor a padding mask yet (docs/backends.md)."""
+def _unsupported(impl: str, q: torch.Tensor, k: torch.Tensor, key_padding_mask: object) -> str:
+    """What of this call backend ``impl`` does not implement ("" if nothing): the reference and
+    the C++ CPU kernel take grouped heads and a padding mask, the GPU kernels not yet
+    (docs/backends.md)."""
+    if impl in ("reference", "cpu"):
+        return ""
     missing = []
     if k.shape[1] != q.shape[1]:
         missing.append(f"grouped-query attention (k with {k.shape[1]} heads for {q.shape[1]})")

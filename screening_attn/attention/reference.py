@@ -358,12 +358,48 @@ def screened_attention_stream(
     )
     out = _attend(q_, k_x, v_x, valid, history, nu, scale).to(q.dtype).reshape(B, H, n, Dv)
 
+    return _finish(
+        out,
+        state,
+        window,
+        k_all,
+        v_all,
+        valid_b,
+        relevancy.reshape(B, Hkv, S),
+        slot_x.reshape(B, Hkv, rho),
+        slot_score.reshape(B, Hkv, rho),
+        span.reshape(B, Hkv, R0 + S, 2),
+    )
+
+
+def _finish(
+    out: torch.Tensor,
+    state: StreamState,
+    window: int,
+    k_all: torch.Tensor,
+    v_all: torch.Tensor,
+    valid_b: torch.Tensor,
+    relevancy: torch.Tensor,
+    slot_x: torch.Tensor,
+    slot_score: torch.Tensor,
+    span: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, StreamState]:
+    """The return value of ``screened_attention_stream`` (shared with the kernels' glue) from a
+    scan over the buffers ``k_all``, ``v_all`` ``(B, Hkv, R0 + S, ·)`` of ``state`` and n new
+    positions: ``relevancy (B, Hkv, S)``, slots ``slot_x`` (buffer rows, -1 empty) and
+    ``slot_score (B, Hkv, R)``, ``span (B, Hkv, R0 + S, 2)``."""
+    B, Hkv, R0 = state.slot_index.shape
+    P, S, rho = state.keys.shape[2], valid_b.shape[1], slot_x.shape[2]
+    n = S - P
+    N = B * Hkv
+    D, Dv = k_all.shape[-1], v_all.shape[-1]
+    slot_x = slot_x.reshape(N, rho)
     # The next state: the last ν-1 positions and the slots' keys, values and positions.
     keep = min(window - 1, S)
     x_pos = torch.cat(
         [
             state.slot_index.reshape(N, R0),
-            torch.arange(state.seen - P, state.seen + n, device=q.device).expand(N, S),
+            torch.arange(state.seen - P, state.seen + n, device=k_all.device).expand(N, S),
         ],
         dim=1,
     )
@@ -374,19 +410,19 @@ def screened_attention_stream(
         state.seen + n,
         k_all[:, :, R0 + S - keep :].detach().clone(),
         v_all[:, :, R0 + S - keep :].detach().clone(),
-        relevancy[:, S - keep :].reshape(B, Hkv, keep).clone(),
+        relevancy[:, :, S - keep :].clone(),
         valid_b[:, S - keep :].clone(),
         _gather_rows(k_flat, slot_x.clamp(min=0)).reshape(B, Hkv, rho, D),
         _gather_rows(v_flat, slot_x.clamp(min=0)).reshape(B, Hkv, rho, Dv),
         slot_pos.reshape(B, Hkv, rho),
-        slot_score.reshape(B, Hkv, rho),
+        slot_score,
     )
     return (
         out,
         next_state.slot_index,
         next_state.slot_score,
-        relevancy[:, P:].reshape(B, Hkv, n),
-        span[:, R0 + P :].reshape(B, Hkv, n, 2),
+        relevancy[:, :, P:],
+        span[:, :, R0 + P :],
         next_state,
     )
 

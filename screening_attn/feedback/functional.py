@@ -38,7 +38,7 @@ __all__ = [
 
 # The compiled backends of every CNN-F op and the dtypes they take.
 _KERNELS = {
-    "cpu": _backend.CPU_FEEDBACK_DTYPES,
+    "cpu": _backend.CPU_HALF_DTYPES,
     "cuda": _backend.CUDA_DTYPES,
     "triton": _backend.TRITON_DTYPES,
 }
