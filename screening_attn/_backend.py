@@ -22,7 +22,7 @@ BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
 # What the kernels compute, by backend (half inputs are computed in float32).
 CPU_DTYPES = (torch.float32, torch.float64)
 # The C++ kernels that also take half inputs, computed in float32: screened attention (per-thread
-# float32 buffers), the CNN-F ops (csrc/cpu/half_inputs.h).
+# float32 buffers), the CNN-F ops (csrc/cpu/half_inputs.h), RelRNN / RelLSTM (cast at entry).
 CPU_HALF_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -4,18 +4,21 @@ float64 with exact selections and float32 within tolerances; awkward sizes (T = 
 ρ = 0, ρ >= T, T across the backward's 64-step chunks); exact ties; torch.library checks of every
 op; torch.compile; NaN locality; errors (determinism: test_determinism.py)."""
 
+import copy
 import math
 
 import pytest
 import torch
 from _env import needs_cuda
-from _rnn_utils import check, make, saturated_model
+from _rnn_utils import check, make, run, saturated_model
+from _tolerances import assert_low_precision_close
 
 from screening_attn import _backend
 from screening_attn.nn import RelRNN
 from screening_attn.rnn import modules as rnn_modules
 
 F64, F32 = torch.float64, torch.float32
+HALF = (torch.float16, torch.bfloat16)
 OPS = torch.ops.screening_attn
 NONLINEARITIES = ["tanh", "relu", "sigmoid", "identity", "modrelu"]
 pytestmark = pytest.mark.skipif(_backend.C_ERROR is not None, reason=str(_backend.C_ERROR))
@@ -336,24 +339,49 @@ def test_compile_fullgraph_matches_eager(kind):
 # Dispatch, layouts, NaN, errors.
 
 
-def test_auto_picks_the_kernels_for_float32_and_float64(monkeypatch):
+def test_auto_picks_the_kernels_for_every_float_dtype(monkeypatch):
     called = []
     fused = rnn_modules._RNN_IMPLS["cpu"]
 
     def spy(*args, **kwargs):
-        called.append(1)
+        called.append(args[0].dtype)
         return fused(*args, **kwargs)
 
     monkeypatch.setitem(rnn_modules._RNN_IMPLS, "cpu", spy)
-    for dtype in (F32, F64):
-        m = make("rnn", 2, 3, 2, 1, dtype=dtype)
-        m(torch.randn(4, 1, 2, dtype=dtype))
-    assert called == [1, 1]
+    for dtype in (*HALF, F32, F64):
+        m = make("rnn", 2, 3, 2, 1, dtype=F32).to(dtype)
+        h, state = m(torch.randn(4, 1, 2, dtype=dtype))
+        assert h.dtype == dtype and state.relevancy.dtype == (F64 if dtype == F64 else F32)
+    assert called == [*HALF, F32, F64]  # half CPU tensors never take the reference
     m = make("rnn", 2, 3, 2, 1, dtype=F32).to(torch.bfloat16)
-    h, _ = m(torch.randn(4, 1, 2, dtype=torch.bfloat16))  # auto: the reference
-    assert h.dtype == torch.bfloat16 and called == [1, 1]
-    with pytest.raises(TypeError, match="backend='cpu' takes float32 or float64"):
-        m(torch.randn(4, 1, 2, dtype=torch.bfloat16), backend="cpu")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        m(torch.randn(4, 1, 2, dtype=torch.bfloat16), backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["float16", "bfloat16"])
+@pytest.mark.parametrize(
+    ("kind", "nonlinearity"), [("rnn", "tanh"), ("rnn", "modrelu"), ("lstm", "tanh")]
+)
+def test_half_inputs_compute_in_float32(kind, nonlinearity, dtype):
+    """Half CPU inputs (docs/backends.md): h and every gradient within the tolerance table's half
+    rule (error against float64 at most twice the half reference's), on the same half-rounded
+    model and inputs; the screening as in float64."""
+    m = make(kind, 3, 6, 3, 2, nonlinearity, dtype=F32).to(dtype)
+    gen = torch.Generator().manual_seed(7)
+    x, h0 = torch.randn(20, 2, 3, generator=gen), torch.randn(2, 6, generator=gen)
+    g = torch.randn(20, 2, 6, generator=gen)
+    x, h0, g = x.to(dtype), h0.to(dtype), g.to(dtype)
+    attn = 0.7 if kind == "rnn" else None
+    m64 = copy.deepcopy(m).double()
+    h64, s64, grads64 = run(m64, x.double(), h0.double(), g.double(), "reference", attn)
+    h_lp, _, grads_lp = run(m, x, h0, g, "reference", attn)
+    h, state, grads = run(m, x, h0, g, "cpu", attn)
+    assert h.dtype == dtype and all(gr.dtype == dtype for gr in grads)
+    assert state.relevancy.dtype == F32 and state.relevant_score.dtype == F32
+    assert torch.equal(state.relevant_index, s64.relevant_index)
+    assert_low_precision_close(h, h64, h_lp)
+    for got, want, ref in zip(grads, grads64, grads_lp, strict=True):
+        assert_low_precision_close(got, want, ref)
 
 
 def test_non_contiguous_inputs():

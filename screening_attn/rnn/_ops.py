@@ -163,6 +163,20 @@ if _OPS is not None:
     no_double_backward(_OPS.rel_lstm_backward.default, "rel_lstm")
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(x: Tensor) -> bool:
+    """Half CPU inputs run the float32 kernels (docs/backends.md): the arguments are cast once
+    at entry (autograd casts their gradients back) and ``h`` is rounded to the input dtype once
+    at the end; the state is float32, as for half inputs on any backend."""
+    return x.device.type == "cpu" and x.dtype in _HALF
+
+
+def _float(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
 def rel_rnn_fused(
     x: Tensor,
     h0: Tensor | None,
@@ -182,6 +196,13 @@ def rel_rnn_fused(
     """RelRNN forward through the fused kernels: ``(h, relevant_index, relevant_score,
     relevancy)``; differentiable in ``h`` (backpropagation through time)."""
     assert _OPS is not None  # callers resolve to a compiled backend: the extension loaded
+    if _in_float32(x):
+        h, *state = rel_rnn_fused(
+            x.float(), _float(h0), U_weight.float(), _float(U_bias), V_weight.float(),
+            Ua_weight.float(), Va_weight.float(), v.float(), _float(modrelu_b),
+            window=window, relevant=relevant, nonlinearity=nonlinearity, attn=attn,
+        )  # fmt: skip
+        return h.to(x.dtype), state[0], state[1], state[2]
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], V_weight.shape[0])
     out = _OPS.rel_rnn.default(
@@ -212,6 +233,14 @@ def rel_lstm_fused(
     """RelLSTM forward through the fused kernels; as :func:`rel_rnn_fused`. The four gate
     weights are concatenated (autograd splits their gradient)."""
     assert _OPS is not None  # as in rel_rnn_fused
+    if _in_float32(x):
+        h, *state = rel_lstm_fused(
+            x.float(), _float(h0), Wf_weight.float(), Wf_bias.float(), Wi_weight.float(),
+            Wi_bias.float(), Wo_weight.float(), Wo_bias.float(), Wg_weight.float(),
+            Wg_bias.float(), Ua_weight.float(), Va_weight.float(), v.float(),
+            window=window, relevant=relevant,
+        )  # fmt: skip
+        return h.to(x.dtype), state[0], state[1], state[2]
     if h0 is None:
         h0 = x.new_zeros(x.shape[1], Ua_weight.shape[0])
     W = torch.cat([Wf_weight, Wi_weight, Wo_weight, Wg_weight])

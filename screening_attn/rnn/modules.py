@@ -52,7 +52,11 @@ class RelState:
 # Backends per op, each returning ``(h, relevant_index, relevant_score, relevancy)``. "cpu" and
 # "cuda" are the same registered ops (csrc/rnn_loops.cpp), which dispatch on the device;
 # _backend.resolve says why one can't run (extension not loaded, no CUDA build).
-_KERNELS = {"cpu": _backend.CPU_DTYPES, "cuda": _backend.CUDA_DTYPES}
+# Half CPU inputs run the float32 kernels (_ops._in_float32).
+_KERNELS = {
+    "cpu": _backend.CPU_HALF_DTYPES,
+    "cuda": _backend.CUDA_DTYPES,
+}
 _RNN_IMPLS = {"reference": rel_rnn_reference, "cpu": _ops.rel_rnn_fused, "cuda": _ops.rel_rnn_fused}
 _LSTM_IMPLS = {
     "reference": rel_lstm_reference,
@@ -244,7 +248,7 @@ class RelRNN(_validate.StateDictChecks, nn.Module):
             h0 (Tensor | None): `(B, hidden_size)`, the state before step 0. Default: zeros.
             attn (float): factor on the context, ``s_t = ½ (h_{t-1} + attn · c_t)``.
                 Default: ``1.0``.
-            backend (str): ``"auto"`` (the fused C++ kernels for float32/float64 CPU tensors
+            backend (str): ``"auto"`` (the fused C++ kernels for CPU tensors of any floating dtype
                 and for CUDA tensors, else the reference), ``"reference"``, ``"cpu"`` or
                 ``"cuda"`` (docs/backends.md). Default: ``"auto"``.
 
