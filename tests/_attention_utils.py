@@ -195,10 +195,12 @@ def _rows_close(got, want, exact, rows, rtol, atol, what, conditioned, events):
 
 
 def check_against_reference(run, q, k, v, window, relevant, scale=None, conditioned=False,
-                            events=None):  # fmt: skip
+                            events=None, exact=False):  # fmt: skip
     """``run(q, k, v, window, relevant, scale) -> (out, state)`` against the reference:
     forward, gradients and state, every tensor element-wise. Returns True if the selections
-    are the same, False if some rows legitimately differ at a near tie (float32 only).
+    are the same, False if some rows legitimately differ at a near tie (float32 only, and not
+    with ``exact``: inputs whose relevancies every run computes bitwise alike, so that a tie
+    is a tie in every run and must be decided by the slot rule).
 
     A differing row is accepted only as ``near_tie_decision`` says; its output and gradients
     are then checked against masked attention with the run's *own* candidate mask, its
@@ -222,6 +224,7 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None, conditio
     excused = {}  # row -> the leaving key of its first differing decision
     if differ:
         assert dtype != torch.float64, "float64 selections must match the reference exactly"
+        assert not exact, "selections of exact-arithmetic inputs must match the reference"
         for n in differ:
             e = near_tie_decision(state, ref_state, n, window, relevant)
             assert e is not None, f"row {n}: selection differs without a near tie"

@@ -127,33 +127,49 @@ def randn(shape, dtype, gen: torch.Generator, scale: float = 1.0) -> torch.Tenso
 
 # (weighted: q = 0 and self-only never evict once the set is full)
 ATTENTION_MODES = ("randn", "randn", "peaked", "peaked", "saturated", "saturated", "saturated",
-                   "zero_q", "repeated_keys", "self_only")  # fmt: skip
+                   "hot_cold", "hot_cold", "zero_q", "repeated_keys", "self_only")  # fmt: skip
+# Triton's few examples: the modes that evict (q = 0 and self-only never do; the CPU fuzz and
+# the tie tests of test_attention_kernels.py run them through Triton)
+TRITON_ATTENTION_MODES = ("randn", "peaked", "saturated", "saturated", "hot_cold", "hot_cold",
+                          "repeated_keys")  # fmt: skip
+# Modes whose every run (kernel or reference, any summation order) computes the weights and
+# relevancies bitwise alike in every dtype: no near-tie excuse applies.
+EXACT_MODES = ("hot_cold",)
 # exp(NEG) is 0 in the dtype (halves: computed in float32); as small as that allows, since
 # dk sums |NEG| times rounding-sized terms
 NEG = {F64: -800.0, F32: -105.0, F16: -105.0, BF16: -105.0}
 
 
 @st.composite
-def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes):
-    """Mostly T >= ν + ρ + 2 with small ν and ρ, so that the set fills and keys are evicted;
-    the edge cases (T = 1, T < ν, ν = 1, ρ = 0, ρ >= T, huge ν) in a fifth of the examples.
+def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes, modes=ATTENTION_MODES,
+                    min_set: int = 1, max_set: int = 6, slack: int = 2,
+                    edge_one_in: int = 5):  # fmt: skip
+    """Mostly T >= ν + ρ + ``slack`` with ν, ρ in [``min_set``, ``max_set``], so that the set
+    fills and keys are evicted (ν = 1 or ρ = 1 evict less: then key 0, the only candidate of
+    query 0, often holds its slot for good); the edge cases (T = 1, T < ν, ν = 1, ρ = 0,
+    ρ >= T, huge ν) in one example of ``edge_one_in``.
+
     Modes: randn; peaked (saturated rows, exact 0/1 weights); q = 0 (uniform attention);
     saturated (one-hot keys, logits 0 or NEG: weights exactly 0 or 1/n, relevancies tie with
-    the slot minimum and between slots); repeated keys (equal logits, so equal weights);
+    the slot minimum and between slots); hot/cold keys (cold keys' logits are NEG whatever the
+    query, hot keys' 0: weights exactly 0 or 1/n in every dtype, cold relevancies exactly 0,
+    so float32 and half runs tie exactly too); repeated keys (equal logits, so equal weights);
     self-only (every weight 1 on the query's own key: every relevancy is 1, every full-set
-    screening a tie)."""
+    screening a tie).
+
+    Returns ``(q, k, v, window, relevant, scale, exact)``, ``exact`` for ``EXACT_MODES``."""
     B = draw(st.integers(1, 2))
     H = draw(st.integers(1, max(1, max_BH // B)))
-    mode = draw(st.sampled_from(ATTENTION_MODES))
-    if draw(st.integers(0, 4)) == 0:  # edge cases
+    mode = draw(st.sampled_from(modes))
+    if draw(st.integers(1, edge_one_in)) == 1:  # edge cases
         T = draw(st.one_of(st.just(1), st.integers(1, max_T)))
         window = draw(st.one_of(st.just(1), st.integers(1, T + 1), st.integers(T, 2 * T + 20),
                                 st.just(2**40)))  # fmt: skip
         relevant = draw(st.one_of(st.just(0), st.integers(0, 8), st.integers(max(0, T - 1), T + 3)))
     else:  # the set fills and keys are evicted
-        window = draw(st.integers(1, 6))
-        relevant = draw(st.integers(1, 6))
-        T = draw(st.integers(min(window + relevant + 2, max_T), max_T))
+        window = draw(st.integers(min_set, max_set))
+        relevant = draw(st.integers(min_set, max_set))
+        T = draw(st.integers(min(window + relevant + slack, max_T), max_T))
     D = draw(st.one_of(st.integers(1, 3), st.integers(1, max_D)))
     if mode in ("saturated", "self_only"):
         D = T  # one-hot keys: the logit s_tj is q[t, j]
@@ -161,8 +177,7 @@ def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes):
     dtype = draw(st.sampled_from(dtypes))
     if mode in ("saturated", "self_only") and dtype == F32:
         # dk sums |NEG| = 105 times float32 rounding-sized terms of ds where the exact value
-        # can be 0: beyond any elementwise float32 bound (test_attention_kernels.py's tie
-        # tests run float32 one-hot ties with their own tolerance argument)
+        # can be 0: beyond any elementwise float32 bound (hot_cold ties float32 exactly)
         dtype = F64
     scale = draw(st.one_of(st.none(), st.floats(0.1, 3.0)))
     lay = draw(st.tuples(layouts, layouts, layouts))
@@ -178,11 +193,29 @@ def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes):
         q = torch.where(active, 0.0, NEG[dtype]).to(dtype)
         k = torch.eye(T, dtype=dtype).expand(B, H, T, T).clone()
         scale = 1.0
+    elif mode == "hot_cold":
+        # q_t = (1, randn…), cold k_j = (NEG, 0…), hot k_j = 0: every product is exact. Key 0
+        # is hot and enters the first slot (never evicted but by a hot key), so every query
+        # has a hot candidate; with ρ = 0 every ν-th key is hot instead. (A query with only
+        # cold candidates would weigh them uniformly, and its dq sum |NEG| times
+        # rounding-sized terms of an exact 0.) Cold keys' gradients are then exactly 0. Keys
+        # 1 … ν+ρ-1 are cold, so that the other slots start at relevancy 0, which later cold
+        # keys tie and hot keys beat.
+        j = torch.arange(T).view(T, 1)
+        p_hot = draw(st.sampled_from([0.25, 0.5]))
+        drawn = torch.rand(B, H, T, 1, generator=gen) < p_hot
+        hot = (drawn & (j >= window + relevant)) | (j == 0)
+        if relevant == 0:
+            hot |= j % window == window - 1
+        q[..., 0] = 1.0
+        k = torch.zeros_like(k)
+        k[..., :1] = torch.where(hot, 0.0, NEG[dtype]).to(dtype)
+        scale = 1.0
     elif mode == "repeated_keys":  # a few distinct keys, repeated along the sequence
         distinct = min(draw(st.integers(1, 3)), T)
         k = k[:, :, torch.randint(0, distinct, (T,), generator=gen)]
     q, k, v = (restride(x, layout, True) for x, layout in zip((q, k, v), lay))
-    return q, k, v, window, relevant, scale
+    return q, k, v, window, relevant, scale, mode in EXACT_MODES
 
 
 def run_cpu(q, k, v, window, relevant, scale):
@@ -213,10 +246,10 @@ def record_mechanism(q, k, v, window, relevant, scale):
     event("attention: ties" if equal + tied else "attention: no tie")
 
 
-def check_attention(run, q, k, v, window, relevant, scale):
+def check_attention(run, q, k, v, window, relevant, scale, exact):
     record_mechanism(q, k, v, window, relevant, scale)
     if q.dtype in HALF:
-        same = check_attention_half(run, q, k, v, window, relevant, scale)
+        same = check_attention_half(run, q, k, v, window, relevant, scale, exact)
         if not same:
             event("selection differs at a near tie")
         return
@@ -225,12 +258,12 @@ def check_attention(run, q, k, v, window, relevant, scale):
     # reference's own summation order already costs ~1e-8 relative in a small dk entry (seen
     # once in a full run); the bound is then per element, against an independent float64 SDPA
     check_against_reference(run, q, k, v, window, relevant, scale, conditioned=True,
-                            events=events)  # fmt: skip
+                            events=events, exact=exact)  # fmt: skip
     for name in sorted(set(events)):
         event(name)
 
 
-def check_attention_half(run, q, k, v, window, relevant, scale) -> bool:
+def check_attention_half(run, q, k, v, window, relevant, scale, exact) -> bool:
     """fp16/bf16: the kernel and the reference both compute in float32 from the same inputs,
     so their selections match but for near ties (``near_tie_decision``: local and exact). State
     of the other rows, and of an excused row its relevancies up to that decision: as the
@@ -244,6 +277,7 @@ def check_attention_half(run, q, k, v, window, relevant, scale) -> bool:
     assert_state_consistent(state, window)
     excused = {}
     for n in differing_rows(state, ref_state):
+        assert not exact, f"row {n}: selection of exact-arithmetic inputs differs"
         e = near_tie_decision(state, ref_state, n, window, relevant)
         assert e is not None, f"row {n}: selection differs without a near tie"
         excused[n] = e
@@ -284,7 +318,9 @@ def test_attention_cpu(case):
 
 @needs_triton
 @fuzz(TRITON_ATTENTION_EXAMPLES)
-@given(attention_cases(max_T=32, max_BH=2, max_D=16, dtypes=[F64, F32, F16, BF16]))
+@given(attention_cases(max_T=20, max_BH=2, max_D=16, dtypes=[F64, F32, F16, BF16],
+                      modes=TRITON_ATTENTION_MODES, min_set=2, max_set=4, slack=6,
+                      edge_one_in=8))  # fmt: skip
 def test_attention_triton(case):
     check_attention(run_triton, *case)
 
