@@ -160,6 +160,21 @@ def assert_state_consistent(state, window):
     assert torch.where(idx >= 0, same, score == float("-inf")).all(), "slot scores"
 
 
+def attention_magnitudes(q, k, v, g, mask, scale=None):
+    """Masked softmax attention and its gradients for ``g`` evaluated on absolute values, in
+    float64 (shapes of out, dq, dk, dv): P|V|, scale·|dS||K|, scale·|dS|ᵀ|Q|, Pᵀ|g| with
+    |dS| = P ⊙ (|g||V|ᵀ + rowsum(P ⊙ |g||V|ᵀ)). Each bounds the sum its result rounds, element
+    by element: the magnitude of the low-precision rule (``assert_low_precision_close``)."""
+    q, k, v, g = (x.detach().double().cpu() for x in (q, k, v, g))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask.cpu(), float("-inf"))
+    p = torch.softmax(logits, -1)
+    dp = g.abs() @ v.abs().transpose(-1, -2)
+    ds = p * (dp + (p * dp).sum(-1, keepdim=True))
+    return (p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
+            p.transpose(-1, -2) @ g.abs())  # fmt: skip
+
+
 def _masked_sdpa(q, k, v, mask, scale, dtype):
     """Masked softmax attention (docs/attention.md) in ``dtype`` on the inputs cast to it, with
     its gradients for ``g``: the oracle of a run given its own candidate mask."""

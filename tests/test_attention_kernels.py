@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 from _attention_utils import (
+    attention_magnitudes,
     check_against_reference,
     check_nan_locality,
     make_qkv,
@@ -343,7 +344,8 @@ def test_errors_triton(monkeypatch):
 def test_triton_half_precision(dtype):
     """fp16/bf16 inputs accumulate in float32 (under the interpreter every tl.dot is in
     float32: its bf16 tl.dot is wrong). Output and gradients: error against the float64
-    reference at most twice the reference's own error in that dtype; state: float32."""
+    reference at most twice the reference's own error in that dtype, element-wise (with the
+    magnitudes of ``attention_magnitudes``); state: float32."""
     B, H, T, D, Dv, window, relevant = 1, 2, 70, 16, 8, 5, 3
     q, k, v = (x.detach().to(dtype) for x in make_qkv(B, H, T, D, Dv, seed=1))
     g = torch.randn(B, H, T, Dv, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -366,9 +368,10 @@ def test_triton_half_precision(dtype):
     assert torch.equal(state.relevant_index, state_lp.relevant_index)
     torch.testing.assert_close(state.relevancy, state_lp.relevancy, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state.relevant_score, state_lp.relevant_score, rtol=1e-5, atol=1e-5)
-    assert_low_precision_close(out, out64, out_lp)
-    for a, b64, b_lp in zip(grads, grads64, grads_lp):
-        assert_low_precision_close(a, b64, b_lp)
+    mags = attention_magnitudes(q, k, v, g, state64.candidate_mask(window))
+    assert_low_precision_close(out, out64, out_lp, mags[0])
+    for a, b64, b_lp, m in zip(grads, grads64, grads_lp, mags[1:]):
+        assert_low_precision_close(a, b64, b_lp, m)
 
 
 @needs_triton

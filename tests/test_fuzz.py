@@ -9,7 +9,7 @@ examples; `make fuzz` multiplies every count by FUZZ_FACTOR = 10 and draws new o
 
 * every op's C++ CPU kernel: 1000 examples (float64 and float32);
 * the Triton kernels run under the interpreter, 10-1000x slower than the C++ kernels, so they
-  get fewer examples of smaller sizes: screened attention 20 (T <= 32, B·H <= 2; float64,
+  get fewer examples of smaller sizes: screened attention 20 (T <= 20, B·H <= 2; float64,
   float32, float16, bfloat16), each CNN-F op 100 (planes up to 8 x 8; float64, float32, and
   float16 / bfloat16 for the gates, pools and the top-down norm).
 
@@ -21,11 +21,12 @@ reference exactly in float64. In lower precision a differing selection is accept
 the reference's decision was a near tie (then the example checks what it can and records a
 Hypothesis event; `make fuzz` prints how often that happened). For attention an excuse covers
 one row from its first differing decision on: everything else is still compared
-(tests/_attention_utils.py).
+(tests/_attention_utils.py); the hot/cold mode's inputs tie exactly in every dtype and get no
+excuse. Half outputs and gradients: element-wise bounds (docs/numerics.md).
 
 The attention examples exercise the mechanism: mostly T >= ν + ρ + 2 and tie modes; the events
 "attention: evicts" and "attention: ties" give their shares (`--hypothesis-show-statistics`; in
-the ci profile 53% evict and 23% tie on the CPU, 45% and 15% of Triton's 20).
+the ci profile 54% evict and 31% tie on the CPU, 90% and 25% of Triton's 20).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from _attention_utils import (
     assert_state_consistent,
+    attention_magnitudes,
     check_against_reference,
     differing_rows,
     near_tie_decision,
@@ -161,7 +163,8 @@ def attention_cases(draw, max_T: int, max_BH: int, max_D: int, dtypes, modes=ATT
     B = draw(st.integers(1, 2))
     H = draw(st.integers(1, max(1, max_BH // B)))
     mode = draw(st.sampled_from(modes))
-    if draw(st.integers(1, edge_one_in)) == 1:  # edge cases
+    # (the last value: Hypothesis's simplest example is then one that evicts)
+    if draw(st.integers(1, edge_one_in)) == edge_one_in:  # edge cases
         T = draw(st.one_of(st.just(1), st.integers(1, max_T)))
         window = draw(st.one_of(st.just(1), st.integers(1, T + 1), st.integers(T, 2 * T + 20),
                                 st.just(2**40)))  # fmt: skip
@@ -269,7 +272,8 @@ def check_attention_half(run, q, k, v, window, relevant, scale, exact) -> bool:
     of the other rows, and of an excused row its relevancies up to that decision: as the
     reference's. Output and gradients: the low-precision rule of _tolerances.py against a
     float64 oracle with the kernel's own selection (masked softmax attention on the exactly
-    upcast inputs), the low-precision reference being that attention computed in float32."""
+    upcast inputs), the low-precision reference being that attention computed in float32;
+    element-wise, with the magnitudes of ``attention_magnitudes``."""
     out, state = run(q, k, v, window, relevant, scale)
     ref, ref_state = reference_with_state(q, k, v, window, relevant, scale)
     assert out.dtype == q.dtype and state.relevancy.dtype == torch.float32
@@ -304,9 +308,10 @@ def check_attention_half(run, q, k, v, window, relevant, scale, exact) -> bool:
         ref = out32.detach().to(q.dtype)
     else:
         ref_grads = torch.autograd.grad(ref, (q, k, v), g)
-    assert_low_precision_close(out, out64.detach(), ref)
-    for a, b64, b_lp in zip(grads, grads64, ref_grads):
-        assert_low_precision_close(a, b64, b_lp)
+    magnitudes = attention_magnitudes(q, k, v, g, mask, scale)
+    assert_low_precision_close(out, out64.detach(), ref, magnitudes[0])
+    for a, b64, b_lp, m in zip(grads, grads64, ref_grads, magnitudes[1:]):
+        assert_low_precision_close(a, b64, b_lp, m)
     return not excused
 
 
@@ -657,16 +662,11 @@ def check_ins_norm_gate(backend, shape, with_bias, gated, centered, eta, offset,
         exact = run(*upcast(z), "reference", g1.double(), g2.double())
         for a, e, lp in zip(got, exact, want):
             assert a.dtype == dtype
-            if dtype == BF16 and backend == "triton" and a.device.type == "cpu":
-                # The interpreter's float32 -> bfloat16 store truncates (a GPU rounds to
-                # nearest): up to one ulp of error, not half. kernels/feedback.py stores in the
-                # input dtype (screened attention stores through float32 on the CPU for this).
-                ulp = 2 * ROUNDING[BF16] * e.abs().max().item()
-                err = (a.double() - e).abs().max().item()
-                ref_err = (lp.double() - e).abs().max().item()
-                assert err <= 2 * ref_err + ulp + 1e-6, (err, ref_err, ulp)
-            else:
-                assert_low_precision_close(a, e.detach(), lp)
+            # The interpreter's float32 -> bfloat16 store truncates (a GPU rounds to nearest):
+            # up to one ulp of error, not half. kernels/feedback.py stores in the input dtype
+            # (screened attention stores through float32 on the CPU for this).
+            truncates = dtype == BF16 and backend == "triton" and a.device.type == "cpu"
+            assert_low_precision_close(a, e.detach(), lp, ulps=2.0 if truncates else 1.0)
     else:
         compare(got, want, lambda: run(*upcast(z), "reference", g1.double(), g2.double()))
 
