@@ -160,6 +160,21 @@ def assert_state_consistent(state, window):
     assert torch.where(idx >= 0, same, score == float("-inf")).all(), "slot scores"
 
 
+def attention_magnitudes(q, k, v, g, mask, scale=None):
+    """Masked softmax attention and its gradients for ``g`` evaluated on absolute values, in
+    float64 (shapes of out, dq, dk, dv): P|V|, scale·|dS||K|, scale·|dS|ᵀ|Q|, Pᵀ|g| with
+    |dS| = P ⊙ (|g||V|ᵀ + rowsum(P ⊙ |g||V|ᵀ)). Each bounds the sum its result rounds, element
+    by element: the magnitude of the low-precision rule (``assert_low_precision_close``)."""
+    q, k, v, g = (x.detach().double().cpu() for x in (q, k, v, g))
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask.cpu(), float("-inf"))
+    p = torch.softmax(logits, -1)
+    dp = g.abs() @ v.abs().transpose(-1, -2)
+    ds = p * (dp + (p * dp).sum(-1, keepdim=True))
+    return (p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
+            p.transpose(-1, -2) @ g.abs())  # fmt: skip
+
+
 def _masked_sdpa(q, k, v, mask, scale, dtype):
     """Masked softmax attention (docs/attention.md) in ``dtype`` on the inputs cast to it, with
     its gradients for ``g``: the oracle of a run given its own candidate mask."""
@@ -195,10 +210,12 @@ def _rows_close(got, want, exact, rows, rtol, atol, what, conditioned, events):
 
 
 def check_against_reference(run, q, k, v, window, relevant, scale=None, conditioned=False,
-                            events=None):  # fmt: skip
+                            events=None, exact=False):  # fmt: skip
     """``run(q, k, v, window, relevant, scale) -> (out, state)`` against the reference:
     forward, gradients and state, every tensor element-wise. Returns True if the selections
-    are the same, False if some rows legitimately differ at a near tie (float32 only).
+    are the same, False if some rows legitimately differ at a near tie (float32 only, and not
+    with ``exact``: inputs whose relevancies every run computes bitwise alike, so that a tie
+    is a tie in every run and must be decided by the slot rule).
 
     A differing row is accepted only as ``near_tie_decision`` says; its output and gradients
     are then checked against masked attention with the run's *own* candidate mask, its
@@ -222,6 +239,7 @@ def check_against_reference(run, q, k, v, window, relevant, scale=None, conditio
     excused = {}  # row -> the leaving key of its first differing decision
     if differ:
         assert dtype != torch.float64, "float64 selections must match the reference exactly"
+        assert not exact, "selections of exact-arithmetic inputs must match the reference"
         for n in differ:
             e = near_tie_decision(state, ref_state, n, window, relevant)
             assert e is not None, f"row {n}: selection differs without a near tie"

@@ -15,12 +15,26 @@ def assert_close(actual, expected, dtype=None, **kw):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, **kw)
 
 
-def assert_low_precision_close(actual, expected64, ref_lowp):
-    """fp16/bf16 rule (FlashAttention's): error against the float64 reference at most twice
-    the error of the reference itself run in that dtype (plus a tiny floor for exact zeros)."""
-    err = (actual.double() - expected64).abs().max().item()
-    ref_err = (ref_lowp.double() - expected64).abs().max().item()
-    assert err <= 2 * ref_err + 1e-6, f"error {err:.3g} > 2 x reference error {ref_err:.3g}"
+def assert_low_precision_close(actual, expected64, ref_lowp, magnitude=None, ulps=1.0):
+    """fp16/bf16 rule, element-wise (docs/numerics.md): at every element the error against the
+    float64 result is at most twice the low-precision reference's error there, plus ``ulps``
+    ulps of the dtype (``2 ulps ROUNDING`` relative) of the element's ``magnitude``, plus 1e-6
+    (a floor for float32 noise at exact zeros). ``magnitude`` defaults to ``|expected64|``
+    (a result computed in float32 and rounded once); for a sum of products pass the same sum
+    of the operands' absolute values, which bounds the rounding of each product's operands
+    (FlashAttention's P and dS cast to half on a GPU)."""
+    a, e, r = (x.detach().double().cpu() for x in (actual, expected64, ref_lowp))
+    m = e.abs() if magnitude is None else magnitude.detach().double().cpu()
+    bound = 2 * (r - e).abs() + 2 * ulps * ROUNDING[actual.dtype] * m + 1e-6
+    err = (a - e).abs()
+    bad = ~(err <= bound) & ~(a.isnan() & e.isnan())  # any other NaN fails
+    if bad.any():
+        i = tuple(bad.nonzero()[0].tolist())
+        raise AssertionError(
+            f"{int(bad.sum())} of {a.numel()} elements beyond the low-precision bound, first at "
+            f"{list(i)}: {a[i].item()!r} vs {e[i].item()!r} (error {err[i].item():.3g} > "
+            f"{bound[i].item():.3g}; reference error {(r - e).abs()[i].item():.3g})"
+        )
 
 
 # Unit roundoff of the half types: one rounding of a value computed exactly (or in float32)
