@@ -14,6 +14,10 @@ from dataclasses import dataclass
 PRESETS = ("quick", "default", "full")
 MODES = ("fwd", "fwd+bwd")
 FAMILIES = ("attention", "rnn", "feedback")
+# The kernel families above, and the decode family (a transformers model decoding with
+# ScreenedCache against transformers' caches); a default run runs them all. The README's results
+# section and the thread section are the kernel families'.
+ALL_FAMILIES = (*FAMILIES, "decode")
 
 # Timing budget per case (see bench._common.measure).
 TIMING = {
@@ -31,6 +35,8 @@ LONG_MIN_TIME = {"quick": 0.5, "default": 4.0, "full": 8.0}
 
 def timing(case: Case, preset: str) -> dict:
     """The timing budget of ``case``'s group."""
+    if case.family == "decode":
+        return DECODE_TIMING[preset]
     if case.op in LONG_OPS:
         return {**TIMING[preset], "min_time": LONG_MIN_TIME[preset]}
     return TIMING[preset]
@@ -160,11 +166,37 @@ def feedback_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
                     yield _make("feedback", op, provider, mode, shape)
 
 
-_FAMILY_CASES = {"attention": attention_cases, "rnn": rnn_cases, "feedback": feedback_cases}
+# Greedy decoding of a Llama-shaped model (bench_decode.MODEL) with ScreenedCache (ν=128, ρ=64)
+# and transformers' caches: a context of ``context`` positions, then one decode step per call.
+DECODE_BASE = {"window": 128, "relevant": 64, "layers": 4, "hidden": 512, "heads": 8, "kv_heads": 2}
+DECODE_CONTEXT = {"quick": (256, 1024), "default": (1024, 8192), "full": (1024, 8192, 32768)}
+DECODE_PROVIDERS = ("screened", "sdpa_dynamic", "sdpa_window")
+# Decode steps per provider and context: a step takes milliseconds, so the count, not a time
+# budget, ends the timing (min_time is never reached first).
+DECODE_TIMING = {
+    "quick": {"min_time": 1e9, "max_reps": 20},
+    "default": {"min_time": 1e9, "max_reps": 100},
+    "full": {"min_time": 1e9, "max_reps": 300},
+}
+
+
+def decode_cases(preset: str, device: str = "cpu") -> Iterator[Case]:
+    for context in DECODE_CONTEXT[preset]:
+        shape = {"context": context, **DECODE_BASE}
+        for provider in DECODE_PROVIDERS:
+            yield _make("decode", "decode", provider, "decode", shape)
+
+
+_FAMILY_CASES = {
+    "attention": attention_cases,
+    "rnn": rnn_cases,
+    "feedback": feedback_cases,
+    "decode": decode_cases,
+}
 
 
 def cases(
-    preset: str = "default", families: Iterable[str] = FAMILIES, device: str = "cpu"
+    preset: str = "default", families: Iterable[str] = ALL_FAMILIES, device: str = "cpu"
 ) -> list[Case]:
     """Every case of ``preset`` for ``families``, in run order."""
     if preset not in PRESETS:
@@ -172,6 +204,6 @@ def cases(
     out: list[Case] = []
     for family in families:
         if family not in _FAMILY_CASES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+            raise ValueError(f"family must be one of {ALL_FAMILIES}, got {family!r}")
         out.extend(_FAMILY_CASES[family](preset, device))
     return out

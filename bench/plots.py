@@ -3,7 +3,9 @@
 * ``<stem>-attention-time.png``: time per call against T, log-log, of every attention provider
   at the base (window, relevant), forward and forward + backward;
 * ``<stem>-speedup.png``: per op and mode, every provider's speedup over the op's baseline (dense
-  SDPA for attention, the reference for the others) at the largest shape the baseline ran.
+  SDPA for attention, the reference for the others) at the largest shape the baseline ran;
+* ``<stem>-decode.png``: the decode family's time per token and cache memory against the
+  context, per provider.
 """
 
 from __future__ import annotations
@@ -107,8 +109,46 @@ def _speedup(plt, ok: list[dict], providers: list[str], path: Path) -> bool:
     return True
 
 
+def _decode(plt, ok: list[dict], color: dict, path: Path) -> bool:
+    dec = [r for r in ok if r["family"] == "decode"]
+    if not dec:
+        return False
+    fig, (t_ax, m_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for provider in _cases.DECODE_PROVIDERS:
+        rows = sorted(
+            (r["shape"]["context"], r["median_s"], r["cache_bytes"])
+            for r in dec
+            if r["provider"] == provider
+        )
+        if not rows:
+            continue
+        ctx, t, mem = zip(*rows)
+        t_ax.plot(ctx, [1e3 * x for x in t], marker="o", label=provider, color=color[provider])
+        m_ax.plot(ctx, [x / 2**20 for x in mem], marker="o", label=provider, color=color[provider])
+    shape = dec[0]["shape"]
+    for ax, label in ((t_ax, "time per token [ms]"), (m_ax, "cache memory [MiB]")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (positions)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    t_ax.set_title(
+        f"greedy decode, {shape['layers']} layers, hidden {shape['hidden']}, "
+        f"{shape['heads']}/{shape['kv_heads']} heads",
+        fontsize=9,
+    )
+    m_ax.set_title(
+        f"cache after the context (ν={shape['window']}, ρ={shape['relevant']})", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(results: list[dict], stem: Path) -> list[Path]:
-    """Draw both plots next to ``stem`` (the JSON's path without its suffix); their paths."""
+    """Draw the plots next to ``stem`` (the JSON's path without its suffix); their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,6 +163,10 @@ def write_plots(results: list[dict], stem: Path) -> list[Path]:
     if _attention_time(plt, ok, color, path):
         paths.append(path)
     path = stem.with_name(stem.name + "-speedup.png")
-    if _speedup(plt, ok, providers, path):
+    kernels = [r for r in ok if r["family"] != "decode"]  # decode has its own plot
+    if _speedup(plt, kernels, providers, path):
+        paths.append(path)
+    path = stem.with_name(stem.name + "-decode.png")
+    if _decode(plt, ok, color, path):
         paths.append(path)
     return paths

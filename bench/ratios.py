@@ -26,6 +26,10 @@ RATIOS = {
         ("vs_eager", "xeager", ("reference",), ()),
         ("vs_floor", "xfloor", ("conv_floor",), ()),
     ),
+    "decode": (
+        ("vs_dynamic", "xdynamic", ("sdpa_dynamic",), ()),
+        ("vs_window", "xwindow", ("sdpa_window",), ()),
+    ),
 }
 
 

@@ -1,6 +1,6 @@
-"""The benchmark report: ``python -m bench.report [--quick|--full] [--only attention,rnn,feedback]
-[--threads N] [--no-thread-scaling] [--baseline JSON [--fail-on-regression]] [--device cpu|cuda]
-[--out DIR] [--no-plots]``.
+"""The benchmark report: ``python -m bench.report [--quick|--full]
+[--only attention,rnn,feedback,decode] [--threads N] [--no-thread-scaling]
+[--baseline JSON [--fail-on-regression]] [--device cpu|cuda] [--out DIR] [--no-plots]``.
 
 Runs the standard sweep of bench/_cases.py (bench.run), prints one table per op with ratios
 measured in the same run (bench.tables), each family's 1 -> 2 thread speed-up (bench.threads),
@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.set_defaults(preset="default")
     p.add_argument(
         "--only",
-        default=",".join(_cases.FAMILIES),
-        help="comma-separated families (default: attention,rnn,feedback)",
+        default=",".join(_cases.ALL_FAMILIES),
+        help="comma-separated families (default: attention,rnn,feedback,decode)",
     )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument(
@@ -80,9 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     args = p.parse_args(argv)
     args.families = [f.strip() for f in args.only.split(",") if f.strip()]
-    bad = [f for f in args.families if f not in _cases.FAMILIES]
+    bad = [f for f in args.families if f not in _cases.ALL_FAMILIES]
     if bad:
-        p.error(f"--only takes {','.join(_cases.FAMILIES)}, got {','.join(bad)}")
+        p.error(f"--only takes {','.join(_cases.ALL_FAMILIES)}, got {','.join(bad)}")
     if args.threads < 1:
         p.error("--threads must be >= 1")
     if args.baseline is not None and not args.baseline.is_file():

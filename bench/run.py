@@ -9,11 +9,16 @@ import gc
 import sys
 import time
 
-from bench import _cases, bench_attention, bench_feedback, bench_rnn
+from bench import _cases, bench_attention, bench_decode, bench_feedback, bench_rnn
 from bench._common import CheckFailed, Unavailable, measure_group, sync_for
 from bench.machine import peak_rss_gb
 
-MODULES = {"attention": bench_attention, "rnn": bench_rnn, "feedback": bench_feedback}
+MODULES = {
+    "attention": bench_attention,
+    "rnn": bench_rnn,
+    "feedback": bench_feedback,
+    "decode": bench_decode,
+}
 FLOOR_PROVIDERS = ("matmul_floor", "conv_floor")
 
 
@@ -76,7 +81,7 @@ def setup_case(case: _cases.Case, rec: dict):
     elif case.family == "feedback" and case.provider == "reference":
         rec["check"] = "n/a (is the reference)"
     else:
-        rec["check"] = "passed"
+        rec["check"] = getattr(fn, "check", "passed")
     return fn
 
 
@@ -98,6 +103,9 @@ def run_group(group: list[_cases.Case], timing: dict, progress: Progress, done: 
         timings = {}
         for i in fns:
             records[i].update(status="failed", reason=f"while timing: {type(exc).__name__}: {exc}")
+    for i, fn in fns.items():  # what a factory reports about its case after timing (decode: memory)
+        if hasattr(fn, "record"):
+            records[i].update(fn.record())
     fns.clear()
     gc.collect()
     peak = peak_rss_gb()

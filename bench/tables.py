@@ -42,6 +42,21 @@ def _table(rows: list[list[str]], header: list[str], right: set[int]) -> str:
     return "\n".join([line(header), sep, *(line(r) for r in rows)])
 
 
+# The last two columns: model FLOP rates, or for the decode family (no FLOP model) the cache's
+# memory after the context and the keys it holds per (layer, batch row, KV head).
+LAST_COLUMNS = {"decode": ("cache MB", "keys kept")}
+DEFAULT_LAST_COLUMNS = ("GFLOP/s", "%mm")
+
+
+def _last_cells(r: dict) -> list[str]:
+    if r["family"] == "decode":
+        return [f"{r['cache_bytes'] / 2**20:.2f}", str(max(r["stored"]))]
+    return [
+        f"{r['gflops']:.1f}" if "gflops" in r else "-",
+        f"{100 * r['frac_matmul']:.0f}%" if "frac_matmul" in r else "-",
+    ]
+
+
 def _row(r: dict, shape: str, ratio_cols: tuple) -> list[str]:
     if r["status"] == "failed":
         return [shape, r["provider"], r["mode"], "FAILED", "", "", *[""] * len(ratio_cols), "", ""]
@@ -54,8 +69,7 @@ def _row(r: dict, shape: str, ratio_cols: tuple) -> list[str]:
         f"{100 * r['spread']:.1f}",
         str(r["n"]),
         *(fmt_ratio(ratios.get(key)) for key, _, _, _ in ratio_cols),
-        f"{r['gflops']:.1f}" if "gflops" in r else "-",
-        f"{100 * r['frac_matmul']:.0f}%" if "frac_matmul" in r else "-",
+        *_last_cells(r),
     ]
 
 
@@ -75,8 +89,7 @@ def print_tables(results: list[dict], out=sys.stdout) -> None:
             "IQR%",
             "n",
             *(label for _, label, _, _ in ratio_cols),
-            "GFLOP/s",
-            "%mm",
+            *LAST_COLUMNS.get(family, DEFAULT_LAST_COLUMNS),
         ]
         rows, notes = [], []
         for r in records:

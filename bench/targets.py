@@ -21,6 +21,7 @@ TITLES = {
     "attention": "screened attention, the C++ CPU kernel",
     "rnn": "RelRNN / RelLSTM forward + backward, the fused CPU kernels",
     "feedback": "CNN-F, the fused CPU kernels (CNNF at the largest batch)",
+    "decode": "greedy decoding with ScreenedCache, per token (bench.bench_decode)",
     "threads": "1 -> 2 threads, time at 1 thread / time at 2 (bench.threads)",
 }
 
@@ -172,7 +173,67 @@ def _feedback_targets(results: list[dict], out: _Targets) -> None:
     )
 
 
-_COLLECT = {"attention": _attention_targets, "rnn": _rnn_targets, "feedback": _feedback_targets}
+def _decode_targets(results: list[dict], out: _Targets) -> None:
+    """At the smallest and the largest context of the preset (1k and 32k with --full)."""
+    contexts = sorted({r["shape"]["context"] for r in results if r["family"] == "decode"})
+    if not contexts:
+        return
+    c0, c1 = contexts[0], contexts[-1]
+
+    def get(provider, context):
+        return next(
+            (
+                r
+                for r in results
+                if r["family"] == "decode"
+                and r["status"] == "ok"
+                and r["provider"] == provider
+                and r["shape"]["context"] == context
+            ),
+            None,
+        )
+
+    def add(*args):
+        out.add("decode", *args)
+
+    screened, screened0 = get("screened", c1), get("screened", c0)
+    two = "needs screened at two contexts"
+    add(
+        f"ScreenedCache time per token at context {c1} / at {c0}",
+        time_ratio(screened, screened0) if c1 > c0 else None,
+        1.15,
+        False,
+        two,
+    )
+    add(
+        f"ScreenedCache memory at context {c1} / at {c0}",
+        screened["cache_bytes"] / screened0["cache_bytes"] if screened and screened0 else None,
+        1.0,
+        False,
+        two,
+    )
+    add(
+        f"ScreenedCache time per token / the sliding-window cache's (ν+ρ keys) at context {c1}",
+        time_ratio(screened, get("sdpa_window", c1)),
+        1.3,
+        False,
+        "needs screened and sdpa_window",
+    )
+    add(
+        f"ScreenedCache speedup per token over DynamicCache (dense) at context {c1}",
+        ratio(screened, "vs_dynamic"),
+        1.0,
+        True,
+        "needs screened and sdpa_dynamic",
+    )
+
+
+_COLLECT = {
+    "attention": _attention_targets,
+    "rnn": _rnn_targets,
+    "feedback": _feedback_targets,
+    "decode": _decode_targets,
+}
 
 
 def targets(results: list[dict]) -> list[dict]:
