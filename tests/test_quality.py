@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 
 import pytest
+import torch
 
 from bench.quality import __main__ as quality
 
 SCALARS = (int, float, str, bool, type(None))
+THREADS_BEFORE = torch.get_num_threads()
 
 
 @pytest.fixture(scope="module")
@@ -39,17 +42,26 @@ def test_json_and_plots_written(report):
     meta = data["meta"]
     for field in ("cpu", "cores", "threads", "torch", "screening_attn", "git_sha", "date"):
         assert field in meta, field
+    assert meta["threads"] == int(os.environ.get("OMP_NUM_THREADS") or 1)
     assert meta["preset"] == "quick" and meta["tasks"] == ["mqar", "copy"]
+    assert 0 < meta["cpu_s"] and 0 < meta["elapsed_s"]
     assert set(data["tasks"]) == {"mqar", "copy"}
     for name, task in data["tasks"].items():
+        assert 0 < task["cpu_s"] <= meta["cpu_s"], name
         assert task["rows"], name
         for row in task["rows"]:
             assert all(isinstance(v, SCALARS) for v in row.values()), row
+            assert row["train_cpu_s"] > 0, row
         assert task["plots"], name
         for plot in task["plots"]:
+            # named after the run's JSON, so the README can quote one run's files together
+            assert plot.startswith(path.stem + "-"), plot
             assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", plot
         text = importlib.import_module(quality.TASKS[name]).markdown(task)
         assert text.startswith("| ") and "\n\n" in text
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(
+        p for t in data["tasks"].values() for p in t["plots"]
+    )
 
 
 def test_mqar_full_attention_learns_recall(report):
@@ -73,3 +85,13 @@ def test_copy_small_delay_learned(report):
 def test_unknown_task_rejected():
     with pytest.raises(SystemExit):
         quality.parse_args(["--only", "mqar,nope"])
+
+
+def test_threads_restored(report):
+    # main() runs in this process: it must not leave its thread count to the other tests
+    assert torch.get_num_threads() == THREADS_BEFORE
+
+
+def test_default_tasks_leave_cnnf_to_be_named():
+    assert quality.parse_args([]).tasks == ["mqar", "copy"]
+    assert quality.parse_args(["--only", "cnnf"]).tasks == ["cnnf"]
