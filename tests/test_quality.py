@@ -12,11 +12,13 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from bench.quality import __main__ as quality
+from bench.quality import readme
 
 SCALARS = (int, float, str, bool, type(None))
 THREADS_BEFORE = torch.get_num_threads()
@@ -95,3 +97,30 @@ def test_threads_restored(report):
 def test_default_tasks_leave_cnnf_to_be_named():
     assert quality.parse_args([]).tasks == ["mqar", "copy"]
     assert quality.parse_args(["--only", "cnnf"]).tasks == ["cnnf"]
+
+
+def test_readme_section_quotes_the_run_and_its_plots(report, tmp_path):
+    _, result = report
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / Path(result["path"]).name).write_text(Path(result["path"]).read_text())
+    payload = {"meta": {**result["meta"], "preset": "default"}, "tasks": result["tasks"]}
+    path = out / "quality-machine-20990101-000000.json"
+    path.write_text(json.dumps(payload))
+    assert readme.latest(out) == path  # the quick run itself is not a default run
+    doc = tmp_path / "README.md"
+    doc.write_text(f"# x\n\n{readme.BEGIN}\nold\n{readme.END}\n\nhand-written text\n")
+    args = ["--json", str(path), "--readme", str(doc)]
+    assert readme.main([*args, "--check"]) == 1
+    assert readme.main(args) == 0
+    text = doc.read_text()
+    assert readme.main([*args, "--check"]) == 0  # a second run changes nothing
+    assert "old" not in text and text.endswith(f"{readme.END}\n\nhand-written text\n")
+    assert str(path) in text
+    for task in result["tasks"].values():
+        for plot in task["plots"]:
+            assert f"({out}/{plot})" in text
+
+
+def test_repo_readme_quotes_the_latest_default_run():
+    assert readme.main(["--check"]) == 0
