@@ -46,6 +46,7 @@ def test_json_and_plots_written(report):
         assert field in meta, field
     assert meta["threads"] == int(os.environ.get("OMP_NUM_THREADS") or 1)
     assert meta["preset"] == "quick" and meta["tasks"] == ["mqar", "copy"]
+    assert meta["jobs"] == max(1, min(2, os.cpu_count() // meta["threads"]))  # a process a task
     assert 0 < meta["cpu_s"] and 0 < meta["elapsed_s"]
     assert set(data["tasks"]) == {"mqar", "copy"}
     for name, task in data["tasks"].items():
@@ -116,10 +117,11 @@ def test_readme_section_quotes_the_run_and_its_plots(report, tmp_path):
     text = doc.read_text()
     assert readme.main([*args, "--check"]) == 0  # a second run changes nothing
     assert "old" not in text and text.endswith(f"{readme.END}\n\nhand-written text\n")
-    assert str(path) in text
+    # paths relative to the README: the run's JSON and that same run's plots beside it
+    assert f"(`results/{path.name}`;" in text
     for task in result["tasks"].values():
         for plot in task["plots"]:
-            assert f"({out}/{plot})" in text
+            assert f"(results/{plot})" in text
 
 
 def test_repo_readme_quotes_the_latest_default_run():

@@ -1,5 +1,5 @@
 """The learned-task quality benchmark: ``python -m bench.quality [--quick] [--only
-mqar,copy,cnnf] [--seeds N] [--threads N] [--out DIR]``.
+mqar,copy,cnnf] [--seeds N] [--threads N] [--jobs N] [--out DIR]``.
 
 Runs the selected tasks in order, each printing its progress and table, and writes
 ``<out>/quality-<machine>-<YYYYmmdd-HHMMSS>.json`` (machine, versions, git SHA, threads, preset,
@@ -16,8 +16,10 @@ import datetime
 import importlib
 import json
 import math
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -54,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads (default: OMP_NUM_THREADS, else 1: the presets' budgets are for one)",
     )
     p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="tasks run at once, one process each (default: as many as the cores hold at "
+        "--threads each)",
+    )
+    p.add_argument(
         "--out",
         type=Path,
         default=ROOT / "bench" / "results",
@@ -70,6 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--seeds must be >= 1")
     if args.threads < 1:
         p.error("--threads must be >= 1")
+    if args.jobs is None:
+        args.jobs = max(1, (os.cpu_count() or 1) // args.threads)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
     return args
 
 
@@ -80,25 +93,25 @@ def _log(line: str) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Run the selected tasks; return what was written to the JSON (and its path)."""
     args = parse_args(argv)
-    modules = {}
     for name in args.tasks:
         try:
-            modules[name] = importlib.import_module(TASKS[name])
+            importlib.import_module(TASKS[name])
         except ModuleNotFoundError as e:
             raise SystemExit(f"task {name!r}: cannot import {TASKS[name]} ({e})") from e
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args, modules)
+        return _run(args)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run(args: argparse.Namespace, modules: dict) -> dict:
+def _run(args: argparse.Namespace) -> dict:
     clock = Stopwatch()
     meta = machine_info()
     preset = "quick" if args.quick else "default"
-    meta.update(preset=preset, tasks=args.tasks, seeds=args.seeds, argv=sys.argv[1:])
+    jobs = min(args.jobs, len(args.tasks))
+    meta.update(preset=preset, tasks=args.tasks, seeds=args.seeds, jobs=jobs, argv=sys.argv[1:])
     _log(
         f"quality benchmark, preset {preset!r}, tasks {','.join(args.tasks)}, {args.seeds} "
         f"seed(s), {meta['threads']} threads (OMP_NUM_THREADS={meta['omp_num_threads_env']}); "
@@ -109,18 +122,25 @@ def _run(args: argparse.Namespace, modules: dict) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     # the run's files share one stem: the README quotes a JSON and the plots of that same run
     stem = f"quality-{machine_slug(meta)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    tasks = {}
-    for name, module in modules.items():
-        _log(f"\n== {name} ==")
-        task_clock = Stopwatch()
-        result = module.run(args.quick, seeds, args.out, _log)
-        result["elapsed_s"] = round(task_clock(), 1)
-        result["cpu_s"] = round(task_clock.cpu(), 1)
+    if jobs == 1:
+        tasks = {}
+        for name in args.tasks:
+            _log(f"\n== {name} ==")
+            tasks[name] = _run_task(name, args.quick, seeds, args.out, args.threads)
+    else:
+        _log(f"\n== {', '.join(args.tasks)}: {jobs} processes of {args.threads} thread(s) ==")
+        spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
+        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
+            futures = {
+                name: pool.submit(_run_task, name, args.quick, seeds, args.out, args.threads)
+                for name in args.tasks
+            }
+            tasks = {name: f.result() for name, f in futures.items()}
+    for name, result in tasks.items():
         result["plots"] = [_rename_plot(args.out, plot, stem) for plot in result["plots"]]
-        tasks[name] = result
         _log(
             f"{name}: {result['elapsed_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU "
-            f"({meta['threads']} threads); plots: {', '.join(result['plots'])}"
+            f"({args.threads} thread(s)); plots: {', '.join(result['plots'])}"
         )
     meta["elapsed_s"] = round(clock(), 1)
     meta["cpu_s"] = round(clock.cpu(), 1)
@@ -130,6 +150,16 @@ def _run(args: argparse.Namespace, modules: dict) -> dict:
     path.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
     _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total, {meta['cpu_s']:.0f} s of CPU)")
     return {**payload, "path": str(path)}
+
+
+def _run_task(name: str, quick: bool, seeds: list[int], out: Path, threads: int) -> dict:
+    """One task's result, with the wall and CPU seconds of the process that ran it."""
+    torch.set_num_threads(threads)
+    clock = Stopwatch()
+    result = importlib.import_module(TASKS[name]).run(quick, seeds, out, _log)
+    result["elapsed_s"] = round(clock(), 1)
+    result["cpu_s"] = round(clock.cpu(), 1)
+    return result
 
 
 def _rename_plot(out: Path, plot: str, stem: str) -> str:

@@ -8,6 +8,7 @@ import os
 import platform
 import random
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -34,19 +35,26 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its children that have ended."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class Stopwatch:
-    """Wall-clock seconds since construction; ``cpu()``: this process's CPU seconds (all threads)
-    since then, which other jobs on a shared machine inflate far less than the wall clock."""
+    """Wall-clock seconds since construction; ``cpu()``: the CPU seconds (all threads, and
+    worker processes once they have ended) since then, which other jobs on a shared machine
+    inflate far less than the wall clock."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
+        self.cpu_start = _cpu_seconds()
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
 
     def cpu(self) -> float:
-        return time.process_time() - self.cpu_start
+        return _cpu_seconds() - self.cpu_start
 
 
 def _git(*args: str) -> str | None:
