@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.quality._common import ROOT, Stopwatch, loadavg, machine_info, machine_slug
+from bench.quality._common import ROOT, Stopwatch, loadavg, machine_info, machine_slug, run_task
 
 TASKS = {
     "mqar": "bench.quality.mqar",
@@ -126,13 +126,13 @@ def _run(args: argparse.Namespace) -> dict:
         tasks = {}
         for name in args.tasks:
             _log(f"\n== {name} ==")
-            tasks[name] = _run_task(name, args.quick, seeds, args.out, args.threads)
+            tasks[name] = run_task(TASKS[name], args.quick, seeds, args.out, args.threads)
     else:
         _log(f"\n== {', '.join(args.tasks)}: {jobs} processes of {args.threads} thread(s) ==")
         spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
         with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
             futures = {
-                name: pool.submit(_run_task, name, args.quick, seeds, args.out, args.threads)
+                name: pool.submit(run_task, TASKS[name], args.quick, seeds, args.out, args.threads)
                 for name in args.tasks
             }
             tasks = {name: f.result() for name, f in futures.items()}
@@ -150,16 +150,6 @@ def _run(args: argparse.Namespace) -> dict:
     path.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
     _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total, {meta['cpu_s']:.0f} s of CPU)")
     return {**payload, "path": str(path)}
-
-
-def _run_task(name: str, quick: bool, seeds: list[int], out: Path, threads: int) -> dict:
-    """One task's result, with the wall and CPU seconds of the process that ran it."""
-    torch.set_num_threads(threads)
-    clock = Stopwatch()
-    result = importlib.import_module(TASKS[name]).run(quick, seeds, out, _log)
-    result["elapsed_s"] = round(clock(), 1)
-    result["cpu_s"] = round(clock.cpu(), 1)
-    return result
 
 
 def _rename_plot(out: Path, plot: str, stem: str) -> str:

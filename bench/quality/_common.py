@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import importlib.metadata
 import os
 import platform
@@ -55,6 +56,22 @@ class Stopwatch:
 
     def cpu(self) -> float:
         return _cpu_seconds() - self.cpu_start
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_task(module: str, quick: bool, seeds: list[int], out: Path, threads: int) -> dict:
+    """Run the task of ``module`` with ``threads`` torch threads, printing its progress; return
+    its result with the wall and CPU seconds of the process that ran it. Here, not in
+    ``__main__``, so that worker processes can import it."""
+    torch.set_num_threads(threads)
+    clock = Stopwatch()
+    result = importlib.import_module(module).run(quick, seeds, out, _print)
+    result["elapsed_s"] = round(clock(), 1)
+    result["cpu_s"] = round(clock.cpu(), 1)
+    return result
 
 
 def _git(*args: str) -> str | None:
