@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from bench.quality._common import ROOT, Stopwatch, loadavg, machine_info, machine_slug, run_task
+from bench.quality._common import ROOT, Stopwatch, loadavg, machine_info, machine_slug, run_part
 
 TASKS = {
     "mqar": "bench.quality.mqar",
@@ -59,8 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--jobs",
         type=int,
         default=None,
-        help="tasks run at once, one process each (default: as many as the cores hold at "
-        "--threads each)",
+        help="trainings run at once, one process each (default: as many as the cores hold at "
+        "--threads each; 1: all in this process)",
     )
     p.add_argument(
         "--out",
@@ -110,8 +111,9 @@ def _run(args: argparse.Namespace) -> dict:
     clock = Stopwatch()
     meta = machine_info()
     preset = "quick" if args.quick else "default"
-    jobs = min(args.jobs, len(args.tasks))
-    meta.update(preset=preset, tasks=args.tasks, seeds=args.seeds, jobs=jobs, argv=sys.argv[1:])
+    meta.update(
+        preset=preset, tasks=args.tasks, seeds=args.seeds, jobs=args.jobs, argv=sys.argv[1:]
+    )
     _log(
         f"quality benchmark, preset {preset!r}, tasks {','.join(args.tasks)}, {args.seeds} "
         f"seed(s), {meta['threads']} threads (OMP_NUM_THREADS={meta['omp_num_threads_env']}); "
@@ -122,25 +124,40 @@ def _run(args: argparse.Namespace) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     # the run's files share one stem: the README quotes a JSON and the plots of that same run
     stem = f"quality-{machine_slug(meta)}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    if jobs == 1:
-        tasks = {}
-        for name in args.tasks:
-            _log(f"\n== {name} ==")
-            tasks[name] = run_task(TASKS[name], args.quick, seeds, args.out, args.threads)
+    # the work: every task's independent trainings (its units), or the whole task if it has none
+    work = []
+    for name in args.tasks:
+        task = importlib.import_module(TASKS[name])
+        parts = task.units(args.quick, seeds) if hasattr(task, "units") else [None]
+        work.append([(name, unit) for unit in parts])
+    # interleaved, so that each task's first (longest) units start early
+    work = [part for group in itertools.zip_longest(*work) for part in group if part]
+    common = (args.quick, seeds, args.out, args.threads)
+    if args.jobs == 1:
+        done = [run_part(TASKS[name], *common, unit) for name, unit in work]
     else:
-        _log(f"\n== {', '.join(args.tasks)}: {jobs} processes of {args.threads} thread(s) ==")
+        _log(f"\n{len(work)} trainings in {args.jobs} processes of {args.threads} thread(s)")
         spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch threads
-        with ProcessPoolExecutor(jobs, mp_context=spawn) as pool:
-            futures = {
-                name: pool.submit(run_task, TASKS[name], args.quick, seeds, args.out, args.threads)
-                for name in args.tasks
-            }
-            tasks = {name: f.result() for name, f in futures.items()}
-    for name, result in tasks.items():
+        with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
+            futures = [pool.submit(run_part, TASKS[name], *common, unit) for name, unit in work]
+            done = [f.result() for f in futures]
+    tasks = {}
+    for name in args.tasks:
+        mine = [(unit, d) for (n, unit), d in zip(work, done, strict=True) if n == name]
+        task = importlib.import_module(TASKS[name])
+        if mine[0][0] is None:
+            result = mine[0][1][0]
+        else:
+            runs = {unit: r for unit, (r, _, _) in mine}
+            result = task.collect(args.quick, seeds, runs, args.out, _log)
+        # the task's training processes' seconds, summed (they may have run side by side)
+        result["elapsed_s"] = round(sum(wall for _, (_, wall, _) in mine), 1)
+        result["cpu_s"] = round(sum(cpu for _, (_, _, cpu) in mine), 1)
         result["plots"] = [_rename_plot(args.out, plot, stem) for plot in result["plots"]]
+        tasks[name] = result
         _log(
-            f"{name}: {result['elapsed_s']:.0f} s wall, {result['cpu_s']:.0f} s CPU "
-            f"({args.threads} thread(s)); plots: {', '.join(result['plots'])}"
+            f"{name}: {result['cpu_s']:.0f} s CPU, {result['elapsed_s']:.0f} s wall in its "
+            f"trainings ({args.threads} thread(s)); plots: {', '.join(result['plots'])}"
         )
     meta["elapsed_s"] = round(clock(), 1)
     meta["cpu_s"] = round(clock.cpu(), 1)

@@ -62,16 +62,19 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def run_task(module: str, quick: bool, seeds: list[int], out: Path, threads: int) -> dict:
-    """Run the task of ``module`` with ``threads`` torch threads, printing its progress; return
-    its result with the wall and CPU seconds of the process that ran it. Here, not in
-    ``__main__``, so that worker processes can import it."""
+def run_part(module: str, quick: bool, seeds: list[int], out: Path, threads: int, unit):
+    """Run one part of the task of ``module`` with ``threads`` torch threads, printing its
+    progress: the training ``unit`` of its ``units`` (``run_unit``), or with ``unit=None`` the
+    whole task (``run``, for a task without units). Returns ``(result, wall s, CPU s)`` of the
+    process that ran it. Here, not in ``__main__``, so that worker processes can import it."""
     torch.set_num_threads(threads)
     clock = Stopwatch()
-    result = importlib.import_module(module).run(quick, seeds, out, _print)
-    result["elapsed_s"] = round(clock(), 1)
-    result["cpu_s"] = round(clock.cpu(), 1)
-    return result
+    task = importlib.import_module(module)
+    if unit is None:
+        result = task.run(quick, seeds, out, _print)
+    else:
+        result = task.run_unit(quick, unit, _print)
+    return result, clock(), clock.cpu()
 
 
 def _git(*args: str) -> str | None:

@@ -168,8 +168,29 @@ def train(
     }
 
 
+def units(quick: bool, seeds: list[int]) -> list[str]:
+    """The independent trainings, ``"<T>/<model>/<seed>"``, the longest delays first (a pool of
+    workers finishes sooner): ``run_unit`` runs one anywhere."""
+    cfg = QUICK if quick else DEFAULT
+    pairs = sorted(zip(cfg.delays, cfg.seeds_per_delay, strict=True), reverse=True)
+    return [f"{T}/{kind}/{seed}" for T, n in pairs for kind in cfg.models for seed in seeds[:n]]
+
+
+def run_unit(quick: bool, unit: str, log: Log) -> dict:
+    """Train and evaluate the model of one unit of ``units``."""
+    T, kind, seed = unit.split("/")
+    return train(kind, int(T), int(seed), QUICK if quick else DEFAULT, log)
+
+
 def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
     """Every model at every delay with every seed; one table row per delay and model."""
+    return collect(
+        quick, seeds, {u: run_unit(quick, u, log) for u in units(quick, seeds)}, out_dir, log
+    )
+
+
+def collect(quick: bool, seeds: list[int], runs: dict, out_dir: Path, log: Log) -> dict:
+    """The result of the trainings ``runs`` (``run_unit``'s, by unit): table, plots, summary."""
     cfg = QUICK if quick else DEFAULT
     log(
         f"copy: K={K} symbols, hidden {cfg.hidden}, ν={cfg.window}, ρ={cfg.relevant}, "
@@ -177,11 +198,9 @@ def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
         f"{dict(zip(cfg.delays, cfg.seeds_per_delay))} (of {seeds}), "
         f"{torch.get_num_threads()} threads"
     )
-    runs, rows = {}, []
+    rows = []
     for T, n_seeds in zip(cfg.delays, cfg.seeds_per_delay, strict=True):
         for kind in cfg.models:
-            for seed in seeds[:n_seeds]:
-                runs[f"{T}/{kind}/{seed}"] = train(kind, T, seed, cfg, log)
             done = [runs[f"{T}/{kind}/{s}"] for s in seeds[:n_seeds]]
             acc, acc_std = mean_std(r["acc"] for r in done)
             loss, _ = mean_std(r["eval_loss"] for r in done)
