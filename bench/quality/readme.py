@@ -51,6 +51,10 @@ def section(payload: dict, json_rel: str) -> str:
     """The README text between the markers (without them)."""
     meta = payload["meta"]
     threads = "one thread" if meta["threads"] == 1 else f"{meta['threads']} threads"
+    jobs = meta.get("jobs", 1)
+    processes = f", {jobs} worker processes" if jobs > 1 else ""
+    argv = " ".join(meta.get("argv") or [])
+    command = "make quality" + (f' QUALITY_ARGS="{argv}"' if argv else "")
     when = datetime.datetime.fromisoformat(meta["date"]).strftime("%Y-%m-%d %H:%M")
     results_dir = str(Path(json_rel).parent)
     per_task = ", ".join(
@@ -60,10 +64,11 @@ def section(payload: dict, json_rel: str) -> str:
     )
     load = (meta.get("loadavg_start") or ["?"])[0], (meta.get("loadavg_end") or ["?"])[0]
     parts = [
-        f"`make quality`, {when}, {threads}: {meta['cpu_s']:.0f} s of CPU time ({per_task}), "
-        f"{meta['elapsed_s']:.0f} s of wall time at a load average of {load[0]}-{load[1]} on "
-        f"this shared {meta['cores']}-core machine (`{json_rel}`; per-model times below are wall "
-        "(CPU) seconds). `python -m bench.quality.readme` wrote this section from that file; "
+        f"`{command}`, {when}, {threads} per training{processes}: {meta['cpu_s']:.0f} s of CPU "
+        f"time ({per_task}), what the budget counts; {meta['elapsed_s']:.0f} s of wall time at "
+        f"a load average of {load[0]}-{load[1]} on this shared {meta['cores']}-core machine "
+        f"(`{json_rel}`; the times per model below are wall (CPU) seconds of one training). "
+        "`python -m bench.quality.readme` wrote this section from that file; "
         "`bench/quality/README.md` describes the tasks."
     ]
     for name in DEFAULT_TASKS:
