@@ -141,6 +141,9 @@ def _run(args: argparse.Namespace) -> dict:
         with ProcessPoolExecutor(args.jobs, mp_context=spawn) as pool:
             futures = [pool.submit(run_part, TASKS[name], *common, unit) for name, unit in work]
             done = [f.result() for f in futures]
+    # the trainings' raw results first: a failure in a task's collect must not lose them
+    raw = args.out / f"{stem}-trainings.json"
+    raw.write_text(json.dumps(_finite([[n, u, d] for (n, u), d in zip(work, done)]), indent=1))
     tasks = {}
     for name in args.tasks:
         mine = [(unit, d) for (n, unit), d in zip(work, done, strict=True) if n == name]
@@ -165,6 +168,7 @@ def _run(args: argparse.Namespace) -> dict:
     path = args.out / f"{stem}.json"
     payload = {"meta": meta, "tasks": tasks}
     path.write_text(json.dumps(_finite(payload), indent=1, allow_nan=False) + "\n")
+    raw.unlink()
     _log(f"\nwrote {path} ({meta['elapsed_s']:.0f} s in total, {meta['cpu_s']:.0f} s of CPU)")
     return {**payload, "path": str(path)}
 

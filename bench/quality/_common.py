@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.metadata
+import math
 import os
 import platform
 import random
@@ -31,8 +32,11 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value; both NaN if a value is not
+    finite, e.g. the loss of a diverged run)."""
     xs = list(values)
+    if not all(math.isfinite(x) for x in xs):
+        return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 

@@ -203,7 +203,9 @@ def collect(quick: bool, seeds: list[int], runs: dict, out_dir: Path, log: Log) 
         for kind in cfg.models:
             done = [runs[f"{T}/{kind}/{s}"] for s in seeds[:n_seeds]]
             acc, acc_std = mean_std(r["acc"] for r in done)
-            loss, _ = mean_std(r["eval_loss"] for r in done)
+            # a diverged run (NaN loss; it recalls nothing) counts in the accuracy, not the loss
+            finite = [r["eval_loss"] for r in done if math.isfinite(r["eval_loss"])]
+            loss = mean_std(finite)[0] if finite else math.nan
             rows.append(
                 {
                     "T": T,
@@ -213,6 +215,7 @@ def collect(quick: bool, seeds: list[int], runs: dict, out_dir: Path, log: Log) 
                     "eval_loss": round(loss, 4),
                     "memoryless_loss": round(memoryless_loss(T), 4),
                     "seeds": len(done),
+                    "diverged": len(done) - len(finite),
                     "train_s": round(mean_std(r["train_s"] for r in done)[0], 1),
                     "train_cpu_s": round(mean_std(r["train_cpu_s"] for r in done)[0], 1),
                 }
@@ -244,13 +247,16 @@ def plots(result: dict, out_dir: Path) -> list[str]:
             curves = [v["curve"] for k, v in result["runs"].items() if k.startswith(f"{T}/{kind}/")]
             n_seeds = len(curves)
             steps = [p["step"] for p in curves[0]]
-            loss = [
-                sum(_finite_or_nan(c[i]["eval_loss"]) for c in curves) / len(curves)
-                for i in range(len(steps))
-            ]
+            # the mean over the seeds that have not diverged (NaN) at that step
+            loss = []
+            for i in range(len(steps)):
+                xs = [_finite_or_nan(c[i]["eval_loss"]) for c in curves]
+                xs = [x for x in xs if math.isfinite(x)]
+                loss.append(sum(xs) / len(xs) if xs else math.nan)
             # a diverged run would squash the others into one line: cut the axis, say so
-            diverged = any(not (x <= 2.0) for x in loss)
-            ax.plot(steps, loss, marker=".", label=kind + (" (diverged)" if diverged else ""))
+            diverged = sum(not (_finite_or_nan(c[-1]["eval_loss"]) <= 2.0) for c in curves)
+            note = f" ({diverged} of {len(curves)} diverged)" if diverged else ""
+            ax.plot(steps, loss, marker=".", label=kind + note)
         ax.axhline(memoryless_loss(T), color="gray", ls=":", lw=1, label="memoryless")
         ax.set_yscale("log")
         ax.set_ylim(top=2.0)
@@ -272,7 +278,8 @@ def markdown(result: dict) -> str:
             **r,
             "model": names[r["model"]],
             "acc": f"{r['acc_mean']:.3f}" + (f" ± {r['acc_std']:.3f}" if r["seeds"] > 1 else ""),
-            "loss": f"{_finite_or_nan(r['eval_loss']):.4f} ({r['memoryless_loss']:.4f})",
+            "loss": f"{_finite_or_nan(r['eval_loss']):.4f} ({r['memoryless_loss']:.4f})"
+            + (f", {r['diverged']} diverged" if r.get("diverged") else ""),
             "time": f"{r['train_s']:.0f} s"
             + (f" ({r['train_cpu_s']:.0f} s)" if "train_cpu_s" in r else ""),
         }
