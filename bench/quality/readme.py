@@ -28,9 +28,14 @@ _TITLES = {"mqar": "Multi-query associative recall", "copy": "Copy task (Kerg et
 
 
 def is_default_run(payload: dict) -> bool:
-    """A default-preset run of every default task (not --quick, not a single task)."""
+    """A default-preset run of every default task (not --quick, not a single task) that records
+    its CPU time (runs of before it did are not quoted)."""
     meta = payload.get("meta", {}) if isinstance(payload, dict) else {}
-    return meta.get("preset") == "default" and set(DEFAULT_TASKS) <= set(payload.get("tasks", {}))
+    return (
+        meta.get("preset") == "default"
+        and "cpu_s" in meta
+        and set(DEFAULT_TASKS) <= set(payload.get("tasks", {}))
+    )
 
 
 def latest(results_dir: Path) -> Path:
