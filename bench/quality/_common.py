@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import importlib.metadata
+import math
 import os
 import platform
 import random
 import re
+import resource
 import statistics
 import subprocess
 import time
@@ -29,24 +32,53 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
+    """Mean and sample standard deviation (0 for a single value; both NaN if a value is not
+    finite, e.g. the loss of a diverged run)."""
     xs = list(values)
+    if not all(math.isfinite(x) for x in xs):
+        return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds of this process (all threads) and of its children that have ended."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 class Stopwatch:
-    """Wall-clock seconds since construction; ``cpu()``: this process's CPU seconds (all threads)
-    since then, which other jobs on a shared machine inflate far less than the wall clock."""
+    """Wall-clock seconds since construction; ``cpu()``: the CPU seconds (all threads, and
+    worker processes once they have ended) since then, which other jobs on a shared machine
+    inflate far less than the wall clock."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
+        self.cpu_start = _cpu_seconds()
 
     def __call__(self) -> float:
         return time.perf_counter() - self.start
 
     def cpu(self) -> float:
-        return time.process_time() - self.cpu_start
+        return _cpu_seconds() - self.cpu_start
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_part(module: str, quick: bool, seeds: list[int], out: Path, threads: int, unit):
+    """Run one part of the task of ``module`` with ``threads`` torch threads, printing its
+    progress: the training ``unit`` of its ``units`` (``run_unit``), or with ``unit=None`` the
+    whole task (``run``, for a task without units). Returns ``(result, wall s, CPU s)`` of the
+    process that ran it. Here, not in ``__main__``, so that worker processes can import it."""
+    torch.set_num_threads(threads)
+    clock = Stopwatch()
+    task = importlib.import_module(module)
+    if unit is None:
+        result = task.run(quick, seeds, out, _print)
+    else:
+        result = task.run_unit(quick, unit, _print)
+    return result, clock(), clock.cpu()
 
 
 def _git(*args: str) -> str | None:

@@ -267,18 +267,32 @@ def evaluate(model: nn.Module, cfg: Config) -> dict[str, float]:
     return out
 
 
+def units(quick: bool, seeds: list[int]) -> list[str]:
+    """The independent trainings, ``"<attention>/<seed>"``: ``run_unit`` runs one anywhere."""
+    return [f"{kind}/{seed}" for kind in ATTENTIONS for seed in seeds]
+
+
+def run_unit(quick: bool, unit: str, log: Log) -> dict:
+    """Train and evaluate the model of one unit of ``units``."""
+    kind, seed = unit.split("/")
+    return train(QUICK if quick else DEFAULT, kind, int(seed), log)
+
+
 def run(quick: bool, seeds: list[int], out_dir: Path, log: Log) -> dict:
     """Train every attention type with every seed; the table has one row per setting and type."""
+    return collect(
+        quick, seeds, {u: run_unit(quick, u, log) for u in units(quick, seeds)}, out_dir, log
+    )
+
+
+def collect(quick: bool, seeds: list[int], runs: dict, out_dir: Path, log: Log) -> dict:
+    """The result of the trainings ``runs`` (``run_unit``'s, by unit): table, plots, summary."""
     cfg = QUICK if quick else DEFAULT
     log(
         f"mqar: d_model {cfg.d_model}, {cfg.layers} layers, {cfg.heads} heads, ν={cfg.window}, "
         f"ρ={cfg.relevant} (key budget {cfg.window + cfg.relevant}), {cfg.steps} steps of "
         f"batch {cfg.batch}, {torch.get_num_threads()} threads"
     )
-    runs = {}
-    for kind in ATTENTIONS:
-        for seed in seeds:
-            runs[f"{kind}/{seed}"] = train(cfg, kind, seed, log)
     rows = []
     for pairs, gap in cfg.settings():
         for kind in ATTENTIONS:
