@@ -885,8 +885,9 @@ def launch_config(
     hd = max(bd, bdv) * (2 if wide else 1)
     warps = 8 if hd >= 256 else 4  # the operand tiles of a wide head over more threads
     # IEEE float32 runs tl.dot on FMA units, which hold whole operand rows per thread: the
-    # backward's S and dP over a 256-wide head spilled 1-6 KB, so they go 64 columns at a time
-    bk = 64 if backward and wide and not tf32 and max(bd, bdv) >= 256 else 0
+    # backward's S and dP over a 256-wide head spilled 1-6 KB, so they go 64 columns at a time;
+    # with TF32 too in the fix-ups (dK/dV's spilled 312-408 B at once), not in the hot kernels
+    bk = 64 if backward and wide and (fix or not tf32) and max(bd, bdv) >= 256 else 0
     if fix:
         # the exact path's masked products and counts over a whole head spill (5 KB at D=128):
         # 32 output columns per program (16 in float32), S recomputed per chunk
@@ -1156,11 +1157,15 @@ def _params(fn) -> list[tuple[str, bool]]:
     return [(p.name, p.annotation is tl.constexpr) for p in raw]
 
 
-def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, arch: int):
+def static_builds(
+    dtype: torch.dtype, d: int, dv: int, window: int, live: int, arch: int, allow_tf32: bool = False
+):
     """Every kernel the launchers build for inputs of ``dtype``, head dims ``d``/``dv``,
     window ``window`` (≤ T) and ``live`` slots (= the replay capacity), on CUDA ``arch``: a
     list of ``(name, fn, signature, constexprs, options)`` for ``triton.compile``
-    (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``."""
+    (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``,
+    with ``allow_tf32`` standing for ``torch.backends.cuda.matmul.allow_tf32``: as there, it
+    reaches every kernel but the scan (whose logits stay IEEE) and the replay (no products)."""
     half = dtype in (torch.float16, torch.bfloat16)
     snap_m = {
         k: launch_config(k, dtype, d, dv, window, live, arch).block_m for k in ("scan", "replay")
@@ -1176,7 +1181,8 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
         ("dkdv", screened_attention_bwd_dkdv_kernel),
         ("dkdv_fix", screened_attention_bwd_dkdv_kernel),
     ]:
-        c = launch_config(name, dtype, d, dv, window, live, arch)
+        tf32 = allow_tf32 and name not in ("scan", "replay")
+        c = launch_config(name, dtype, d, dv, window, live, arch, tf32)
         mm, acc = _tl_dtypes(dtype, c.native)
         ck, cv = c.columns()
         consts = {
