@@ -64,20 +64,25 @@ _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def attention_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
-    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ)."""
+    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ), each
+    without and with grouped heads and a key padding mask (``padded``: the kernels'
+    ``HAS_MASK`` / ``GROUPED`` variants)."""
     for arch in archs:
         for dt in dtypes:
             for d in head_dims:
                 for window, live in windows:
-                    yield {"arch": arch, "dtype": dt, "head_dim": d, "window": window,
-                           "relevant": live}  # fmt: skip
+                    for padded in (False, True):
+                        yield {"arch": arch, "dtype": dt, "head_dim": d, "window": window,
+                               "relevant": live, "padded": padded}  # fmt: skip
 
 
-def attention_builds(arch: int, dtype: str, head_dim: int, window: int, relevant: int):
+def attention_builds(
+    arch: int, dtype: str, head_dim: int, window: int, relevant: int, padded: bool = False
+):
     """The attention kernels the launchers build at one point (``static_builds``)."""
     from screening_attn._kernels.attention import static_builds
 
-    return static_builds(_DTYPES[dtype], head_dim, head_dim, window, relevant, arch)
+    return static_builds(_DTYPES[dtype], head_dim, head_dim, window, relevant, arch, padded)
 
 
 def feedback_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
