@@ -305,10 +305,11 @@ def screened_attention_scan_kernel(
                 col = tl.where(enter, tl.where(real_t, R_PAD + t - w0, NEG), col)
                 # a query without any candidate (no real window key, no slot): zeros, lse +inf
                 any_c = tl.max((col != NEG).to(tl.int32), 0) > 0
+                counts = any_c & real_t  # a padded query adds no relevancy
             else:
                 col = tl.where(enter, R_PAD + t - w0, col)
             ring = tl.where(enter, 0.0, ring)
-            gain = tl.zeros([BLOCK_L], ACC)
+            # the ring sums the weights of the group's heads; r = ring / G when read (GROUPED)
             for g in range(G):
                 row = n * G + g
                 s = tl.load(scr_ptr + row * BLOCK_M * NCOL + (t - t0) * NCOL + col)
@@ -323,19 +324,18 @@ def screened_attention_scan_kernel(
                 if HAS_MASK:
                     lse = tl.where(any_c, lse, float("inf"))
                 tl.store(lse_ptr + row * T + t, lse)
-                gain += _div(p, z, ACC)  # slot lanes collect junk that is never read
-            if GROUPED:  # the group mean, as the reference: the sum over heads, then / G
-                gain = _div(gain, G.to(ACC), ACC)
-            if HAS_MASK:  # a padded query (or one without candidates) adds no relevancy
-                ring += tl.where(any_c & real_t, gain, 0.0)
-            else:
-                ring += gain
+                w = _div(p, z, ACC)  # slot lanes collect junk that is never read
+                if HAS_MASK:
+                    w = tl.where(counts, w, 0.0)
+                ring += w
 
             # screening of e = t-ν+1, which leaves the window with its final r
             e = t - nu + 1
             leave = lane == tl.where(e >= 0, e % BLOCK_W, -1)
             col = tl.where(leave, NEG, col)
             r_e = tl.sum(tl.where(leave, ring, 0.0), 0)
+            if GROUPED:  # the group mean
+                r_e = _div(r_e, G.to(ACC), ACC)
             tl.store(rel_base + e, r_e, mask=e >= 0)
             if HAS_SLOTS:
                 # first empty slot, else the smallest score (NaN smallest), lowest slot on ties
@@ -359,6 +359,8 @@ def screened_attention_scan_kernel(
     tl.store(span_base + 2 * slot_key + 1, T, mask=slot_live & (slot_key >= 0))
     tl.store(idx_ptr + n * RHO + lane - BLOCK_W, slot_key.to(tl.int64), mask=slot_live)
     tl.store(score_ptr + n * RHO + lane - BLOCK_W, slot_score, mask=slot_live)
+    if GROUPED:
+        ring = _div(ring, G.to(ACC), ACC)
     tl.store(rel_base + col - R_PAD + w_prev, ring, mask=is_ring & (col != NEG))
 
 
@@ -917,6 +919,7 @@ def launch_config(
     live: int,
     target,
     allow_tf32: bool = False,
+    grouped: bool = False,
 ) -> LaunchConfig:
     """The launch configuration of ``kernel``: "scan", "fwd", "replay", "dq", "dkdv", or a
     fix-up launch "fwd_fix", "dq_fix", "dkdv_fix" (the same kernels with EXACT, over the
@@ -932,6 +935,9 @@ def launch_config(
             query and key blocks.
         allow_tf32: ``torch.backends.cuda.matmul.allow_tf32``: float32 products on TF32
             tensor cores (a GPU only).
+        grouped: grouped heads (G > 1): the scan's loop over the group's heads keeps the lane
+            vectors live across the block products, dK/dV's the key tiles across the query
+            tiles: both get half the query block (at least 16).
 
     On a GPU, blocks shrink with the head dim and the operand width so that every
     specialisation fits the shared memory and registers of sm_80 and sm_90 (checked by
@@ -966,12 +972,16 @@ def launch_config(
         return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
     if kernel == "scan":  # float32 at 64 × 64 spilled 400-660 B (make gpu-static)
         bm = 64 if hd <= 128 and not wide else 32
+        if grouped:  # fp16 D=64 ν=1024 ρ=256 spilled 408 B at 64 rows, D=256 136 B at 32
+            bm = max(16, bm // 2)
         # float32 D=256 (logits on FMA units) spilled 6.5 KB on sm_90 with 4 warps
         return LaunchConfig(bm, bm, bd, bdv, 8 if hd >= 512 else 4, 1, native, tf32, bw, bl)
     # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
     # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
     # 64-wide half head, 16 × 16 beyond.
     bm = bn = 32 if hd <= 64 else 16
+    if grouped and kernel == "dkdv":  # its loop over the group's heads: 192 B spilled at 32
+        bm = max(16, bm // 2)
     return LaunchConfig(bm, bn, bd, bdv, warps, 1, native, tf32, block_k=bk)
 
 
@@ -1082,7 +1092,7 @@ def screened_attention_fwd(
     window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
     live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target)
+    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target, grouped=G > 1)
     mm, acc_tl = _tl_dtypes(q.dtype, sc.native)
     bm, bn = sc.block_m, sc.block_n
     nb = -(-T // bm)
@@ -1209,7 +1219,7 @@ def screened_attention_bwd(
                 num_stages=c.num_stages,
             )  # fmt: skip
         for kernel in ("dkdv", "dkdv_fix"):
-            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
+            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32, G > 1)
             ck, cv = c.columns()
             chunks = max(-(-D // ck), -(-Dv // cv))
             screened_attention_bwd_dkdv_kernel[(Nkv, min(-(-T // c.block_n), _GRID_YZ), chunks)](
@@ -1271,7 +1281,8 @@ def static_builds(
     ``padded``: the builds of a call with a ``key_padding_mask`` and grouped heads."""
     half = dtype in (torch.float16, torch.bfloat16)
     snap_m = {
-        k: launch_config(k, dtype, d, dv, window, live, arch).block_m for k in ("scan", "replay")
+        k: launch_config(k, dtype, d, dv, window, live, arch, grouped=padded).block_m
+        for k in ("scan", "replay")
     }
     out = []
     for name, fn in [
@@ -1284,7 +1295,7 @@ def static_builds(
         ("dkdv", screened_attention_bwd_dkdv_kernel),
         ("dkdv_fix", screened_attention_bwd_dkdv_kernel),
     ]:
-        c = launch_config(name, dtype, d, dv, window, live, arch)
+        c = launch_config(name, dtype, d, dv, window, live, arch, grouped=padded)
         mm, acc = _tl_dtypes(dtype, c.native)
         ck, cv = c.columns()
         consts = {
@@ -1300,6 +1311,11 @@ def static_builds(
         }  # fmt: skip
         names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}
+        sig = _signature(fn, dtype)
+        if not padded and "G" in sig:
+            # Triton specialises an int argument equal to 1 as a constexpr: without grouped
+            # heads the launchers' loops over the group are one unrolled iteration
+            sig["G"], consts["G"] = "constexpr", 1
         options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
-        out.append((name, fn, _signature(fn, dtype), consts, options))
+        out.append((name, fn, sig, consts, options))
     return out
