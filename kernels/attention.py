@@ -6,34 +6,39 @@ One op's kernels and launchers stay in one file, as Liger keeps them, although t
 500 lines: the five kernels share the helpers ``_mm``, ``_dot_masked`` and ``_member`` and one
 layout of the scratch buffers that the launchers allocate.
 
-All tensors are contiguous ``(N, T, ·)`` with ``N = B·H``; a program offsets by ``n·T·width``.
+All tensors are contiguous ``(N, T, ·)`` with ``N = B·H`` query rows (q, out, lse, dq) or
+``B·Hkv`` KV rows (k, v, spans, snapshots, relevancy, dk, dv); query row ``n`` reads KV row
+``n // G`` (grouped heads, ``G = H / Hkv``, never repeated in memory) and key padding row
+``n // G // Hkv`` of the ``(B, T)`` mask; a program offsets by ``row·T·width``.
 Softmax, relevancy, lse and every accumulator are in ``ACC`` (float32; float64 for float64).
 A query block's candidates are the set at its start ``R_t0`` plus the key range
 ``[t0-ν+1, t1)``, which holds every window key and every key screened in during the block.
 
 Forward (``screened_attention_fwd``), two kernels:
 
-* ``screened_attention_scan_kernel``, grid ``(N,)``: the sequential part. Per query block:
-  write the slot keys to ``snap`` (``R_t0``), then the block's logits against its candidates,
-  two chunked ``tl.dot`` into a per-program scratch ``(BLOCK_M, R_PAD + W_PAD + 1)``. The loop
-  over the block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax,
-  lse, the relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors
-  (slot key, score, scratch column); 4 reductions per query.
+* ``screened_attention_scan_kernel``, grid ``(B·Hkv,)``: the sequential part, one program per
+  group. Per query block: write the slot keys to ``snap`` (``R_t0``), then the block's logits of
+  each of the group's G query heads against its candidates, two chunked ``tl.dot`` into a
+  scratch ``(BLOCK_M, R_PAD + W_PAD + 1)`` per query row. The loop over the block's queries
+  then does no D-sized work: per head one gather of its ν+ρ logits, softmax and lse; the
+  relevancy ring (key j in lane j % BLOCK_W) summing the heads, and the slot rule, on register
+  vectors (slot key, score, scratch column); 4 reductions per query and head (+1 with padding).
 * ``screened_attention_fwd_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: given ``snap``, ``span``
   and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
 Backward (``screened_attention_bwd``), three kernels (the sets come back from ``span`` alone):
 
-* ``screened_attention_replay_sets_kernel``, grid ``(N,)``: ``R_t0`` of every query block
+* ``screened_attention_replay_sets_kernel``, grid ``(B·Hkv,)``: ``R_t0`` of every query block
   rebuilt from the spans, one vectorised step per block (keep members whose span goes on, put
   the keys screened in during the block into empty slots, in key order). Only membership
   matters, not slot order.
 * ``screened_attention_bwd_dq_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: ``delta`` (written for
   the next kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)``
   from one more sweep, as the rounded O would cost the gradients about one ulp.
-* ``screened_attention_bwd_dkdv_kernel``, grid ``(N, cdiv(T, BLOCK_N), 1)``: one program owns a
-  key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
-  keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
+* ``screened_attention_bwd_dkdv_kernel``, grid ``(B·Hkv, cdiv(T, BLOCK_N), 1)``: one program owns
+  a key block and walks the queries that can see it, for each query head of the group: the
+  window queries ``[j0, j1+ν-1)`` and its keys' spans, skipping query tiles where no key is a
+  candidate. No atomics: deterministic.
 
 ``NATIVE`` (half inputs on a GPU): every product runs on tensor cores in the input dtype with
 float32 accumulation, P and dS cast down as FlashAttention does. Elsewhere (and always under the
@@ -213,7 +218,7 @@ def screened_attention_scan_kernel(
     NATIVE: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    GROUPED: tl.constexpr,  # G > 1: the relevancy gain is divided by G
+    GROUPED: tl.constexpr,  # G > 1: a relevancy is the ring's sum over the heads / G
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
