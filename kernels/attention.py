@@ -985,8 +985,13 @@ def launch_config(
     # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
     # 64-wide half head, 16 × 16 beyond.
     bm = bn = 32 if hd <= 64 else 16
-    if grouped and kernel == "dkdv":  # its loop over the group's heads: 192 B spilled at 32
-        bm = max(16, bm // 2)
+    if grouped and kernel == "dkdv":
+        # the loop over the group's heads keeps the key tiles live across each query tile
+        # (fp16 D=64 spilled 568 B on sm_80 as above): half the query tile, 8 warps, and S
+        # and dP from memory for wide operands (fp16 D=256 spilled 416 B on sm_80 without,
+        # fp32 D=128 248 B)
+        bm, warps = max(16, bm // 2), 8
+        bk = 64 if hd >= 256 else bk
     return LaunchConfig(bm, bn, bd, bdv, warps, 1, native, tf32, block_k=bk)
 
 
