@@ -387,8 +387,8 @@ def test_triton_equals_reference(B, H, Hkv, T, D, Dv, window, relevant, pad, dty
 @needs_triton
 def test_triton_against_scalar_oracle():
     """Grouped heads (G = 2) and left padding against the scalar scan and SDPA given its mask."""
-    q, k, v = make_qkv(2, 4, 2, 20, 3, seed=11, device=DEVICE)
-    check_against_oracles(q, k, v, 3, 2, padding("left", 2, 20, seed=4), backend="triton")
+    q, k, v = make_qkv(1, 4, 2, 20, 3, seed=11, device=DEVICE)
+    check_against_oracles(q, k, v, 3, 2, padding("left", 1, 20, seed=4), backend="triton")
 
 
 @needs_triton
@@ -475,14 +475,17 @@ def test_triton_compile_fullgraph_gqa_padding():
 
 @needs_triton
 def test_public_api_dispatches_gqa_and_padding_to_triton():
+    """backend="triton" (and "auto" on a GPU) runs the Triton op for grouped heads and padding,
+    not the reference."""
     q, k, v = make_qkv(1, 4, 2, 10, 4, dtype=torch.float32, device=DEVICE)
     real = torch.ones(1, 10, dtype=torch.bool, device=DEVICE)
-    for kw in ({}, {"key_padding_mask": real}):
-        with OpsCalled() as mode:
-            got = screened_attention(q, k, v, 3, 2, backend="triton", **kw)
-        assert "screening_attn::screened_attention_triton" in mode.names
-        op, _ = run_triton(q, k, v, 3, 2, kw.get("key_padding_mask"), scale=0.5)
-        torch.testing.assert_close(got, op, rtol=0, atol=0)
+    for backend in ["triton", "auto"] if DEVICE == "cuda" else ["triton"]:
+        for mask in (None, real):
+            with OpsCalled() as mode:
+                got = screened_attention(q, k, v, 3, 2, key_padding_mask=mask, backend=backend)
+            assert "screening_attn::screened_attention_triton" in mode.names
+    op, _ = run_triton(q, k, v, 3, 2, real, scale=0.5)
+    torch.testing.assert_close(got, op, rtol=0, atol=0)
 
 
 @needs_triton
