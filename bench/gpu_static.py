@@ -75,26 +75,36 @@ _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def attention_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
-    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ); dtype
-    "tf32" gives float32 points with ``"tf32": True``."""
+    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ), each
+    without and with grouped heads and a key padding mask (``padded``: the kernels'
+    ``HAS_MASK`` / ``GROUPED`` variants); dtype "tf32" gives float32 points with
+    ``"tf32": True``."""
     for arch in archs:
         for dt in dtypes:
             tf32 = {"dtype": "fp32", "tf32": True} if dt == "tf32" else {"dtype": dt}
             for d in head_dims:
                 for window, live in windows:
-                    yield {"arch": arch, **tf32, "head_dim": d, "window": window,
-                           "relevant": live}  # fmt: skip
+                    for padded in (False, True):
+                        yield {"arch": arch, **tf32, "head_dim": d, "window": window,
+                               "relevant": live, "padded": padded}  # fmt: skip
 
 
 def attention_builds(
-    arch: int, dtype: str, head_dim: int, window: int, relevant: int, tf32: bool = False
+    arch: int,
+    dtype: str,
+    head_dim: int,
+    window: int,
+    relevant: int,
+    tf32: bool = False,
+    padded: bool = False,
 ):
     """The attention kernels the launchers build at one point (``static_builds``); with
     ``tf32`` (``allow_tf32``) only those with TF32 products: the scan and the replay are the
     IEEE float32 builds."""
     from screening_attn._kernels.attention import static_builds
 
-    out = static_builds(_DTYPES[dtype], head_dim, head_dim, window, relevant, arch, tf32)
+    dt = _DTYPES[dtype]
+    out = static_builds(dt, head_dim, head_dim, window, relevant, arch, tf32, padded)
     return [b for b in out if b[3].get("TF32")] if tf32 else out
 
 
