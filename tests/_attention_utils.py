@@ -168,7 +168,7 @@ def attention_magnitudes(q, k, v, g, mask, scale=None):
     q, k, v, g = (x.detach().double().cpu() for x in (q, k, v, g))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask.cpu(), float("-inf"))
-    p = torch.softmax(logits, -1)
+    p = torch.softmax(logits, -1).nan_to_num()  # a query without candidates (padding): 0
     dp = g.abs() @ v.abs().transpose(-1, -2)
     ds = p * (dp + (p * dp).sum(-1, keepdim=True))
     return (p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
