@@ -290,7 +290,8 @@ def install(name: str) -> None:
             raise ValueError(f"unknown rnn mutation {mutation!r}")
 
         def step(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t,
-                 window, attn):  # fmt: skip
+                 window, attn, key_exp=None):  # fmt: skip
+            # key_exp: the C++ kernels' cache of exp(2 uah); the scores here take tanh of uah
             with torch.no_grad():
                 _rnn_attend_step(query, hidden, uah, v, slot_index, slot_score, relevancy, s,
                                  alpha, cand, t, window, attn,
