@@ -503,7 +503,7 @@ def check_ada_relu(backend, shape, gated, eta, dtype, layouts, seed):
         # ref_dtype (η's conversion, h - x, the product, the sum) of the operands' sizes.
         assert gated, "a plain ReLU gate (x > 0) has no rounding to differ by"
         x64, h64 = x.double(), h.double()
-        unit = 2.0 ** -(torch.finfo(ref_dtype).nmant + 1)
+        unit = torch.finfo(ref_dtype).eps / 2  # unit roundoff
         bound = 4 * unit * (x64.abs() + abs(eta) * (h64.abs() + x64.abs()))
         far = flipped & ((x64 + eta * (h64 - x64)).abs() > bound)
         assert not far.any(), f"{int(far.sum())} gates differ with |x'| above rounding"
