@@ -49,8 +49,8 @@ SELECTIONS = {
         ("test_attention_*.py", "test_fuzz.py", "test_determinism.py"),
         "attention and triton",
     ),
-    # the slot-state validation runs on the host before the step op (csrc rnn_checks.h), which
-    # a mutant replaces without it: the control would fail those tests, proving nothing
+    # the slot-state validation is host code of the C++ step op (rnn_checks.h), which a mutant
+    # replaces, without it: the control would fail those tests, proving nothing
     "rnn-cpu": (
         ("test_rnn_*.py", "test_fuzz.py"),
         "(rnn or lstm) and not cuda and not bad_slot_state",
