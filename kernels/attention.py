@@ -972,7 +972,11 @@ def launch_config(
     if fix:
         # the exact path's masked products and counts over a whole head spill (5 KB at D=128):
         # 32 output columns per program (16 in float32), S recomputed per chunk
-        bc = 16 if wide else 32
+        # grouped dK/dV fix-ups keep the key tiles live across the group's heads: 16 columns
+        # and 8 warps (sm_80 fp16 D=128 spilled 528 B at 32 and 4, 272 B at 16 and 4; 16 B now)
+        gfix = grouped and kernel == "dkdv_fix"
+        bc = 16 if wide or gfix else 32
+        warps = 8 if gfix else warps
         return LaunchConfig(16, 16, bd, bdv, warps, 1, native, tf32, block_c=bc, block_k=bk)
     if kernel == "replay":  # block_n: the slots per step (a (block_n, block_m) match tile)
         return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
