@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from _tolerances import TOL
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from screening_attn.attention import ScreeningState, screened_attention_reference
 
@@ -329,3 +330,15 @@ def tied_decisions(ref_state, window) -> tuple[int, int]:
             equal += rel[e] == low
             tied += e in sets[t + 1] and sum(rel[j] == low for j in before) >= 2
     return equal, tied
+
+
+class OpsCalled(TorchDispatchMode):
+    """Records the names of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))

@@ -19,7 +19,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _attention_utils import attention_magnitudes
+from _attention_utils import OpsCalled, attention_magnitudes
 from _env import DEVICE
 from _ids import case_id, dtype_id
 from _tolerances import assert_close, assert_low_precision_close
@@ -296,18 +296,6 @@ def test_query_without_candidate_outputs_zeros(backend):
     assert out.isfinite().all()
     for g in torch.autograd.grad(out.sum(), (q, k, v)):
         assert g.isfinite().all()
-
-
-class OpsCalled(TorchDispatchMode):
-    """Records the names of the ops dispatched under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -16,6 +16,7 @@ import math
 import pytest
 import torch
 from _attention_utils import (
+    OpsCalled,
     attention_magnitudes,
     check_against_reference,
     check_nan_locality,
@@ -26,7 +27,6 @@ from _attention_utils import (
 from _env import DEVICE
 from _ids import case_id, dtype_id
 from _tolerances import assert_low_precision_close
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from screening_attn import _backend
 from screening_attn.attention import ScreeningState, _ops, screened_attention
@@ -292,18 +292,6 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.testing.assert_close(closs, loss)
     for a, b in zip(cgrads, grads):
         torch.testing.assert_close(a, b)
-
-
-class OpsCalled(TorchDispatchMode):
-    """Records the names of the ops dispatched under it."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.add(func.name())
-        return func(*args, **(kwargs or {}))
 
 
 def test_errors_cpu():
