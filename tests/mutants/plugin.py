@@ -16,9 +16,23 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 ENV = "SCREENING_ATTN_MUTANT"
+
+
+class NotModelled(NotImplementedError):
+    """A call the mutant does not model (it reports the test as *not applicable*, a skip, never
+    as a kill: a refusal says nothing about the tests)."""
+
+    MARK = "[mutant: not modelled]"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{self.MARK} {what}")
+
+
+NOT_APPLICABLE = "mutant not applicable: "
 
 # --------------------------------------------------------------------------------------------
 # Screened attention: the screening scan with knobs, returning what the forward ops return:
@@ -279,7 +293,7 @@ def install(name: str) -> None:
             def attention_triton(q, k, v, window, relevant, scale, key_padding_mask=None):
                 # the mutants model the one-head op without padding
                 if key_padding_mask is not None or k.shape[1] != q.shape[1]:
-                    raise NotImplementedError("no mutant for grouped heads or key padding")
+                    raise NotModelled("no mutant for grouped heads or key padding")
                 return attention(q, k, v, window, relevant, scale)
 
             torch.library.register_kernel(
@@ -360,6 +374,30 @@ def pytest_configure(config) -> None:
     if name:
         install(name)
         config.stash_mutant = name  # for the report header
+
+
+def _not_modelled(exc: BaseException | None) -> str | None:
+    """The refusal's message if ``exc`` is, wraps or quotes a NotModelled (torch.compile and the
+    dispatcher may re-raise it as another exception with the message inside)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, NotModelled) or NotModelled.MARK in str(exc):
+            message = str(exc).split(NotModelled.MARK, 1)[-1].strip().splitlines()[0]
+            return message.split(" (scroll up")[0]  # dynamo's suffix
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    refusal = _not_modelled(call.excinfo.value) if call.excinfo is not None else None
+    if report.failed and refusal is not None:
+        # a skip with the location pytest expects of one: (path, line, reason)
+        report.outcome = "skipped"
+        report.longrepr = (str(item.path), item.location[1] or 0, NOT_APPLICABLE + refusal)
 
 
 def pytest_report_header(config) -> str:

@@ -5,8 +5,9 @@ re-implementation without the mutation) must survive, or the kills prove nothing
     python tests/mutants/run.py [--only SUBSTRING ...] [--jobs N] [--out build/mutants.json]
 
 Writes a JSON list, one object per mutant: ``mutant``, ``killed``, ``expected`` ("killed", or
-"survives" for controls), ``failing_tests``, ``seconds``; exits non-zero if any mutant survives
-or any control is killed.
+"survives" for controls), ``failing_tests``, ``not_applicable`` (tests skipped because the mutant
+refuses their call: grouped heads or padding for the Triton attention mutants), ``seconds``;
+exits non-zero if any mutant survives or any control is killed.
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ SELECTIONS = {
         ("test_attention_*.py", "test_fuzz.py", "test_determinism.py"),
         "attention and not triton",
     ),
-    # the Triton mutants model the one-head op without padding (plugin.py raises for grouped
-    # heads or a mask): the grouped/padded Triton tests would kill the control
+    # the Triton mutants model the one-head op without padding: plugin.py skips a grouped or
+    # padded call as "not applicable", so the grouped/padded tests would all skip: left out
     "attention-triton": (
         ("test_attention_*.py", "test_fuzz.py", "test_determinism.py"),
         "attention and triton and not gqa_padding",
@@ -103,7 +104,7 @@ def run_one(name: str, control: bool) -> dict:
     patterns, expr = SELECTIONS[target]
     expr = f"({expr}) and {NOT_CHECKS}"
     cmd = [sys.executable, "-m", "pytest", *_files(*patterns), "-k", expr, "-q", "-p",
-           "no:cacheprovider", "-p", "plugin", "--no-header", "-rf", "--tb=line"]  # fmt: skip
+           "no:cacheprovider", "-p", "plugin", "--no-header", "-rfs", "--tb=line"]  # fmt: skip
     if not control:
         cmd.append("-x")  # one failure kills it
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
@@ -116,11 +117,15 @@ def run_one(name: str, control: bool) -> dict:
     if proc.returncode not in (0, 1):
         raise RuntimeError(f"{name}: pytest exited {proc.returncode}\n{text[-3000:]}")
     failing = sorted(set(re.findall(r"^FAILED (\S+)", text, flags=re.M)))
+    # tests the mutant does not model (plugin.NotModelled): skipped, neither kills nor passes
+    skips = re.findall(r"^SKIPPED \[(\d+)\] .*mutant not applicable", text, flags=re.M)
+    not_applicable = sum(map(int, skips))
     return {
         "mutant": name,
         "expected": "survives" if control else "killed",
         "killed": proc.returncode == 1,
         "failing_tests": failing,
+        "not_applicable": not_applicable,
         "seconds": round(seconds, 1),
         **({"output_tail": text[-2000:]} if (proc.returncode == 1) == control else {}),
     }
@@ -146,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         for res in pool.map(lambda nc: run_one(*nc), todo):
             ok = res["killed"] == (res["expected"] == "killed")
             first = res["failing_tests"][0] if res["failing_tests"] else ""
+            if res["not_applicable"]:
+                first += f" ({res['not_applicable']} not applicable)"
             fate = "killed" if res["killed"] else "survived"
             status = "ok  " if ok else "FAIL"
             print(
