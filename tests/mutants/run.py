@@ -3,11 +3,17 @@ should catch it. Every mutant must be *killed* (its tests fail); a *control* (th
 re-implementation without the mutation) must survive, or the kills prove nothing.
 
     python tests/mutants/run.py [--only SUBSTRING ...] [--jobs N] [--out build/mutants.json]
+                               [--full-controls]
+
+The mutants run first, each stopping at its first failing test; then each control runs the tests
+that killed its target's mutants (``--full-controls``: its whole selection): a kill proves
+something exactly when its test passes without the mutation.
 
 Writes a JSON list, one object per mutant: ``mutant``, ``killed``, ``expected`` ("killed", or
-"survives" for controls), ``failing_tests``, ``not_applicable`` (tests skipped because the mutant
-refuses their call: grouped heads or padding for the Triton attention mutants), ``seconds``;
-exits non-zero if any mutant survives or any control is killed.
+"survives" for controls), ``failing_tests``, ``tests_run`` (for a control: the node ids it ran,
+or "selection"), ``not_applicable`` (tests skipped because the mutant refuses their call:
+grouped heads or padding for the Triton attention mutants), ``seconds``; exits non-zero if any
+mutant survives or any control is killed.
 """
 
 from __future__ import annotations
@@ -99,12 +105,14 @@ def mutants() -> list[tuple[str, bool]]:
 NOT_CHECKS = "not errors and not check_their_inputs and not checks_its_inputs"
 
 
-def run_one(name: str, control: bool) -> dict:
+def run_one(name: str, control: bool, tests: list[str] | None = None) -> dict:
+    """Run the target's selection (or the node ids ``tests``) with mutant ``name`` patched in."""
     target = name.split(":")[0]
     patterns, expr = SELECTIONS[target]
     expr = f"({expr}) and {NOT_CHECKS}"
-    cmd = [sys.executable, "-m", "pytest", *_files(*patterns), "-k", expr, "-q", "-p",
-           "no:cacheprovider", "-p", "plugin", "--no-header", "-rfs", "--tb=line"]  # fmt: skip
+    which = tests if tests else [*_files(*patterns), "-k", expr]
+    cmd = [sys.executable, "-m", "pytest", *which, "-q", "-p", "no:cacheprovider", "-p",
+           "plugin", "--no-header", "-rfs", "--tb=line"]  # fmt: skip
     if not control:
         cmd.append("-x")  # one failure kills it
     path = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
@@ -127,6 +135,7 @@ def run_one(name: str, control: bool) -> dict:
         "failing_tests": failing,
         "not_applicable": not_applicable,
         "seconds": round(seconds, 1),
+        "tests_run": tests or "selection",
         **({"output_tail": text[-2000:]} if (proc.returncode == 1) == control else {}),
     }
 
@@ -142,23 +151,43 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--jobs", type=int, default=2, help="mutants run at once (1 thread each)")
     parser.add_argument("--out", default=str(ROOT / "build" / "mutants.json"))
+    parser.add_argument(
+        "--full-controls",
+        action="store_true",
+        help="run each control on its target's whole selection, not only the killing tests",
+    )
     args = parser.parse_args(argv)
     _unbuffered()
     todo = [(n, c) for n, c in mutants() if not args.only or any(s in n for s in args.only)]
     start = time.perf_counter()
-    results = []
+    results: list[dict] = []
+
+    def report(res: dict) -> None:
+        ok = res["killed"] == (res["expected"] == "killed")
+        first = res["failing_tests"][0] if res["failing_tests"] else ""
+        if res["not_applicable"]:
+            first += f" ({res['not_applicable']} not applicable)"
+        fate = "killed" if res["killed"] else "survived"
+        status = "ok  " if ok else "FAIL"
+        print(f"{status} {res['mutant']:<42} {fate:<8} {res['seconds']:6.1f}s {first}", flush=True)
+        results.append(res)
+
+    # The mutants first (each stops at its first failure), then each control on the tests that
+    # killed its target's mutants: a kill proves something exactly when its test passes without
+    # the mutation. A control with no kills to check (run alone) takes the whole selection.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        for res in pool.map(lambda nc: run_one(*nc), todo):
-            ok = res["killed"] == (res["expected"] == "killed")
-            first = res["failing_tests"][0] if res["failing_tests"] else ""
-            if res["not_applicable"]:
-                first += f" ({res['not_applicable']} not applicable)"
-            fate = "killed" if res["killed"] else "survived"
-            status = "ok  " if ok else "FAIL"
-            print(
-                f"{status} {res['mutant']:<42} {fate:<8} {res['seconds']:6.1f}s {first}", flush=True
-            )
-            results.append(res)
+        for res in pool.map(lambda nc: run_one(*nc), [nc for nc in todo if not nc[1]]):
+            report(res)
+        killers: dict[str, set[str]] = {}
+        for res in results:
+            killers.setdefault(res["mutant"].split(":")[0], set()).update(res["failing_tests"])
+        controls = [
+            (n, True, None if args.full_controls else sorted(killers.get(n.split(":")[0], ())))
+            for n, c in todo
+            if c
+        ]
+        for res in pool.map(lambda nct: run_one(*nct), controls):
+            report(res)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     bad = [r["mutant"] for r in results if r["killed"] != (r["expected"] == "killed")]
