@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -513,6 +514,7 @@ class Pipeline {
 
   void work() {
     Scratch<T> Vr;
+    int idle = 0;
     while (!failed_) {
       bool left = false, busy = false;
       for (int64_t r = 0; r < R_ && !busy; ++r) {
@@ -521,7 +523,13 @@ class Pipeline {
         busy = scan(r) || prep(r) || finish(r, Vr);
       }
       if (!left) return;
-      if (!busy) std::this_thread::yield();  // waiting for another thread's task
+      idle = busy ? 0 : idle + 1;
+      // Waiting for another thread's task (a block is ~0.1 ms): yield, and after a while sleep,
+      // so that a waiting thread does not take the core of one that works.
+      if (idle > 0 && idle < 64)
+        std::this_thread::yield();
+      else if (idle >= 64)
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
     }
   }
 
