@@ -117,9 +117,10 @@ mutants: $(BUILT)
 	$(BIN)/python tests/mutants/run.py $(MUTANTS_ARGS)
 
 # make gpu-static: compile every Triton kernel specialisation for sm_80 and sm_90 (no GPU
-# needed) and fail if one exceeds shared memory, spills, or keeps half-precision products off
-# the tensor cores; writes bench/results/gpu-static.json (bench/gpu_static.py). Cached in
-# build/gpu-static/ by kernel source: a re-run rebuilds only what changed.
+# needed) and fail if one exceeds shared memory, spills, or keeps half-precision or TF32
+# products off the tensor cores; writes bench/results/gpu-static.json (bench/gpu_static.py).
+# Cached in build/gpu-static/ by kernel source: a re-run rebuilds only what changed.
+# GPU_STATIC_ARGS="--dtype tf32 --merge" rebuilds a subset into the JSON, keeping the rest.
 .PHONY: gpu-static
 gpu-static: $(INSTALLED)
 	$(BIN)/python -m bench.gpu_static $(GPU_STATIC_ARGS)

@@ -5,12 +5,21 @@ cores.
 
     .venv/bin/python -m bench.gpu_static                 # the full sweep (make gpu-static)
     .venv/bin/python -m bench.gpu_static --kernel fwd --dtype fp16 --head-dim 64 --arch 90
+    .venv/bin/python -m bench.gpu_static --dtype tf32 --merge   # add/refresh a subset in --out
 
 Writes ``bench/results/gpu-static.json`` (``--out``): a list with one object per build:
 ``kernel``, ``arch``, ``dtype``, ``head_dim``, ``shared_bytes``, ``registers``, ``spill_bytes``,
 ``tensor_core_instructions`` (``mma``/``wgmma`` in the PTX), ``build_s``, the launch
 configuration, and ``violations`` (empty when within limits). Exit status 1 if any build fails
-or violates a limit.
+or violates a limit. ``--merge`` keeps the records of ``--out`` that the run does not rebuild
+(same family, kernel, arch, dtype and configuration), so a subset is added without the rest,
+and drops those of builds the full sweep no longer makes (a launch configuration changed).
+
+The dtype ``tf32`` stands for float32 inputs with ``torch.backends.cuda.matmul.allow_tf32``:
+records with ``dtype`` "fp32" and ``"tf32": true`` (and ``tf32_instructions``, the mma/wgmma on
+``.tf32`` operands), for the attention kernels with a TF32 product (not the scan, whose logits
+stay IEEE, nor the replay). Tensor cores: every fp16/bf16 and TF32 kernel with products has
+one; an IEEE float32 kernel has none (its products would be rounded to TF32).
 
 How: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch,
 32), options)`` with the signatures and constexprs of each kernel family's builds (attention:
@@ -55,36 +64,56 @@ DEFAULT_CACHE = ROOT / "build" / "gpu-static"
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 SPILL_LIMIT = 256  # bytes of stack per thread: "a few hundred"
 REG_LIMIT = 255
-DTYPES = ("fp16", "bf16", "fp32")
+DTYPES = ("fp16", "bf16", "fp32", "tf32")  # tf32: float32 with allow_tf32 (the docstring)
 # (ν, ρ): small, and large enough that the scan's lane vectors and the replay grow
 WINDOWS = ((64, 16), (1024, 256))
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 _TC = re.compile(r"\b(wgmma\.mma_async|mma\.sync)\b")
+# e.g. mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32, wgmma.mma_async.sync...f32.tf32.tf32
+_TC_TF32 = re.compile(r"\b(?:wgmma\.mma_async|mma\.sync)[\w.]*\.tf32\b")
 _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
 
 def attention_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
-    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ)."""
+    """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ), each
+    without and with grouped heads and a key padding mask (``padded``: the kernels'
+    ``HAS_MASK`` / ``GROUPED`` variants); dtype "tf32" gives float32 points with
+    ``"tf32": True``."""
     for arch in archs:
         for dt in dtypes:
+            tf32 = {"dtype": "fp32", "tf32": True} if dt == "tf32" else {"dtype": dt}
             for d in head_dims:
                 for window, live in windows:
-                    yield {"arch": arch, "dtype": dt, "head_dim": d, "window": window,
-                           "relevant": live}  # fmt: skip
+                    for padded in (False, True):
+                        yield {"arch": arch, **tf32, "head_dim": d, "window": window,
+                               "relevant": live, "padded": padded}  # fmt: skip
 
 
-def attention_builds(arch: int, dtype: str, head_dim: int, window: int, relevant: int):
-    """The attention kernels the launchers build at one point (``static_builds``)."""
+def attention_builds(
+    arch: int,
+    dtype: str,
+    head_dim: int,
+    window: int,
+    relevant: int,
+    tf32: bool = False,
+    padded: bool = False,
+):
+    """The attention kernels the launchers build at one point (``static_builds``); with
+    ``tf32`` (``allow_tf32``) only those with TF32 products: the scan and the replay are the
+    IEEE float32 builds."""
     from screening_attn._kernels.attention import static_builds
 
-    return static_builds(_DTYPES[dtype], head_dim, head_dim, window, relevant, arch)
+    dt = _DTYPES[dtype]
+    out = static_builds(dt, head_dim, head_dim, window, relevant, arch, tf32, padded)
+    return [b for b in out if b[3].get("TF32")] if tf32 else out
 
 
 def feedback_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
     """The sweep's points of the CNN-F kernels: every (arch, dtype); no head dim, no window."""
     for arch in archs:
         for dt in dtypes:
-            yield {"arch": arch, "dtype": dt}
+            if dt != "tf32":  # no products
+                yield {"arch": arch, "dtype": dt}
 
 
 def feedback_builds(arch: int, dtype: str):
@@ -123,6 +152,8 @@ def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS, families=None) -> l
                 seen.add(key)
                 rec = {"family": family, "kernel": name, "arch": point["arch"],
                        "dtype": point["dtype"], "head_dim": point.get("head_dim")}  # fmt: skip
+                if point.get("tf32"):
+                    rec["tf32"] = True
                 if (family, name) in _WINDOWED:
                     rec.update(window=point["window"], relevant=point["relevant"])
                 rec["config"] = {**_jsonable(consts), **options}
@@ -164,6 +195,8 @@ def build(rec: dict) -> dict:
     rec["build_s"] = round(time.perf_counter() - t0, 1)
     rec["shared_bytes"] = int(k.metadata.shared)
     rec["tensor_core_instructions"] = len(_TC.findall(k.asm["ptx"]))
+    if rec.get("tf32"):
+        rec["tf32_instructions"] = len(_TC_TF32.findall(k.asm["ptx"]))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
@@ -193,7 +226,30 @@ def violations(rec: dict) -> list[str]:
     has_products = rec.get("family", "attention") == "attention" and rec["kernel"] != "replay"
     if rec["dtype"] in ("fp16", "bf16") and has_products and rec["tensor_core_instructions"] == 0:
         out.append("no mma/wgmma: half-precision products off the tensor cores")
+    if rec.get("tf32") and has_products and rec.get("tf32_instructions", 0) == 0:
+        out.append("no mma/wgmma on .tf32: TF32 products off the tensor cores")
+    if rec["dtype"] == "fp32" and not rec.get("tf32") and rec["tensor_core_instructions"] > 0:
+        out.append("mma/wgmma in an IEEE float32 kernel: products rounded to TF32")
     return out
+
+
+def _identity(rec: dict) -> str:
+    """What a record measures: two records with the same identity are the same build."""
+    keys = ("family", "kernel", "arch", "dtype", "config")
+    return json.dumps([rec.get("family", "attention"), *(rec[k] for k in keys[1:])], sort_keys=True)
+
+
+def merge(old: list[dict], new: list[dict], current: set[str] | None = None) -> list[dict]:
+    """``old`` with each record that ``new`` rebuilds replaced in place, then the rest of
+    ``new`` in order (``--merge``). With ``current`` (the identities of the full sweep's
+    builds), old records of builds the launchers no longer make are dropped."""
+    fresh = {_identity(r): r for r in new}
+    out = [
+        fresh.pop(i, r)
+        for r in old
+        if (i := _identity(r)) in fresh or current is None or i in current
+    ]
+    return out + [r for r in new if _identity(r) in fresh]
 
 
 def _spec(rec: dict) -> tuple:
@@ -255,7 +311,7 @@ def run(builds: list[dict], jobs: int, cache_dir: str | None) -> list[dict]:
 
 
 def _progress(r: dict) -> None:
-    what = f"{r['kernel']:8} sm_{r['arch']} {r['dtype']}"
+    what = f"{r['kernel']:8} sm_{r['arch']} {_dtype_label(r)}"
     if r["head_dim"] is not None:
         what += f" D={r['head_dim']:<3}"
     if "window" in r:
@@ -271,6 +327,10 @@ def _progress(r: dict) -> None:
         )
 
 
+def _dtype_label(r: dict) -> str:
+    return "tf32" if r.get("tf32") else r["dtype"]
+
+
 def table(results: list[dict]) -> str:
     """A markdown summary of a sweep (docs/kernels/triton.md): per family, kernel and dtype,
     the largest shared memory per arch, registers and stack, the fewest tensor-core
@@ -278,7 +338,8 @@ def table(results: list[dict]) -> str:
     rows = {}
     for r in results:
         if "error" not in r:
-            rows.setdefault((r.get("family", "attention"), r["kernel"], r["dtype"]), []).append(r)
+            key = (r.get("family", "attention"), r["kernel"], _dtype_label(r))
+            rows.setdefault(key, []).append(r)
     out = [
         "| kernel | dtype | head dims | builds | shared KB sm_80 / sm_90 | registers | stack B "
         "| mma (min) | build s (max) | within limits |",
@@ -307,7 +368,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", default=",".join(map(str, GPU_ARCHS)))
-    ap.add_argument("--dtype", default=",".join(DTYPES))
+    ap.add_argument("--dtype", default=",".join(DTYPES), help="tf32: float32 with allow_tf32")
     ap.add_argument("--head-dim", default=",".join(map(str, HEAD_DIMS)))
     ap.add_argument("--family", default="", help="comma-separated: " + ",".join(FAMILIES))
     ap.add_argument(
@@ -318,6 +379,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(DEFAULT_OUT))
     ap.add_argument("--cache-dir", default=str(DEFAULT_CACHE))
     ap.add_argument("--no-cache", action="store_true")
+    ap.add_argument(
+        "--merge", action="store_true", help="keep the records of --out this run doesn't rebuild"
+    )
     ap.add_argument("--table", action="store_true", help="print --out as markdown, no builds")
     a = ap.parse_args(argv)
     if a.table:
@@ -334,14 +398,23 @@ def main(argv=None) -> int:
     print(f"{len(builds)} builds, {a.jobs} processes", flush=True)
     t0 = time.perf_counter()
     results = run(builds, a.jobs, None if a.no_cache else a.cache_dir)
+    print(f"built in {time.perf_counter() - t0:.0f} s, {sum(r['build_s'] for r in results):.0f} s "
+          "summed", flush=True)  # fmt: skip
+    if a.merge and Path(a.out).exists():
+        old = json.loads(Path(a.out).read_text())
+        current = {_identity(r) for r in plan(GPU_ARCHS, DTYPES, HEAD_DIMS, set())}
+        results = merge(old, results, current)
+        print(f"merged into {len(old)} records of {a.out}: "
+              f"{len(old) + len(builds) - len(results)} replaced or dropped as stale")  # fmt: skip
+        for r in results:  # the kept records under today's limits
+            r["violations"] = violations(r)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
     bad = [r for r in results if r["violations"]]
     for r in bad:
-        print(f"FAIL {r['family']} {r['kernel']} sm_{r['arch']} {r['dtype']} D={r['head_dim']}: "
-              + "; ".join(r["violations"]))  # fmt: skip
-    print(f"{len(results) - len(bad)}/{len(results)} builds within limits in "
-          f"{time.perf_counter() - t0:.0f} s; wrote {a.out}")  # fmt: skip
+        what = f"{r['family']} {r['kernel']} sm_{r['arch']} {_dtype_label(r)} D={r['head_dim']}"
+        print(f"FAIL {what}: " + "; ".join(r["violations"]))
+    print(f"{len(results) - len(bad)}/{len(results)} builds within limits; wrote {a.out}")
     return 1 if bad else 0
 
 

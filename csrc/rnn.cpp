@@ -11,17 +11,24 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
   // t - min(t, window) .. t-1; relevant set: slot_index (B, ρ) (-1: empty), slot_score (B, ρ).
   // Writes s (B, Hd) = ½ (h_{t-1} + attn c_t), the weights alpha (B, window + ρ) over
   // [window | slots] (0 where no candidate), cand (B, ρ) = the slots attended; adds the window's
-  // weights to relevancy (T', B); then screens step t - window into the slots.
+  // weights to relevancy (T', B); then screens step t - window into the slots. key_exp: None, or
+  // e^{2 uah} as rnn_key_exp writes it (the CPU kernels then compute the scores from it).
   m.def(
       "rnn_attend_step(Tensor query, Tensor hidden, Tensor uah, Tensor v, Tensor(a!) slot_index,"
       " Tensor(b!) slot_score, Tensor(c!) relevancy, Tensor(d!) s, Tensor(e!) alpha,"
-      " Tensor(f!) cand, int t, int window, float attn) -> ()");
+      " Tensor(f!) cand, int t, int window, float attn, Tensor? key_exp=None) -> ()");
   // Given grad_s = dL/ds_t: adds to grad_hidden, grad_uah (T', B, Hd) and grad_v (B, Hd, per
   // row); writes grad_query (B, Hd) = dL/dquery.
   m.def(
       "rnn_attend_step_backward(Tensor grad_s, Tensor query, Tensor hidden, Tensor uah, Tensor v,"
       " Tensor alpha, Tensor cand, Tensor(a!) grad_hidden, Tensor(b!) grad_uah,"
-      " Tensor(c!) grad_v, Tensor(d!) grad_query, int t, int window, float attn) -> ()");
+      " Tensor(c!) grad_v, Tensor(d!) grad_query, int t, int window, float attn,"
+      " Tensor? key_exp=None) -> ()");
+  // key_exp = e^{2 uah} per element, uah (..., Hd): the CPU step kernels take it as key_exp
+  // (each term then costs a division, not a tanh); a row (last dimension) with some |uah| > 20,
+  // where the exponentials leave the normal floats, gets a NaN first element and its terms take
+  // tanh. CPU only: the CUDA step kernels ignore key_exp.
+  m.def("rnn_key_exp(Tensor uah, Tensor(a!) key_exp) -> ()");
   // h = φ(pre); (B, Hd) each.
   m.def("rnn_activation(Tensor pre, Tensor? modrelu_b, str nonlinearity, Tensor(a!) h) -> ()");
   // grad_pre = dL/dpre from h = φ(pre) alone (modrelu too); adds dL/dmodrelu_b per row to

@@ -33,31 +33,45 @@ using Tensors10 =
 void attend_step(const Tensor& query, const Tensor& hidden, const Tensor& uah, const Tensor& v,
                  const Tensor& slot_index, const Tensor& slot_score, const Tensor& relevancy,
                  const Tensor& s, const Tensor& alpha, const Tensor& cand, int64_t t,
-                 int64_t window, double attn) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("screening_attn::rnn_attend_step", "")
-                       .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                   const Tensor&, const Tensor&, int64_t, int64_t, double)>();
+                 int64_t window, double attn, const OptTensor& key_exp) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("screening_attn::rnn_attend_step", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                      int64_t, int64_t, double, const OptTensor&)>();
   const SlotsFromLoop trusted;
-  op.call(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t, window,
-          attn);
+  op.call(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t, window, attn,
+          key_exp);
 }
 
 void attend_step_backward(const Tensor& grad_s, const Tensor& query, const Tensor& hidden,
                           const Tensor& uah, const Tensor& v, const Tensor& alpha,
                           const Tensor& cand, const Tensor& grad_hidden, const Tensor& grad_uah,
                           const Tensor& grad_v, const Tensor& grad_query, int64_t t, int64_t window,
-                          double attn) {
+                          double attn, const OptTensor& key_exp) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("screening_attn::rnn_attend_step_backward", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                       const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                      const Tensor&, int64_t, int64_t, double)>();
+                      const Tensor&, int64_t, int64_t, double, const OptTensor&)>();
   const SlotsFromLoop trusted;
   op.call(grad_s, query, hidden, uah, v, alpha, cand, grad_hidden, grad_uah, grad_v, grad_query, t,
-          window, attn);
+          window, attn, key_exp);
+}
+
+void key_exp_op(const Tensor& uah, const Tensor& key_exp) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("screening_attn::rnn_key_exp", "")
+                       .typed<void(const Tensor&, const Tensor&)>();
+  op.call(uah, key_exp);
+}
+
+// The CPU step kernels' cache of e^{2 uah} (rnn_key_exp), shaped like uah; none on other
+// devices (their kernels take tanh per term).
+OptTensor key_exp_buffer(const Tensor& uah) {
+  return uah.device().is_cpu() ? OptTensor(at::empty(uah.sizes(), uah.options())) : std::nullopt;
 }
 
 void activation(const Tensor& pre, const OptTensor& modrelu_b, c10::string_view nonlinearity,
@@ -291,13 +305,17 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   activation(pre0, modrelu_b, nonlinearity, h[0]);
   mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
   mm_into(uah[0], h[0], UaT);
+  const OptTensor kexp = key_exp_buffer(uah);
+  if (kexp) key_exp_op(uah[0], (*kexp)[0]);
   for (int64_t t = 1; t < T; ++t) {
     attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score, sc.relevancy,
-                s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn);
+                s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn, kexp);
     Tensor pq_t = pq[t];
     step_mm(pq_t, s[t], W, true);
     activation(pq_t.narrow(1, 0, Hd), modrelu_b, nonlinearity, h[t]);
-    step_mm(uah[t], h[t], UaT, false);
+    Tensor uah_t = uah[t];
+    step_mm(uah_t, h[t], UaT, false);
+    if (kexp) key_exp_op(uah_t, (*kexp)[t]);
   }
   auto [index, score] = sc.result();
   return {h, index, score, sc.relevancy, s, pq, uah, rec.alpha, rec.cand};
@@ -332,6 +350,8 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   Tensor grad_x = at::empty({T, B, I}, opt), grad_U = at::zeros({Hd, I}, opt);
   Tensor grad_U_bias = at::zeros({Hd}, opt), grad_W = at::zeros({2 * Hd, Hd}, opt);
   Tensor grad_h0, grad_V0, grad_Va0;
+  const OptTensor kexp = key_exp_buffer(uah);  // recomputed: one pass, not kept from the forward
+  if (kexp) key_exp_op(uah, *kexp);
 
   for (int64_t t1 = T; t1 > 0; t1 -= K) {
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
@@ -352,7 +372,8 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
       }
       step_mm(gs, g_t, W, false);
       attend_step_backward(gs, pq[t - 1].narrow(1, Hd, Hd), h, uah, v, alpha[t], cand[t], gH, gK,
-                           gv, t > t0 ? g[t - 1 - t0].narrow(1, Hd, Hd) : carry, t, window, attn);
+                           gv, t > t0 ? g[t - 1 - t0].narrow(1, Hd, Hd) : carry, t, window, attn,
+                           kexp);
     }
     const Tensor flat = g.view({n * B, 2 * Hd}), gpre = flat.narrow(1, 0, Hd);
     const Tensor xc = x.narrow(0, t0, n).view({n * B, I});
@@ -412,16 +433,19 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
   const Tensor UaT = Ua_weight.t().contiguous();
   const Tensor cell_init = at::zeros({B, Hd}, opt);
 
+  const OptTensor kexp = key_exp_buffer(uah);
   s[0].copy_(h0);
   for (int64_t t = 0; t < T; ++t) {
     if (t > 0) {
       attend_step(pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
-                  sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, 1.0);
+                  sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, 1.0, kexp);
     }
     Tensor pq_t = pq[t];
     step_mm(pq_t, s[t], Wc, true);
     lstm_cell(pq_t.narrow(1, 0, 4 * Hd), t > 0 ? cell[t - 1] : cell_init, cell[t], h[t]);
-    step_mm(uah[t], h[t], UaT, false);
+    Tensor uah_t = uah[t];
+    step_mm(uah_t, h[t], UaT, false);
+    if (kexp) key_exp_op(uah_t, (*kexp)[t]);
   }
   auto [index, score] = sc.result();
   return {h, index, score, sc.relevancy, cell, s, pq, uah, rec.alpha, rec.cand};
@@ -454,6 +478,8 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   const Tensor Wx = W_.narrow(1, Hd, I);
   Tensor grad_x = at::empty({T, B, I}, opt), grad_sq = at::zeros({5 * Hd, Hd}, opt);
   Tensor grad_Wx = at::zeros({4 * Hd, I}, opt), grad_bias = at::zeros({4 * Hd}, opt);
+  const OptTensor kexp = key_exp_buffer(uah);  // as in rel_rnn_backward
+  if (kexp) key_exp_op(uah, *kexp);
 
   for (int64_t t1 = T; t1 > 0; t1 -= K) {
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
@@ -468,7 +494,7 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
       if (t > 0) {
         attend_step_backward(gs, pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, alpha[t], cand[t], gH,
                              gK, gv, t > t0 ? g[t - 1 - t0].narrow(1, 4 * Hd, Hd) : carry, t,
-                             window, 1.0);
+                             window, 1.0, kexp);
       }
     }
     const Tensor flat = g.view({n * B, 5 * Hd}), ggates = flat.narrow(1, 0, 4 * Hd);

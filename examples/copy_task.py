@@ -69,6 +69,7 @@ def main() -> None:
         relevant=args.relevant,
         nonlinearity=args.nonlinearity,
         steps=args.steps,
+        steps_by_delay=(),
         batch=args.batch,
         lr=args.lr,
         clip=args.clip,

@@ -6,34 +6,39 @@ One op's kernels and launchers stay in one file, as Liger keeps them, although t
 500 lines: the five kernels share the helpers ``_mm``, ``_dot_masked`` and ``_member`` and one
 layout of the scratch buffers that the launchers allocate.
 
-All tensors are contiguous ``(N, T, ·)`` with ``N = B·H``; a program offsets by ``n·T·width``.
+All tensors are contiguous ``(N, T, ·)`` with ``N = B·H`` query rows (q, out, lse, dq) or
+``B·Hkv`` KV rows (k, v, spans, snapshots, relevancy, dk, dv); query row ``n`` reads KV row
+``n // G`` (grouped heads, ``G = H / Hkv``, never repeated in memory) and key padding row
+``n // G // Hkv`` of the ``(B, T)`` mask; a program offsets by ``row·T·width``.
 Softmax, relevancy, lse and every accumulator are in ``ACC`` (float32; float64 for float64).
 A query block's candidates are the set at its start ``R_t0`` plus the key range
 ``[t0-ν+1, t1)``, which holds every window key and every key screened in during the block.
 
 Forward (``screened_attention_fwd``), two kernels:
 
-* ``screened_attention_scan_kernel``, grid ``(N,)``: the sequential part. Per query block:
-  write the slot keys to ``snap`` (``R_t0``), then the block's logits against its candidates,
-  two chunked ``tl.dot`` into a per-program scratch ``(BLOCK_M, R_PAD + W_PAD + 1)``. The loop
-  over the block's queries then does no D-sized work: one gather of its ν+ρ logits, softmax,
-  lse, the relevancy ring (key j in lane j % BLOCK_W) and the slot rule on register vectors
-  (slot key, score, scratch column); 4 reductions per query.
+* ``screened_attention_scan_kernel``, grid ``(B·Hkv,)``: the sequential part, one program per
+  group. Per query block: write the slot keys to ``snap`` (``R_t0``), then the block's logits of
+  each of the group's G query heads against its candidates, two chunked ``tl.dot`` into a
+  scratch ``(BLOCK_M, R_PAD + W_PAD + 1)`` per query row. The loop over the block's queries
+  then does no D-sized work: per head one gather of its ν+ρ logits, softmax and lse; the
+  relevancy ring (key j in lane j % BLOCK_W) summing the heads, and the slot rule, on register
+  vectors (slot key, score, scratch column); 4 reductions per query and head (+1 with padding).
 * ``screened_attention_fwd_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: given ``snap``, ``span``
   and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
 Backward (``screened_attention_bwd``), three kernels (the sets come back from ``span`` alone):
 
-* ``screened_attention_replay_sets_kernel``, grid ``(N,)``: ``R_t0`` of every query block
+* ``screened_attention_replay_sets_kernel``, grid ``(B·Hkv,)``: ``R_t0`` of every query block
   rebuilt from the spans, one vectorised step per block (keep members whose span goes on, put
   the keys screened in during the block into empty slots, in key order). Only membership
   matters, not slot order.
 * ``screened_attention_bwd_dq_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: ``delta`` (written for
   the next kernel) and ``dQ``. ``delta = rowsum(dO ⊙ O)``; for half inputs ``rowsum(P ⊙ dP)``
   from one more sweep, as the rounded O would cost the gradients about one ulp.
-* ``screened_attention_bwd_dkdv_kernel``, grid ``(N, cdiv(T, BLOCK_N), 1)``: one program owns a
-  key block and walks the queries that can see it: the window queries ``[j0, j1+ν-1)`` and its
-  keys' spans, skipping query tiles where no key is a candidate. No atomics: deterministic.
+* ``screened_attention_bwd_dkdv_kernel``, grid ``(B·Hkv, cdiv(T, BLOCK_N), 1)``: one program owns
+  a key block and walks the queries that can see it, for each query head of the group: the
+  window queries ``[j0, j1+ν-1)`` and its keys' spans, skipping query tiles where no key is a
+  candidate. No atomics: deterministic.
 
 ``NATIVE`` (half inputs on a GPU): every product runs on tensor cores in the input dtype with
 float32 accumulation, P and dS cast down as FlashAttention does. Elsewhere (and always under the
@@ -161,11 +166,13 @@ def _dot_p(a, member, b, hit, MM: tl.constexpr, NATIVE: tl.constexpr, TF32: tl.c
 
 
 @triton.jit
-def _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET: tl.constexpr):
+def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET: tl.constexpr,
+            HAS_MASK: tl.constexpr):  # fmt: skip
     """(BLOCK_M, BLOCK_N) bool: key ``keys[c]`` is a candidate of query ``rows[i]``.
 
     FROM_SET: the keys are the set at the block start, members until their span ends.
-    Otherwise the keys are the block's key range: in the window, or inside their span.
+    Otherwise the keys are the block's key range: in the window (unless padded: HAS_MASK
+    reads ``mask_base``), or inside their span (a padded key never has one).
     """
     end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
     t = rows[:, None]
@@ -174,24 +181,31 @@ def _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET: tl.constexpr)
     else:
         start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
         j = keys[None, :]
-        m = ((j <= t) & (j > t - nu)) | ((start[None, :] <= t) & (t < end[None, :]))
+        win = (j <= t) & (j > t - nu)
+        if HAS_MASK:
+            real = tl.load(mask_base + keys, mask=keys_ok, other=0) != 0
+            win = win & real[None, :]
+        m = win | ((start[None, :] <= t) & (t < end[None, :]))
     return m & rows_ok[:, None] & keys_ok[None, :]
 
 
 @triton.jit
 def screened_attention_scan_kernel(
-    q_ptr,  # (N, T, D)
-    k_ptr,  # (N, T, D)
-    lse_ptr,  # (N, T) ACC, written
-    rel_ptr,  # (N, T) ACC, written: relevancy
-    span_ptr,  # (N, T, 2) int32, prefilled with -1
-    idx_ptr,  # (N, RHO) int64, prefilled with -1: final slot keys
-    score_ptr,  # (N, RHO) ACC, prefilled with -inf: final slot scores
-    snap_ptr,  # (N, NB, SW) int32, written: slot keys at every block start
-    scr_ptr,  # (N, BLOCK_M, NCOL) ACC scratch: the block's logits
+    q_ptr,  # (N, T, D): N = B·H query rows, G consecutive ones per KV row
+    k_ptr,  # (NKV, T, D): NKV = B·HKV
+    mask_ptr,  # (B, T) uint8, 1 = a real token (read only with HAS_MASK)
+    lse_ptr,  # (N, T) ACC, written (+inf for a query without any candidate)
+    rel_ptr,  # (NKV, T) ACC, written: relevancy, the group mean
+    span_ptr,  # (NKV, T, 2) int32, prefilled with -1
+    idx_ptr,  # (NKV, RHO) int64, prefilled with -1: final slot keys
+    score_ptr,  # (NKV, RHO) ACC, prefilled with -inf: final slot scores
+    snap_ptr,  # (NKV, NB, SW) int32, written: slot keys at every block start
+    scr_ptr,  # (N, BLOCK_M, NCOL) ACC scratch: the block's logits of each query head
     T,
     D,
     nu,
+    G,  # query heads per KV head
+    HKV,
     RL,  # live slots: min(ρ, T-ν+1); slots beyond can never fill
     RHO,
     NB,
@@ -203,20 +217,21 @@ def screened_attention_scan_kernel(
     ACC: tl.constexpr,
     NATIVE: tl.constexpr,
     HAS_SLOTS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GROUPED: tl.constexpr,  # G > 1: a relevancy is the ring's sum over the heads / G
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_W: tl.constexpr,  # relevancy ring: key j in lane j % BLOCK_W (>= the window)
     BLOCK_L: tl.constexpr,  # lanes: [ring | RL slots | dead]
 ):
+    # one program per (b, KV head): the G query heads of the group share its window and set
     n = tl.program_id(0).to(tl.int64)
-    q_base = q_ptr + n * T * D
     k_base = k_ptr + n * T * D
-    lse_base = lse_ptr + n * T
     rel_base = rel_ptr + n * T
     span_base = span_ptr + n * T * 2
     snap_base = snap_ptr + n * NB * SW
-    scr = scr_ptr + n * BLOCK_M * NCOL
+    mask_base = mask_ptr + (n // HKV) * T
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -225,9 +240,10 @@ def screened_attention_scan_kernel(
     neg_inf = float("-inf")
     NEG = NCOL - 1  # the scratch column that holds -inf: the logit of a non-candidate lane
 
-    # One vector of lanes per query, so that a step is a single gather and few reductions.
-    # Ring lanes: a window key's relevancy. Slot lanes (c = lane - BLOCK_W): key, score, and
-    # `sel_key`, the slot rule's order: empty -inf < NaN score -1 < real scores (>= 0).
+    # One vector of lanes per query, so that a step is a single gather per query head and few
+    # reductions. Ring lanes: a window key's relevancy (a padded key's lane reads -inf).
+    # Slot lanes (c = lane - BLOCK_W): key, score, and `sel_key`, the slot rule's order:
+    # empty -inf < NaN score -1 < real scores (>= 0).
     lane = tl.arange(0, BLOCK_L)
     is_ring = lane < BLOCK_W
     slot_live = (lane >= BLOCK_W) & (lane < BLOCK_W + RL)
@@ -247,33 +263,36 @@ def screened_attention_scan_kernel(
         tl.debug_barrier()  # the snapshot is re-read by other threads below
 
         rows = t0 + offs_m
-        qb = tl.load(
-            q_base + rows[:, None] * D + offs_d[None, :],
-            mask=(rows < T)[:, None] & d_ok[None, :],
-            other=0.0,
-        ).to(MM)
-        # logits against the slots at t0: scratch columns [0, R_PAD), in slot order
-        for c0 in range(0, R_PAD, BLOCK_N):
-            cols = c0 + offs_n
-            keys = tl.load(snap_base + blk * SW + cols, mask=cols < RL, other=-1)
-            kt = tl.load(
-                k_base + keys[None, :] * D + offs_d[:, None],
-                mask=(keys >= 0)[None, :] & d_ok[:, None],
+        for g in range(G):
+            row = n * G + g  # the query row (int64)
+            scr = scr_ptr + row * BLOCK_M * NCOL
+            qb = tl.load(
+                q_ptr + row * T * D + rows[:, None] * D + offs_d[None, :],
+                mask=(rows < T)[:, None] & d_ok[None, :],
                 other=0.0,
             ).to(MM)
-            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
-            tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
-        # logits against the key range [w0, t1): scratch columns R_PAD + (j - w0)
-        for c0 in range(0, t1 - w0, BLOCK_N):
-            keys = w0 + c0 + offs_n
-            kt = tl.load(
-                k_base + keys[None, :] * D + offs_d[:, None],
-                mask=(keys < t1)[None, :] & d_ok[:, None],
-                other=0.0,
-            ).to(MM)
-            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
-            tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
-        tl.store(scr + offs_m * NCOL + NEG, tl.full([BLOCK_M], neg_inf, ACC))
+            # logits against the slots at t0: scratch columns [0, R_PAD), in slot order
+            for c0 in range(0, R_PAD, BLOCK_N):
+                cols = c0 + offs_n
+                keys = tl.load(snap_base + blk * SW + cols, mask=cols < RL, other=-1)
+                kt = tl.load(
+                    k_base + keys[None, :] * D + offs_d[:, None],
+                    mask=(keys >= 0)[None, :] & d_ok[:, None],
+                    other=0.0,
+                ).to(MM)
+                s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
+                tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
+            # logits against the key range [w0, t1): scratch columns R_PAD + (j - w0)
+            for c0 in range(0, t1 - w0, BLOCK_N):
+                keys = w0 + c0 + offs_n
+                kt = tl.load(
+                    k_base + keys[None, :] * D + offs_d[:, None],
+                    mask=(keys < t1)[None, :] & d_ok[:, None],
+                    other=0.0,
+                ).to(MM)
+                s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
+                tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
+            tl.store(scr + offs_m * NCOL + NEG, tl.full([BLOCK_M], neg_inf, ACC))
         tl.debug_barrier()  # scratch complete before the per-query reads
         # re-base the columns: window keys move with w0, slots point at the snapshot columns
         col = tl.where(
@@ -285,20 +304,43 @@ def screened_attention_scan_kernel(
 
         for t in range(t0, t1):
             enter = lane == t % BLOCK_W  # key t enters the window (the lane's old key has left)
-            col = tl.where(enter, R_PAD + t - w0, col)
+            if HAS_MASK:
+                real_t = tl.load(mask_base + t) != 0
+                # a padded key is never a candidate: its lane reads the -inf column
+                col = tl.where(enter, tl.where(real_t, R_PAD + t - w0, NEG), col)
+                # a query without any candidate (no real window key, no slot): zeros, lse +inf
+                any_c = tl.max((col != NEG).to(tl.int32), 0) > 0
+                counts = any_c & real_t  # a padded query adds no relevancy
+            else:
+                col = tl.where(enter, R_PAD + t - w0, col)
             ring = tl.where(enter, 0.0, ring)
-            s = tl.load(scr + (t - t0) * NCOL + col)
-            m = tl.max(s, 0)  # finite: key t is a candidate
-            p = tl.exp(s - m)
-            z = tl.sum(p, 0)
-            tl.store(lse_base + t, m + tl.log(z))
-            ring += _div(p, z, ACC)  # slot lanes collect junk that is never read
+            # the ring sums the weights of the group's heads; r = ring / G when read (GROUPED)
+            for g in range(G):
+                row = n * G + g
+                s = tl.load(scr_ptr + row * BLOCK_M * NCOL + (t - t0) * NCOL + col)
+                m = tl.max(s, 0)  # without padding finite: key t is a candidate
+                if HAS_MASK:
+                    m = tl.where(any_c, m, 0.0)
+                p = tl.exp(s - m)
+                z = tl.sum(p, 0)
+                if HAS_MASK:
+                    z = tl.where(any_c, z, 1.0)  # no candidate: p = 0, and lse +inf below
+                lse = m + tl.log(z)
+                if HAS_MASK:
+                    lse = tl.where(any_c, lse, float("inf"))
+                tl.store(lse_ptr + row * T + t, lse)
+                w = _div(p, z, ACC)  # slot lanes collect junk that is never read
+                if HAS_MASK:
+                    w = tl.where(counts, w, 0.0)
+                ring += w
 
             # screening of e = t-ν+1, which leaves the window with its final r
             e = t - nu + 1
             leave = lane == tl.where(e >= 0, e % BLOCK_W, -1)
             col = tl.where(leave, NEG, col)
             r_e = tl.sum(tl.where(leave, ring, 0.0), 0)
+            if GROUPED:  # the group mean
+                r_e = _div(r_e, G.to(ACC), ACC)
             tl.store(rel_base + e, r_e, mask=e >= 0)
             if HAS_SLOTS:
                 # first empty slot, else the smallest score (NaN smallest), lowest slot on ties
@@ -307,6 +349,8 @@ def screened_attention_scan_kernel(
                 )
                 # replace only if r_e > low strictly; a NaN slot (-1) is never replaced
                 insert = (e >= 0) & ((low == neg_inf) | ((low >= 0) & (r_e > low)))
+                if HAS_MASK:  # a padded key takes no slot
+                    insert = insert & (tl.load(mask_base + e, mask=e >= 0, other=0) != 0)
                 # (where, not &: the interpreter can't broadcast this scalar bool in an &)
                 sel = tl.where(insert, lane == target, False)
                 tl.store(span_base + 2 * slot_key + 1, t + 1, mask=sel & (slot_key >= 0))
@@ -320,18 +364,20 @@ def screened_attention_scan_kernel(
     tl.store(span_base + 2 * slot_key + 1, T, mask=slot_live & (slot_key >= 0))
     tl.store(idx_ptr + n * RHO + lane - BLOCK_W, slot_key.to(tl.int64), mask=slot_live)
     tl.store(score_ptr + n * RHO + lane - BLOCK_W, slot_score, mask=slot_live)
+    if GROUPED:
+        ring = _div(ring, G.to(ACC), ACC)
     tl.store(rel_base + col - R_PAD + w_prev, ring, mask=is_ring & (col != NEG))
 
 
 @triton.jit
 def _fwd_chunk(
     acc, l, hit, qb, lse, rows, rows_ok, keys, keys_ok, offs_dv, k_base, v_base, span_base,
-    D, DV, nu, scale,
+    mask_base, D, DV, nu, scale,
     FROM_SET: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
-    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_D: tl.constexpr,
+    TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
-    member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
+    member = _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET, HAS_MASK)
     kt = tl.load(
         k_base + keys[None, :] * D + offs_d[:, None],
         mask=keys_ok[None, :] & (offs_d < D)[:, None],
@@ -351,18 +397,21 @@ def _fwd_chunk(
 
 @triton.jit
 def screened_attention_fwd_kernel(
-    q_ptr,  # (N, T, D)
-    k_ptr,  # (N, T, D)
-    v_ptr,  # (N, T, DV)
+    q_ptr,  # (N, T, D): N = B·H query rows
+    k_ptr,  # (NKV, T, D): query row n reads KV row n // G
+    v_ptr,  # (NKV, T, DV)
+    mask_ptr,  # (B, T) uint8, 1 = a real token (read only with HAS_MASK)
     lse_ptr,  # (N, T) ACC, from the scan
-    span_ptr,  # (N, T, 2) int32
-    snap_ptr,  # (N, NB, SW) int32: the set at each SNAP_M block start, RCOUNT slots used
+    span_ptr,  # (NKV, T, 2) int32
+    snap_ptr,  # (NKV, NB, SW) int32: the set at each SNAP_M block start, RCOUNT slots used
     out_ptr,  # (N, T, DV), written (EXACT: only the flagged rows)
     flag_ptr,  # (N, T) int32: rows that met a non-finite V row (written; EXACT: read)
     T,
     D,
     DV,
     nu,
+    G,
+    HKV,
     RCOUNT,
     NB,
     SW,
@@ -372,6 +421,7 @@ def screened_attention_fwd_kernel(
     NATIVE: tl.constexpr,
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
+    HAS_MASK: tl.constexpr,
     SNAP_M: tl.constexpr,  # the scan's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -379,9 +429,11 @@ def screened_attention_fwd_kernel(
     BLOCK_DV: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
-    k_base = k_ptr + n * T * D
-    v_base = v_ptr + n * T * DV
-    span_base = span_ptr + n * T * 2
+    nkv = n // G
+    k_base = k_ptr + nkv * T * D
+    v_base = v_ptr + nkv * T * DV
+    span_base = span_ptr + nkv * T * 2
+    mask_base = mask_ptr + (nkv // HKV) * T
     # axis 2: BLOCK_DV output columns per program (the fix-up splits the head)
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     # axis 1 holds at most 65535 programs: they stride over the query blocks
@@ -392,7 +444,7 @@ def screened_attention_fwd_kernel(
         # the set at the snapshot block start ts <= t0 plus the keys [ts-ν+1, t1) hold every
         # candidate of the rows (membership itself comes from the spans)
         ts = (t0 // SNAP_M) * SNAP_M
-        snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+        snap_base = snap_ptr + (nkv * NB + t0 // SNAP_M) * SW
         w0 = tl.maximum(ts - nu + 1, 0)
         t1 = tl.minimum(t0 + BLOCK_M, T)
         rcount = RCOUNT
@@ -419,15 +471,18 @@ def screened_attention_fwd_kernel(
             keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
             acc, l, hit = _fwd_chunk(
                 acc, l, hit, qb, lse, rows, rows_ok, keys, keys >= 0, offs_dv, k_base, v_base,
-                span_base, D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D,
+                span_base, mask_base, D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT,
+                HAS_MASK, BLOCK_D,
             )  # fmt: skip
         for c0 in range(w0, t1, BLOCK_N):
             keys = c0 + offs_n
             acc, l, hit = _fwd_chunk(
                 acc, l, hit, qb, lse, rows, rows_ok, keys, keys < t1, offs_dv, k_base, v_base,
-                span_base, D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_D,
+                span_base, mask_base, D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT,
+                HAS_MASK, BLOCK_D,
             )  # fmt: skip
         # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
+        # (a query without any candidate has l = 0 and outputs zeros)
         out = _div(acc, tl.where(l > 0, l, 1.0)[:, None], ACC)
         tl.store(
             out_ptr + n * T * DV + rows[:, None] * DV + offs_dv[None, :],
@@ -490,16 +545,17 @@ def screened_attention_replay_sets_kernel(
 @triton.jit
 def _dq_chunk(
     acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, offs_c, q_base, do_base,
-    k_base, v_base, span_base, D, DV, nu, scale,
+    k_base, v_base, span_base, mask_base, D, DV, nu, scale,
     FROM_SET: tl.constexpr, DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr,
-    NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr,
+    NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_C) += dS K[:, offs_c]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    member = _member(rows, rows_ok, keys, keys_ok, span_base, nu, FROM_SET)
+    member = _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET, HAS_MASK)
     if BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV:  # S and dP from memory, BLOCK_K columns at a time
         s = _mm_rows(q_base, rows, rows_ok, k_base, keys, keys_ok, D, MM, ACC, NATIVE, TF32,
                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
@@ -539,9 +595,10 @@ def _dq_chunk(
 @triton.jit
 def _dq_pass(
     acc, qb, dob, lse, delta, rows, rows_ok, offs_c, ts, t1, q_base, do_base, k_base, v_base,
-    span_base, snap_base, D, DV, nu, RCOUNT, rcount, scale,
+    span_base, snap_base, mask_base, D, DV, nu, RCOUNT, rcount, scale,
     DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
-    TF32: tl.constexpr, EXACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One sweep over the rows' candidates: the set at ts (the snapshot block start), then the
@@ -553,30 +610,33 @@ def _dq_pass(
         keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
         acc, hit = _dq_chunk(
             acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, offs_c, q_base,
-            do_base, k_base, v_base, span_base, D, DV, nu, scale, True, DELTA_ONLY, MM, ACC,
-            NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
+            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, scale, True, DELTA_ONLY,
+            MM, ACC, NATIVE, TF32, EXACT, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            BLOCK_C, BLOCK_K,
         )  # fmt: skip
     w0 = tl.maximum(ts - nu + 1, 0)
     for c0 in range(w0, t1, BLOCK_N):
         keys = c0 + offs_n
         acc, hit = _dq_chunk(
             acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, offs_c, q_base,
-            do_base, k_base, v_base, span_base, D, DV, nu, scale, False, DELTA_ONLY, MM, ACC,
-            NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
+            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, scale, False, DELTA_ONLY,
+            MM, ACC, NATIVE, TF32, EXACT, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
+            BLOCK_C, BLOCK_K,
         )  # fmt: skip
     return acc, hit
 
 
 @triton.jit
 def screened_attention_bwd_dq_kernel(
-    q_ptr,  # (N, T, D)
-    k_ptr,  # (N, T, D)
-    v_ptr,  # (N, T, DV)
+    q_ptr,  # (N, T, D): N = B·H query rows
+    k_ptr,  # (NKV, T, D): query row n reads KV row n // G
+    v_ptr,  # (NKV, T, DV)
+    mask_ptr,  # (B, T) uint8, 1 = a real token (read only with HAS_MASK)
     o_ptr,  # (N, T, DV)
     do_ptr,  # (N, T, DV)
     lse_ptr,  # (N, T) ACC
-    span_ptr,  # (N, T, 2) int32
-    snap_ptr,  # (N, NB, SW) int32 from screened_attention_replay_sets_kernel
+    span_ptr,  # (NKV, T, 2) int32
+    snap_ptr,  # (NKV, NB, SW) int32 from screened_attention_replay_sets_kernel
     dq_ptr,  # (N, T, D), written (EXACT: only the flagged rows)
     delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O) (EXACT: read)
     flag_ptr,  # (N, T) int32: rows that met a non-finite K row (written; EXACT: read)
@@ -584,6 +644,8 @@ def screened_attention_bwd_dq_kernel(
     D,
     DV,
     nu,
+    G,
+    HKV,
     RCOUNT,
     NB,
     SW,
@@ -593,6 +655,7 @@ def screened_attention_bwd_dq_kernel(
     NATIVE: tl.constexpr,
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
+    HAS_MASK: tl.constexpr,
     DELTA_FROM_P: tl.constexpr,
     SNAP_M: tl.constexpr,  # the replay's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
@@ -603,11 +666,13 @@ def screened_attention_bwd_dq_kernel(
     BLOCK_K: tl.constexpr,  # < the head: S and dP by _mm_rows (float32 on FMA units)
 ):
     n = tl.program_id(0).to(tl.int64)
+    nkv = n // G
     q_base = q_ptr + n * T * D
     do_base = do_ptr + n * T * DV
-    k_base = k_ptr + n * T * D
-    v_base = v_ptr + n * T * DV
-    span_base = span_ptr + n * T * 2
+    k_base = k_ptr + nkv * T * D
+    v_base = v_ptr + nkv * T * DV
+    span_base = span_ptr + nkv * T * 2
+    mask_base = mask_ptr + (nkv // HKV) * T
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -617,7 +682,7 @@ def screened_attention_bwd_dq_kernel(
         rows = t0 + tl.arange(0, BLOCK_M)
         rows_ok = rows < T
         ts = (t0 // SNAP_M) * SNAP_M
-        snap_base = snap_ptr + (n * NB + t0 // SNAP_M) * SW
+        snap_base = snap_ptr + (nkv * NB + t0 // SNAP_M) * SW
         t1 = tl.minimum(t0 + BLOCK_M, T)
         rcount = RCOUNT
         if EXACT:
@@ -640,9 +705,9 @@ def screened_attention_bwd_dq_kernel(
             # about one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
             delta, _ = _dq_pass(
                 tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, offs_c,
-                ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, D, DV, nu,
-                RCOUNT, rcount, scale, True, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N,
-                BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
+                ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base, D, DV,
+                nu, RCOUNT, rcount, scale, True, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
+                BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
             )  # fmt: skip
         else:
             ob = tl.load(o_ptr + o_off, mask=omask, other=0.0)
@@ -651,9 +716,9 @@ def screened_attention_bwd_dq_kernel(
             tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
         dq, hit = _dq_pass(
             tl.zeros([BLOCK_M, BLOCK_C], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok,
-            offs_c, ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, D, DV, nu,
-            RCOUNT, rcount, scale, False, MM, ACC, NATIVE, TF32, EXACT, BLOCK_M, BLOCK_N,
-            BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
+            offs_c, ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base,
+            D, DV, nu, RCOUNT, rcount, scale, False, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
+            BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
         )  # fmt: skip
         tl.store(
             dq_ptr + n * T * D + rows[:, None] * D + offs_c[None, :],
@@ -666,26 +731,30 @@ def screened_attention_bwd_dq_kernel(
 
 @triton.jit
 def screened_attention_bwd_dkdv_kernel(
-    q_ptr,  # (N, T, D)
-    k_ptr,  # (N, T, D)
-    v_ptr,  # (N, T, DV)
+    q_ptr,  # (N, T, D): N = B·H query rows, G per KV row
+    k_ptr,  # (NKV, T, D)
+    v_ptr,  # (NKV, T, DV)
+    mask_ptr,  # (B, T) uint8, 1 = a real token (read only with HAS_MASK)
     do_ptr,  # (N, T, DV)
     lse_ptr,  # (N, T) ACC
     delta_ptr,  # (N, T) ACC
-    span_ptr,  # (N, T, 2) int32
-    dk_ptr,  # (N, T, D), written (EXACT: only the flagged keys)
-    dv_ptr,  # (N, T, DV), written (EXACT: only the flagged keys)
-    flag_ptr,  # (N, T) int32: keys that met a non-finite dO or Q row (written; EXACT: read)
+    span_ptr,  # (NKV, T, 2) int32
+    dk_ptr,  # (NKV, T, D), written (EXACT: only the flagged keys)
+    dv_ptr,  # (NKV, T, DV), written (EXACT: only the flagged keys)
+    flag_ptr,  # (NKV, T) int32: keys that met a non-finite dO or Q row (written; EXACT: read)
     T,
     D,
     DV,
     nu,
+    G,
+    HKV,
     scale,
     MM: tl.constexpr,
     ACC: tl.constexpr,
     NATIVE: tl.constexpr,
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged keys with _dot_masked
+    HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -694,9 +763,8 @@ def screened_attention_bwd_dkdv_kernel(
     BLOCK_CV: tl.constexpr,  # dV columns per program: BLOCK_DV, less in the fix-up
     BLOCK_K: tl.constexpr,  # < the head: S and dP by _mm_rows (float32 on FMA units)
 ):
+    # one program per (b, KV head) and key block: dK and dV sum over the G query heads
     n = tl.program_id(0).to(tl.int64)
-    q_base = q_ptr + n * T * D
-    do_base = do_ptr + n * T * DV
     k_base = k_ptr + n * T * D
     v_base = v_ptr + n * T * DV
     span_base = span_ptr + n * T * 2
@@ -724,6 +792,8 @@ def screened_attention_bwd_dkdv_kernel(
         start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
         end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
         j = keys[:, None]
+        if HAS_MASK:  # a padded key is in no window (and has no span)
+            real = tl.load(mask_ptr + (n // HKV) * T + keys, mask=keys_ok, other=0) != 0
         dk = tl.zeros([BLOCK_N, BLOCK_CK], ACC)
         dv = tl.zeros([BLOCK_N, BLOCK_CV], ACC)
         hit = tl.zeros([BLOCK_N], tl.int32)
@@ -736,53 +806,60 @@ def screened_attention_bwd_dkdv_kernel(
             rows = tq0 + offs_m
             rows_ok = rows < T
             t = rows[None, :]
-            member_t = ((j <= t) & (j > t - nu)) | ((start[:, None] <= t) & (t < end[:, None]))
+            win = (j <= t) & (j > t - nu)
+            if HAS_MASK:
+                win = win & real[:, None]
+            member_t = win | ((start[:, None] <= t) & (t < end[:, None]))
             member_t = member_t & keys_ok[:, None] & rows_ok[None, :]  # (BLOCK_N, BLOCK_M)
             if tl.max(member_t.to(tl.int32)) > 0:  # spans leave gaps: skip empty tiles
-                omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
-                dob = tl.load(
-                    do_base + rows[:, None] * DV + offs_dv[None, :], mask=omask, other=0.0
-                )
-                dob = dob.to(MM)
-                lse = tl.load(lse_ptr + n * T + rows, mask=rows_ok, other=0.0)
-                delta = tl.load(delta_ptr + n * T + rows, mask=rows_ok, other=0.0)
-                if SPLIT_K:  # (BLOCK_N, BLOCK_M) = S^T and dP^T, BLOCK_K columns at a time
-                    s_t = _mm_rows(k_base, keys, keys_ok, q_base, rows, rows_ok, D, MM, ACC,
-                                   NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
-                    dp_t = _mm_rows(v_base, keys, keys_ok, do_base, rows, rows_ok, DV, MM, ACC,
-                                    NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
-                    s_t = s_t * scale
-                else:
-                    qt = tl.load(
-                        q_base + rows[None, :] * D + offs_d[:, None],
-                        mask=rows_ok[None, :] & (offs_d < D)[:, None],
-                        other=0.0,
-                    ).to(MM)
-                    s_t = _mm(kb, qt, NATIVE, TF32).to(ACC) * scale  # (BLOCK_N, BLOCK_M) = S^T
-                    dp_t = _mm(vb, tl.trans(dob), NATIVE, TF32).to(ACC)
-                p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
-                ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
-                # the product operands: the whole head in registers, or a column chunk
-                if BLOCK_CV == BLOCK_DV:
-                    doc = dob
-                else:
-                    doc = tl.load(
-                        do_base + rows[:, None] * DV + offs_cv[None, :],
-                        mask=rows_ok[:, None] & (offs_cv < DV)[None, :],
-                        other=0.0,
-                    ).to(MM)
-                if BLOCK_CK == BLOCK_D and not SPLIT_K:
-                    qc = tl.trans(qt)
-                else:
-                    qc = tl.load(
-                        q_base + rows[:, None] * D + offs_ck[None, :],
-                        mask=rows_ok[:, None] & (offs_ck < D)[None, :],
-                        other=0.0,
-                    ).to(MM)
-                res, hit = _dot_p(p_t, member_t, doc, hit, MM, NATIVE, TF32, EXACT)
-                dv += res
-                res, hit = _dot_p(ds_t, member_t, qc, hit, MM, NATIVE, TF32, EXACT)
-                dk += res
+                for g in range(G):  # the query heads of the group, one query row each
+                    row = n * G + g
+                    q_base = q_ptr + row * T * D
+                    do_base = do_ptr + row * T * DV
+                    omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
+                    dob = tl.load(
+                        do_base + rows[:, None] * DV + offs_dv[None, :], mask=omask, other=0.0
+                    )
+                    dob = dob.to(MM)
+                    lse = tl.load(lse_ptr + row * T + rows, mask=rows_ok, other=0.0)
+                    delta = tl.load(delta_ptr + row * T + rows, mask=rows_ok, other=0.0)
+                    if SPLIT_K:  # (BLOCK_N, BLOCK_M) = S^T and dP^T, BLOCK_K columns at a time
+                        s_t = _mm_rows(k_base, keys, keys_ok, q_base, rows, rows_ok, D, MM, ACC,
+                                       NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
+                        dp_t = _mm_rows(v_base, keys, keys_ok, do_base, rows, rows_ok, DV, MM,
+                                        ACC, NATIVE, TF32, BLOCK_N, BLOCK_M, BLOCK_K)  # fmt: skip
+                        s_t = s_t * scale
+                    else:
+                        qt = tl.load(
+                            q_base + rows[None, :] * D + offs_d[:, None],
+                            mask=rows_ok[None, :] & (offs_d < D)[:, None],
+                            other=0.0,
+                        ).to(MM)
+                        s_t = _mm(kb, qt, NATIVE, TF32).to(ACC) * scale  # S^T
+                        dp_t = _mm(vb, tl.trans(dob), NATIVE, TF32).to(ACC)
+                    p_t = tl.where(member_t, tl.exp(s_t - lse[None, :]), 0.0)
+                    ds_t = tl.where(member_t, p_t * (dp_t - delta[None, :]), 0.0)
+                    # the product operands: the whole head in registers, or a column chunk
+                    if BLOCK_CV == BLOCK_DV:
+                        doc = dob
+                    else:
+                        doc = tl.load(
+                            do_base + rows[:, None] * DV + offs_cv[None, :],
+                            mask=rows_ok[:, None] & (offs_cv < DV)[None, :],
+                            other=0.0,
+                        ).to(MM)
+                    if BLOCK_CK == BLOCK_D and not SPLIT_K:
+                        qc = tl.trans(qt)
+                    else:
+                        qc = tl.load(
+                            q_base + rows[:, None] * D + offs_ck[None, :],
+                            mask=rows_ok[:, None] & (offs_ck < D)[None, :],
+                            other=0.0,
+                        ).to(MM)
+                    res, hit = _dot_p(p_t, member_t, doc, hit, MM, NATIVE, TF32, EXACT)
+                    dv += res
+                    res, hit = _dot_p(ds_t, member_t, qc, hit, MM, NATIVE, TF32, EXACT)
+                    dk += res
         tl.store(
             dk_ptr + n * T * D + keys[:, None] * D + offs_ck[None, :],
             (dk * scale).to(dk_ptr.dtype.element_ty),
@@ -847,6 +924,7 @@ def launch_config(
     live: int,
     target,
     allow_tf32: bool = False,
+    grouped: bool = False,
 ) -> LaunchConfig:
     """The launch configuration of ``kernel``: "scan", "fwd", "replay", "dq", "dkdv", or a
     fix-up launch "fwd_fix", "dq_fix", "dkdv_fix" (the same kernels with EXACT, over the
@@ -862,6 +940,9 @@ def launch_config(
             query and key blocks.
         allow_tf32: ``torch.backends.cuda.matmul.allow_tf32``: float32 products on TF32
             tensor cores (a GPU only).
+        grouped: grouped heads (G > 1): the scan's loop over the group's heads keeps the lane
+            vectors live across the block products, dK/dV's the key tiles across the query
+            tiles: both get half the query block (at least 16).
 
     On a GPU, blocks shrink with the head dim and the operand width so that every
     specialisation fits the shared memory and registers of sm_80 and sm_90 (checked by
@@ -885,23 +966,37 @@ def launch_config(
     hd = max(bd, bdv) * (2 if wide else 1)
     warps = 8 if hd >= 256 else 4  # the operand tiles of a wide head over more threads
     # IEEE float32 runs tl.dot on FMA units, which hold whole operand rows per thread: the
-    # backward's S and dP over a 256-wide head spilled 1-6 KB, so they go 64 columns at a time
-    bk = 64 if backward and wide and not tf32 and max(bd, bdv) >= 256 else 0
+    # backward's S and dP over a 256-wide head spilled 1-6 KB, so they go 64 columns at a time;
+    # with TF32 too in the fix-ups (dK/dV's spilled 312-408 B at once), not in the hot kernels
+    bk = 64 if backward and wide and (fix or not tf32) and max(bd, bdv) >= 256 else 0
     if fix:
         # the exact path's masked products and counts over a whole head spill (5 KB at D=128):
         # 32 output columns per program (16 in float32), S recomputed per chunk
-        bc = 16 if wide else 32
+        # grouped dK/dV fix-ups keep the key tiles live across the group's heads: 16 columns
+        # and 8 warps (sm_80 fp16 D=128 spilled 528 B at 32 and 4, 272 B at 16 and 4; 16 B now)
+        gfix = grouped and kernel == "dkdv_fix"
+        bc = 16 if wide or gfix else 32
+        warps = 8 if gfix else warps
         return LaunchConfig(16, 16, bd, bdv, warps, 1, native, tf32, block_c=bc, block_k=bk)
     if kernel == "replay":  # block_n: the slots per step (a (block_n, block_m) match tile)
         return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
     if kernel == "scan":  # float32 at 64 × 64 spilled 400-660 B (make gpu-static)
         bm = 64 if hd <= 128 and not wide else 32
+        if grouped:  # fp16 D=64 ν=1024 ρ=256 spilled 408 B at 64 rows, D=256 136 B at 32
+            bm = max(16, bm // 2)
         # float32 D=256 (logits on FMA units) spilled 6.5 KB on sm_90 with 4 warps
         return LaunchConfig(bm, bm, bd, bdv, 8 if hd >= 512 else 4, 1, native, tf32, bw, bl)
     # Measured (make gpu-static): 64 × 64 tiles spill on both archs at every head dim (the
     # (BLOCK_M, BLOCK_N) logits, P, dP, dS and masks are live together); 32 × 32 fits up to a
     # 64-wide half head, 16 × 16 beyond.
     bm = bn = 32 if hd <= 64 else 16
+    if grouped and kernel == "dkdv":
+        # the loop over the group's heads keeps the key tiles live across each query tile
+        # (fp16 D=64 spilled 568 B on sm_80 as above): half the query tile, 8 warps, and S
+        # and dP from memory for wide operands (fp16 D=256 spilled 416 B on sm_80 without,
+        # fp32 D=128 248 B)
+        bm, warps = max(16, bm // 2), 8
+        bk = 64 if hd >= 256 else bk
     return LaunchConfig(bm, bn, bd, bdv, warps, 1, native, tf32, block_k=bk)
 
 
@@ -956,69 +1051,90 @@ def _tl_dtypes(dtype: torch.dtype, native: bool) -> tuple[tl.dtype, tl.dtype]:
     return mm, acc
 
 
+def _mask_arg(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tensor, bool]:
+    """``(mask, HAS_MASK)`` for the kernels: the ``(B, T)`` mask as uint8 (bool has the same
+    bytes), or a 1-byte placeholder that the kernels never read."""
+    if key_padding_mask is None:
+        return torch.ones(1, dtype=torch.uint8, device=q.device), False
+    return key_padding_mask.contiguous().view(torch.uint8), True
+
+
 def screened_attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward of screened attention on checked arguments: the scan, then the output pass.
 
     Args:
         q (Tensor): `(B, H, T, D)`.
-        k (Tensor): `(B, H, T, D)`.
-        v (Tensor): `(B, H, T, Dv)`.
+        k (Tensor): `(B, Hkv, T, D)` with `H % Hkv == 0`: query head `h` reads KV head
+            `h // (H / Hkv)` in place (never repeated), and the group shares one set.
+        v (Tensor): `(B, Hkv, T, Dv)`.
         window (int): `ν >= 1`.
         relevant (int): `ρ >= 0`.
         scale (float): factor on the logits.
+        key_padding_mask (Optional[Tensor]): `(B, T)` bool, True = a real token; None: all
+            real.
 
     Returns:
         `(out, lse, relevant_index, relevant_score, relevancy, span)`: `out (B, H, T, Dv)` in
-        the dtype of `q`; `lse (B, H, T)`, the log-sum-exp of each query's logits, for the
-        backward; the state as ``screened_attention_reference`` returns it.
+        the dtype of `q`; `lse (B, H, T)`, the log-sum-exp of each query's logits (`+inf` for
+        a query without any candidate), for the backward; the state with `Hkv` heads as
+        ``screened_attention_reference`` returns it.
     """
     target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
-    Dv, N, acc = v.shape[-1], B * H, acc_dtype(q.dtype)
+    Hkv, Dv, acc = k.shape[1], v.shape[-1], acc_dtype(q.dtype)
+    N, Nkv = B * H, B * Hkv
+    G = H // Hkv if Hkv else 1
     _check_sizes(T, D, Dv)
     out = torch.empty(B, H, T, Dv, dtype=_store_dtype(q.dtype, q.device), device=q.device)
     lse = torch.empty(B, H, T, dtype=acc, device=q.device)
-    index = torch.full((B, H, relevant), -1, dtype=torch.int64, device=q.device)
-    score = torch.full((B, H, relevant), float("-inf"), dtype=acc, device=q.device)
-    relevancy = torch.zeros(B, H, T, dtype=acc, device=q.device)
-    span = torch.full((B, H, T, 2), -1, dtype=torch.int32, device=q.device)
+    index = torch.full((B, Hkv, relevant), -1, dtype=torch.int64, device=q.device)
+    score = torch.full((B, Hkv, relevant), float("-inf"), dtype=acc, device=q.device)
+    relevancy = torch.zeros(B, Hkv, T, dtype=acc, device=q.device)
+    span = torch.full((B, Hkv, T, 2), -1, dtype=torch.int32, device=q.device)
     if N == 0 or T == 0:
         return out.to(q.dtype), lse, index, score, relevancy, span
 
+    mask, has_mask = _mask_arg(key_padding_mask, q)
     window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
     live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target)
+    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target, grouped=G > 1)
     mm, acc_tl = _tl_dtypes(q.dtype, sc.native)
     bm, bn = sc.block_m, sc.block_n
     nb = -(-T // bm)
     sw = max(live, 1)
     r_pad = -(-live // bn) * bn
     ncol = r_pad + -(-min(bm + window - 1, T) // bn) * bn + 1  # + a column of -inf
-    snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
+    snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
     scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
     flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
     with _device(q):
-        screened_attention_scan_kernel[(N,)](
-            q, k, lse, relevancy, span, index, score, snap, scratch,
-            T, D, window, live, relevant, nb, sw, r_pad, ncol, scale,
-            MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0, BLOCK_M=bm, BLOCK_N=bn,
-            BLOCK_D=sc.block_d, BLOCK_W=sc.block_w, BLOCK_L=sc.block_l,
-            num_warps=sc.num_warps, num_stages=sc.num_stages,
+        screened_attention_scan_kernel[(Nkv,)](
+            q, k, mask, lse, relevancy, span, index, score, snap, scratch,
+            T, D, window, G, Hkv, live, relevant, nb, sw, r_pad, ncol, scale,
+            MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0, HAS_MASK=has_mask,
+            GROUPED=G > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=sc.block_d, BLOCK_W=sc.block_w,
+            BLOCK_L=sc.block_l, num_warps=sc.num_warps, num_stages=sc.num_stages,
         )  # fmt: skip
         # the output, then the rows that met a non-finite V row, recomputed exactly
         for kernel in ("fwd", "fwd_fix"):
             c = launch_config(kernel, q.dtype, D, Dv, window, live, target, tf32)
             cv = c.columns()[1]
             screened_attention_fwd_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-Dv // cv))](
-                q, k, v, lse, span, snap, out, flag,
-                T, D, Dv, window, live, nb, sw, scale,
+                q, k, v, mask, lse, span, snap, out, flag,
+                T, D, Dv, window, G, Hkv, live, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "fwd_fix",
-                SNAP_M=bm, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
-                BLOCK_DV=cv, num_warps=c.num_warps, num_stages=c.num_stages,
+                HAS_MASK=has_mask, SNAP_M=bm, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_D=c.block_d, BLOCK_DV=cv, num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
     return out.to(q.dtype), lse, index, score, relevancy, span
 
@@ -1034,30 +1150,34 @@ def screened_attention_bwd(
     window: int,
     scale: float,
     relevant: int = -1,
+    key_padding_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Backward of screened attention: the sets replayed from ``span``, then dQ, then dK and dV.
 
     Args:
         grad_out (Tensor): `(B, H, T, Dv)`, dtype of `q`.
-        q, k, v (Tensor): the forward's checked inputs.
+        q, k, v (Tensor): the forward's checked inputs (`k`, `v` with `Hkv` heads).
         out (Tensor): `(B, H, T, Dv)`, the forward's output.
         lse (Tensor): `(B, H, T)`, float32 (float64 for float64 inputs), from the forward.
-        span (Tensor): `(B, H, T, 2)` int32, from the forward.
+        span (Tensor): `(B, Hkv, T, 2)` int32, from the forward.
         window (int): `ν >= 1`.
         scale (float): factor on the logits.
         relevant (int): the forward's `ρ`, which bounds every set and so sizes the replay
             without a host sync; -1 if unknown: then one sync reads the largest set off `span`.
+        key_padding_mask (Optional[Tensor]): the forward's `(B, T)` bool mask, or None.
 
     Returns:
-        `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`.
+        `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`; `dk`, `dv` sum over the query heads
+        of each group.
     """
     B, H, T, _ = q.shape
+    Hkv = k.shape[1]
     # the kernels index these buffers by raw offsets: a wrong shape would read out of bounds
     for name, x, shape, dtype in [
-        ("grad_out", grad_out, v.shape, q.dtype),
-        ("out", out, v.shape, q.dtype),
+        ("grad_out", grad_out, (*q.shape[:3], v.shape[-1]), q.dtype),
+        ("out", out, (*q.shape[:3], v.shape[-1]), q.dtype),
         ("lse", lse, (B, H, T), acc_dtype(q.dtype)),
-        ("span", span, (B, H, T, 2), torch.int32),
+        ("span", span, (B, Hkv, T, 2), torch.int32),
     ]:
         if x.shape != shape or x.dtype != dtype or x.device != q.device:
             raise ValueError(
@@ -1069,13 +1189,15 @@ def screened_attention_bwd(
     grad_out, out = grad_out.contiguous(), out.contiguous()
     lse, span = lse.contiguous(), span.contiguous()
     B, H, T, D = q.shape
-    Dv, N = v.shape[-1], B * H
+    Dv, N, Nkv = v.shape[-1], B * H, B * Hkv
+    G = H // Hkv if Hkv else 1
     _check_sizes(T, D, Dv)
     store = _store_dtype(q.dtype, q.device)
     dq, dk, dv = (torch.empty_like(x, dtype=store) for x in (q, k, v))
     if N == 0 or T == 0:
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
+    mask, has_mask = _mask_arg(key_padding_mask, q)
     window = min(window, T + 1)
     if relevant >= 0:  # the forward's live slots bound every set
         cap = min(relevant, max(0, T - window + 1))
@@ -1088,12 +1210,12 @@ def screened_attention_bwd(
     rc = launch_config("replay", q.dtype, D, Dv, window, cap, target)
     mm, acc_tl = _tl_dtypes(q.dtype, rc.native)
     nb = -(-T // rc.block_m)
-    snap = torch.empty(N, nb, sw, dtype=torch.int32, device=q.device)
+    snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
     delta = torch.empty(N, T, dtype=acc_dtype(q.dtype), device=q.device)
-    flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
+    flag = torch.empty(N, T, dtype=torch.int32, device=q.device)  # dkdv uses its first Nkv rows
     with _device(q):
         if cap > 0:
-            screened_attention_replay_sets_kernel[(N,)](
+            screened_attention_replay_sets_kernel[(Nkv,)](
                 span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=rc.block_n,
                 num_warps=rc.num_warps, num_stages=rc.num_stages,
             )  # fmt: skip
@@ -1103,24 +1225,25 @@ def screened_attention_bwd(
             c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
             ck = c.columns()[0]
             screened_attention_bwd_dq_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-D // ck))](
-                q, k, v, out, grad_out, lse, span, snap, dq, delta, flag,
-                T, D, Dv, window, cap, nb, sw, scale,
+                q, k, v, mask, out, grad_out, lse, span, snap, dq, delta, flag,
+                T, D, Dv, window, G, Hkv, cap, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dq_fix",
-                DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16), SNAP_M=rc.block_m,
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-                BLOCK_C=ck, BLOCK_K=c.k_chunk(), num_warps=c.num_warps, num_stages=c.num_stages,
+                HAS_MASK=has_mask, DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
+                SNAP_M=rc.block_m, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
+                BLOCK_DV=c.block_dv, BLOCK_C=ck, BLOCK_K=c.k_chunk(), num_warps=c.num_warps,
+                num_stages=c.num_stages,
             )  # fmt: skip
         for kernel in ("dkdv", "dkdv_fix"):
-            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32)
+            c = launch_config(kernel, q.dtype, D, Dv, window, cap, target, tf32, G > 1)
             ck, cv = c.columns()
             chunks = max(-(-D // ck), -(-Dv // cv))
-            screened_attention_bwd_dkdv_kernel[(N, min(-(-T // c.block_n), _GRID_YZ), chunks)](
-                q, k, v, grad_out, lse, delta, span, dk, dv, flag,
-                T, D, Dv, window, scale,
+            screened_attention_bwd_dkdv_kernel[(Nkv, min(-(-T // c.block_n), _GRID_YZ), chunks)](
+                q, k, v, mask, grad_out, lse, delta, span, dk, dv, flag,
+                T, D, Dv, window, G, Hkv, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dkdv_fix",
-                BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=c.block_dv,
-                BLOCK_CK=ck, BLOCK_CV=cv, BLOCK_K=c.k_chunk(), num_warps=c.num_warps,
-                num_stages=c.num_stages,
+                HAS_MASK=has_mask, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
+                BLOCK_DV=c.block_dv, BLOCK_CK=ck, BLOCK_CV=cv, BLOCK_K=c.k_chunk(),
+                num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
@@ -1130,6 +1253,7 @@ _PTR_KIND = {
     **dict.fromkeys(("lse", "rel", "score", "scr", "delta"), "acc"),
     **dict.fromkeys(("span", "snap", "flag"), "i32"),
     "idx": "i64",
+    "mask": "u8",
 }
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -1138,7 +1262,7 @@ def _signature(fn, dtype: torch.dtype) -> dict[str, str]:
     """The ``triton.compile`` signature of a kernel for inputs of ``dtype``: pointers by the
     role their name says, ``scale`` float, every other runtime argument int32 (unspecialised,
     as the launchers pass them)."""
-    kind = {"in": _TL_NAME[dtype], "acc": "fp32", "i32": "i32", "i64": "i64"}
+    kind = {"in": _TL_NAME[dtype], "acc": "fp32", "i32": "i32", "i64": "i64", "u8": "u8"}
     sig = {}
     for name, const in _params(fn):
         if const:
@@ -1156,14 +1280,27 @@ def _params(fn) -> list[tuple[str, bool]]:
     return [(p.name, p.annotation is tl.constexpr) for p in raw]
 
 
-def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, arch: int):
+def static_builds(
+    dtype: torch.dtype,
+    d: int,
+    dv: int,
+    window: int,
+    live: int,
+    arch: int,
+    allow_tf32: bool = False,
+    padded: bool = False,
+):
     """Every kernel the launchers build for inputs of ``dtype``, head dims ``d``/``dv``,
     window ``window`` (≤ T) and ``live`` slots (= the replay capacity), on CUDA ``arch``: a
     list of ``(name, fn, signature, constexprs, options)`` for ``triton.compile``
-    (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``."""
+    (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``,
+    with ``allow_tf32`` standing for ``torch.backends.cuda.matmul.allow_tf32``: as there, it
+    reaches every kernel but the scan (whose logits stay IEEE) and the replay (no products).
+    ``padded``: the builds of a call with a ``key_padding_mask`` and grouped heads."""
     half = dtype in (torch.float16, torch.bfloat16)
     snap_m = {
-        k: launch_config(k, dtype, d, dv, window, live, arch).block_m for k in ("scan", "replay")
+        k: launch_config(k, dtype, d, dv, window, live, arch, grouped=padded).block_m
+        for k in ("scan", "replay")
     }
     out = []
     for name, fn in [
@@ -1176,12 +1313,14 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
         ("dkdv", screened_attention_bwd_dkdv_kernel),
         ("dkdv_fix", screened_attention_bwd_dkdv_kernel),
     ]:
-        c = launch_config(name, dtype, d, dv, window, live, arch)
+        tf32 = allow_tf32 and name not in ("scan", "replay")
+        c = launch_config(name, dtype, d, dv, window, live, arch, tf32, grouped=padded)
         mm, acc = _tl_dtypes(dtype, c.native)
         ck, cv = c.columns()
         consts = {
             "MM": mm, "ACC": acc, "NATIVE": c.native, "TF32": c.tf32,
             "EXACT": name.endswith("_fix"), "HAS_SLOTS": live > 0, "DELTA_FROM_P": half,
+            "HAS_MASK": padded, "GROUPED": padded,
             "SNAP_M": snap_m["scan" if name.startswith("fwd") else "replay"],
             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
             "BLOCK_DV": cv if name.startswith("fwd") else c.block_dv, "BLOCK_C": ck,
@@ -1191,6 +1330,11 @@ def static_builds(dtype: torch.dtype, d: int, dv: int, window: int, live: int, a
         }  # fmt: skip
         names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}
+        sig = _signature(fn, dtype)
+        if not padded and "G" in sig:
+            # Triton specialises an int argument equal to 1 as a constexpr: without grouped
+            # heads the launchers' loops over the group are one unrolled iteration
+            sig["G"], consts["G"] = "constexpr", 1
         options = {"num_warps": c.num_warps, "num_stages": c.num_stages}
-        out.append((name, fn, _signature(fn, dtype), consts, options))
+        out.append((name, fn, sig, consts, options))
     return out

@@ -1,7 +1,9 @@
 """Triton kernels of the CNN-F ops (docs/feedback.md) and their launchers. Each launcher is named
 as the op it implements and takes that op's schema arguments (``ins_bias_ada_relu(x, bias,
 hidden, eta, eps, centered)``, ...); the Triton custom ops in screening_attn/feedback/_ops/ call
-them.
+them. The file passes 500 lines on purpose: the three sub-families share the plane/lane
+layouts, the ``Gate`` constants and the helpers (device guard, mask bytes, rounding ``_div``,
+``_sqrt``), and splitting them would put kernels away from their launchers.
 
 * the AdaReLU gate, elementwise: ``ada_relu``, ``ada_relu_backward``, ``ada_relu_feedback``;
 * the instance-norm family, one program per (n, c) plane: ``ins_norm``, ``ins_bias_ada_relu``

@@ -8,6 +8,7 @@ import math
 import torch
 import torch.nn.functional as F
 from _tolerances import TOL
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from screening_attn.attention import ScreeningState, screened_attention_reference
 
@@ -168,7 +169,7 @@ def attention_magnitudes(q, k, v, g, mask, scale=None):
     q, k, v, g = (x.detach().double().cpu() for x in (q, k, v, g))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = (scale * q @ k.transpose(-1, -2)).masked_fill(~mask.cpu(), float("-inf"))
-    p = torch.softmax(logits, -1)
+    p = torch.softmax(logits, -1).nan_to_num()  # a query without candidates (padding): 0
     dp = g.abs() @ v.abs().transpose(-1, -2)
     ds = p * (dp + (p * dp).sum(-1, keepdim=True))
     return (p @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
@@ -329,3 +330,15 @@ def tied_decisions(ref_state, window) -> tuple[int, int]:
             equal += rel[e] == low
             tied += e in sets[t + 1] and sum(rel[j] == low for j in before) >= 2
     return equal, tied
+
+
+class OpsCalled(TorchDispatchMode):
+    """Records the names of the ops dispatched under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.name())
+        return func(*args, **(kwargs or {}))

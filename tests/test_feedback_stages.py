@@ -272,16 +272,27 @@ def test_half_cpu_tensors_run_the_cpu_kernels_in_float32(name, dtype):
     got, got_grad = _run_op(name, dtype, "cpu", g)
     want, want_grad = _run_op(name, F64, "reference", g)
     lowp, lowp_grad = _run_op(name, dtype, "reference", g)
+
+    def magnitude(e):
+        # An instance norm's output and gradient are differences of sums over the (n, c)
+        # plane: their rounding scales with the plane's largest value, not with the element's,
+        # which cancellation can make arbitrarily small (1-2 of 144 gradient elements failed
+        # the element's own magnitude, in float16 and bfloat16).
+        e = e.detach().double().abs()
+        if name.startswith("ins_") and e.dim() == 4:
+            return e.amax(dim=(-2, -1), keepdim=True).expand_as(e)
+        return e
+
     assert len(got) == len(want)
     for a, b, c in zip(got, want, lowp, strict=True):
         if b.is_floating_point():
             assert a.dtype == dtype
-            assert_low_precision_close(a, b, c)
+            assert_low_precision_close(a, b, c, magnitude(b))
         else:
             assert torch.equal(a, b), name
     for a, b, c in zip(got_grad, want_grad, lowp_grad, strict=True):
         assert a.dtype == dtype
-        assert_low_precision_close(a, b, c)
+        assert_low_precision_close(a, b, c, magnitude(b))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=dtype_id)

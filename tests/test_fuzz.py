@@ -495,8 +495,24 @@ def check_ada_relu(backend, shape, gated, eta, dtype, layouts, seed):
     y_ref, m_ref = reference.ada_relu(xr, hr, eta)
     y, m = functional.ada_relu(xk, hk, eta, backend=backend)
     assert m.dtype == torch.bool and y.dtype == dtype and y.shape == x.shape
-    assert torch.equal(m, m_ref)
-    g = restride(randn(shape, dtype, gen), layouts[2])
+    flipped = m != m_ref
+    if flipped.any():
+        # x' = x + η(h - x) is exactly 0 for some half inputs (x = -0.6015625, h = 2.40625,
+        # η = 0.2): its sign is then the rounding's, which a kernel (FMA, operation order) may
+        # round the other way. Only such gates may differ: |x'| within four roundings in
+        # ref_dtype (η's conversion, h - x, the product, the sum) of the operands' sizes.
+        assert gated, "a plain ReLU gate (x > 0) has no rounding to differ by"
+        x64, h64 = x.double(), h.double()
+        unit = torch.finfo(ref_dtype).eps / 2  # unit roundoff
+        bound = 4 * unit * (x64.abs() + abs(eta) * (h64.abs() + x64.abs()))
+        far = flipped & ((x64 + eta * (h64 - x64)).abs() > bound)
+        assert not far.any(), f"{int(far.sum())} gates differ with |x'| above rounding"
+        event("gate differs within rounding of 0")
+        # a flipped gate outputs x' or 0, both within rounding of 0: compare everything else,
+        # with no upstream gradient at the flips
+        assert ((y.double() - y_ref.double()).abs()[flipped] <= 2 * bound[flipped]).all()
+        y, y_ref = y.masked_fill(flipped, 0), y_ref.masked_fill(flipped, 0)
+    g = restride(randn(shape, dtype, gen), layouts[2]).masked_fill(flipped, 0)
     got, want = grads(y, [xk, hk], g), grads(y_ref, [xr, hr], g.to(ref_dtype))
     z = restride(randn(shape, dtype, gen), layouts[2], True)
     fb = functional.ada_relu_feedback(z, m, backend=backend)

@@ -1,4 +1,4 @@
-"""The static GPU check (bench/gpu_static.py, ``make gpu-static``) on a quick subset: two cheap
+"""The static GPU check (bench/gpu_static.py, ``make gpu-static``) on a quick subset: three cheap
 sm_80 builds compiled here, without a GPU, and the limits it enforces. The full sweep is
 ``make gpu-static``; its last result is bench/results/gpu-static.json."""
 
@@ -33,8 +33,15 @@ def test_violations():
     assert "shared" in violations(_record(arch=90, shared_bytes=228 * 1024))[0]
     assert "stack" in violations(_record(spill_bytes=7408))[0]
     assert "mma" in violations(_record(dtype="bf16", tensor_core_instructions=0))[0]
-    # float32 products may run on FMA units (IEEE by default); the replay has no products
+    # IEEE float32 products run on FMA units: an mma there would round them to TF32
     assert violations(_record(dtype="fp32", tensor_core_instructions=0)) == []
+    assert "TF32" in violations(_record(dtype="fp32", tensor_core_instructions=4))[0]
+    # with allow_tf32, on tensor cores: an mma/wgmma on .tf32 operands
+    tf32 = _record(dtype="fp32", tf32=True, tensor_core_instructions=8, tf32_instructions=8)
+    assert violations(tf32) == []
+    assert ".tf32" in violations({**tf32, "tensor_core_instructions": 0, "tf32_instructions": 0})[0]
+    assert ".tf32" in violations({**tf32, "tf32_instructions": 0})[0]
+    # the replay has no products
     assert violations(_record(kernel="replay", tensor_core_instructions=0)) == []
     assert "build failed" in violations(_record(error="CompilationError: x"))[0]
 
@@ -58,6 +65,30 @@ def test_plan_covers_the_launchers():
     assert all("window" not in b for b in builds if b["kernel"] in ("fwd", "dq", "dkdv"))
     # no build is specialised on T: no runtime int is a constexpr of the kernels
     assert all("T" not in b["config"] for b in builds)
+    # float32 is built IEEE, and with allow_tf32 every kernel whose launch passes it
+    ieee = [b for b in builds if b["dtype"] == "fp32"]
+    assert ieee and all(not b["config"].get("TF32") and "tf32" not in b for b in ieee)
+    tf32 = plan([80, 90], ["tf32"], [32, 64, 128, 256], set())
+    assert all(b["dtype"] == "fp32" and b["tf32"] and b["config"]["TF32"] for b in tf32)
+    assert {(b["kernel"], b["arch"], b["head_dim"]) for b in tf32} == {
+        (k, a, d)
+        for k in ("fwd", "fwd_fix", "dq", "dq_fix", "dkdv", "dkdv_fix")
+        for a in (80, 90)
+        for d in (32, 64, 128, 256)
+    }
+    # every TF32 point is built plain and padded (grouped heads with a mask), as the others
+    assert {b["point"]["padded"] for b in tf32} == {False, True}
+
+    def plain(builds):
+        return [b for b in builds if not b["point"]["padded"]]
+
+    both = plain(plan([80], ["fp32", "tf32"], [256], {"dq"}))
+    assert [b["config"]["TF32"] for b in both] == [False, True]
+    # IEEE float32 takes S and dP of a 256-wide head 64 columns at a time (FMA units), TF32
+    # at once (tensor cores) but in the fix-ups (which spilled)
+    assert [b["config"]["BLOCK_K"] for b in both] == [64, 256]
+    fix = plain(plan([80], ["fp32", "tf32"], [256], {"dq_fix", "dkdv_fix"}))
+    assert [b["config"]["BLOCK_K"] for b in fix] == [64] * 4
 
 
 def test_plan_takes_registered_families(monkeypatch):
@@ -91,25 +122,61 @@ def test_plan_takes_registered_families(monkeypatch):
 
 
 def test_quick_builds(tmp_path):
-    """Compile the output kernel (fp16, D=32: tensor cores) and the replay for sm_80 in a
-    process without TRITON_INTERPRET, as ``make gpu-static`` does."""
+    """Compile the output kernel (fp16, D=32: tensor cores), the replay and the output kernel
+    in float32 with allow_tf32 (TF32 tensor cores) for sm_80 in a process without
+    TRITON_INTERPRET, as ``make gpu-static`` does; ``--merge`` keeps the records of ``--out``
+    that a run does not rebuild."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "gpu-static.json"
-    args = ["--kernel", "fwd,replay", "--dtype", "fp16", "--head-dim", "32", "--arch", "80"]
-    args += ["--small-only", "--jobs", "1", "--no-cache", "--out", str(out)]
+    from bench.gpu_static import plan
+
+    # a build of the sweep that this run does not make (values made up), and a stale one
+    kept, _padded = plan([90], ["bf16"], [64], {"dq"})
+    kept = _record(**kept, violations=[])
+    stale = _record(kernel="dq", family="attention", config={"BLOCK_M": 1}, violations=[])
+    out.write_text(json.dumps([kept, stale]))
+    args = ["--kernel", "fwd,replay", "--dtype", "fp16,tf32", "--head-dim", "32", "--arch", "80"]
+    args += ["--small-only", "--jobs", "1", "--no-cache", "--merge", "--out", str(out)]
     r = subprocess.run(
         [sys.executable, "-m", "bench.gpu_static", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stdout + r.stderr
-    recs = {rec["kernel"]: rec for rec in json.loads(out.read_text())}
-    assert set(recs) == {"fwd", "replay"}
+    old, *new = json.loads(out.read_text())
+    assert old == kept
+    assert not kept["point"]["padded"]
+    # the output kernel also as launched with grouped heads and a padding mask (the replay
+    # does not depend on them: one build)
+    assert sorted((rec["kernel"], rec["dtype"], rec["point"]["padded"]) for rec in new) == [
+        ("fwd", "fp16", False), ("fwd", "fp16", True), ("fwd", "fp32", False),
+        ("fwd", "fp32", True), ("replay", "fp16", False),
+    ]  # fmt: skip
+    recs = {(rec["kernel"], rec["dtype"]): rec for rec in new if not rec["point"]["padded"]}
     for rec in recs.values():
         assert rec["violations"] == []
         assert 0 < rec["shared_bytes"] <= 163 * 1024 and 0 < rec["registers"] <= 255
         assert rec["build_s"] > 0
-    assert recs["fwd"]["tensor_core_instructions"] > 0
-    assert recs["fwd"]["config"]["BLOCK_D"] == 32 and recs["fwd"]["config"]["NATIVE"] is True
+    fp16, tf32 = recs["fwd", "fp16"], recs["fwd", "fp32"]
+    assert fp16["tensor_core_instructions"] > 0
+    assert fp16["config"]["BLOCK_D"] == 32 and fp16["config"]["NATIVE"] is True
+    assert "tf32" not in fp16 and tf32["tf32"] is True and tf32["config"]["TF32"] is True
+    # every product of the TF32 build on tensor cores: mma.sync ... .tf32.tf32 on sm_80
+    assert tf32["tf32_instructions"] == tf32["tensor_core_instructions"] > 0
+
+
+def test_merge():
+    """``--merge``: a rebuilt record replaces the kept one in place, new ones follow, stale ones
+    go."""
+    from bench.gpu_static import merge
+
+    a, b = _record(config={"BLOCK_M": 16}), _record(config={"BLOCK_M": 32})
+    a2, c = {**a, "build_s": 2.0}, _record(config={"BLOCK_M": 16}, dtype="bf16")
+    assert merge([a, b], [c, a2]) == [a2, b, c]
+    assert merge([], [a]) == [a] and merge([a], []) == [a]
+    # a build the launchers no longer make (its configuration changed) is dropped
+    from bench.gpu_static import _identity
+
+    assert merge([a, b], [c], {_identity(x) for x in (b, c)}) == [b, c]
 
 
 def test_plan_covers_the_feedback_launchers():

@@ -11,7 +11,7 @@ import pytest
 import torch
 from _env import needs_cuda
 from _rnn_utils import check, make, run, saturated_model
-from _tolerances import assert_low_precision_close
+from _tolerances import assert_close, assert_low_precision_close
 
 from screening_attn import _backend
 from screening_attn.nn import RelRNN
@@ -153,6 +153,112 @@ def test_paper_checkpoint_runs_identically(kind, nonlinearity):
 
 
 # ------------------------------------------------------------------------------------------------
+# The CPU step kernels' attention terms from exponentials (rnn_key_exp; docs/kernels/cpu-cuda.md):
+# keys and queries with |value| <= 20 take tanh(q + k) = 1 - 2 g / (g + e), g = e^{-2q},
+# e = e^{2k}; rows beyond that take tanh. The sequence tests above run the exp path; these run
+# the tanh fallback inside sequences and both paths of the step ops side by side.
+
+EXP_LIMIT = 20.0
+
+
+def test_key_exp_values_and_out_of_range_rows():
+    rows = torch.randn(6, 2, 7, dtype=F64, generator=torch.Generator().manual_seed(0)) * 5
+    rows[0, 0, 3] = 20.5  # one key out of range: the row's first element is NaN
+    rows[1, 1, 0] = -25.0
+    rows[2, 0, 6] = float("nan")
+    rows[3, 1, 2] = float("inf")
+    rows[4, 0] = torch.tensor([20.0, -20.0, 0.0, -0.0, 1e-30, -1e-30, 19.9], dtype=F64)  # in range
+    bad = (rows.abs() > EXP_LIMIT).any(-1) | rows.isnan().any(-1)
+    assert bad.sum() == 4
+    for dtype, rtol in [(F64, 1e-15), (F32, 3e-7)]:
+        k = rows.to(dtype)
+        out = torch.full_like(k, 7.0)
+        OPS.rnn_key_exp(k, out)
+        assert torch.equal(out[..., 0].isnan(), bad)
+        want = torch.exp(2 * k.double())
+        torch.testing.assert_close(out[~bad].double(), want[~bad], rtol=rtol, atol=0)
+        flat = torch.empty(12, 7, dtype=dtype)  # any leading shape: rows of the last dimension
+        OPS.rnn_key_exp(k.reshape(12, 7), flat)
+        assert torch.equal(flat.view_as(out).nan_to_num(7.0), out.nan_to_num(7.0))
+    OPS.rnn_key_exp(torch.empty(3, 0, 4), torch.empty(3, 0, 4))  # empty: nothing to do
+    with pytest.raises(ValueError, match="key_exp must have the shape of uah"):
+        OPS.rnn_key_exp(torch.randn(2, 3), torch.empty(3, 2))
+    with pytest.raises(TypeError, match="key_exp must have the dtype of uah"):
+        OPS.rnn_key_exp(torch.randn(2, 3), torch.empty(2, 3, dtype=F64))
+    with pytest.raises(ValueError, match="key_exp must be contiguous"):
+        OPS.rnn_key_exp(torch.randn(2, 3), torch.empty(3, 2).T)
+
+
+def _step_problem(dtype, T=9, B=4, Hd=6, window=3, rho=3, t=8, seed=0):
+    """Inputs of step t with full slots; row 1 has keys out of range (some candidates take
+    tanh), row 2's query is out of range (every candidate takes tanh)."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(T, B, Hd, generator=gen, dtype=F64)
+    uah = 3 * torch.randn(T, B, Hd, generator=gen, dtype=F64)
+    uah[2, 1, 4] = 30.0  # slot state 2 of row 1
+    uah[6, 1, 0] = -21.0  # window state 6 of row 1
+    query = 3 * torch.randn(B, Hd, generator=gen, dtype=F64)
+    query[2, 5] = 22.0
+    v = torch.randn(Hd, generator=gen, dtype=F64)
+    slots = torch.tensor([[0, 2, 4], [2, 1, 3], [4, 0, 1], [3, 2, 0]])[:B, :rho]
+    scores = torch.rand(B, rho, generator=gen, dtype=F64)
+    grad_s = torch.randn(B, Hd, generator=gen, dtype=F64)
+    return [x.to(dtype) for x in (hidden, uah, query, v, scores, grad_s)] + [slots, t, window]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+def test_step_ops_exp_terms_match_tanh_terms(dtype):
+    """rnn_attend_step and its backward with key_exp against the same calls without it (every
+    term through tanh, which the reference tests cover), within the tolerance table."""
+    hidden, uah, query, v, scores, grad_s, slots, t, window = _step_problem(dtype)
+    T, B, Hd = hidden.shape
+    rho = slots.shape[1]
+    kexp = torch.empty_like(uah)
+    OPS.rnn_key_exp(uah, kexp)
+    assert kexp[2, 1, 0].isnan() and kexp[6, 1, 0].isnan() and not kexp[:, 0].isnan().any()
+    results = []
+    for key_exp in (None, kexp):
+        state = [slots.clone(), scores.clone(), torch.zeros(T, B, dtype=dtype)]
+        out = [torch.empty(B, Hd, dtype=dtype), torch.empty(B, window + rho, dtype=dtype)]
+        cand = torch.empty(B, rho, dtype=torch.long)
+        OPS.rnn_attend_step(query, hidden, uah, v, *state, *out, cand, t, window, 0.7, key_exp)
+        grads = [torch.zeros(T, B, Hd, dtype=dtype), torch.zeros(T, B, Hd, dtype=dtype)]
+        grads += [torch.zeros(B, Hd, dtype=dtype), torch.empty(B, Hd, dtype=dtype)]
+        OPS.rnn_attend_step_backward(
+            grad_s, query, hidden, uah, v, out[1], cand, *grads, t, window, 0.7, key_exp
+        )
+        results.append([*state, *out, cand, *grads])
+    for a, b in zip(*results, strict=True):
+        if a.dtype == torch.long:
+            assert torch.equal(a, b)
+        else:
+            assert_close(b, a, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize("kind", ["rnn", "lstm"])
+def test_keys_and_queries_out_of_exp_range_match_reference(kind, dtype):
+    """Large states: an identity RelRNN (an LSTM with a large Ua, Va) whose keys Ua h and
+    queries Va s leave |.| <= 20 in some rows and steps and stay inside in others, so the
+    kernels mix exp terms and tanh terms within a step; against the reference."""
+    m = make(kind, 4, 5, 3, 2, "identity" if kind == "rnn" else "tanh", dtype=F64, seed=4)
+    with torch.no_grad():  # the LSTM's states are bounded: a larger factor
+        m.Ua.weight.mul_(12.0 if kind == "rnn" else 60.0)
+        m.Va.weight.mul_(12.0 if kind == "rnn" else 60.0)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(24, 3, 4, generator=gen, dtype=F64)
+    x[:, 0] *= 0.05  # row 0: small states, exp terms
+    x[:, 2] *= 4.0
+    # the run mixes both kinds of keys (checked on the reference's states)
+    with torch.no_grad():
+        h, _ = m(x, backend="reference")
+        keys = h @ m.Ua.weight.T
+    out = (keys.abs() > EXP_LIMIT).any(-1)
+    assert out.any() and (~out).any(), out
+    check(kind, x=x, model=m.to(dtype), I=4, Hd=5, window=3, relevant=2, dtype=dtype, seed=4)
+
+
+# ------------------------------------------------------------------------------------------------
 # Gradcheck, torch.library, torch.compile.
 
 
@@ -291,6 +397,17 @@ def test_opcheck_step_ops():
     torch.library.opcheck(
         OPS.rnn_attend_step_backward.default,
         (torch.randn(B, Hd), query, hidden, uah, v, alpha, cand, *grads, t, window, 0.9),
+    )
+    kexp = torch.empty(T, B, Hd)
+    torch.library.opcheck(OPS.rnn_key_exp.default, (uah, kexp))
+    OPS.rnn_key_exp(uah, kexp)
+    state = (slots.clone(), scores.clone(), torch.zeros(T, B))
+    torch.library.opcheck(
+        OPS.rnn_attend_step.default, (query, hidden, uah, v, *state, *out, t, window, 0.9, kexp)
+    )
+    torch.library.opcheck(
+        OPS.rnn_attend_step_backward.default,
+        (torch.randn(B, Hd), query, hidden, uah, v, alpha, cand, *grads, t, window, 0.9, kexp),
     )
     pre = torch.randn(B, Hd, requires_grad=True)
     for nl, b in [("tanh", None), ("modrelu", torch.randn(Hd))]:

@@ -61,17 +61,40 @@ SCREENING_ATTN_INLINE T lane_sum(int64_t n, F&& f) {
 }
 
 // One attention step, all rows. hidden, uah: (T', B, Hd), row b of step j at (j B + b) Hd.
+// kexp: e^{2 uah} as rnn_key_exp writes it (a NaN first element marks a row out of range), or
+// null: then every term takes tanh.
 template <typename T>
 struct Step {
   const T* hidden;
   const T* uah;
-  const T* v;  // (Hd)
-  const T* q;  // (B, Hd) queries, row stride ldq
+  const T* kexp;
+  const T* v;    // (Hd)
+  const T* vm2;  // -2 v
+  const T* v4;   // 4 v
+  const T* q;    // (B, Hd) queries, row stride ldq
   int64_t ldq, B, Hd, t, window, rho;
-  T attn;
+  T attn, vsum;  // vsum = Σ v
   const T* h(int64_t j, int64_t b) const { return hidden + (j * B + b) * Hd; }
   const T* k(int64_t j, int64_t b) const { return uah + (j * B + b) * Hd; }
+  // The exponentials of key j for row b, or null where its terms take tanh.
+  const T* ek(int64_t j, int64_t b) const {
+    const T* e = kexp + (j * B + b) * Hd;
+    return e[0] == e[0] ? e : nullptr;
+  }
 };
+
+// g = e^{-2q} of a query row; false (take tanh) if some |q_d| > kExpLimit.
+// (An int count: GCC does not vectorize a bool reduction.)
+template <typename T>
+SCREENING_ATTN_INLINE bool query_exps(const T* q, T* g, int64_t n) {
+  int64_t in_range = 0;
+#pragma omp simd reduction(+ : in_range)
+  for (int64_t d = 0; d < n; ++d) {
+    g[d] = exp_twice(-q[d]);
+    in_range += in_exp_range(q[d]) ? 1 : 0;
+  }
+  return in_range == n;
+}
 
 template <typename T>
 struct Forward {
@@ -107,8 +130,9 @@ SCREENING_ATTN_INLINE void attend_rows_impl(const Forward<T>& f, int64_t begin, 
   const int64_t Hd = st.Hd, t = st.t, window = st.window, rho = st.rho;
   const int64_t nw = std::min(t, window), nmax = nw + rho;
   std::vector<int64_t> pos(nmax), col(nmax);
-  std::vector<T> e(nmax);
-  const T* v = st.v;
+  std::vector<T> e(nmax), g_buf(st.kexp ? Hd : 0);
+  T* g = g_buf.data();
+  const T *v = st.v, *vm2 = st.vm2;
   for (int64_t b = begin; b < end; ++b) {
     int64_t* slots = f.slots + b * rho;
     T* slot_score = f.slot_score + b * rho;
@@ -117,10 +141,17 @@ SCREENING_ATTN_INLINE void attend_rows_impl(const Forward<T>& f, int64_t begin, 
     const T* q = st.q + b * st.ldq;
     std::copy(slots, slots + rho, f.cand + b * f.ldc);  // the slots attended, for the backward
     const int64_t nc = step_candidates(slots, rho, t, nw, window, pos.data(), col.data());
+    const bool exps = st.kexp != nullptr && query_exps(q, g, Hd);
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t c = 0; c < nc; ++c) {
-      const T* k = st.k(pos[c], b);
-      e[c] = lane_sum<T>(Hd, [&](int64_t d) { return score_term(q[d], k[d], v[d]); });
+      const T* ek = exps ? st.ek(pos[c], b) : nullptr;
+      if (ek != nullptr) {  // Σ v (1 - 2R)
+        e[c] =
+            st.vsum + lane_sum<T>(Hd, [&](int64_t d) { return vm2[d] * exp_ratio(g[d], ek[d]); });
+      } else {
+        const T* k = st.k(pos[c], b);
+        e[c] = lane_sum<T>(Hd, [&](int64_t d) { return score_term(q[d], k[d], v[d]); });
+      }
       mx = std::max(mx, e[c]);
     }
     T z = 0;
@@ -166,9 +197,10 @@ SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64
   const int64_t Hd = st.Hd, B = st.B, t = st.t, window = st.window, rho = st.rho;
   const int64_t nw = std::min(t, window), nmax = nw + rho;
   std::vector<int64_t> pos(nmax), col(nmax);
-  std::vector<T> ga(nmax), gc_buf(Hd);
+  std::vector<T> ga(nmax), gc_buf(Hd), g_buf(st.kexp ? 2 * Hd : 0);
   T* gc = gc_buf.data();
-  const T* v = st.v;
+  T *g_exp = g_buf.data(), *dr = g_exp + Hd;  // e^{-2q}; Σ de R over the exp-path candidates
+  const T *v = st.v, *v4 = st.v4;
   for (int64_t b = begin; b < end; ++b) {
     const T* gs = g.gs + b * g.ldg;
     const T* alpha = g.alpha + b * g.lda;
@@ -190,19 +222,38 @@ SCREENING_ATTN_INLINE void attend_backward_rows_impl(const Backward<T>& g, int64
       ga[c] = lane_sum<T>(Hd, [&](int64_t d) { return gc[d] * hc[d]; });
       delta += alpha[col[c]] * ga[c];
     }
+    const bool exps = st.kexp != nullptr && query_exps(q, g_exp, Hd);
+    if (exps) std::fill(dr, dr + Hd, T(0));
+    T de_sum = 0;
     for (int64_t c = 0; c < nc; ++c) {
       const T a = alpha[col[c]], de = a * (ga[c] - delta);
       const int64_t off = (pos[c] * B + b) * Hd;
-      const T* k = st.uah + off;
       T* dk = g.gk + off;
       T* dh = g.gh + off;
+      const T* ek = exps ? st.ek(pos[c], b) : nullptr;
+      if (ek != nullptr) {
+        de_sum += de;
 #pragma omp simd
-      for (int64_t d = 0; d < Hd; ++d) {
-        const T u = score_term_backward(q[d], k[d], v[d], de, &gv[d]);
-        gq[d] += u;
-        dk[d] += u;
-        dh[d] += a * gc[d];
+        for (int64_t d = 0; d < Hd; ++d) {
+          const T u = exp_term_backward(exp_ratio(g_exp[d], ek[d]), v4[d], de, &dr[d]);
+          gq[d] += u;
+          dk[d] += u;
+          dh[d] += a * gc[d];
+        }
+      } else {
+        const T* k = st.uah + off;
+#pragma omp simd
+        for (int64_t d = 0; d < Hd; ++d) {
+          const T u = score_term_backward(q[d], k[d], v[d], de, &gv[d]);
+          gq[d] += u;
+          dk[d] += u;
+          dh[d] += a * gc[d];
+        }
       }
+    }
+    if (exps) {
+#pragma omp simd
+      for (int64_t d = 0; d < Hd; ++d) gv[d] += de_sum - T(2) * dr[d];  // Σ de z = Σ de (1 - 2R)
     }
   }
 }
@@ -221,31 +272,66 @@ void attend_backward_rows(const Backward<double>& g, int64_t begin, int64_t end)
   attend_backward_rows_impl(g, begin, end);
 }
 
+// The Step of a call: v's multiples for the exp path (when key_exp is given) live in vbuf.
+template <typename T>
+Step<T> make_step(const at::Tensor& hidden, const at::Tensor& uah,
+                  const std::optional<at::Tensor>& key_exp, const at::Tensor& v,
+                  const at::Tensor& query, int64_t t, int64_t window, int64_t rho, double attn,
+                  std::vector<T>& vbuf) {
+  const int64_t B = query.size(0), Hd = query.size(1);
+  const T* vp = v.const_data_ptr<T>();
+  T vsum = 0;
+  if (key_exp && Hd > 0) {
+    vbuf.resize(2 * Hd);
+    for (int64_t d = 0; d < Hd; ++d) {
+      vbuf[d] = T(-2) * vp[d];
+      vbuf[Hd + d] = T(4) * vp[d];
+      vsum += vp[d];
+    }
+  }
+  return {hidden.const_data_ptr<T>(),
+          uah.const_data_ptr<T>(),
+          key_exp && Hd > 0 ? key_exp->const_data_ptr<T>() : nullptr,
+          vp,
+          vbuf.data(),
+          vbuf.data() + Hd,
+          query.const_data_ptr<T>(),
+          query.stride(0),
+          B,
+          Hd,
+          t,
+          window,
+          rho,
+          static_cast<T>(attn),
+          vsum};
+}
+
 void rnn_attend_step_cpu(const at::Tensor& query_, const at::Tensor& hidden_,
                          const at::Tensor& uah_, const at::Tensor& v_, const at::Tensor& slot_index,
                          const at::Tensor& slot_score, const at::Tensor& relevancy,
                          const at::Tensor& s, const at::Tensor& alpha, const at::Tensor& cand,
-                         int64_t t, int64_t window, double attn) {
+                         int64_t t, int64_t window, double attn,
+                         const std::optional<at::Tensor>& key_exp) {
   check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand, t,
                     window);
+  check_key_exp_arg(key_exp, uah_);
   check_slots(slot_index, "slot_index", t, window);
   const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
   const int64_t B = query.size(0), Hd = query.size(1), rho = slot_index.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_cpu", [&] {
     using T = scalar_t;
-    const Forward<T> f{
-        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
-        slot_index.mutable_data_ptr<int64_t>(),
-        slot_score.mutable_data_ptr<T>(),
-        relevancy.mutable_data_ptr<T>(),
-        s.mutable_data_ptr<T>(),
-        alpha.mutable_data_ptr<T>(),
-        cand.mutable_data_ptr<int64_t>(),
-        s.stride(0),
-        alpha.stride(0),
-        cand.stride(0)};
+    std::vector<T> vbuf;
+    const Forward<T> f{make_step<T>(hidden, uah, key_exp, v, query, t, window, rho, attn, vbuf),
+                       slot_index.mutable_data_ptr<int64_t>(),
+                       slot_score.mutable_data_ptr<T>(),
+                       relevancy.mutable_data_ptr<T>(),
+                       s.mutable_data_ptr<T>(),
+                       alpha.mutable_data_ptr<T>(),
+                       cand.mutable_data_ptr<int64_t>(),
+                       s.stride(0),
+                       alpha.stride(0),
+                       cand.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_rows(f, begin, end); });
   });
@@ -257,9 +343,10 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
                                   const at::Tensor& cand_, const at::Tensor& grad_hidden,
                                   const at::Tensor& grad_uah, const at::Tensor& grad_v,
                                   const at::Tensor& grad_query, int64_t t, int64_t window,
-                                  double attn) {
+                                  double attn, const std::optional<at::Tensor>& key_exp) {
   check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
                              grad_uah, grad_v, grad_query, t, window);
+  check_key_exp_arg(key_exp, uah_);
   check_slots(cand_, "cand", t, window);
   const at::Tensor query = rows_of(query_);
   const at::Tensor grad_s = rows_of(grad_s_);
@@ -269,21 +356,55 @@ void rnn_attend_step_backward_cpu(const at::Tensor& grad_s_, const at::Tensor& q
   const int64_t B = query.size(0), Hd = query.size(1), rho = cand.size(1);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "rnn_attend_step_backward_cpu", [&] {
     using T = scalar_t;
-    const Backward<T> g{
-        {hidden.const_data_ptr<T>(), uah.const_data_ptr<T>(), v.const_data_ptr<T>(),
-         query.const_data_ptr<T>(), query.stride(0), B, Hd, t, window, rho, static_cast<T>(attn)},
-        grad_s.const_data_ptr<T>(),
-        alpha.const_data_ptr<T>(),
-        cand.const_data_ptr<int64_t>(),
-        grad_hidden.mutable_data_ptr<T>(),
-        grad_uah.mutable_data_ptr<T>(),
-        grad_v.mutable_data_ptr<T>(),
-        grad_query.mutable_data_ptr<T>(),
-        grad_s.stride(0),
-        alpha.stride(0),
-        grad_query.stride(0)};
+    std::vector<T> vbuf;
+    const Backward<T> g{make_step<T>(hidden, uah, key_exp, v, query, t, window, rho, attn, vbuf),
+                        grad_s.const_data_ptr<T>(),
+                        alpha.const_data_ptr<T>(),
+                        cand.const_data_ptr<int64_t>(),
+                        grad_hidden.mutable_data_ptr<T>(),
+                        grad_uah.mutable_data_ptr<T>(),
+                        grad_v.mutable_data_ptr<T>(),
+                        grad_query.mutable_data_ptr<T>(),
+                        grad_s.stride(0),
+                        alpha.stride(0),
+                        grad_query.stride(0)};
     at::parallel_for(0, B, grain_for((std::min(t, window) + rho) * Hd),
                      [&](int64_t begin, int64_t end) { attend_backward_rows(g, begin, end); });
+  });
+}
+
+// e^{2 uah} for the attention steps (rnn_key_exp)
+
+// One row of n keys; a row with a key out of range gets a NaN first element (Step::ek).
+template <typename T>
+SCREENING_ATTN_INLINE void key_exp_row_impl(const T* k, T* e, int64_t n) {
+  int64_t in_range = 0;
+#pragma omp simd reduction(+ : in_range)
+  for (int64_t d = 0; d < n; ++d) {
+    e[d] = exp_twice(k[d]);
+    in_range += in_exp_range(k[d]) ? 1 : 0;
+  }
+  if (in_range != n) e[0] = std::numeric_limits<T>::quiet_NaN();
+}
+
+SCREENING_ATTN_CLONES void key_exp_row(const float* k, float* e, int64_t n) {
+  key_exp_row_impl(k, e, n);
+}
+void key_exp_row(const double* k, double* e, int64_t n) { key_exp_row_impl(k, e, n); }
+
+void rnn_key_exp_cpu(const at::Tensor& uah_, const at::Tensor& key_exp) {
+  check_key_exp(uah_, key_exp);
+  const at::Tensor uah = uah_.contiguous();
+  const int64_t Hd = uah.dim() == 0 ? 1 : uah.size(-1);
+  if (uah.numel() == 0) return;
+  const int64_t rows = uah.numel() / Hd;
+  AT_DISPATCH_FLOATING_TYPES(uah.scalar_type(), "rnn_key_exp_cpu", [&] {
+    using T = scalar_t;
+    const T* k = uah.const_data_ptr<T>();
+    T* e = key_exp.mutable_data_ptr<T>();
+    at::parallel_for(0, rows, grain_for(8 * Hd), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) key_exp_row(k + r * Hd, e + r * Hd, Hd);
+    });
   });
 }
 
@@ -453,6 +574,7 @@ void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
 TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
   m.impl("rnn_attend_step", &rnn_attend_step_cpu);
   m.impl("rnn_attend_step_backward", &rnn_attend_step_backward_cpu);
+  m.impl("rnn_key_exp", &rnn_key_exp_cpu);
   m.impl("rnn_activation", &rnn_activation_cpu);
   m.impl("rnn_activation_backward", &rnn_activation_backward_cpu);
   m.impl("lstm_cell", &lstm_cell_cpu);

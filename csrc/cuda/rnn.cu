@@ -319,9 +319,12 @@ void rnn_attend_step_cuda(const at::Tensor& query_, const at::Tensor& hidden_,
                           const at::Tensor& uah_, const at::Tensor& v_,
                           const at::Tensor& slot_index, const at::Tensor& slot_score,
                           const at::Tensor& relevancy, const at::Tensor& s, const at::Tensor& alpha,
-                          const at::Tensor& cand, int64_t t, int64_t window, double attn) {
+                          const at::Tensor& cand, int64_t t, int64_t window, double attn,
+                          const std::optional<at::Tensor>& key_exp) {
   check_attend_step(query_, hidden_, uah_, v_, slot_index, slot_score, relevancy, s, alpha, cand, t,
                     window);
+  // key_exp is the CPU kernels' cache of e^{2 uah}: here every term takes the hardware tanhf.
+  check_key_exp_arg(key_exp, uah_);
   const c10::cuda::CUDAGuard guard(query_.device());
   const at::Tensor query = rows_of(query_);
   const at::Tensor hidden = hidden_.contiguous(), uah = uah_.contiguous(), v = v_.contiguous();
@@ -353,9 +356,10 @@ void rnn_attend_step_backward_cuda(const at::Tensor& grad_s_, const at::Tensor& 
                                    const at::Tensor& cand_, const at::Tensor& grad_hidden,
                                    const at::Tensor& grad_uah, const at::Tensor& grad_v,
                                    const at::Tensor& grad_query, int64_t t, int64_t window,
-                                   double attn) {
+                                   double attn, const std::optional<at::Tensor>& key_exp) {
   check_attend_step_backward(grad_s_, query_, hidden_, uah_, v_, alpha_, cand_, grad_hidden,
                              grad_uah, grad_v, grad_query, t, window);
+  check_key_exp_arg(key_exp, uah_);  // unused, as in rnn_attend_step_cuda
   const c10::cuda::CUDAGuard guard(query_.device());
   const at::Tensor query = rows_of(query_), grad_s = rows_of(grad_s_), alpha = rows_of(alpha_);
   const at::Tensor cand = cand_.contiguous();

@@ -17,24 +17,35 @@ from torch import Tensor
 from screening_attn import _backend
 from screening_attn._library import acc_dtype as score_dtype
 from screening_attn._library import no_double_backward
-from screening_attn._validate import check_attention_inputs
+from screening_attn._validate import check_attention_inputs, check_key_padding_mask
 from screening_attn.attention.reference import StreamState, _finish
 
 
-def _fake_forward(q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float):
+def _fake_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+):
     B, H, T, _ = q.shape
+    Hkv = k.shape[1]  # the state has the KV heads (= H for the C++ op)
     acc = score_dtype(q.dtype)
     return (
         q.new_empty(B, H, T, v.shape[-1]),
         q.new_empty(B, H, T, dtype=acc),
-        q.new_empty(B, H, relevant, dtype=torch.int64),
-        q.new_empty(B, H, relevant, dtype=acc),
-        q.new_empty(B, H, T, dtype=acc),
-        q.new_empty(B, H, T, 2, dtype=torch.int32),
+        q.new_empty(B, Hkv, relevant, dtype=torch.int64),
+        q.new_empty(B, Hkv, relevant, dtype=acc),
+        q.new_empty(B, Hkv, T, dtype=acc),
+        q.new_empty(B, Hkv, T, 2, dtype=torch.int32),
     )
 
 
-def _fake_backward(grad_out, q, k, v, out, lse, span, window: int, scale: float, relevant=-1):
+def _fake_backward(
+    grad_out, q, k, v, out, lse, span, window: int, scale: float, relevant=-1, mask=None
+):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
         torch.empty_like(k, memory_format=torch.contiguous_format),
@@ -43,25 +54,27 @@ def _fake_backward(grad_out, q, k, v, out, lse, span, window: int, scale: float,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, window, relevant, scale = inputs
+    # the C++ op's inputs, or the Triton op's with its key_padding_mask (None: no padding)
+    q, k, v, window, relevant, scale, *mask = inputs
     out, lse, *_, span = output
-    ctx.window, ctx.scale, ctx.relevant = window, scale, relevant
-    ctx.save_for_backward(q, k, v, out, lse, span)
+    ctx.window, ctx.scale, ctx.relevant, ctx.n_inputs = window, scale, relevant, len(inputs)
+    ctx.save_for_backward(q, k, v, out, lse, span, *mask)
     ctx.set_materialize_grads(False)  # no zero tensors for the state outputs, never read
 
 
-def _make_backward(backward_op, pass_relevant: bool = False):
+def _make_backward(backward_op, triton: bool = False):
     """Autograd backward of a forward op whose gradients come from ``backward_op``
-    (``pass_relevant``: it also takes ρ, which sizes its buffers without a host sync)."""
+    (``triton``: it also takes ρ, which sizes its buffers without a host sync, and the
+    key padding mask)."""
 
     def backward(ctx, grad_out, *_side_outputs):
         # The state outputs carry no gradient (r is a statistic; the sets are piecewise constant).
-        q, k, v, out, lse, span = ctx.saved_tensors
+        q, k, v, out, lse, span, *mask = ctx.saved_tensors
         if grad_out is None:  # only a state output was used: zero gradients, as before
             grad_out = torch.zeros_like(out)
         args = (grad_out, q, k, v, out, lse, span, ctx.window, ctx.scale)
-        dq, dk, dv = backward_op(*args, *((ctx.relevant,) if pass_relevant else ()))
-        return dq, dk, dv, None, None, None
+        dq, dk, dv = backward_op(*args, *((ctx.relevant, *mask) if triton else ()))
+        return dq, dk, dv, *[None] * (ctx.n_inputs - 3)
 
     return backward
 
@@ -224,12 +237,21 @@ if _backend.HAS_TRITON:
 
     @torch.library.custom_op("screening_attn::screened_attention_triton", mutates_args=())
     def screened_attention_triton(
-        q: Tensor, k: Tensor, v: Tensor, window: int, relevant: int, scale: float
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        window: int,
+        relevant: int,
+        scale: float,
+        key_padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # k, v may have Hkv heads dividing H (grouped-query attention); key_padding_mask is
+        # (B, T) bool, True = a real token. The state has Hkv heads.
         from screening_attn._kernels.attention import screened_attention_fwd
 
-        check_attention_inputs(q, k, v, window, relevant, scale)
-        return screened_attention_fwd(q, k, v, window, relevant, scale)
+        check_attention_inputs(q, k, v, window, relevant, scale, grouped=True)
+        check_key_padding_mask(key_padding_mask, q)
+        return screened_attention_fwd(q, k, v, window, relevant, scale, key_padding_mask)
 
     @torch.library.custom_op("screening_attn::screened_attention_backward_triton", mutates_args=())
     def screened_attention_backward_triton(
@@ -243,19 +265,21 @@ if _backend.HAS_TRITON:
         window: int,
         scale: float,
         relevant: int = -1,
+        key_padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         # relevant: the forward's ρ; -1 (unknown) costs a host sync that reads it off `span`
         from screening_attn._kernels.attention import screened_attention_bwd
 
-        check_attention_inputs(q, k, v, window, max(relevant, 0), scale)
+        check_attention_inputs(q, k, v, window, max(relevant, 0), scale, grouped=True)
+        check_key_padding_mask(key_padding_mask, q)
         args = (grad_out, q, k, v, out, lse, span, window, scale)
-        return screened_attention_bwd(*args, relevant=relevant)
+        return screened_attention_bwd(*args, relevant=relevant, key_padding_mask=key_padding_mask)
 
     screened_attention_triton.register_fake(_fake_forward)
     screened_attention_backward_triton.register_fake(_fake_backward)
     torch.library.register_autograd(
         screened_attention_triton,
-        _make_backward(screened_attention_backward_triton, pass_relevant=True),
+        _make_backward(screened_attention_backward_triton, triton=True),
         setup_context=_setup_context,
     )
     no_double_backward(screened_attention_backward_triton, "screened_attention")

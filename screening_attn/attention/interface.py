@@ -81,10 +81,8 @@ def screened_attention(
             `"auto"`, `"reference"`, `"cpu"`, `"triton"` or `"cuda"`. `"auto"` picks the compiled
             kernel for the tensors' device and falls back to the pure-PyTorch reference where
             there is none; asking for a backend that can't run raises a `ValueError` saying why.
-            Grouped heads (`Hkv < H`) and `key_padding_mask` run on the reference and on the
-            C++ CPU kernel; the GPU kernels don't take them yet: `"auto"` runs the reference for
-            such calls on CUDA tensors, and `"triton"` or `"cuda"` named explicitly raise a
-            `ValueError`. Default: `"auto"`.
+            Grouped heads (`Hkv < H`) and `key_padding_mask` run on every backend
+            (docs/backends.md). Default: `"auto"`.
 
     Returns:
         out (torch.Tensor):
@@ -112,8 +110,8 @@ def screened_attention(
         TypeError: (also) a `key_padding_mask` that is not a bool tensor.
         ValueError: wrong rank, mismatched `(B, H, T, D)`, `H % Hkv != 0`, a
             `key_padding_mask` not of shape `(B, T)`, tensors on different devices,
-            `window < 1`, `relevant < 0`, non-finite `scale`, an unknown or unavailable
-            `backend`, or a GPU backend asked for grouped heads or padding.
+            `window < 1`, `relevant < 0`, non-finite `scale`, or an unknown or unavailable
+            `backend`.
 
     Examples::
         >>> import torch
@@ -140,14 +138,6 @@ def screened_attention(
         # the same output; capping it keeps a huge ρ ("full attention") from allocating slots.
         relevant = min(relevant, max(q.shape[2] - window, 0))
     impl = _backend.resolve("screened_attention", backend, q.device, q.dtype, KERNELS)
-    missing = _unsupported(impl, q, k, key_padding_mask)
-    if missing:
-        if backend != "auto":
-            raise ValueError(
-                f"screened_attention: backend={backend!r} does not support {missing} yet; use "
-                f"backend='auto', 'cpu' (on CPU tensors) or 'reference' (docs/backends.md)"
-            )
-        impl = "reference"
     if scale is None:
         D = q.shape[-1]
         scale = 1.0 / math.sqrt(D) if D > 0 else 1.0  # D = 0: every logit is 0 anyway
@@ -159,23 +149,12 @@ def screened_attention(
         out, *state = _ops.screened_attention_grouped_cpu(
             q, k, v, window, relevant, scale, key_padding_mask
         )
-    else:
-        op = _ops.screened_attention_cpp if impl == "cpu" else _ops.screened_attention_triton
-        out, _lse, *state = op(q, k, v, window, relevant, scale)
+    elif impl == "cpu":
+        out, _lse, *state = _ops.screened_attention_cpp(q, k, v, window, relevant, scale)
+    else:  # the Triton kernels take grouped heads and the mask natively
+        out, _lse, *state = _ops.screened_attention_triton(
+            q, k, v, window, relevant, scale, key_padding_mask
+        )
     if not return_state:
         return out
     return out, ScreeningState(*state)
-
-
-def _unsupported(impl: str, q: torch.Tensor, k: torch.Tensor, key_padding_mask: object) -> str:
-    """What of this call backend ``impl`` does not implement ("" if nothing): the reference and
-    the C++ CPU kernel take grouped heads and a padding mask, the GPU kernels not yet
-    (docs/backends.md)."""
-    if impl in ("reference", "cpu"):
-        return ""
-    missing = []
-    if k.shape[1] != q.shape[1]:
-        missing.append(f"grouped-query attention (k with {k.shape[1]} heads for {q.shape[1]})")
-    if key_padding_mask is not None:
-        missing.append("key_padding_mask")
-    return " and ".join(missing)

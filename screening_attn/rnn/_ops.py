@@ -151,8 +151,8 @@ if _OPS is not None:
     torch.library.register_fake(_OPS.rel_rnn_backward.default)(_fake_rel_rnn_backward)
     torch.library.register_fake(_OPS.rel_lstm.default)(_fake_rel_lstm)
     torch.library.register_fake(_OPS.rel_lstm_backward.default)(_fake_rel_lstm_backward)
-    for _name in ("rnn_attend_step", "rnn_attend_step_backward", "rnn_activation",
-                  "rnn_activation_backward", "lstm_cell", "lstm_cell_backward",
+    for _name in ("rnn_attend_step", "rnn_attend_step_backward", "rnn_key_exp",
+                  "rnn_activation", "rnn_activation_backward", "lstm_cell", "lstm_cell_backward",
                   "rnn_step_mm"):  # fmt: skip
         torch.library.register_fake(getattr(_OPS, _name).default)(_fake_nothing)
     torch.library.register_autograd(_OPS.rel_rnn.default, _backward_rnn, setup_context=_setup_rnn)

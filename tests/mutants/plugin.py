@@ -276,15 +276,22 @@ def install(name: str) -> None:
         else:
             import screening_attn.attention
 
+            def attention_triton(q, k, v, window, relevant, scale, key_padding_mask=None):
+                # the mutants model the one-head op without padding
+                if key_padding_mask is not None or k.shape[1] != q.shape[1]:
+                    raise NotImplementedError("no mutant for grouped heads or key padding")
+                return attention(q, k, v, window, relevant, scale)
+
             torch.library.register_kernel(
-                "screening_attn::screened_attention_triton", "cpu", attention
+                "screening_attn::screened_attention_triton", "cpu", attention_triton
             )
     elif target == "rnn-cpu":
         if mutation not in RNN_MUTATIONS:
             raise ValueError(f"unknown rnn mutation {mutation!r}")
 
         def step(query, hidden, uah, v, slot_index, slot_score, relevancy, s, alpha, cand, t,
-                 window, attn):  # fmt: skip
+                 window, attn, key_exp=None):  # fmt: skip
+            # key_exp: the C++ kernels' cache of exp(2 uah); the scores here take tanh of uah
             with torch.no_grad():
                 _rnn_attend_step(query, hidden, uah, v, slot_index, slot_score, relevancy, s,
                                  alpha, cand, t, window, attn,

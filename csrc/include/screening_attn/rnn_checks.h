@@ -149,6 +149,21 @@ inline void check_attend_step_backward(const at::Tensor& grad_s, const at::Tenso
   check_rows(grad_query, "grad_query", B, Hd);
 }
 
+// key_exp = e^{2 uah} (rnn_key_exp; the step ops' optional cache): uah's shape, dtype and device,
+// contiguous.
+inline void check_key_exp(const at::Tensor& uah, const at::Tensor& key_exp) {
+  TORCH_CHECK_TYPE(at::isFloatingType(uah.scalar_type()),
+                   "uah must be a floating-point tensor, got ", uah.scalar_type());
+  TORCH_CHECK_VALUE(uah.dim() >= 1, "uah must have shape (..., Hd), got a 0-d tensor");
+  check_same_shape(uah, "uah", key_exp, "key_exp");
+  check_same_dtype_device(uah, "uah", key_exp, "key_exp");
+  TORCH_CHECK_VALUE(key_exp.is_contiguous(), "key_exp must be contiguous");
+}
+
+inline void check_key_exp_arg(const std::optional<at::Tensor>& key_exp, const at::Tensor& uah) {
+  if (key_exp) check_key_exp(uah, *key_exp);
+}
+
 // Elementwise step ops: every tensor in `rows` is (B, width) with the dtype and device of the
 // first one, which sets B.
 inline int64_t check_elementwise(
