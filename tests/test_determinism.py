@@ -120,6 +120,27 @@ def test_attention_cpu(dtype):
     assert_deterministic(fn)
 
 
+@pytest.mark.parametrize("dtype", [F32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_attention_cpu_one_row(dtype):
+    """One (b, KV head) row, fewer than the 2 threads: the forward's blocks and the backward's
+    512-query segments are split between the threads (attention.cpp, Pipeline and the
+    segments), yet give the bits of one thread. Grouped heads and padding; bfloat16 runs the
+    per-row float32 buffers of that path."""
+    B, H, Hkv, T, D = 1, 2, 1, 1100, 16
+    assert B * Hkv < 2 and T > 2 * 512  # fewer rows than threads; three segments
+    gen = torch.Generator().manual_seed(0)
+    q = _leaf((B, H, T, D), dtype, gen)
+    k, v = _leaf((B, Hkv, T, D), dtype, gen), _leaf((B, Hkv, T, D), dtype, gen)
+    real = torch.rand(B, T, generator=gen) < 0.9
+
+    def fn():
+        out, state = screened_attention(q, k, v, 70, 9, key_padding_mask=real, return_state=True,
+                                        backend="cpu")  # fmt: skip
+        return out, state, _grads([out], [q, k, v])
+
+    assert_deterministic(fn)
+
+
 @pytest.mark.skipif(not _backend.HAS_TRITON, reason="triton is not installed")
 def test_attention_triton():
     """dK/dV have no atomics: every run gives the same bits. (The interpreter runs programs one
