@@ -48,6 +48,12 @@ NaN/Inf stay where the reference puts them, out of the hot loop: the hot kernels
 non-finite operand entries of the products with P or dS and flag the rows that met one; a fix-up
 launch of the same kernel (``EXACT``) recomputes only those rows through ``_dot_masked``.
 Launch settings: ``launch_config`` (a pure function, also used by bench/gpu_static.py).
+
+A stream step (``screened_attention_stream_fwd`` / ``_bwd``, docs/streaming.md): with
+``HAS_STATE`` k, v and span have ``X = R0 + P + T`` buffer rows per KV row ``[R0 initial slots
+| P earlier keys | T new keys]``; query t sits at row ``OFF + t`` (``OFF = R0 + P``), windows
+stop at row ``R0``, the scan starts from the earlier keys' relevancy and the initial slots, and
+dK/dV are computed for the T new rows only. Without it ``(X, OFF, R0) = (T, 0, 0)``.
 """
 
 import contextlib
@@ -167,17 +173,8 @@ def _dot_p(a, member, b, hit, MM: tl.constexpr, NATIVE: tl.constexpr, TF32: tl.c
 
 # A stream step's buffer rows and offsets change with every decode step: Triton would build a
 # kernel per value class (1, multiples of 16, others) of each; one build takes them all.
+# Without HAS_STATE the kernels use (T, 0, 0), constants: the plain op's code is unchanged.
 _STREAM_ROWS = ("X", "OFF", "R0")
-
-
-@triton.jit
-def _stream_rows(T, X, OFF, R0, HAS_STATE: tl.constexpr):
-    """``(rows, off, r0)`` of a KV row's buffer: a stream step's ``X`` rows, query 0 at row
-    ``OFF``, sequence keys from row ``R0`` (the initial slots before); else ``(T, 0, 0)``."""
-    if HAS_STATE:
-        return X, OFF, R0
-    else:
-        return T, 0, 0
 
 
 @triton.jit
@@ -253,7 +250,10 @@ def screened_attention_scan_kernel(
     # Keys are buffer rows x (the sequence key x - r0); query t sits at row off + t, and its
     # window is the rows (off + t - ν, off + t] from r0 on.
     n = tl.program_id(0).to(tl.int64)
-    nx, off, r0 = _stream_rows(T, X, OFF, R0, HAS_STATE)
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     k_base = k_ptr + n * nx * D
     rel_base = rel_ptr + n * (nx - r0) - r0  # + x: relevancy (NKV, S) of the sequence keys
     span_base = span_ptr + n * nx * 2
@@ -485,7 +485,10 @@ def screened_attention_fwd_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)
     nkv = n // G
-    nx, off, r0 = _stream_rows(T, X, OFF, R0, HAS_STATE)
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     k_base = k_ptr + nkv * nx * D
     v_base = v_ptr + nkv * nx * DV
     span_base = span_ptr + nkv * nx * 2
@@ -566,7 +569,10 @@ def screened_attention_replay_sets_kernel(
     BLOCK_R: tl.constexpr,  # slots per step: the sets pass through snap in chunks
 ):
     n = tl.program_id(0).to(tl.int64)
-    nx, off, r0 = _stream_rows(T, X, OFF, R0, HAS_STATE)
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     span_base = span_ptr + n * nx * 2
     snap_base = snap_ptr + n * NB * SW
     c = tl.arange(0, BLOCK_R)
@@ -739,7 +745,10 @@ def screened_attention_bwd_dq_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)
     nkv = n // G
-    nx, off, r0 = _stream_rows(T, X, OFF, R0, HAS_STATE)
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     q_base = q_ptr + n * T * D
     do_base = do_ptr + n * T * DV
     k_base = k_ptr + nkv * nx * D
@@ -844,11 +853,13 @@ def screened_attention_bwd_dkdv_kernel(
     # one program per (b, KV head) and key block: dK and dV sum over the G query heads. Key j
     # is the query's own row: in the window of the queries [j, j+ν), as without a state.
     n = tl.program_id(0).to(tl.int64)
-    nx, off, r0 = _stream_rows(T, X, OFF, R0, HAS_STATE)
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     k_base = k_ptr + (n * nx + off) * D
     v_base = v_ptr + (n * nx + off) * DV
     span_base = span_ptr + (n * nx + off) * 2
-    mask_base = mask_ptr + (n // HKV) * (nx - r0) + off - r0
     SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -874,6 +885,7 @@ def screened_attention_bwd_dkdv_kernel(
         end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
         j = keys[:, None]
         if HAS_MASK:  # a padded key is in no window (and has no span)
+            mask_base = mask_ptr + (n // HKV) * (nx - r0) + off - r0  # + key j
             real = tl.load(mask_base + keys, mask=keys_ok, other=0) != 0
         dk = tl.zeros([BLOCK_N, BLOCK_CK], ACC)
         dv = tl.zeros([BLOCK_N, BLOCK_CV], ACC)

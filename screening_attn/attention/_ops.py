@@ -7,7 +7,10 @@ return ``(out, lse, relevant_index, relevant_score, relevancy, span)``.
 
 The C++ op ``screened_attention_stream`` (grouped heads, key padding, a stream's initial state;
 docs/streaming.md) has its own fake and autograd, and ``screened_attention_stream_cpu`` runs it as
-the reference's ``screened_attention_stream`` runs its scan."""
+the reference's ``screened_attention_stream`` runs its scan. The Triton ops
+``screened_attention_stream_triton`` / ``screened_attention_stream_backward_triton`` take the
+same initial state (with the cached keys and values apart from the new ones, which alone get
+gradients), and ``screened_attention_stream_triton_state`` runs them for the cache."""
 
 from __future__ import annotations
 
