@@ -313,3 +313,22 @@ def test_auto_picks_triton_for_cuda_tensors():
             "ScreenedKVCache", "auto", torch.device("cpu"), torch.float64, cache.KERNELS
         )
         assert picked == "cpu"
+
+
+def test_hf_generate_streams_on_triton(monkeypatch):
+    """``screening_attn.hf`` through the Triton stream: "auto" (which picks it on CUDA
+    tensors) routed to it for CPU tensors, greedy tokens and scores of a tiny grouped-head
+    Llama equal those without a cache."""
+    import test_hf  # skips this test without the [hf] extra (transformers)
+
+    calls = _Calls(monkeypatch)
+    monkeypatch.setitem(cache._STREAMS, "cpu", cache._STREAMS["triton"])
+    model = test_hf.make_model("llama-gqa")
+    ids = test_hf.tokens(1, 6, seed=3)
+    kw = dict(max_new_tokens=4, output_scores=True, return_dict_in_generate=True)
+    c = test_hf.ScreenedCache(config=model.config)
+    a = test_hf.generate(model, ids, cache=c, **kw)
+    b = test_hf.generate(model, ids, use_cache=False, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(torch.stack(a.scores), torch.stack(b.scores), **test_hf.EXACT)
+    assert calls.n == 2 * 4  # two layers, a prefill and three single-token steps
