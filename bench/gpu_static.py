@@ -77,16 +77,17 @@ _USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 def attention_points(archs, dtypes, head_dims, windows) -> Iterator[dict]:
     """The sweep's points of screened attention: every (arch, dtype, D = Dv, ν, ρ), each
     without and with grouped heads and a key padding mask (``padded``: the kernels'
-    ``HAS_MASK`` / ``GROUPED`` variants); dtype "tf32" gives float32 points with
-    ``"tf32": True``."""
+    ``HAS_MASK`` / ``GROUPED`` variants), and padded as a stream step from an initial state
+    (``stream``: ``HAS_STATE``); dtype "tf32" gives float32 points with ``"tf32": True``."""
     for arch in archs:
         for dt in dtypes:
             tf32 = {"dtype": "fp32", "tf32": True} if dt == "tf32" else {"dtype": dt}
             for d in head_dims:
                 for window, live in windows:
-                    for padded in (False, True):
+                    for padded, stream in ((False, False), (True, False), (True, True)):
                         yield {"arch": arch, **tf32, "head_dim": d, "window": window,
-                               "relevant": live, "padded": padded}  # fmt: skip
+                               "relevant": live, "padded": padded,
+                               **({"stream": True} if stream else {})}  # fmt: skip
 
 
 def attention_builds(
@@ -97,6 +98,7 @@ def attention_builds(
     relevant: int,
     tf32: bool = False,
     padded: bool = False,
+    stream: bool = False,
 ):
     """The attention kernels the launchers build at one point (``static_builds``); with
     ``tf32`` (``allow_tf32``) only those with TF32 products: the scan and the replay are the
@@ -104,7 +106,7 @@ def attention_builds(
     from screening_attn._kernels.attention import static_builds
 
     dt = _DTYPES[dtype]
-    out = static_builds(dt, head_dim, head_dim, window, relevant, arch, tf32, padded)
+    out = static_builds(dt, head_dim, head_dim, window, relevant, arch, tf32, padded, stream)
     return [b for b in out if b[3].get("TF32")] if tf32 else out
 
 

@@ -48,6 +48,12 @@ NaN/Inf stay where the reference puts them, out of the hot loop: the hot kernels
 non-finite operand entries of the products with P or dS and flag the rows that met one; a fix-up
 launch of the same kernel (``EXACT``) recomputes only those rows through ``_dot_masked``.
 Launch settings: ``launch_config`` (a pure function, also used by bench/gpu_static.py).
+
+A stream step (``screened_attention_stream_fwd`` / ``_bwd``, docs/streaming.md): with
+``HAS_STATE`` k, v and span have ``X = R0 + P + T`` buffer rows per KV row ``[R0 initial slots
+| P earlier keys | T new keys]``; query t sits at row ``OFF + t`` (``OFF = R0 + P``), windows
+stop at row ``R0``, the scan starts from the earlier keys' relevancy and the initial slots, and
+dK/dV are computed for the T new rows only. Without it ``(X, OFF, R0) = (T, 0, 0)``.
 """
 
 import contextlib
@@ -165,14 +171,22 @@ def _dot_p(a, member, b, hit, MM: tl.constexpr, NATIVE: tl.constexpr, TF32: tl.c
         return res, hit
 
 
+# A stream step's buffer rows and offsets change with every decode step: Triton would build a
+# kernel per value class (1, multiples of 16, others) of each; one build takes them all.
+# Without HAS_STATE the kernels use (T, 0, 0), constants: the plain op's code is unchanged.
+_STREAM_ROWS = ("X", "OFF", "R0")
+
+
 @triton.jit
-def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET: tl.constexpr,
+def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, off, FROM_SET: tl.constexpr,
             HAS_MASK: tl.constexpr):  # fmt: skip
-    """(BLOCK_M, BLOCK_N) bool: key ``keys[c]`` is a candidate of query ``rows[i]``.
+    """(BLOCK_M, BLOCK_N) bool: buffer row ``keys[c]`` is a candidate of query ``rows[i]``,
+    which sits at row ``off + rows[i]``.
 
     FROM_SET: the keys are the set at the block start, members until their span ends.
-    Otherwise the keys are the block's key range: in the window (unless padded: HAS_MASK
-    reads ``mask_base``), or inside their span (a padded key never has one).
+    Otherwise the keys are the block's key range (never an initial slot): in the window
+    (unless padded: HAS_MASK reads ``mask_base``), or inside their span (a padded key never
+    has one).
     """
     end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
     t = rows[:, None]
@@ -180,7 +194,7 @@ def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET: tl
         m = t < end[None, :]
     else:
         start = tl.load(span_base + 2 * keys, mask=keys_ok, other=-1)
-        j = keys[None, :]
+        j = keys[None, :] - off
         win = (j <= t) & (j > t - nu)
         if HAS_MASK:
             real = tl.load(mask_base + keys, mask=keys_ok, other=0) != 0
@@ -189,7 +203,7 @@ def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET: tl
     return m & rows_ok[:, None] & keys_ok[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_scan_kernel(
     q_ptr,  # (N, T, D): N = B·H query rows, G consecutive ones per KV row
     k_ptr,  # (NKV, T, D): NKV = B·HKV
@@ -201,12 +215,18 @@ def screened_attention_scan_kernel(
     score_ptr,  # (NKV, RHO) ACC, prefilled with -inf: final slot scores
     snap_ptr,  # (NKV, NB, SW) int32, written: slot keys at every block start
     scr_ptr,  # (N, BLOCK_M, NCOL) ACC scratch: the block's logits of each query head
-    T,
+    rel0_ptr,  # HAS_STATE: (NKV, P) ACC, the relevancy so far of the P earlier keys
+    idx0_ptr,  # HAS_STATE: (NKV, R0) int64, >= 0: initial slot c holds buffer row c
+    score0_ptr,  # HAS_STATE: (NKV, R0) ACC, the initial slots' scores
+    T,  # queries per row
+    X,  # HAS_STATE: buffer rows per KV row, R0 + P + T (else T)
+    OFF,  # HAS_STATE: the buffer row of query 0, R0 + P (else 0)
+    R0,  # HAS_STATE: initial slots, buffer rows [0, R0) (else 0)
     D,
     nu,
     G,  # query heads per KV head
     HKV,
-    RL,  # live slots: min(ρ, T-ν+1); slots beyond can never fill
+    RL,  # live slots: min(ρ, R0 + S-ν+1); slots beyond can never fill
     RHO,
     NB,
     SW,
@@ -219,19 +239,26 @@ def screened_attention_scan_kernel(
     HAS_SLOTS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     GROUPED: tl.constexpr,  # G > 1: a relevancy is the ring's sum over the heads / G
+    HAS_STATE: tl.constexpr,  # a stream step from an initial state (rel0, idx0, score0)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_W: tl.constexpr,  # relevancy ring: key j in lane j % BLOCK_W (>= the window)
+    BLOCK_W: tl.constexpr,  # relevancy ring: key x in lane x % BLOCK_W (>= the window)
     BLOCK_L: tl.constexpr,  # lanes: [ring | RL slots | dead]
 ):
-    # one program per (b, KV head): the G query heads of the group share its window and set
+    # one program per (b, KV head): the G query heads of the group share its window and set.
+    # Keys are buffer rows x (the sequence key x - r0); query t sits at row off + t, and its
+    # window is the rows (off + t - ν, off + t] from r0 on.
     n = tl.program_id(0).to(tl.int64)
-    k_base = k_ptr + n * T * D
-    rel_base = rel_ptr + n * T
-    span_base = span_ptr + n * T * 2
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
+    k_base = k_ptr + n * nx * D
+    rel_base = rel_ptr + n * (nx - r0) - r0  # + x: relevancy (NKV, S) of the sequence keys
+    span_base = span_ptr + n * nx * 2
     snap_base = snap_ptr + n * NB * SW
-    mask_base = mask_ptr + (n // HKV) * T
+    mask_base = mask_ptr + (n // HKV) * (nx - r0) - r0  # + x: the (B, S) mask
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -252,12 +279,33 @@ def screened_attention_scan_kernel(
     slot_key = tl.full([BLOCK_L], -1, tl.int32)
     slot_score = tl.full([BLOCK_L], neg_inf, ACC)
     sel_key = tl.where(slot_live, neg_inf, float("inf")).to(ACC)
-    w_prev = 0
+    w_prev = 0  # the first block's window start
+    if HAS_STATE:
+        w_prev = tl.maximum(off - nu + 1, r0)
+        # the earlier keys still in the window, rows [w_prev, off), with their relevancy so far
+        x0 = off - 1 - ((off - 1 - lane) % BLOCK_W + BLOCK_W) % BLOCK_W  # lane's newest row
+        early = is_ring & (x0 >= w_prev)
+        ring = tl.load(rel0_ptr + n * (off - r0) + x0 - r0, mask=early, other=0.0)
+        if GROUPED:
+            ring = ring * G.to(ACC)
+        if HAS_MASK:
+            early = early & (tl.load(mask_base + x0, mask=early, other=0) != 0)
+        col = tl.where(early, R_PAD + x0 - w_prev, col)
+        # the initial slots, in slot order: buffer rows [0, R0), members from query 0 on
+        c = lane - BLOCK_W
+        init = slot_live & (c < r0)
+        idx0 = tl.load(idx0_ptr + n * r0 + c, mask=init, other=-1)
+        score0 = tl.load(score0_ptr + n * r0 + c, mask=init, other=neg_inf)
+        slot_key = tl.where(init & (idx0 >= 0), c, -1)
+        slot_score = tl.where(slot_key >= 0, score0, neg_inf)
+        sel_key = tl.where(slot_key >= 0, tl.where(score0 != score0, -1.0, score0), sel_key)
+        tl.store(span_base + 2 * slot_key, 0, mask=slot_key >= 0)
 
     for t0 in range(0, T, BLOCK_M):
         blk = t0 // BLOCK_M
-        w0 = tl.maximum(t0 - nu + 1, 0)
+        w0 = tl.maximum(off + t0 - nu + 1, r0)
         t1 = tl.minimum(t0 + BLOCK_M, T)
+        x1 = off + t1  # the block's key range: rows [w0, x1)
         tl.debug_barrier()  # the previous block is done reading the scratch
         tl.store(snap_base + blk * SW + lane - BLOCK_W, slot_key, mask=slot_live)
         tl.debug_barrier()  # the snapshot is re-read by other threads below
@@ -282,12 +330,12 @@ def screened_attention_scan_kernel(
                 ).to(MM)
                 s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
                 tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
-            # logits against the key range [w0, t1): scratch columns R_PAD + (j - w0)
-            for c0 in range(0, t1 - w0, BLOCK_N):
+            # logits against the key range [w0, x1): scratch columns R_PAD + (x - w0)
+            for c0 in range(0, x1 - w0, BLOCK_N):
                 keys = w0 + c0 + offs_n
                 kt = tl.load(
                     k_base + keys[None, :] * D + offs_d[:, None],
-                    mask=(keys < t1)[None, :] & d_ok[:, None],
+                    mask=(keys < x1)[None, :] & d_ok[:, None],
                     other=0.0,
                 ).to(MM)
                 s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
@@ -303,16 +351,17 @@ def screened_attention_scan_kernel(
         w_prev = w0
 
         for t in range(t0, t1):
-            enter = lane == t % BLOCK_W  # key t enters the window (the lane's old key has left)
+            x = off + t  # the query's own key enters the window (the lane's old key has left)
+            enter = lane == x % BLOCK_W
             if HAS_MASK:
-                real_t = tl.load(mask_base + t) != 0
+                real_t = tl.load(mask_base + x) != 0
                 # a padded key is never a candidate: its lane reads the -inf column
-                col = tl.where(enter, tl.where(real_t, R_PAD + t - w0, NEG), col)
+                col = tl.where(enter, tl.where(real_t, R_PAD + x - w0, NEG), col)
                 # a query without any candidate (no real window key, no slot): zeros, lse +inf
                 any_c = tl.max((col != NEG).to(tl.int32), 0) > 0
                 counts = any_c & real_t  # a padded query adds no relevancy
             else:
-                col = tl.where(enter, R_PAD + t - w0, col)
+                col = tl.where(enter, R_PAD + x - w0, col)
             ring = tl.where(enter, 0.0, ring)
             # the ring sums the weights of the group's heads; r = ring / G when read (GROUPED)
             for g in range(G):
@@ -334,23 +383,23 @@ def screened_attention_scan_kernel(
                     w = tl.where(counts, w, 0.0)
                 ring += w
 
-            # screening of e = t-ν+1, which leaves the window with its final r
-            e = t - nu + 1
-            leave = lane == tl.where(e >= 0, e % BLOCK_W, -1)
+            # screening of the row e = x-ν+1, which leaves the window with its final r
+            e = x - nu + 1
+            leave = lane == tl.where(e >= r0, e % BLOCK_W, -1)
             col = tl.where(leave, NEG, col)
             r_e = tl.sum(tl.where(leave, ring, 0.0), 0)
             if GROUPED:  # the group mean
                 r_e = _div(r_e, G.to(ACC), ACC)
-            tl.store(rel_base + e, r_e, mask=e >= 0)
+            tl.store(rel_base + e, r_e, mask=e >= r0)
             if HAS_SLOTS:
                 # first empty slot, else the smallest score (NaN smallest), lowest slot on ties
                 low, target = tl.min(
                     sel_key, 0, return_indices=True, return_indices_tie_break_left=True
                 )
                 # replace only if r_e > low strictly; a NaN slot (-1) is never replaced
-                insert = (e >= 0) & ((low == neg_inf) | ((low >= 0) & (r_e > low)))
+                insert = (e >= r0) & ((low == neg_inf) | ((low >= 0) & (r_e > low)))
                 if HAS_MASK:  # a padded key takes no slot
-                    insert = insert & (tl.load(mask_base + e, mask=e >= 0, other=0) != 0)
+                    insert = insert & (tl.load(mask_base + e, mask=e >= r0, other=0) != 0)
                 # (where, not &: the interpreter can't broadcast this scalar bool in an &)
                 sel = tl.where(insert, lane == target, False)
                 tl.store(span_base + 2 * slot_key + 1, t + 1, mask=sel & (slot_key >= 0))
@@ -372,12 +421,14 @@ def screened_attention_scan_kernel(
 @triton.jit
 def _fwd_chunk(
     acc, l, hit, qb, lse, rows, rows_ok, keys, keys_ok, offs_dv, k_base, v_base, span_base,
-    mask_base, D, DV, nu, scale,
+    mask_base, D, DV, nu, off, scale,
     FROM_SET: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
     TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     offs_d = tl.arange(0, BLOCK_D)
-    member = _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET, HAS_MASK)
+    member = _member(
+        rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, off, FROM_SET, HAS_MASK
+    )
     kt = tl.load(
         k_base + keys[None, :] * D + offs_d[:, None],
         mask=keys_ok[None, :] & (offs_d < D)[:, None],
@@ -395,7 +446,7 @@ def _fwd_chunk(
     return acc + res, l, hit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_fwd_kernel(
     q_ptr,  # (N, T, D): N = B·H query rows
     k_ptr,  # (NKV, T, D): query row n reads KV row n // G
@@ -407,6 +458,9 @@ def screened_attention_fwd_kernel(
     out_ptr,  # (N, T, DV), written (EXACT: only the flagged rows)
     flag_ptr,  # (N, T) int32: rows that met a non-finite V row (written; EXACT: read)
     T,
+    X,  # HAS_STATE: k, v, span have X buffer rows per KV row (the scan's); else T
+    OFF,
+    R0,
     D,
     DV,
     nu,
@@ -422,6 +476,7 @@ def screened_attention_fwd_kernel(
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
     HAS_MASK: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     SNAP_M: tl.constexpr,  # the scan's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -430,10 +485,14 @@ def screened_attention_fwd_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)
     nkv = n // G
-    k_base = k_ptr + nkv * T * D
-    v_base = v_ptr + nkv * T * DV
-    span_base = span_ptr + nkv * T * 2
-    mask_base = mask_ptr + (nkv // HKV) * T
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
+    k_base = k_ptr + nkv * nx * D
+    v_base = v_ptr + nkv * nx * DV
+    span_base = span_ptr + nkv * nx * 2
+    mask_base = mask_ptr + (nkv // HKV) * (nx - r0) - r0
     # axis 2: BLOCK_DV output columns per program (the fix-up splits the head)
     offs_dv = tl.program_id(2) * BLOCK_DV + tl.arange(0, BLOCK_DV)
     # axis 1 holds at most 65535 programs: they stride over the query blocks
@@ -445,15 +504,15 @@ def screened_attention_fwd_kernel(
         # candidate of the rows (membership itself comes from the spans)
         ts = (t0 // SNAP_M) * SNAP_M
         snap_base = snap_ptr + (nkv * NB + t0 // SNAP_M) * SW
-        w0 = tl.maximum(ts - nu + 1, 0)
-        t1 = tl.minimum(t0 + BLOCK_M, T)
+        w0 = tl.maximum(off + ts - nu + 1, r0)
+        x1 = off + tl.minimum(t0 + BLOCK_M, T)  # key rows [w0, x1)
         rcount = RCOUNT
         if EXACT:
             flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
             rows_ok = rows_ok & (flag != 0)
             todo = tl.max(rows_ok.to(tl.int32), 0) > 0
             rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
-            t1 = tl.where(todo, t1, w0)
+            x1 = tl.where(todo, x1, w0)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         qb = tl.load(
@@ -471,14 +530,14 @@ def screened_attention_fwd_kernel(
             keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
             acc, l, hit = _fwd_chunk(
                 acc, l, hit, qb, lse, rows, rows_ok, keys, keys >= 0, offs_dv, k_base, v_base,
-                span_base, mask_base, D, DV, nu, scale, True, MM, ACC, NATIVE, TF32, EXACT,
+                span_base, mask_base, D, DV, nu, off, scale, True, MM, ACC, NATIVE, TF32, EXACT,
                 HAS_MASK, BLOCK_D,
             )  # fmt: skip
-        for c0 in range(w0, t1, BLOCK_N):
+        for c0 in range(w0, x1, BLOCK_N):
             keys = c0 + offs_n
             acc, l, hit = _fwd_chunk(
-                acc, l, hit, qb, lse, rows, rows_ok, keys, keys < t1, offs_dv, k_base, v_base,
-                span_base, mask_base, D, DV, nu, scale, False, MM, ACC, NATIVE, TF32, EXACT,
+                acc, l, hit, qb, lse, rows, rows_ok, keys, keys < x1, offs_dv, k_base, v_base,
+                span_base, mask_base, D, DV, nu, off, scale, False, MM, ACC, NATIVE, TF32, EXACT,
                 HAS_MASK, BLOCK_D,
             )  # fmt: skip
         # l = Σ exp(s - lse) is 1 up to rounding; dividing makes each row exactly normalised
@@ -493,25 +552,39 @@ def screened_attention_fwd_kernel(
             tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_replay_sets_kernel(
-    span_ptr,  # (N, T, 2) int32
+    span_ptr,  # (N, X, 2) int32
     snap_ptr,  # (N, NB, SW) int32, written: the set at each block start, CAP slots used
-    T,
+    T,  # queries
+    X,  # HAS_STATE: buffer rows per KV row (else T)
+    OFF,
+    R0,
     nu,
     CAP,  # a bound on the set size (ρ, or the size of the last set: sets never shrink)
     NB,
     SW,
+    HAS_STATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,  # slots per step: the sets pass through snap in chunks
 ):
     n = tl.program_id(0).to(tl.int64)
-    span_base = span_ptr + n * T * 2
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
+    span_base = span_ptr + n * nx * 2
     snap_base = snap_ptr + n * NB * SW
     c = tl.arange(0, BLOCK_R)
     offs = tl.arange(0, BLOCK_M)
     for c0 in range(0, CAP, BLOCK_R):
-        tl.store(snap_base + c0 + c, tl.full([BLOCK_R], -1, tl.int32), mask=c0 + c < CAP)
+        cols = c0 + c
+        first = tl.full([BLOCK_R], -1, tl.int32)
+        if HAS_STATE:  # initial slot c holds buffer row c (its span starts at query 0)
+            init = cols < tl.minimum(CAP, r0)
+            start0 = tl.load(span_base + 2 * cols, mask=init, other=-1)
+            first = tl.where(init & (start0 >= 0), cols, first)
+        tl.store(snap_base + cols, first, mask=cols < CAP)
     # Row blk of snap from row blk-1, a chunk of slots at a time (a whole set in registers
     # would need (CAP, BLOCK_M) match tiles, which spill for large ρ).
     for blk in range(1, NB):
@@ -519,8 +592,8 @@ def screened_attention_replay_sets_kernel(
         tl.debug_barrier()  # row blk-1 is complete, whichever thread stored it
         # the set at t1: members whose span goes on, plus the keys e = t-ν+1 screened in
         # after the queries t of the previous block (span start t+1 <= t1) still there at t1
-        e = t1 - BLOCK_M - nu + 1 + offs
-        e_ok = (e >= 0) & (e < T)
+        e = off + t1 - BLOCK_M - nu + 1 + offs  # buffer rows
+        e_ok = (e >= r0) & (e < nx)
         start = tl.load(span_base + 2 * e, mask=e_ok, other=-1)
         end = tl.load(span_base + 2 * e + 1, mask=e_ok, other=-1)
         new = e_ok & (start >= 0) & (start <= t1) & (end > t1)
@@ -545,7 +618,7 @@ def screened_attention_replay_sets_kernel(
 @triton.jit
 def _dq_chunk(
     acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys_ok, offs_c, q_base, do_base,
-    k_base, v_base, span_base, mask_base, D, DV, nu, scale,
+    k_base, v_base, span_base, mask_base, D, DV, nu, off, scale,
     FROM_SET: tl.constexpr, DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr,
     NATIVE: tl.constexpr, TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -555,7 +628,9 @@ def _dq_chunk(
     # DELTA_ONLY: acc (BLOCK_M,) += rowsum(P ⊙ dP); else acc (BLOCK_M, BLOCK_C) += dS K[:, offs_c]
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    member = _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, FROM_SET, HAS_MASK)
+    member = _member(
+        rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, off, FROM_SET, HAS_MASK
+    )
     if BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV:  # S and dP from memory, BLOCK_K columns at a time
         s = _mm_rows(q_base, rows, rows_ok, k_base, keys, keys_ok, D, MM, ACC, NATIVE, TF32,
                      BLOCK_M, BLOCK_N, BLOCK_K)  # fmt: skip
@@ -594,15 +669,15 @@ def _dq_chunk(
 
 @triton.jit
 def _dq_pass(
-    acc, qb, dob, lse, delta, rows, rows_ok, offs_c, ts, t1, q_base, do_base, k_base, v_base,
-    span_base, snap_base, mask_base, D, DV, nu, RCOUNT, rcount, scale,
+    acc, qb, dob, lse, delta, rows, rows_ok, offs_c, w0, x1, q_base, do_base, k_base, v_base,
+    span_base, snap_base, mask_base, D, DV, nu, off, RCOUNT, rcount, scale,
     DELTA_ONLY: tl.constexpr, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
     TF32: tl.constexpr, EXACT: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """One sweep over the rows' candidates: the set at ts (the snapshot block start), then the
-    key range [ts-ν+1, t1). Returns (acc, hit)."""
+    """One sweep over the rows' candidates: the set at the snapshot block start ts, then the
+    key rows [w0, x1) (from ts-ν+1 on). Returns (acc, hit)."""
     offs_n = tl.arange(0, BLOCK_N)
     hit = tl.zeros([BLOCK_M], tl.int32)
     for c0 in range(0, rcount, BLOCK_N):
@@ -610,23 +685,22 @@ def _dq_pass(
         keys = tl.load(snap_base + cols, mask=cols < RCOUNT, other=-1)
         acc, hit = _dq_chunk(
             acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys >= 0, offs_c, q_base,
-            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, scale, True, DELTA_ONLY,
+            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, off, scale, True, DELTA_ONLY,
             MM, ACC, NATIVE, TF32, EXACT, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
             BLOCK_C, BLOCK_K,
         )  # fmt: skip
-    w0 = tl.maximum(ts - nu + 1, 0)
-    for c0 in range(w0, t1, BLOCK_N):
+    for c0 in range(w0, x1, BLOCK_N):
         keys = c0 + offs_n
         acc, hit = _dq_chunk(
-            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < t1, offs_c, q_base,
-            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, scale, False, DELTA_ONLY,
+            acc, hit, qb, dob, lse, delta, rows, rows_ok, keys, keys < x1, offs_c, q_base,
+            do_base, k_base, v_base, span_base, mask_base, D, DV, nu, off, scale, False, DELTA_ONLY,
             MM, ACC, NATIVE, TF32, EXACT, HAS_MASK, BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV,
             BLOCK_C, BLOCK_K,
         )  # fmt: skip
     return acc, hit
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_bwd_dq_kernel(
     q_ptr,  # (N, T, D): N = B·H query rows
     k_ptr,  # (NKV, T, D): query row n reads KV row n // G
@@ -641,6 +715,9 @@ def screened_attention_bwd_dq_kernel(
     delta_ptr,  # (N, T) ACC, written: rowsum(dO ⊙ O) (EXACT: read)
     flag_ptr,  # (N, T) int32: rows that met a non-finite K row (written; EXACT: read)
     T,
+    X,  # HAS_STATE: k, v, span have X buffer rows per KV row; else T
+    OFF,
+    R0,
     D,
     DV,
     nu,
@@ -656,6 +733,7 @@ def screened_attention_bwd_dq_kernel(
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged rows with _dot_masked
     HAS_MASK: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     DELTA_FROM_P: tl.constexpr,
     SNAP_M: tl.constexpr,  # the replay's query block, which the snapshot is indexed by
     BLOCK_M: tl.constexpr,
@@ -667,12 +745,16 @@ def screened_attention_bwd_dq_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)
     nkv = n // G
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
     q_base = q_ptr + n * T * D
     do_base = do_ptr + n * T * DV
-    k_base = k_ptr + nkv * T * D
-    v_base = v_ptr + nkv * T * DV
-    span_base = span_ptr + nkv * T * 2
-    mask_base = mask_ptr + (nkv // HKV) * T
+    k_base = k_ptr + nkv * nx * D
+    v_base = v_ptr + nkv * nx * DV
+    span_base = span_ptr + nkv * nx * 2
+    mask_base = mask_ptr + (nkv // HKV) * (nx - r0) - r0
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -683,14 +765,15 @@ def screened_attention_bwd_dq_kernel(
         rows_ok = rows < T
         ts = (t0 // SNAP_M) * SNAP_M
         snap_base = snap_ptr + (nkv * NB + t0 // SNAP_M) * SW
-        t1 = tl.minimum(t0 + BLOCK_M, T)
+        w0 = tl.maximum(off + ts - nu + 1, r0)
+        x1 = off + tl.minimum(t0 + BLOCK_M, T)  # key rows [w0, x1)
         rcount = RCOUNT
         if EXACT:
             flag = tl.load(flag_ptr + n * T + rows, mask=rows_ok, other=0)
             rows_ok = rows_ok & (flag != 0)
             todo = tl.max(rows_ok.to(tl.int32), 0) > 0
             rcount = tl.where(todo, RCOUNT, 0)  # nothing flagged: no work
-            t1 = tl.where(todo, t1, 0)
+            x1 = tl.where(todo, x1, w0)
         qmask = rows_ok[:, None] & (offs_d < D)[None, :]
         omask = rows_ok[:, None] & (offs_dv < DV)[None, :]
         qb = tl.load(q_ptr + n * T * D + rows[:, None] * D + offs_d[None, :], mask=qmask, other=0.0)
@@ -705,8 +788,8 @@ def screened_attention_bwd_dq_kernel(
             # about one ulp of that dtype, so half inputs pay one more sweep (2 GEMMs) for it
             delta, _ = _dq_pass(
                 tl.zeros([BLOCK_M], ACC), qb, dob.to(MM), lse, lse, rows, rows_ok, offs_c,
-                ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base, D, DV,
-                nu, RCOUNT, rcount, scale, True, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
+                w0, x1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base, D, DV,
+                nu, off, RCOUNT, rcount, scale, True, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
                 BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
             )  # fmt: skip
         else:
@@ -716,8 +799,8 @@ def screened_attention_bwd_dq_kernel(
             tl.store(delta_ptr + n * T + rows, delta, mask=rows_ok)
         dq, hit = _dq_pass(
             tl.zeros([BLOCK_M, BLOCK_C], ACC), qb, dob.to(MM), lse, delta, rows, rows_ok,
-            offs_c, ts, t1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base,
-            D, DV, nu, RCOUNT, rcount, scale, False, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
+            offs_c, w0, x1, q_base, do_base, k_base, v_base, span_base, snap_base, mask_base,
+            D, DV, nu, off, RCOUNT, rcount, scale, False, MM, ACC, NATIVE, TF32, EXACT, HAS_MASK,
             BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV, BLOCK_C, BLOCK_K,
         )  # fmt: skip
         tl.store(
@@ -729,7 +812,7 @@ def screened_attention_bwd_dq_kernel(
             tl.store(flag_ptr + n * T + rows, hit, mask=rows_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_bwd_dkdv_kernel(
     q_ptr,  # (N, T, D): N = B·H query rows, G per KV row
     k_ptr,  # (NKV, T, D)
@@ -742,7 +825,10 @@ def screened_attention_bwd_dkdv_kernel(
     dk_ptr,  # (NKV, T, D), written (EXACT: only the flagged keys)
     dv_ptr,  # (NKV, T, DV), written (EXACT: only the flagged keys)
     flag_ptr,  # (NKV, T) int32: keys that met a non-finite dO or Q row (written; EXACT: read)
-    T,
+    T,  # queries, and the keys whose gradients are computed: key j at buffer row OFF + j
+    X,  # HAS_STATE: k, v, span have X buffer rows per KV row (the cached ones get none)
+    OFF,
+    R0,
     D,
     DV,
     nu,
@@ -755,6 +841,7 @@ def screened_attention_bwd_dkdv_kernel(
     TF32: tl.constexpr,
     EXACT: tl.constexpr,  # the fix-up launch: recompute the flagged keys with _dot_masked
     HAS_MASK: tl.constexpr,
+    HAS_STATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -763,11 +850,16 @@ def screened_attention_bwd_dkdv_kernel(
     BLOCK_CV: tl.constexpr,  # dV columns per program: BLOCK_DV, less in the fix-up
     BLOCK_K: tl.constexpr,  # < the head: S and dP by _mm_rows (float32 on FMA units)
 ):
-    # one program per (b, KV head) and key block: dK and dV sum over the G query heads
+    # one program per (b, KV head) and key block: dK and dV sum over the G query heads. Key j
+    # is the query's own row: in the window of the queries [j, j+ν), as without a state.
     n = tl.program_id(0).to(tl.int64)
-    k_base = k_ptr + n * T * D
-    v_base = v_ptr + n * T * DV
-    span_base = span_ptr + n * T * 2
+    if HAS_STATE:  # buffer rows, the row of query 0, the first sequence row
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
+    k_base = k_ptr + (n * nx + off) * D
+    v_base = v_ptr + (n * nx + off) * DV
+    span_base = span_ptr + (n * nx + off) * 2
     SPLIT_K: tl.constexpr = BLOCK_K < BLOCK_D or BLOCK_K < BLOCK_DV
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -793,7 +885,8 @@ def screened_attention_bwd_dkdv_kernel(
         end = tl.load(span_base + 2 * keys + 1, mask=keys_ok, other=-1)
         j = keys[:, None]
         if HAS_MASK:  # a padded key is in no window (and has no span)
-            real = tl.load(mask_ptr + (n // HKV) * T + keys, mask=keys_ok, other=0) != 0
+            mask_base = mask_ptr + (n // HKV) * (nx - r0) + off - r0  # + key j
+            real = tl.load(mask_base + keys, mask=keys_ok, other=0) != 0
         dk = tl.zeros([BLOCK_N, BLOCK_CK], ACC)
         dv = tl.zeros([BLOCK_N, BLOCK_CV], ACC)
         hit = tl.zeros([BLOCK_N], tl.int32)
@@ -1087,43 +1180,123 @@ def screened_attention_fwd(
         a query without any candidate), for the backward; the state with `Hkv` heads as
         ``screened_attention_reference`` returns it.
     """
+    return _forward(q, k, v, window, relevant, scale, key_padding_mask, None)
+
+
+def screened_attention_stream_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    slot_keys: Tensor,
+    slot_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    relevancy0: Tensor,
+    slot_index0: Tensor,
+    slot_score0: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One step of a stream (docs/streaming.md) on checked arguments: the n new queries over
+    the buffer ``[R0 initial slot keys | P earlier keys | n new keys]``, one launch of each
+    kernel, whatever n, P and R0 (runtime arguments; no output for the cached rows). With
+    ``R0 = P = 0`` (a stream's start) the kernels of ``screened_attention_fwd`` run.
+
+    Args:
+        q (Tensor): `(B, H, n, D)`; k (Tensor): `(B, Hkv, n, D)`; v (Tensor): `(B, Hkv, n, Dv)`.
+        key_padding_mask (Optional[Tensor]): `(B, P + n)` bool over the earlier and new
+            positions, True = a real token; None: all real.
+        slot_keys, slot_values (Tensor): `(B, Hkv, R0, D)`, `(B, Hkv, R0, Dv)`: the initial
+            slots, in slot order.
+        keys, values (Tensor): `(B, Hkv, P, D)`, `(B, Hkv, P, Dv)`: the earlier positions.
+        relevancy0 (Tensor): `(B, Hkv, P)` their relevancy so far (accumulation dtype).
+        slot_index0 (Tensor): `(B, Hkv, R0)` int64: slot c holds buffer row c if `>= 0`.
+        slot_score0 (Tensor): `(B, Hkv, R0)` the slots' scores (accumulation dtype).
+        window (int): `ν >= 1`.
+        relevant (int): `ρ >= R0`, the slot columns of the result.
+        scale (float): factor on the logits.
+
+    Returns:
+        `(out, lse, relevant_index, relevant_score, relevancy, span)` as the C++ op
+        ``screened_attention_stream`` returns them: `out (B, H, n, Dv)`, `lse (B, H, n)`;
+        the slots `(B, Hkv, ρ)` as buffer rows; `relevancy (B, Hkv, P + n)`; `span
+        (B, Hkv, R0 + P + n, 2)` in the query numbers of this call.
+    """
+    if slot_keys.shape[2] + keys.shape[2] == 0:  # a stream's start: the plain kernels
+        return _forward(q, k, v, window, relevant, scale, key_padding_mask, None)
+    k_all = torch.cat([slot_keys, keys, k], dim=2)
+    v_all = torch.cat([slot_values, values, v], dim=2)
+    state = (relevancy0, slot_index0, slot_score0)
+    return _forward(q, k_all, v_all, window, relevant, scale, key_padding_mask, state)
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    state: tuple[Tensor, Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward launches: ``k``, ``v`` `(B, Hkv, R0 + P + n, ·)` buffers, ``state`` the
+    initial ``(relevancy0 (B, Hkv, P), slot_index0, slot_score0 (B, Hkv, R0))`` or None
+    (then the buffers are the n positions)."""
     target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
-    Hkv, Dv, acc = k.shape[1], v.shape[-1], acc_dtype(q.dtype)
+    Hkv, X, Dv, acc = k.shape[1], k.shape[2], v.shape[-1], acc_dtype(q.dtype)
     N, Nkv = B * H, B * Hkv
     G = H // Hkv if Hkv else 1
-    _check_sizes(T, D, Dv)
+    P = 0 if state is None else state[0].shape[-1]
+    R0 = X - P - T
+    S = P + T
+    _check_sizes(max(X, T), D, Dv)
     out = torch.empty(B, H, T, Dv, dtype=_store_dtype(q.dtype, q.device), device=q.device)
     lse = torch.empty(B, H, T, dtype=acc, device=q.device)
     index = torch.full((B, Hkv, relevant), -1, dtype=torch.int64, device=q.device)
     score = torch.full((B, Hkv, relevant), float("-inf"), dtype=acc, device=q.device)
-    relevancy = torch.zeros(B, Hkv, T, dtype=acc, device=q.device)
-    span = torch.full((B, Hkv, T, 2), -1, dtype=torch.int32, device=q.device)
+    if state is None:
+        relevancy = torch.zeros(B, Hkv, T, dtype=acc, device=q.device)
+    else:  # the earlier keys start from their relevancy so far (the kernel adds to a copy)
+        relevancy = torch.cat([state[0], state[0].new_zeros(B, Hkv, T)], dim=2)
+    span = torch.full((B, Hkv, X, 2), -1, dtype=torch.int32, device=q.device)
     if N == 0 or T == 0:
         return out.to(q.dtype), lse, index, score, relevancy, span
 
     mask, has_mask = _mask_arg(key_padding_mask, q)
-    window = min(window, T + 1)  # the same op for any ν > T (and an int32 argument)
-    live = min(relevant, max(0, T - window + 1))  # only keys 0 .. T-ν ever leave
+    window = min(window, S + 1)  # the same op for any ν > S (and an int32 argument)
+    live = min(relevant, R0 + max(0, S - window + 1))  # only rows R0 .. R0+S-ν ever leave
+    if state is None:
+        rel0 = torch.empty(1, dtype=acc, device=q.device)  # placeholders, never read
+        idx0 = torch.empty(1, dtype=torch.int64, device=q.device)
+        score0 = rel0
+    else:
+        rel0, idx0, score0 = (x.contiguous() for x in state)
     tf32 = torch.backends.cuda.matmul.allow_tf32
-    sc = launch_config("scan", q.dtype, D, Dv, min(window, T), live, target, grouped=G > 1)
+    sc = launch_config("scan", q.dtype, D, Dv, min(window, S), live, target, grouped=G > 1)
     mm, acc_tl = _tl_dtypes(q.dtype, sc.native)
     bm, bn = sc.block_m, sc.block_n
     nb = -(-T // bm)
     sw = max(live, 1)
     r_pad = -(-live // bn) * bn
-    ncol = r_pad + -(-min(bm + window - 1, T) // bn) * bn + 1  # + a column of -inf
+    ncol = r_pad + -(-min(bm + window - 1, S) // bn) * bn + 1  # + a column of -inf
     snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
     scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
     flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
+    off = R0 + P
+    has_state = state is not None
     with _device(q):
         screened_attention_scan_kernel[(Nkv,)](
-            q, k, mask, lse, relevancy, span, index, score, snap, scratch,
-            T, D, window, G, Hkv, live, relevant, nb, sw, r_pad, ncol, scale,
+            q, k, mask, lse, relevancy, span, index, score, snap, scratch, rel0, idx0, score0,
+            T, X, off, R0, D, window, G, Hkv, live, relevant, nb, sw, r_pad, ncol, scale,
             MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0, HAS_MASK=has_mask,
-            GROUPED=G > 1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=sc.block_d, BLOCK_W=sc.block_w,
-            BLOCK_L=sc.block_l, num_warps=sc.num_warps, num_stages=sc.num_stages,
+            GROUPED=G > 1, HAS_STATE=has_state, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=sc.block_d,
+            BLOCK_W=sc.block_w, BLOCK_L=sc.block_l, num_warps=sc.num_warps,
+            num_stages=sc.num_stages,
         )  # fmt: skip
         # the output, then the rows that met a non-finite V row, recomputed exactly
         for kernel in ("fwd", "fwd_fix"):
@@ -1131,10 +1304,11 @@ def screened_attention_fwd(
             cv = c.columns()[1]
             screened_attention_fwd_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-Dv // cv))](
                 q, k, v, mask, lse, span, snap, out, flag,
-                T, D, Dv, window, G, Hkv, live, nb, sw, scale,
+                T, X, off, R0, D, Dv, window, G, Hkv, live, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "fwd_fix",
-                HAS_MASK=has_mask, SNAP_M=bm, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-                BLOCK_D=c.block_d, BLOCK_DV=cv, num_warps=c.num_warps, num_stages=c.num_stages,
+                HAS_MASK=has_mask, HAS_STATE=has_state, SNAP_M=bm, BLOCK_M=c.block_m,
+                BLOCK_N=c.block_n, BLOCK_D=c.block_d, BLOCK_DV=cv, num_warps=c.num_warps,
+                num_stages=c.num_stages,
             )  # fmt: skip
     return out.to(q.dtype), lse, index, score, relevancy, span
 
@@ -1170,14 +1344,66 @@ def screened_attention_bwd(
         `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`; `dk`, `dv` sum over the query heads
         of each group.
     """
+    args = (grad_out, q, k, v, out, lse, span, window, scale, relevant, key_padding_mask)
+    return _backward(*args, initial_slots=0, stream=False)
+
+
+def screened_attention_stream_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slot_keys: Tensor,
+    slot_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    span: Tensor,
+    key_padding_mask: Tensor | None,
+    window: int,
+    scale: float,
+    relevant: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``screened_attention_stream_fwd`` (its arguments and results): the
+    gradients of the n new q, k, v only (the cached keys and values get none, nor any work).
+
+    Returns:
+        `(dq, dk, dv)`, shapes and dtype of `q`, `k`, `v`.
+    """
+    R0, P = slot_keys.shape[2], keys.shape[2]
+    if R0 + P > 0:
+        k = torch.cat([slot_keys, keys, k], dim=2)
+        v = torch.cat([slot_values, values, v], dim=2)
+    args = (grad_out, q, k, v, out, lse, span, window, scale, relevant, key_padding_mask)
+    return _backward(*args, initial_slots=R0, stream=R0 + P > 0)
+
+
+def _backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    span: Tensor,
+    window: int,
+    scale: float,
+    relevant: int,
+    key_padding_mask: Tensor | None,
+    initial_slots: int,
+    stream: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward launches on the buffers ``k``, ``v`` `(B, Hkv, R0 + P + n, ·)` (``R0 =
+    initial_slots``; the n positions alone without a stream): dk, dv of the n new rows."""
     B, H, T, _ = q.shape
-    Hkv = k.shape[1]
+    Hkv, X = k.shape[1], k.shape[2]
     # the kernels index these buffers by raw offsets: a wrong shape would read out of bounds
     for name, x, shape, dtype in [
         ("grad_out", grad_out, (*q.shape[:3], v.shape[-1]), q.dtype),
         ("out", out, (*q.shape[:3], v.shape[-1]), q.dtype),
         ("lse", lse, (B, H, T), acc_dtype(q.dtype)),
-        ("span", span, (B, Hkv, T, 2), torch.int32),
+        ("span", span, (B, Hkv, X, 2), torch.int32),
     ]:
         if x.shape != shape or x.dtype != dtype or x.device != q.device:
             raise ValueError(
@@ -1191,16 +1417,21 @@ def screened_attention_bwd(
     B, H, T, D = q.shape
     Dv, N, Nkv = v.shape[-1], B * H, B * Hkv
     G = H // Hkv if Hkv else 1
-    _check_sizes(T, D, Dv)
+    R0 = initial_slots
+    S = X - R0
+    off = X - T  # the buffer row of query 0
+    _check_sizes(max(X, T), D, Dv)
     store = _store_dtype(q.dtype, q.device)
-    dq, dk, dv = (torch.empty_like(x, dtype=store) for x in (q, k, v))
+    dq = torch.empty_like(q, dtype=store)
+    dk = torch.empty(B, Hkv, T, D, dtype=store, device=q.device)
+    dv = torch.empty(B, Hkv, T, Dv, dtype=store, device=q.device)
     if N == 0 or T == 0:
         return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
     mask, has_mask = _mask_arg(key_padding_mask, q)
-    window = min(window, T + 1)
+    window = min(window, S + 1)
     if relevant >= 0:  # the forward's live slots bound every set
-        cap = min(relevant, max(0, T - window + 1))
+        cap = min(relevant, R0 + max(0, S - window + 1))
     else:
         # Sets never shrink (a key leaves only when another takes its slot), so the largest
         # one is the last: the keys whose span runs to the end. A host sync, to size `snap`.
@@ -1213,11 +1444,12 @@ def screened_attention_bwd(
     snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
     delta = torch.empty(N, T, dtype=acc_dtype(q.dtype), device=q.device)
     flag = torch.empty(N, T, dtype=torch.int32, device=q.device)  # dkdv uses its first Nkv rows
+    rows = (T, X, off, R0)
     with _device(q):
         if cap > 0:
             screened_attention_replay_sets_kernel[(Nkv,)](
-                span, snap, T, window, cap, nb, sw, BLOCK_M=rc.block_m, BLOCK_R=rc.block_n,
-                num_warps=rc.num_warps, num_stages=rc.num_stages,
+                span, snap, *rows, window, cap, nb, sw, HAS_STATE=stream, BLOCK_M=rc.block_m,
+                BLOCK_R=rc.block_n, num_warps=rc.num_warps, num_stages=rc.num_stages,
             )  # fmt: skip
         # each hot kernel flags the rows (dq) or keys (dk, dv) that met a non-finite row of
         # K, Q or dO; its fix-up launch recomputes just those exactly
@@ -1226,9 +1458,10 @@ def screened_attention_bwd(
             ck = c.columns()[0]
             screened_attention_bwd_dq_kernel[(N, min(-(-T // c.block_m), _GRID_YZ), -(-D // ck))](
                 q, k, v, mask, out, grad_out, lse, span, snap, dq, delta, flag,
-                T, D, Dv, window, G, Hkv, cap, nb, sw, scale,
+                *rows, D, Dv, window, G, Hkv, cap, nb, sw, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dq_fix",
-                HAS_MASK=has_mask, DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
+                HAS_MASK=has_mask, HAS_STATE=stream,
+                DELTA_FROM_P=q.dtype in (torch.float16, torch.bfloat16),
                 SNAP_M=rc.block_m, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
                 BLOCK_DV=c.block_dv, BLOCK_C=ck, BLOCK_K=c.k_chunk(), num_warps=c.num_warps,
                 num_stages=c.num_stages,
@@ -1239,20 +1472,20 @@ def screened_attention_bwd(
             chunks = max(-(-D // ck), -(-Dv // cv))
             screened_attention_bwd_dkdv_kernel[(Nkv, min(-(-T // c.block_n), _GRID_YZ), chunks)](
                 q, k, v, mask, grad_out, lse, delta, span, dk, dv, flag,
-                T, D, Dv, window, G, Hkv, scale,
+                *rows, D, Dv, window, G, Hkv, scale,
                 MM=mm, ACC=acc_tl, NATIVE=c.native, TF32=c.tf32, EXACT=kernel == "dkdv_fix",
-                HAS_MASK=has_mask, BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_D=c.block_d,
-                BLOCK_DV=c.block_dv, BLOCK_CK=ck, BLOCK_CV=cv, BLOCK_K=c.k_chunk(),
-                num_warps=c.num_warps, num_stages=c.num_stages,
+                HAS_MASK=has_mask, HAS_STATE=stream, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+                BLOCK_D=c.block_d, BLOCK_DV=c.block_dv, BLOCK_CK=ck, BLOCK_CV=cv,
+                BLOCK_K=c.k_chunk(), num_warps=c.num_warps, num_stages=c.num_stages,
             )  # fmt: skip
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
 
 
 _PTR_KIND = {
     **dict.fromkeys(("q", "k", "v", "o", "do", "out", "dq", "dk", "dv"), "in"),
-    **dict.fromkeys(("lse", "rel", "score", "scr", "delta"), "acc"),
+    **dict.fromkeys(("lse", "rel", "score", "scr", "delta", "rel0", "score0"), "acc"),
     **dict.fromkeys(("span", "snap", "flag"), "i32"),
-    "idx": "i64",
+    **dict.fromkeys(("idx", "idx0"), "i64"),
     "mask": "u8",
 }
 _TL_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -1289,6 +1522,7 @@ def static_builds(
     arch: int,
     allow_tf32: bool = False,
     padded: bool = False,
+    stream: bool = False,
 ):
     """Every kernel the launchers build for inputs of ``dtype``, head dims ``d``/``dv``,
     window ``window`` (≤ T) and ``live`` slots (= the replay capacity), on CUDA ``arch``: a
@@ -1296,7 +1530,9 @@ def static_builds(
     (bench/gpu_static.py). Mirrors ``screened_attention_fwd`` / ``screened_attention_bwd``,
     with ``allow_tf32`` standing for ``torch.backends.cuda.matmul.allow_tf32``: as there, it
     reaches every kernel but the scan (whose logits stay IEEE) and the replay (no products).
-    ``padded``: the builds of a call with a ``key_padding_mask`` and grouped heads."""
+    ``padded``: the builds of a call with a ``key_padding_mask`` and grouped heads;
+    ``stream`` (with ``padded``): those of a stream step from a non-empty state (HAS_STATE;
+    the stream always passes the state's padding)."""
     half = dtype in (torch.float16, torch.bfloat16)
     snap_m = {
         k: launch_config(k, dtype, d, dv, window, live, arch, grouped=padded).block_m
@@ -1320,7 +1556,7 @@ def static_builds(
         consts = {
             "MM": mm, "ACC": acc, "NATIVE": c.native, "TF32": c.tf32,
             "EXACT": name.endswith("_fix"), "HAS_SLOTS": live > 0, "DELTA_FROM_P": half,
-            "HAS_MASK": padded, "GROUPED": padded,
+            "HAS_MASK": padded, "GROUPED": padded, "HAS_STATE": stream,
             "SNAP_M": snap_m["scan" if name.startswith("fwd") else "replay"],
             "BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_D": c.block_d,
             "BLOCK_DV": cv if name.startswith("fwd") else c.block_dv, "BLOCK_C": ck,

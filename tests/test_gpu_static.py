@@ -54,12 +54,18 @@ def test_plan_covers_the_launchers():
     for kernel in ("scan", "fwd", "fwd_fix", "dq", "dq_fix", "dkdv", "dkdv_fix"):
         for arch in (80, 90):
             assert (kernel, arch, "bf16", 256) in kinds
-    # the replay reads only spans: one build per (arch, dtype, ν-ρ bucket), whatever the head
+    # the replay reads only spans: one build per (arch, dtype, ν-ρ bucket), whatever the head,
+    # and one more as a stream step from an initial state
     replay = [b for b in builds if b["kernel"] == "replay"]
     assert {(b["arch"], b["dtype"]) for b in replay} == {
         (a, dt) for a in (80, 90) for dt in ("fp16", "bf16", "fp32")
     }
-    assert len(replay) == 12 and all("BLOCK_D" not in b["config"] for b in replay)
+    assert len(replay) == 24 and all("BLOCK_D" not in b["config"] for b in replay)
+    assert sum(b["config"]["HAS_STATE"] for b in replay) == 12
+    # every kernel is also built as a stream step (HAS_STATE, with the padding and groups)
+    for kernel in ("scan", "fwd", "fwd_fix", "dq", "dq_fix", "dkdv", "dkdv_fix"):
+        stream = [b for b in builds if b["kernel"] == kernel and b["config"]["HAS_STATE"]]
+        assert stream and all(b["point"]["padded"] and b["point"]["stream"] for b in stream)
     # ν and ρ reach only the scan's lane vectors and the replay's capacity
     assert {b.get("window") for b in builds if b["kernel"] == "scan"} == {64, 1024}
     assert all("window" not in b for b in builds if b["kernel"] in ("fwd", "dq", "dkdv"))
@@ -76,8 +82,10 @@ def test_plan_covers_the_launchers():
         for a in (80, 90)
         for d in (32, 64, 128, 256)
     }
-    # every TF32 point is built plain and padded (grouped heads with a mask), as the others
+    # every TF32 point is built plain, padded (grouped heads with a mask) and as a stream step,
+    # as the others
     assert {b["point"]["padded"] for b in tf32} == {False, True}
+    assert {b["point"].get("stream", False) for b in tf32} == {False, True}
 
     def plain(builds):
         return [b for b in builds if not b["point"]["padded"]]
@@ -131,7 +139,7 @@ def test_quick_builds(tmp_path):
     from bench.gpu_static import plan
 
     # a build of the sweep that this run does not make (values made up), and a stale one
-    kept, _padded = plan([90], ["bf16"], [64], {"dq"})
+    kept, _padded, _stream = plan([90], ["bf16"], [64], {"dq"})
     kept = _record(**kept, violations=[])
     stale = _record(kernel="dq", family="attention", config={"BLOCK_M": 1}, violations=[])
     out.write_text(json.dumps([kept, stale]))
@@ -145,11 +153,14 @@ def test_quick_builds(tmp_path):
     old, *new = json.loads(out.read_text())
     assert old == kept
     assert not kept["point"]["padded"]
-    # the output kernel also as launched with grouped heads and a padding mask (the replay
-    # does not depend on them: one build)
-    assert sorted((rec["kernel"], rec["dtype"], rec["point"]["padded"]) for rec in new) == [
-        ("fwd", "fp16", False), ("fwd", "fp16", True), ("fwd", "fp32", False),
-        ("fwd", "fp32", True), ("replay", "fp16", False),
+    # the output kernel also as launched with grouped heads and a padding mask, and as a
+    # stream step (the replay does not depend on the padding and groups: two builds)
+    points = [(r["kernel"], r["dtype"], r["point"]["padded"], r["point"].get("stream", False))
+              for r in new]  # fmt: skip
+    assert sorted(points) == [
+        ("fwd", "fp16", False, False), ("fwd", "fp16", True, False), ("fwd", "fp16", True, True),
+        ("fwd", "fp32", False, False), ("fwd", "fp32", True, False), ("fwd", "fp32", True, True),
+        ("replay", "fp16", False, False), ("replay", "fp16", True, True),
     ]  # fmt: skip
     recs = {(rec["kernel"], rec["dtype"]): rec for rec in new if not rec["point"]["padded"]}
     for rec in recs.values():

@@ -7,7 +7,10 @@ return ``(out, lse, relevant_index, relevant_score, relevancy, span)``.
 
 The C++ op ``screened_attention_stream`` (grouped heads, key padding, a stream's initial state;
 docs/streaming.md) has its own fake and autograd, and ``screened_attention_stream_cpu`` runs it as
-the reference's ``screened_attention_stream`` runs its scan."""
+the reference's ``screened_attention_stream`` runs its scan. The Triton ops
+``screened_attention_stream_triton`` / ``screened_attention_stream_backward_triton`` take the
+same initial state (with the cached keys and values apart from the new ones, which alone get
+gradients), and ``screened_attention_stream_triton_state`` runs them for the cache."""
 
 from __future__ import annotations
 
@@ -283,3 +286,200 @@ if _backend.HAS_TRITON:
         setup_context=_setup_context,
     )
     no_double_backward(screened_attention_backward_triton, "screened_attention")
+
+
+def _check_stream_state(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    key_padding_mask: Tensor | None,
+    slot_keys: Tensor,
+    slot_values: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    relevant: int,
+    relevancy0: Tensor | None = None,
+    slot_index0: Tensor | None = None,
+    slot_score0: Tensor | None = None,
+) -> None:
+    """The state arguments of the Triton stream ops, against ``q``, ``k``, ``v`` (checked):
+    the kernels index them by raw offsets, so a wrong shape must not reach them."""
+    for name, x in [("slot_keys", slot_keys), ("keys", keys)]:
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (B, Hkv, ·, D), got shape {tuple(x.shape)}")
+    B, Hkv, n, D = k.shape
+    Dv = v.shape[-1]
+    R0, P = slot_keys.shape[2], keys.shape[2]
+    acc = score_dtype(q.dtype)
+    for name, x, shape, dtype in [
+        ("slot_keys", slot_keys, (B, Hkv, R0, D), q.dtype),
+        ("slot_values", slot_values, (B, Hkv, R0, Dv), q.dtype),
+        ("keys", keys, (B, Hkv, P, D), q.dtype),
+        ("values", values, (B, Hkv, P, Dv), q.dtype),
+        ("relevancy0", relevancy0, (B, Hkv, P), acc),
+        ("slot_index0", slot_index0, (B, Hkv, R0), torch.int64),
+        ("slot_score0", slot_score0, (B, Hkv, R0), acc),
+        ("key_padding_mask", key_padding_mask, (B, P + n), torch.bool),
+    ]:
+        if x is None:
+            continue
+        if tuple(x.shape) != shape or x.dtype != dtype or x.device != q.device:
+            raise ValueError(
+                f"{name} must be a {dtype} tensor of shape {shape} on {q.device} (R0={R0} "
+                f"initial slots, P={P} earlier positions, n={n} new ones), got {x.dtype} "
+                f"{tuple(x.shape)} on {x.device}"
+            )
+    if relevant < R0:
+        raise ValueError(f"relevant must be >= the {R0} initial slots, got {relevant}")
+
+
+def _fake_stream_triton(
+    q, k, v, key_padding_mask, slot_keys, slot_values, keys, values, relevancy0, slot_index0,
+    slot_score0, window: int, relevant: int, scale: float,
+):  # fmt: skip
+    B, H, n, _ = q.shape
+    Hkv, P, R0 = k.shape[1], relevancy0.shape[-1], slot_index0.shape[-1]
+    acc = score_dtype(q.dtype)
+    return (
+        q.new_empty(B, H, n, v.shape[-1]),
+        q.new_empty(B, H, n, dtype=acc),
+        q.new_empty(B, Hkv, relevant, dtype=torch.int64),
+        q.new_empty(B, Hkv, relevant, dtype=acc),
+        q.new_empty(B, Hkv, P + n, dtype=acc),
+        q.new_empty(B, Hkv, R0 + P + n, 2, dtype=torch.int32),
+    )
+
+
+def _fake_stream_triton_backward(
+    grad_out, q, k, v, slot_keys, slot_values, keys, values, out, lse, span, key_padding_mask,
+    window: int, scale: float, relevant: int,
+):  # fmt: skip
+    return _fake_backward(grad_out, q, k, v, out, lse, span, window, scale)
+
+
+def _setup_stream_triton(ctx, inputs, output):
+    q, k, v, mask, slot_keys, slot_values, keys, values, *_, window, relevant, scale = inputs
+    out, lse, *_, span = output
+    ctx.window, ctx.scale, ctx.relevant = window, scale, relevant
+    ctx.save_for_backward(q, k, v, slot_keys, slot_values, keys, values, out, lse, span, mask)
+    ctx.set_materialize_grads(False)
+
+
+def _stream_triton_backward(ctx, grad_out, *_side_outputs):
+    q, k, v, slot_keys, slot_values, keys, values, out, lse, span, mask = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dq, dk, dv = screened_attention_stream_backward_triton(
+        grad_out, q, k, v, slot_keys, slot_values, keys, values, out, lse, span, mask,
+        ctx.window, ctx.scale, ctx.relevant,
+    )  # fmt: skip
+    return dq, dk, dv, *[None] * 11
+
+
+def screened_attention_stream_triton_state(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    window: int,
+    relevant: int,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    state: StreamState | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, StreamState]:
+    """``reference.screened_attention_stream`` on the Triton kernels: the same arguments
+    (checked by the caller) and results. One call of the op ``screened_attention_stream_triton``
+    per prefill or decode step, which takes ``state`` as its initial state."""
+    B, _, n, D = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    if state is None:
+        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    P, R0 = state.keys.shape[2], state.slot_keys.shape[2]
+    S = P + n
+    rho = min(relevant, R0 + max(S - window + 1, 0))
+    if R0 + P == 0:  # the start: the kernels of one screened_attention call
+        mask = key_padding_mask
+        valid_b = torch.ones((B, S), dtype=torch.bool, device=q.device) if mask is None else mask
+    else:  # the kernels read the state's padding too: one build for every later step
+        if key_padding_mask is None:
+            key_padding_mask = torch.ones((B, n), dtype=torch.bool, device=q.device)
+        valid_b = mask = torch.cat([state.valid, key_padding_mask], dim=1)  # (B, S)
+    out, _lse, slot_x, slot_score, relevancy, span = screened_attention_stream_triton(
+        q, k, v, mask, state.slot_keys, state.slot_values, state.keys, state.values,
+        state.relevancy, state.slot_index, state.slot_score, window, rho, scale,
+    )  # fmt: skip
+    # the next state gathers its rows from the buffer the kernels read (detached)
+    k_all = torch.cat([state.slot_keys, state.keys, k.detach()], dim=2)
+    v_all = torch.cat([state.slot_values, state.values, v.detach()], dim=2)
+    return _finish(out, state, window, k_all, v_all, valid_b, relevancy, slot_x, slot_score, span)
+
+
+if _backend.HAS_TRITON:
+
+    @torch.library.custom_op("screening_attn::screened_attention_stream_triton", mutates_args=())
+    def screened_attention_stream_triton(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None,
+        slot_keys: Tensor,
+        slot_values: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        relevancy0: Tensor,
+        slot_index0: Tensor,
+        slot_score0: Tensor,
+        window: int,
+        relevant: int,
+        scale: float,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # A stream step (docs/streaming.md): the n new q, k, v from the initial state of
+        # R0 slots (slot_*) and P earlier positions (keys, values, relevancy0);
+        # key_padding_mask (B, P + n). Results as the C++ op screened_attention_stream's.
+        from screening_attn._kernels.attention import screened_attention_stream_fwd
+
+        check_attention_inputs(q, k, v, window, relevant, scale, grouped=True)
+        state = (slot_keys, slot_values, keys, values, relevancy0, slot_index0, slot_score0)
+        _check_stream_state(q, k, v, key_padding_mask, *state[:4], relevant, *state[4:])
+        return screened_attention_stream_fwd(
+            q, k, v, key_padding_mask, *state, window, relevant, scale
+        )
+
+    @torch.library.custom_op(
+        "screening_attn::screened_attention_stream_backward_triton", mutates_args=()
+    )
+    def screened_attention_stream_backward_triton(
+        grad_out: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        slot_keys: Tensor,
+        slot_values: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        span: Tensor,
+        key_padding_mask: Tensor | None,
+        window: int,
+        scale: float,
+        relevant: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        # gradients of the new q, k, v only: the cached keys and values are detached
+        from screening_attn._kernels.attention import screened_attention_stream_bwd
+
+        check_attention_inputs(q, k, v, window, relevant, scale, grouped=True)
+        state = (slot_keys, slot_values, keys, values)
+        _check_stream_state(q, k, v, key_padding_mask, *state, relevant)
+        return screened_attention_stream_bwd(
+            grad_out, q, k, v, slot_keys, slot_values, keys, values, out, lse, span,
+            key_padding_mask, window, scale, relevant,
+        )  # fmt: skip
+
+    screened_attention_stream_triton.register_fake(_fake_stream_triton)
+    screened_attention_stream_backward_triton.register_fake(_fake_stream_triton_backward)
+    torch.library.register_autograd(
+        screened_attention_stream_triton,
+        _stream_triton_backward,
+        setup_context=_setup_stream_triton,
+    )
+    no_double_backward(screened_attention_stream_backward_triton, "screened_attention")

@@ -3,8 +3,8 @@
 The cache holds exactly what later queries can still see, per (b, KV head): the last ν-1 keys
 and values with their relevancy so far, the ρ slots of the relevant set (keys, values, scores,
 positions) and the number of positions seen. ``attend`` runs the next positions from that state
-(the C++ kernel on CPU, else the reference's ``screened_attention_stream``), so any split of a
-sequence into calls gives the one-call result.
+(the C++ kernel on CPU, the Triton kernels on CUDA, else the reference's
+``screened_attention_stream``), so any split of a sequence into calls gives the one-call result.
 """
 
 from __future__ import annotations
@@ -19,9 +19,13 @@ from screening_attn.attention.reference import StreamState, screened_attention_s
 
 __all__ = ["ScreenedKVCache"]
 
-# The compiled backends of the stream form and the dtypes they take (the GPU kernels don't take
-# an initial state yet; docs/backends.md).
-KERNELS = {"cpu": _backend.CPU_HALF_DTYPES}
+# The compiled backends of the stream form and the dtypes they take (docs/backends.md).
+KERNELS = {"cpu": _backend.CPU_HALF_DTYPES, "triton": _backend.TRITON_DTYPES}
+_STREAMS = {
+    "cpu": _ops.screened_attention_stream_cpu,
+    "triton": _ops.screened_attention_stream_triton_state,
+    "reference": screened_attention_stream,
+}
 
 
 class ScreenedKVCache:
@@ -32,8 +36,9 @@ class ScreenedKVCache:
         window (int): `ν >= 1`, the most recent positions every query sees (itself included).
         relevant (int): `ρ >= 0`, the slots of the relevant set (one set per KV head).
         scale (Optional[float]): factor on the logits; `None` means `1 / sqrt(D)`.
-        backend (str): `"auto"` (the C++ kernel for CPU tensors it takes, else the reference),
-            `"reference"` or `"cpu"`; checked on each ``attend`` against its tensors.
+        backend (str): `"auto"` (the C++ kernel for CPU tensors, the Triton kernels for CUDA
+            tensors, else the reference), `"reference"`, `"cpu"` or `"triton"`; checked on
+            each ``attend`` against its tensors.
 
     The first ``attend`` fixes the batch size, the heads, the head dims, the dtype and the
     device; later calls must match them (a ``ValueError``/``TypeError`` says what differs).
@@ -143,8 +148,7 @@ class ScreenedKVCache:
         scale = self.scale
         if scale is None:
             scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
-        stream = _ops.screened_attention_stream_cpu if impl == "cpu" else screened_attention_stream
-        out, *_, self._state = stream(
+        out, *_, self._state = _STREAMS[impl](
             q, k, v, self.window, self.relevant, scale, key_padding_mask, self._state
         )
         self._heads = q.shape[1]
