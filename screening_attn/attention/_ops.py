@@ -304,14 +304,14 @@ def _check_stream_state(
 ) -> None:
     """The state arguments of the Triton stream ops, against ``q``, ``k``, ``v`` (checked):
     the kernels index them by raw offsets, so a wrong shape must not reach them."""
-    for name, x in [("slot_keys", slot_keys), ("keys", keys)]:
-        if x.dim() != 4:
-            raise ValueError(f"{name} must be 4-d (B, Hkv, ·, D), got shape {tuple(x.shape)}")
+    for name, kx in [("slot_keys", slot_keys), ("keys", keys)]:
+        if kx.dim() != 4:
+            raise ValueError(f"{name} must be 4-d (B, Hkv, ·, D), got shape {tuple(kx.shape)}")
     B, Hkv, n, D = k.shape
     Dv = v.shape[-1]
     R0, P = slot_keys.shape[2], keys.shape[2]
     acc = score_dtype(q.dtype)
-    for name, x, shape, dtype in [
+    expected: list[tuple[str, Tensor | None, tuple[int, ...], torch.dtype]] = [
         ("slot_keys", slot_keys, (B, Hkv, R0, D), q.dtype),
         ("slot_values", slot_values, (B, Hkv, R0, Dv), q.dtype),
         ("keys", keys, (B, Hkv, P, D), q.dtype),
@@ -320,7 +320,8 @@ def _check_stream_state(
         ("slot_index0", slot_index0, (B, Hkv, R0), torch.int64),
         ("slot_score0", slot_score0, (B, Hkv, R0), acc),
         ("key_padding_mask", key_padding_mask, (B, P + n), torch.bool),
-    ]:
+    ]
+    for name, x, shape, dtype in expected:
         if x is None:
             continue
         if tuple(x.shape) != shape or x.dtype != dtype or x.device != q.device:
