@@ -21,7 +21,7 @@ from screening_attn import _backend
 from screening_attn._library import acc_dtype as score_dtype
 from screening_attn._library import no_double_backward
 from screening_attn._validate import check_attention_inputs, check_key_padding_mask
-from screening_attn.attention.reference import StreamState, _finish
+from screening_attn.attention.reference import StreamState, _finish, stream_start
 
 
 def _fake_forward(
@@ -203,13 +203,9 @@ def screened_attention_stream_cpu(
     the caller) and results. The kernel takes ``state`` as its initial state; the buffers it
     reads are the state's slot keys, its last keys and the new ones, one ``cat`` (none without
     a state), so prefill and single-token decode are one op call each."""
-    B, _, n, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    if state is None:
-        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    B, n = q.shape[0], q.shape[2]
+    state, rho = stream_start(q, k, v, window, relevant, state)
     P, R0 = state.keys.shape[2], state.slot_keys.shape[2]
-    S = P + n
-    rho = min(relevant, R0 + max(S - window + 1, 0))
     if key_padding_mask is None:
         key_padding_mask = torch.ones((B, n), dtype=torch.bool, device=q.device)
     valid_b = torch.cat([state.valid, key_padding_mask], dim=1)  # (B, S)
@@ -390,13 +386,10 @@ def screened_attention_stream_triton_state(
     """``reference.screened_attention_stream`` on the Triton kernels: the same arguments
     (checked by the caller) and results. One call of the op ``screened_attention_stream_triton``
     per prefill or decode step, which takes ``state`` as its initial state."""
-    B, _, n, D = q.shape
-    Hkv, Dv = k.shape[1], v.shape[-1]
-    if state is None:
-        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    B, n = q.shape[0], q.shape[2]
+    state, rho = stream_start(q, k, v, window, relevant, state)
     P, R0 = state.keys.shape[2], state.slot_keys.shape[2]
     S = P + n
-    rho = min(relevant, R0 + max(S - window + 1, 0))
     if R0 + P == 0:  # the start: the kernels of one screened_attention call
         mask = key_padding_mask
         valid_b = torch.ones((B, S), dtype=torch.bool, device=q.device) if mask is None else mask

@@ -288,6 +288,24 @@ class StreamState:
         return StreamState(self.seen, *pick)
 
 
+def stream_start(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    relevant: int,
+    state: StreamState | None,
+) -> tuple[StreamState, int]:
+    """``state`` (the empty one at a stream's start) and the slot columns of this call's result,
+    ``min(ρ, R0 + keys this call screens)``: the columns past the R0 initial slots plus every key
+    leaving the window in this call can never fill (shared with the kernels' glue)."""
+    if state is None:
+        B, Hkv, D, Dv = k.shape[0], k.shape[1], k.shape[-1], v.shape[-1]
+        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    R0, S = state.slot_keys.shape[2], state.keys.shape[2] + q.shape[2]
+    return state, min(relevant, R0 + max(S - window + 1, 0))
+
+
 def screened_attention_stream(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -320,14 +338,11 @@ def screened_attention_stream(
     Hkv, Dv = k.shape[1], v.shape[-1]
     G, N = (H // Hkv if Hkv else 1), B * Hkv  # H = Hkv = 0 is an empty call
     acc = _acc_dtype(q.dtype)
-    if state is None:
-        state = StreamState.empty(B, Hkv, D, Dv, q.dtype, q.device)
+    state, rho = stream_start(q, k, v, window, relevant, state)
     P, R0 = state.keys.shape[2], state.slot_keys.shape[2]
     S = P + n
-    # A window wider than the sequence sees and screens the same keys; the slots past the
-    # initial ones plus every key this call screens can never fill.
+    # A window wider than the sequence sees and screens the same keys.
     nu = min(window, S + 1)
-    rho = min(relevant, R0 + max(S - window + 1, 0))
     if key_padding_mask is None:
         key_padding_mask = torch.ones((B, n), dtype=torch.bool, device=q.device)
     valid_b = torch.cat([state.valid, key_padding_mask], dim=1)  # (B, S)
