@@ -1,8 +1,9 @@
-// The sequence ops rel_rnn, rel_lstm and their backwards (schemas in csrc/rnn.cpp): the loops
-// over time. The matrix products run with ATen (BLAS / cuBLAS; small float32 ones on the CPU
-// with torch's brgemm, see step_mm), everything between them through the step ops (kernels:
-// csrc/cpu/rnn.cpp, csrc/cuda/rnn.cu), called through the dispatcher: the loops are
-// device-generic, registered here for CPU (and CUDA). Fakes and autograd:
+// The sequence ops rel_rnn, rel_lstm and their backwards (schemas in csrc/rnn.cpp): the buffers,
+// the products outside the time loop (the input part up front, the backward's weight gradients
+// per chunk) and the loops over time. On the CPU the steps run in csrc/cpu/rnn.cpp's sequence
+// loops (cpu/rnn_seq.h: one parallel region over blocks of rows, no dispatcher call per step).
+// Elsewhere (CUDA) the loops below call the step ops (csrc/cuda/rnn.cu) through the dispatcher
+// and the per-step products through ATen (step_mm). Fakes and autograd:
 // screening_attn/rnn/_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -14,6 +15,7 @@
 #include <limits>
 #include <string_view>
 
+#include "cpu/rnn_seq.h"
 #include "screening_attn/rnn.h"
 #include "screening_attn/rnn_checks.h"
 
@@ -114,22 +116,6 @@ constexpr int64_t kChunk = 64;
 
 // out = a @ b into a preallocated (possibly row-strided) view.
 void mm_into(Tensor out, const Tensor& a, const Tensor& b) { at::mm_out(out, a, b); }
-
-// Whether torch's small-matrix GEMM (at::native::cpublas::brgemm: oneDNN's ukernel) runs float32
-// in this build; asked once, with a 1 x 1 product.
-bool brgemm_works() {
-  static const bool works = [] {
-    try {
-      const float one = 1.0f;
-      float c = 0.0f;
-      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &one, &one, &c, false);
-      return c == 1.0f;
-    } catch (const std::exception&) {
-      return false;
-    }
-  }();
-  return works;
-}
 
 bool rows_contiguous(const Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 
@@ -246,6 +232,44 @@ struct Records {
   }
 };
 
+// The CPU loops' view of a sequence's buffers (cpu/rnn_seq.h); the screening state and the
+// network's own parts are added by the helpers below.
+SeqBuffers seq_buffers(const Tensor& pq, const Tensor& s, const Tensor& h, const Tensor& uah,
+                       const OptTensor& key_exp, const Tensor& v, const Tensor& Ws,
+                       const Tensor& Ua, const Tensor& alpha, const Tensor& cand, int64_t window) {
+  SeqBuffers b;
+  b.pq = pq.contiguous();
+  b.s = s.contiguous();
+  b.h = h.contiguous();
+  b.uah = uah.contiguous();
+  b.key_exp = key_exp;
+  b.v = v.contiguous();
+  b.Ws = Ws.contiguous();
+  b.Ua = Ua.contiguous();
+  b.alpha = alpha.contiguous();
+  b.cand = cand.contiguous();
+  b.window = window;
+  return b;
+}
+
+void rnn_buffers(SeqBuffers& b, c10::string_view nonlinearity, const OptTensor& modrelu_b,
+                 double attn) {
+  b.nonlinearity = parse_nonlinearity(nonlinearity);
+  if (b.nonlinearity == kModRelu && modrelu_b) b.modrelu_b = modrelu_b->contiguous();
+  b.attn = attn;
+}
+
+void lstm_buffers(SeqBuffers& b, const Tensor& cell) {
+  b.lstm = true;
+  b.cell = cell.contiguous();
+}
+
+void screening_buffers(SeqBuffers& b, const Screening& sc) {
+  b.slot_index = sc.slot_index;
+  b.slot_score = sc.slot_score;
+  b.relevancy = sc.relevancy;
+}
+
 // RelRNN
 //
 // pq (T, B, 2Hd) holds per step [pre_t | Q_{t+1}]: it starts as [U x_t + b | 0] (the input part
@@ -307,15 +331,22 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   mm_into(uah[0], h[0], UaT);
   const OptTensor kexp = key_exp_buffer(uah);
   if (kexp) key_exp_op(uah[0], (*kexp)[0]);
-  for (int64_t t = 1; t < T; ++t) {
-    attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score, sc.relevancy,
-                s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn, kexp);
-    Tensor pq_t = pq[t];
-    step_mm(pq_t, s[t], W, true);
-    activation(pq_t.narrow(1, 0, Hd), modrelu_b, nonlinearity, h[t]);
-    Tensor uah_t = uah[t];
-    step_mm(uah_t, h[t], UaT, false);
-    if (kexp) key_exp_op(uah_t, (*kexp)[t]);
+  if (x.device().is_cpu()) {
+    SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, W, UaT, rec.alpha, rec.cand, sc.window);
+    rnn_buffers(buf, nonlinearity, modrelu_b, attn);
+    screening_buffers(buf, sc);
+    seq_forward_cpu(buf, 1);
+  } else {
+    for (int64_t t = 1; t < T; ++t) {
+      attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
+                  sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn, kexp);
+      Tensor pq_t = pq[t];
+      step_mm(pq_t, s[t], W, true);
+      activation(pq_t.narrow(1, 0, Hd), modrelu_b, nonlinearity, h[t]);
+      Tensor uah_t = uah[t];
+      step_mm(uah_t, h[t], UaT, false);
+      if (kexp) key_exp_op(uah_t, (*kexp)[t]);
+    }
   }
   auto [index, score] = sc.result();
   return {h, index, score, sc.relevancy, s, pq, uah, rec.alpha, rec.cand};
@@ -353,11 +384,23 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   const OptTensor kexp = key_exp_buffer(uah);  // recomputed: one pass, not kept from the forward
   if (kexp) key_exp_op(uah, *kexp);
 
+  const bool cpu = h.device().is_cpu();
+  std::optional<SeqBuffers> buf;
+  if (cpu) {
+    buf = seq_buffers(pq, s, h, uah, kexp, v, W, Ua, alpha, cand, window);
+    rnn_buffers(*buf, nonlinearity, std::nullopt, attn);
+  }
+
   for (int64_t t1 = T; t1 > 0; t1 -= K) {
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
     Tensor g = chunk.narrow(0, 0, n);         // g[t - t0]
     g[n - 1].narrow(1, Hd, Hd).copy_(carry);  // dL/dQ_{t1} (0 for the last step: no query)
-    for (int64_t t = t1 - 1; t >= t0; --t) {
+    int64_t t_top = t1 - 1;                   // the steps left to the loop below
+    if (cpu) {                                // steps t1-1 .. max(t0, 1)
+      seq_backward_cpu(*buf, {gH, gK, g, carry, gs, gv, gb, {}}, t0, t1, 1);
+      t_top = t0 == 0 ? 0 : t0 - 1;
+    }
+    for (int64_t t = t_top; t >= t0; --t) {
       Tensor gH_t = gH[t], g_t = g[t - t0];
       step_mm(gH_t, gK[t], Ua, true);  // uah_t = Ua h_t
       Tensor gpre = g_t.narrow(1, 0, Hd);
@@ -435,17 +478,24 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
 
   const OptTensor kexp = key_exp_buffer(uah);
   s[0].copy_(h0);
-  for (int64_t t = 0; t < T; ++t) {
-    if (t > 0) {
-      attend_step(pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
-                  sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, 1.0, kexp);
+  if (x.device().is_cpu()) {
+    SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, Wc, UaT, rec.alpha, rec.cand, sc.window);
+    lstm_buffers(buf, cell);
+    screening_buffers(buf, sc);
+    seq_forward_cpu(buf, 0);
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      if (t > 0) {
+        attend_step(pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
+                    sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, 1.0, kexp);
+      }
+      Tensor pq_t = pq[t];
+      step_mm(pq_t, s[t], Wc, true);
+      lstm_cell(pq_t.narrow(1, 0, 4 * Hd), t > 0 ? cell[t - 1] : cell_init, cell[t], h[t]);
+      Tensor uah_t = uah[t];
+      step_mm(uah_t, h[t], UaT, false);
+      if (kexp) key_exp_op(uah_t, (*kexp)[t]);
     }
-    Tensor pq_t = pq[t];
-    step_mm(pq_t, s[t], Wc, true);
-    lstm_cell(pq_t.narrow(1, 0, 4 * Hd), t > 0 ? cell[t - 1] : cell_init, cell[t], h[t]);
-    Tensor uah_t = uah[t];
-    step_mm(uah_t, h[t], UaT, false);
-    if (kexp) key_exp_op(uah_t, (*kexp)[t]);
   }
   auto [index, score] = sc.result();
   return {h, index, score, sc.relevancy, cell, s, pq, uah, rec.alpha, rec.cand};
@@ -481,11 +531,21 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   const OptTensor kexp = key_exp_buffer(uah);  // as in rel_rnn_backward
   if (kexp) key_exp_op(uah, *kexp);
 
+  const bool cpu = h.device().is_cpu();
+  std::optional<SeqBuffers> buf;
+  if (cpu) {
+    buf = seq_buffers(pq, s, h, uah, kexp, v, Wc, Ua, alpha, cand, window);
+    lstm_buffers(*buf, cell);
+  }
+
   for (int64_t t1 = T; t1 > 0; t1 -= K) {
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
     Tensor g = chunk.narrow(0, 0, n);
     g[n - 1].narrow(1, 4 * Hd, Hd).copy_(carry);
-    for (int64_t t = t1 - 1; t >= t0; --t) {
+    if (cpu) {  // every step of the chunk
+      seq_backward_cpu(*buf, {gH, gK, g, carry, gs, gv, {}, gcell}, t0, t1, 0);
+    }
+    for (int64_t t = cpu ? t0 - 1 : t1 - 1; t >= t0; --t) {
       Tensor gH_t = gH[t], g_t = g[t - t0];
       step_mm(gH_t, gK[t], Ua, true);
       lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t], t > 0 ? cell[t - 1] : cell_init,

@@ -41,11 +41,6 @@ def feedback_plane_grain(plane_size: int) -> int:
     return max(1, FEEDBACK_GRAIN // max(1, plane_size))
 
 
-def rnn_grain(work: int) -> int:
-    """rnn.cpp ``grain_for``: rows per task for ``work`` element operations per row."""
-    return max(1, 16384 // max(1, work))
-
-
 FEEDBACK_GRAIN = 32768  # csrc/cpu/vec.h kGrain: elements per task
 
 
@@ -164,10 +159,7 @@ def test_rnn_sequence(kind, nonlinearity):
     """Forward h and state; gradients of x, h0 and every parameter. T crosses the backward's
     64-step chunks."""
     T, B, I, Hd, window, relevant = 80, 64, 8, 64, 8, 8
-    # largest grain: the attention step at t = 1 (fewest candidates), then the activation
-    assert_splits(B, rnn_grain((1 + relevant) * Hd))
-    assert_splits(B, rnn_grain(8 * Hd))  # rnn_activation
-    assert_splits(B, rnn_grain(32 * Hd))  # lstm_cell
+    assert_splits(B, 1)  # the CPU time loops: one block of rows per thread (csrc/cpu/rnn.cpp)
     m = make_rnn(kind, I, Hd, window, relevant, nonlinearity, dtype=F32)
     gen = torch.Generator().manual_seed(0)
     x, h0, g = _leaf((T, B, I), F32, gen), _leaf((B, Hd), F32, gen), _leaf((T, B, Hd), F32, gen)

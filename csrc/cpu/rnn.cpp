@@ -4,9 +4,10 @@
 // the Hd features, and the row kernels are compiled for AVX-512 and AVX2 too
 // (SCREENING_ATTN_CLONES, vec.h). The element math (scores, activations, LSTM cell) is shared with
 // the CUDA kernels (include/screening_attn/rnn.h).
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 #include <string_view>
 #include <vector>
 
+#include "rnn_seq.h"
 #include "vec.h"
 
 #include "screening_attn/rnn.h"
@@ -569,7 +571,242 @@ void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
   });
 }
 
+// The sequence loops (rnn_seq.h)
+
+// c (m x n, row stride ldc) = a (m x k, lda) b (k x n, ldb), or c += a b; on the calling thread.
+// float32 takes brgemm (as step_mm in csrc/rnn_loops.cpp), the rest at::mm on views (BLAS; MKL
+// stays on the thread, see for_row_blocks).
+// A row of c depends on its row of a alone, with the same order of sums whichever rows share the
+// call (brgemm and MKL alike; test_determinism checks 1 vs 2 threads).
+template <typename T>
+void rows_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+             T* c, int64_t ldc, bool accumulate) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    if (!accumulate) {
+      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
+    }
+    return;
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (brgemm_works()) {
+      at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
+      return;
+    }
+  }
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor av = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
+  const at::Tensor bv = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opt);
+  at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opt);
+  if (accumulate) {
+    cv.addmm_(av, bv);
+  } else {
+    at::mm_out(cv, av, bv);
+  }
+}
+
+// Raw pointers of SeqBuffers.
+template <typename T>
+struct Seq {
+  int64_t T_, B, Hd, P, qoff, live, A;  // A = window + live: alpha's row width
+  T *pq, *s, *h, *uah, *cell, *kexp;
+  const T *v, *mb, *Ws, *Ua;
+  int64_t* slots;
+  T *slot_score, *relevancy, *alpha;
+  int64_t* cand;
+  int64_t window;
+  T attn, vsum;
+  std::vector<T> vbuf;   // -2 v, 4 v: the exp path's multiples of v
+  std::vector<T> zeros;  // (Hd): RelLSTM's cell before step 0
+
+  explicit Seq(const SeqBuffers& a)
+      : T_(a.h.size(0)),
+        B(a.h.size(1)),
+        Hd(a.h.size(2)),
+        P(a.pq.size(2)),
+        qoff(a.pq.size(2) - a.h.size(2)),
+        live(a.cand.size(2)),
+        A(a.alpha.size(2)),
+        pq(a.pq.mutable_data_ptr<T>()),
+        s(a.s.mutable_data_ptr<T>()),
+        h(a.h.mutable_data_ptr<T>()),
+        uah(a.uah.mutable_data_ptr<T>()),
+        cell(a.lstm ? a.cell.mutable_data_ptr<T>() : nullptr),
+        kexp(a.key_exp && Hd > 0 ? a.key_exp->mutable_data_ptr<T>() : nullptr),
+        v(a.v.const_data_ptr<T>()),
+        mb(a.modrelu_b ? a.modrelu_b->const_data_ptr<T>() : nullptr),
+        Ws(a.Ws.const_data_ptr<T>()),
+        Ua(a.Ua.const_data_ptr<T>()),
+        slots(a.slot_index.defined() ? a.slot_index.mutable_data_ptr<int64_t>() : nullptr),
+        slot_score(a.slot_score.defined() ? a.slot_score.mutable_data_ptr<T>() : nullptr),
+        relevancy(a.relevancy.defined() ? a.relevancy.mutable_data_ptr<T>() : nullptr),
+        alpha(a.alpha.mutable_data_ptr<T>()),
+        cand(a.cand.mutable_data_ptr<int64_t>()),
+        window(a.window),
+        attn(static_cast<T>(a.attn)),
+        vsum(0),
+        vbuf(2 * Hd),
+        zeros(Hd, T(0)) {
+    for (int64_t d = 0; d < Hd; ++d) {
+      vbuf[d] = T(-2) * v[d];
+      vbuf[Hd + d] = T(4) * v[d];
+      vsum += v[d];
+    }
+  }
+
+  // The attention of step t >= 1: its query Q_t is in pq[t-1].
+  Step<T> step(int64_t t) const {
+    return {
+        h, uah,    kexp, v,    vbuf.data(), vbuf.data() + Hd, pq + (t - 1) * B * P + qoff, P, B, Hd,
+        t, window, live, attn, vsum};
+  }
+  T* at(T* base, int64_t t, int64_t b) const { return base + (t * B + b) * Hd; }
+};
+
+// Forward steps t_begin .. T-1 of rows [b0, b1); cell(t, b): the elementwise part of row b
+// (h_t from pq_t).
+template <typename T, typename Cell>
+void forward_block(const Seq<T>& a, int64_t b0, int64_t b1, int64_t t_begin, const Cell& cell) {
+  const int64_t m = b1 - b0, B = a.B, Hd = a.Hd, P = a.P;
+  for (int64_t t = t_begin; t < a.T_; ++t) {
+    if (t > 0) {
+      const Forward<T> f{a.step(t),
+                         a.slots,
+                         a.slot_score,
+                         a.relevancy,
+                         a.s + t * B * Hd,
+                         a.alpha + t * B * a.A,
+                         a.cand + t * B * a.live,
+                         Hd,
+                         a.A,
+                         a.live};
+      attend_rows(f, b0, b1);
+    }
+    rows_mm<T>(m, P, Hd, a.at(a.s, t, b0), Hd, a.Ws, P, a.pq + (t * B + b0) * P, P, true);
+    for (int64_t b = b0; b < b1; ++b) cell(t, b);
+    T* k = a.at(a.uah, t, b0);
+    rows_mm<T>(m, Hd, Hd, a.at(a.h, t, b0), Hd, a.Ua, Hd, k, Hd, false);
+    if (a.kexp != nullptr) {
+      for (int64_t b = b0; b < b1; ++b) key_exp_row(a.at(a.uah, t, b), a.at(a.kexp, t, b), Hd);
+    }
+  }
+}
+
+// Backward steps t1-1 .. t_end of rows [b0, b1) (chunk [t0, t1), see seq_backward_cpu);
+// cell(t, b, g_t): the elementwise backward of row b, dL/dh_t -> g_t's row.
+template <typename T, typename Cell>
+void backward_block(const Seq<T>& a, const SeqGrads& gr, int64_t t0, int64_t t1, int64_t t_end,
+                    int64_t b0, int64_t b1, const Cell& cell) {
+  const int64_t m = b1 - b0, B = a.B, Hd = a.Hd, P = a.P;
+  T* gH = gr.gH.mutable_data_ptr<T>();
+  T* gK = gr.gK.mutable_data_ptr<T>();
+  T* g = gr.g.mutable_data_ptr<T>();
+  T* gs = gr.gs.mutable_data_ptr<T>();
+  T* gv = gr.gv.mutable_data_ptr<T>();
+  T* carry = gr.carry.mutable_data_ptr<T>();
+  for (int64_t t = t1 - 1; t >= t_end; --t) {
+    rows_mm<T>(m, Hd, Hd, a.at(gK, t, b0), Hd, a.Ua, Hd, a.at(gH, t, b0), Hd, true);
+    T* g_t = g + (t - t0) * B * P;
+    for (int64_t b = b0; b < b1; ++b) cell(t, b, g_t + b * P);
+    rows_mm<T>(m, Hd, P, g_t + b0 * P, P, a.Ws, Hd, gs + b0 * Hd, Hd, false);
+    if (t == 0) continue;
+    const bool in_chunk = t > t0;  // dL/dQ_t: into the chunk, or the carry for the next one
+    const Backward<T> bw{a.step(t),
+                         gs,
+                         a.alpha + t * B * a.A,
+                         a.cand + t * B * a.live,
+                         gH,
+                         gK,
+                         gv,
+                         in_chunk ? g + (t - 1 - t0) * B * P + a.qoff : carry,
+                         Hd,
+                         a.A,
+                         in_chunk ? P : Hd};
+    attend_backward_rows(bw, b0, b1);
+  }
+}
+
+// Runs f(b0, b1) on blocks of rows, one per thread (rows are independent: any split gives the same
+// bits). MKL stays on the block's thread.
+template <typename F>
+void for_row_blocks(int64_t B, const F& f) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    const SequentialBlas sequential;
+    f(b0, b1);
+  });
+}
+
 }  // namespace
+
+bool brgemm_works() {
+  static const bool works = [] {
+    try {
+      const float one = 1.0f;
+      float c = 0.0f;
+      at::native::cpublas::brgemm(1, 1, 1, 1, 1, 1, false, &one, &one, &c, false);
+      return c == 1.0f;
+    } catch (const std::exception&) {
+      return false;
+    }
+  }();
+  return works;
+}
+
+void seq_forward_cpu(const SeqBuffers& a, int64_t t_begin) {
+  AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), "seq_forward_cpu", [&] {
+    using T = scalar_t;
+    const Seq<T> q(a);
+    const int64_t B = q.B, Hd = q.Hd, P = q.P;
+    if (a.lstm) {
+      for_row_blocks(B, [&](int64_t b0, int64_t b1) {
+        forward_block(q, b0, b1, t_begin, [&](int64_t t, int64_t b) {
+          const T* c_prev = t > 0 ? q.at(q.cell, t - 1, b) : q.zeros.data();
+          lstm_row(q.pq + (t * B + b) * P, c_prev, q.at(q.cell, t, b), q.at(q.h, t, b), Hd);
+        });
+      });
+      return;
+    }
+    dispatch_nonlinearity(a.nonlinearity, [&](auto NL) {
+      for_row_blocks(B, [&](int64_t b0, int64_t b1) {
+        forward_block(q, b0, b1, t_begin, [&](int64_t t, int64_t b) {
+          activation_row<NL.value>(q.pq + (t * B + b) * P, q.mb, q.at(q.h, t, b), Hd);
+        });
+      });
+    });
+  });
+}
+
+void seq_backward_cpu(const SeqBuffers& a, const SeqGrads& g, int64_t t0, int64_t t1,
+                      int64_t t_stop) {
+  const int64_t t_end = std::max(t0, t_stop);
+  if (t_end >= t1) return;
+  AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), "seq_backward_cpu", [&] {
+    using T = scalar_t;
+    const Seq<T> q(a);
+    const int64_t B = q.B, Hd = q.Hd, P = q.P;
+    T* gH = g.gH.mutable_data_ptr<T>();
+    if (a.lstm) {
+      T* gcell = g.gcell.mutable_data_ptr<T>();
+      for_row_blocks(B, [&](int64_t b0, int64_t b1) {
+        backward_block(q, g, t0, t1, t_end, b0, b1, [&](int64_t t, int64_t b, T* g_row) {
+          const T* c_prev = t > 0 ? q.at(q.cell, t - 1, b) : q.zeros.data();
+          lstm_backward_row(q.at(gH, t, b), q.pq + (t * B + b) * P, q.at(q.cell, t, b), c_prev,
+                            gcell + b * Hd, g_row, Hd);
+        });
+      });
+      return;
+    }
+    T* gb = g.gb.mutable_data_ptr<T>();
+    dispatch_nonlinearity(a.nonlinearity, [&](auto NL) {
+      for_row_blocks(B, [&](int64_t b0, int64_t b1) {
+        backward_block(q, g, t0, t1, t_end, b0, b1, [&](int64_t t, int64_t b, T* g_row) {
+          activation_backward_row<NL.value>(q.at(gH, t, b), q.at(q.h, t, b), g_row, gb + b * Hd,
+                                            Hd);
+        });
+      });
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(screening_attn, CPU, m) {
   m.impl("rnn_attend_step", &rnn_attend_step_cpu);
