@@ -324,19 +324,18 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   const Tensor UaT = Ua_weight.t().contiguous();
 
   s[0].copy_(h0);
-  Tensor pre0 = pq[0].narrow(1, 0, Hd);
-  pre0.addmm_(h0, V_weight.t());
-  activation(pre0, modrelu_b, nonlinearity, h[0]);
-  mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
-  mm_into(uah[0], h[0], UaT);
   const OptTensor kexp = key_exp_buffer(uah);
-  if (kexp) key_exp_op(uah[0], (*kexp)[0]);
   if (x.device().is_cpu()) {
     SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, W, UaT, rec.alpha, rec.cand, sc.window);
     rnn_buffers(buf, nonlinearity, modrelu_b, attn);
     screening_buffers(buf, sc);
-    seq_forward_cpu(buf, 1);
+    seq_forward_cpu(buf);
   } else {
+    Tensor pre0 = pq[0].narrow(1, 0, Hd);
+    pre0.addmm_(h0, V_weight.t());
+    activation(pre0, modrelu_b, nonlinearity, h[0]);
+    mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
+    mm_into(uah[0], h[0], UaT);
     for (int64_t t = 1; t < T; ++t) {
       attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
                   sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn, kexp);
@@ -407,8 +406,11 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
       activation_backward(gH_t, h[t], nonlinearity, gpre, gb);
       if (t == 0) {
         const Tensor gq1 = g_t.narrow(1, Hd, Hd);
-        gpre.addmm_(gq1, Va_weight);  // pre_0 is also the state of the first query
-        grad_h0 = at::mm(gpre, V_weight);
+        // pre_0 is also the state of the first query. Row-wise products through step_mm, as the
+        // loop's: at::mm's rows at B = 5 changed with the thread count.
+        step_mm(gpre, gq1, Va_weight.contiguous(), true);
+        grad_h0 = at::empty({B, Hd}, opt);
+        step_mm(grad_h0, gpre, V_weight.contiguous(), false);
         grad_V0 = at::mm(gpre.t(), h0);
         grad_Va0 = at::mm(gq1.t(), pq[0].narrow(1, 0, Hd));
         break;
@@ -482,7 +484,7 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
     SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, Wc, UaT, rec.alpha, rec.cand, sc.window);
     lstm_buffers(buf, cell);
     screening_buffers(buf, sc);
-    seq_forward_cpu(buf, 0);
+    seq_forward_cpu(buf);
   } else {
     for (int64_t t = 0; t < T; ++t) {
       if (t > 0) {

@@ -155,14 +155,20 @@ def test_attention_triton():
 @pytest.mark.parametrize(
     ("kind", "nonlinearity"), [("rnn", "tanh"), ("rnn", "modrelu"), ("lstm", "tanh")]
 )
-def test_rnn_sequence(kind, nonlinearity):
+@pytest.mark.parametrize(("B", "dtype"), [(64, F32), (5, F32), (5, F64)])
+def test_rnn_sequence(kind, nonlinearity, B, dtype):
     """Forward h and state; gradients of x, h0 and every parameter. T crosses the backward's
-    64-step chunks."""
-    T, B, I, Hd, window, relevant = 80, 64, 8, 64, 8, 8
+    64-step chunks. B = 5: blocks of 3 and 2 rows, whose products take the GEMMs' row tails
+    (float64: at::mm on the blocks instead of brgemm)."""
+    T, I, Hd, window, relevant = 80, 8, 64, 8, 8
     assert_splits(B, 1)  # the CPU time loops: one block of rows per thread (csrc/cpu/rnn.cpp)
-    m = make_rnn(kind, I, Hd, window, relevant, nonlinearity, dtype=F32)
+    m = make_rnn(kind, I, Hd, window, relevant, nonlinearity, dtype=dtype)
     gen = torch.Generator().manual_seed(0)
-    x, h0, g = _leaf((T, B, I), F32, gen), _leaf((B, Hd), F32, gen), _leaf((T, B, Hd), F32, gen)
+    x, h0, g = (
+        _leaf((T, B, I), dtype, gen),
+        _leaf((B, Hd), dtype, gen),
+        _leaf((T, B, Hd), dtype, gen),
+    )
     attn = 0.7 if kind == "rnn" else None
     assert_deterministic(lambda: run_rnn(m, x, h0, g, "cpu", attn))
 

@@ -41,6 +41,27 @@ constexpr int64_t kBlockQ = 64;
 // the order in which dK/dV contributions are summed.
 constexpr int64_t kSegmentQ = 8 * kBlockQ;
 
+// MKL's per-thread thread count (C interface), exported by libtorch_cpu when torch is built with
+// MKL; weak, so the extension loads without it.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+// The block GEMMs are small (kBlockQ x (ν+ρ) x D): threaded, they are slower than on one thread,
+// and much slower on a loaded machine. Inside at::parallel_for's OpenMP team MKL runs them
+// sequentially by itself, but a call with one (b, KV head) runs inline, outside any team: this
+// keeps MKL on the calling thread there too, so more threads never make the kernel slower.
+class SequentialBlas {
+ public:
+  SequentialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
 // Runs f(task) for task in [0, n) on at::parallel_for's threads, each taking the next task not
 // yet taken (a scan task is much longer than a block task); inline on one thread.
 template <typename F>

@@ -4,9 +4,9 @@
 // the Hd features, and the row kernels are compiled for AVX-512 and AVX2 too
 // (SCREENING_ATTN_CLONES, vec.h). The element math (scores, activations, LSTM cell) is shared with
 // the CUDA kernels (include/screening_attn/rnn.h).
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
@@ -574,40 +574,37 @@ void lstm_cell_backward_cpu(const at::Tensor& grad_h_, const at::Tensor& gates_,
 // The sequence loops (rnn_seq.h)
 
 // c (m x n, row stride ldc) = a (m x k, lda) b (k x n, ldb), or c += a b; on the calling thread.
-// float32 takes brgemm (as step_mm in csrc/rnn_loops.cpp), the rest at::mm on views (BLAS; MKL
-// stays on the thread, see for_row_blocks).
-// A row of c depends on its row of a alone, with the same order of sums whichever rows share the
-// call (brgemm and MKL alike; test_determinism checks 1 vs 2 threads).
+// A row of c must come from its row of a alone, in an order that does not depend on which rows
+// share the call (the blocks are per thread). brgemm's does not (checked for blocks of 1, 2, 3,
+// 5 and 8 rows; tests/test_determinism.py); MKL's does (its float64 rows changed with the block
+// size), so other dtypes, or float32 without brgemm, take a plain row-by-row loop (slower; the
+// fast path is float32's).
 template <typename T>
 void rows_mm(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
              T* c, int64_t ldc, bool accumulate) {
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    if (!accumulate) {
-      for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, T(0));
-    }
-    return;
-  }
   if constexpr (std::is_same_v<T, float>) {
-    if (brgemm_works()) {
+    if (k > 0 && brgemm_works()) {
       at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, accumulate, a, b, c, false);
       return;
     }
   }
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor av = at::from_blob(const_cast<T*>(a), {m, k}, {lda, 1}, opt);
-  const at::Tensor bv = at::from_blob(const_cast<T*>(b), {k, n}, {ldb, 1}, opt);
-  at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opt);
-  if (accumulate) {
-    cv.addmm_(av, bv);
-  } else {
-    at::mm_out(cv, av, bv);
+  for (int64_t i = 0; i < m; ++i) {
+    T* ci = c + i * ldc;
+    if (!accumulate) std::fill(ci, ci + n, T(0));
+    for (int64_t l = 0; l < k; ++l) {
+      const T ail = a[i * lda + l];
+      const T* bl = b + l * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) ci[j] += ail * bl[j];
+    }
   }
 }
 
 // Raw pointers of SeqBuffers.
 template <typename T>
 struct Seq {
+  bool lstm;
   int64_t T_, B, Hd, P, qoff, live, A;  // A = window + live: alpha's row width
   T *pq, *s, *h, *uah, *cell, *kexp;
   const T *v, *mb, *Ws, *Ua;
@@ -620,7 +617,8 @@ struct Seq {
   std::vector<T> zeros;  // (Hd): RelLSTM's cell before step 0
 
   explicit Seq(const SeqBuffers& a)
-      : T_(a.h.size(0)),
+      : lstm(a.lstm),
+        T_(a.h.size(0)),
         B(a.h.size(1)),
         Hd(a.h.size(2)),
         P(a.pq.size(2)),
@@ -663,12 +661,12 @@ struct Seq {
   T* at(T* base, int64_t t, int64_t b) const { return base + (t * B + b) * Hd; }
 };
 
-// Forward steps t_begin .. T-1 of rows [b0, b1); cell(t, b): the elementwise part of row b
+// Forward steps of rows [b0, b1); cell(t, b): the elementwise part of row b
 // (h_t from pq_t).
 template <typename T, typename Cell>
-void forward_block(const Seq<T>& a, int64_t b0, int64_t b1, int64_t t_begin, const Cell& cell) {
+void forward_block(const Seq<T>& a, int64_t b0, int64_t b1, const Cell& cell) {
   const int64_t m = b1 - b0, B = a.B, Hd = a.Hd, P = a.P;
-  for (int64_t t = t_begin; t < a.T_; ++t) {
+  for (int64_t t = 0; t < a.T_; ++t) {
     if (t > 0) {
       const Forward<T> f{a.step(t),
                          a.slots,
@@ -682,7 +680,13 @@ void forward_block(const Seq<T>& a, int64_t b0, int64_t b1, int64_t t_begin, con
                          a.live};
       attend_rows(f, b0, b1);
     }
-    rows_mm<T>(m, P, Hd, a.at(a.s, t, b0), Hd, a.Ws, P, a.pq + (t * B + b0) * P, P, true);
+    T* pq = a.pq + (t * B + b0) * P;
+    if (t > 0 || a.lstm) {
+      rows_mm<T>(m, P, Hd, a.at(a.s, t, b0), Hd, a.Ws, P, pq, P, true);
+    } else {  // RelRNN's step 0: pre_0 += V h0 (s_0 = h0), and Q_1 = Va pre_0
+      rows_mm<T>(m, Hd, Hd, a.at(a.s, 0, b0), Hd, a.Ws, P, pq, P, true);
+      rows_mm<T>(m, Hd, Hd, pq, P, a.Ws + Hd, P, pq + Hd, P, false);
+    }
     for (int64_t b = b0; b < b1; ++b) cell(t, b);
     T* k = a.at(a.uah, t, b0);
     rows_mm<T>(m, Hd, Hd, a.at(a.h, t, b0), Hd, a.Ua, Hd, k, Hd, false);
@@ -727,13 +731,10 @@ void backward_block(const Seq<T>& a, const SeqGrads& gr, int64_t t0, int64_t t1,
 }
 
 // Runs f(b0, b1) on blocks of rows, one per thread (rows are independent: any split gives the same
-// bits). MKL stays on the block's thread.
+// bits).
 template <typename F>
 void for_row_blocks(int64_t B, const F& f) {
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    const SequentialBlas sequential;
-    f(b0, b1);
-  });
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { f(b0, b1); });
 }
 
 }  // namespace
@@ -752,14 +753,14 @@ bool brgemm_works() {
   return works;
 }
 
-void seq_forward_cpu(const SeqBuffers& a, int64_t t_begin) {
+void seq_forward_cpu(const SeqBuffers& a) {
   AT_DISPATCH_FLOATING_TYPES(a.h.scalar_type(), "seq_forward_cpu", [&] {
     using T = scalar_t;
     const Seq<T> q(a);
     const int64_t B = q.B, Hd = q.Hd, P = q.P;
     if (a.lstm) {
       for_row_blocks(B, [&](int64_t b0, int64_t b1) {
-        forward_block(q, b0, b1, t_begin, [&](int64_t t, int64_t b) {
+        forward_block(q, b0, b1, [&](int64_t t, int64_t b) {
           const T* c_prev = t > 0 ? q.at(q.cell, t - 1, b) : q.zeros.data();
           lstm_row(q.pq + (t * B + b) * P, c_prev, q.at(q.cell, t, b), q.at(q.h, t, b), Hd);
         });
@@ -768,7 +769,7 @@ void seq_forward_cpu(const SeqBuffers& a, int64_t t_begin) {
     }
     dispatch_nonlinearity(a.nonlinearity, [&](auto NL) {
       for_row_blocks(B, [&](int64_t b0, int64_t b1) {
-        forward_block(q, b0, b1, t_begin, [&](int64_t t, int64_t b) {
+        forward_block(q, b0, b1, [&](int64_t t, int64_t b) {
           activation_row<NL.value>(q.pq + (t * B + b) * P, q.mb, q.at(q.h, t, b), Hd);
         });
       });

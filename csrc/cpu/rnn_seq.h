@@ -36,8 +36,8 @@ struct SeqBuffers {
   double attn = 1.0;
 };
 
-// Forward steps t_begin .. T-1 of every row (RelRNN: the caller does step 0; RelLSTM from 0).
-void seq_forward_cpu(const SeqBuffers& a, int64_t t_begin);
+// Forward steps 0 .. T-1 of every row, given s_0 = h0 and pq holding the input part.
+void seq_forward_cpu(const SeqBuffers& a);
 
 // Gradient buffers of the backward: gH, gK (T, B, Hd) dL/dh, dL/duah; g (n, B, P) the chunk of
 // steps t0 .. t0+n-1; carry, gs, gv (B, Hd); gb (B, Hd): RelRNN; gcell (B, Hd): RelLSTM.

@@ -193,25 +193,4 @@ SCREENING_ATTN_INLINE typename W::Scalar plane_sum(int64_t n, F f) {
   return plane_sums<W, 1>(n, [&](int64_t i) { return std::array<typename W::V, 1>{f(i)}; })[0];
 }
 
-// MKL's per-thread thread count (C interface), exported by libtorch_cpu when torch is built with
-// MKL; weak, so the extension loads without it.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-// Keeps MKL on the calling thread for its scope. For GEMMs a task runs on its own: inside
-// at::parallel_for's OpenMP team MKL runs sequentially by itself, but a single task runs inline,
-// outside any team (the attention's block GEMMs, threaded, are slower than on one thread; the
-// RNN loops' row blocks would sum in a thread-dependent order).
-class SequentialBlas {
- public:
-  SequentialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
-  }
-  SequentialBlas(const SequentialBlas&) = delete;
-  SequentialBlas& operator=(const SequentialBlas&) = delete;
-
- private:
-  int prev_;
-};
-
 }  // namespace screening_attn
