@@ -2,8 +2,8 @@
 // the products outside the time loop (the input part up front, the backward's weight gradients
 // per chunk) and the loops over time. On the CPU the steps run in csrc/cpu/rnn.cpp's sequence
 // loops (cpu/rnn_seq.h: one parallel region over blocks of rows, no dispatcher call per step).
-// Elsewhere (CUDA) the loops below call the step ops (csrc/cuda/rnn.cu) through the dispatcher
-// and the per-step products through ATen (step_mm). Fakes and autograd:
+// Elsewhere (CUDA; the CPU too when asked, see row_loops) the loops below call the step ops
+// through the dispatcher and the per-step products through ATen (step_mm). Fakes and autograd:
 // screening_attn/rnn/_ops.py.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -12,6 +12,7 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <limits>
 #include <string_view>
 
@@ -232,6 +233,16 @@ struct Records {
   }
 };
 
+// Whether the sequence ops run the CPU row-block loops (cpu/rnn_seq.h). Elsewhere, or on the CPU
+// with SCREENING_ATTN_RNN_STEP_OPS=1 in the environment, the loops below call the step ops
+// through the dispatcher per step: tests/mutants patch a step op and need the sequence ops to
+// reach it, and test_rnn_kernels runs this device-generic loop on the CPU.
+bool row_loops(const Tensor& x) {
+  if (!x.device().is_cpu()) return false;
+  const char* step_ops = std::getenv("SCREENING_ATTN_RNN_STEP_OPS");
+  return step_ops == nullptr || std::string_view(step_ops) != "1";
+}
+
 // The CPU loops' view of a sequence's buffers (cpu/rnn_seq.h); the screening state and the
 // network's own parts are added by the helpers below.
 SeqBuffers seq_buffers(const Tensor& pq, const Tensor& s, const Tensor& h, const Tensor& uah,
@@ -325,7 +336,7 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
 
   s[0].copy_(h0);
   const OptTensor kexp = key_exp_buffer(uah);
-  if (x.device().is_cpu()) {
+  if (row_loops(x)) {
     SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, W, UaT, rec.alpha, rec.cand, sc.window);
     rnn_buffers(buf, nonlinearity, modrelu_b, attn);
     screening_buffers(buf, sc);
@@ -336,6 +347,7 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
     activation(pre0, modrelu_b, nonlinearity, h[0]);
     mm_into(pq[0].narrow(1, Hd, Hd), pre0, Va_weight.t());
     mm_into(uah[0], h[0], UaT);
+    if (kexp) key_exp_op(uah[0], (*kexp)[0]);
     for (int64_t t = 1; t < T; ++t) {
       attend_step(pq[t - 1].narrow(1, Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
                   sc.relevancy, s[t], rec.alpha[t], rec.cand[t], t, sc.window, attn, kexp);
@@ -383,9 +395,9 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   const OptTensor kexp = key_exp_buffer(uah);  // recomputed: one pass, not kept from the forward
   if (kexp) key_exp_op(uah, *kexp);
 
-  const bool cpu = h.device().is_cpu();
+  const bool rows = row_loops(h);
   std::optional<SeqBuffers> buf;
-  if (cpu) {
+  if (rows) {
     buf = seq_buffers(pq, s, h, uah, kexp, v, W, Ua, alpha, cand, window);
     rnn_buffers(*buf, nonlinearity, std::nullopt, attn);
   }
@@ -395,7 +407,7 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
     Tensor g = chunk.narrow(0, 0, n);         // g[t - t0]
     g[n - 1].narrow(1, Hd, Hd).copy_(carry);  // dL/dQ_{t1} (0 for the last step: no query)
     int64_t t_top = t1 - 1;                   // the steps left to the loop below
-    if (cpu) {                                // steps t1-1 .. max(t0, 1)
+    if (rows) {                               // steps t1-1 .. max(t0, 1)
       seq_backward_cpu(*buf, {gH, gK, g, carry, gs, gv, gb, {}}, t0, t1, 1);
       t_top = t0 == 0 ? 0 : t0 - 1;
     }
@@ -480,7 +492,7 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
 
   const OptTensor kexp = key_exp_buffer(uah);
   s[0].copy_(h0);
-  if (x.device().is_cpu()) {
+  if (row_loops(x)) {
     SeqBuffers buf = seq_buffers(pq, s, h, uah, kexp, v, Wc, UaT, rec.alpha, rec.cand, sc.window);
     lstm_buffers(buf, cell);
     screening_buffers(buf, sc);
@@ -533,9 +545,9 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   const OptTensor kexp = key_exp_buffer(uah);  // as in rel_rnn_backward
   if (kexp) key_exp_op(uah, *kexp);
 
-  const bool cpu = h.device().is_cpu();
+  const bool rows = row_loops(h);
   std::optional<SeqBuffers> buf;
-  if (cpu) {
+  if (rows) {
     buf = seq_buffers(pq, s, h, uah, kexp, v, Wc, Ua, alpha, cand, window);
     lstm_buffers(*buf, cell);
   }
@@ -544,10 +556,10 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
     const int64_t t0 = std::max<int64_t>(0, t1 - K), n = t1 - t0;
     Tensor g = chunk.narrow(0, 0, n);
     g[n - 1].narrow(1, 4 * Hd, Hd).copy_(carry);
-    if (cpu) {  // every step of the chunk
+    if (rows) {  // every step of the chunk
       seq_backward_cpu(*buf, {gH, gK, g, carry, gs, gv, {}, gcell}, t0, t1, 0);
     }
-    for (int64_t t = cpu ? t0 - 1 : t1 - 1; t >= t0; --t) {
+    for (int64_t t = rows ? t0 - 1 : t1 - 1; t >= t0; --t) {
       Tensor gH_t = gH[t], g_t = g[t - t0];
       step_mm(gH_t, gK[t], Ua, true);
       lstm_cell_backward(gH_t, pq[t].narrow(1, 0, 4 * Hd), cell[t], t > 0 ? cell[t - 1] : cell_init,

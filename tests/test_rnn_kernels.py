@@ -37,6 +37,18 @@ def test_matches_reference(kind, nonlinearity, dtype):
     check(kind, T=70, nonlinearity=nonlinearity, dtype=dtype, seed=3)
 
 
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["float64", "float32"])
+@pytest.mark.parametrize(
+    ("kind", "nonlinearity"), [("rnn", "tanh"), ("rnn", "modrelu"), ("lstm", "tanh")]
+)
+def test_step_op_loop_matches_reference(kind, nonlinearity, dtype, monkeypatch):
+    """SCREENING_ATTN_RNN_STEP_OPS=1: the sequence ops' device-generic loop (step ops through the
+    dispatcher, as on CUDA) on the CPU, which the mutation harness relies on; otherwise the CPU
+    runs its row-block loops (csrc/cpu/rnn.cpp), which every other test here runs."""
+    monkeypatch.setenv("SCREENING_ATTN_RNN_STEP_OPS", "1")
+    check(kind, T=70, nonlinearity=nonlinearity, dtype=dtype, seed=4)
+
+
 @pytest.mark.parametrize("attn", [0.0, 0.5, 2.0])
 def test_attn_factor(attn):
     check("rnn", attn=attn)

@@ -156,7 +156,9 @@ def _screened_attention(q, k, v, window, relevant, scale, mutation):
 
 
 # --------------------------------------------------------------------------------------------
-# RelRNN / RelLSTM: the attention step op (the sequence ops call it through the dispatcher).
+# RelRNN / RelLSTM: the attention step op (the sequence ops call it through the dispatcher when
+# SCREENING_ATTN_RNN_STEP_OPS=1, which install sets; else their CPU loops call the kernels
+# directly).
 
 RNN_MUTATIONS = ("control", "ge", "tie-high")
 
@@ -312,6 +314,7 @@ def install(name: str) -> None:
                                  _active(mutation, f32, query.dtype))  # fmt: skip
 
         lib.impl("rnn_attend_step", step, "CPU")
+        os.environ["SCREENING_ATTN_RNN_STEP_OPS"] = "1"  # csrc/rnn_loops.cpp row_loops
     elif target in ("pool-cpu", "pool-triton"):
         if mutation not in POOL_MUTATIONS:
             raise ValueError(f"unknown pool mutation {mutation!r}")
