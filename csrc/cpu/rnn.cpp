@@ -1,5 +1,6 @@
 // CPU kernels of the RelRNN / RelLSTM step ops (design and costs: docs/kernels/cpu-cuda.md;
-// schemas: csrc/rnn.cpp; the time loops that call these: csrc/rnn_loops.cpp). Every kernel is
+// schemas: csrc/rnn.cpp), and the CPU time loops of the sequence ops, which call the row kernels
+// directly (at the end, cpu/rnn_seq.h; the ops themselves: csrc/rnn_loops.cpp). Every step op is
 // parallel over the B batch rows (at::parallel_for); a row's work is sequential and vectorized over
 // the Hd features, and the row kernels are compiled for AVX-512 and AVX2 too
 // (SCREENING_ATTN_CLONES, vec.h). The element math (scores, activations, LSTM cell) is shared with
