@@ -132,7 +132,7 @@ FAMILIES: dict[str, tuple[Callable[..., Iterable[dict]], Callable[..., list]]] =
     "feedback": (feedback_points, feedback_builds),
 }
 # kernels whose build records name the (ν, ρ) point (the others don't depend on it)
-_WINDOWED = {("attention", "scan"), ("attention", "replay")}
+_WINDOWED = {("attention", "scan"), ("attention", "chunk_scan"), ("attention", "replay")}
 
 
 def plan(archs, dtypes, head_dims, kernels, windows=WINDOWS, families=None) -> list[dict]:

@@ -3,8 +3,11 @@
 ``python -m bench.scan_depth [--quick|--T T] [--rows N] [--chunk L] [--inputs F,..]
 [--fallback-rounds K] [--check] [--out P]``
 
-Runs ``screening_attn.attention.scan.chunked_screening_scan`` (the CPU emulation) at T = 16384,
-ν = 128, ρ = 64, D = 64, chunks of ν queries, on three input families, and reports per family
+Runs ``screening_attn.attention.scan.chunked_screening_scan``, the CPU emulation of the Triton
+chunked scan (``screened_attention_chunk_scan_kernel``: tests/test_attention_chunk_scan.py checks
+that the kernel counts the same rounds, tie steps and one-query steps), at T = 16384, ν = 128,
+ρ = 64, D = 64, chunks of 32 queries (the kernel's on a GPU), on three input families, and
+reports per family
 the sequential depth per (b, h) row (verification rounds of every chunk summed, plus 2 per exact
 tie step, plus 1 per one-query step of the fallback), the rounds per chunk (mean and max), the
 tie steps and the fallback's steps. The fallback finishes a chunk sequentially after
@@ -56,6 +59,7 @@ from screening_attn.attention.scan import chunked_screening_scan
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW, RELEVANT, D = 128, 64, 64
+CHUNK = 32  # the Triton kernel's chunk on a GPU (launch_config("chunk_scan", ...).block_m)
 
 
 def random_inputs(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -81,18 +85,21 @@ def tie_inputs(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     return q, k, D**-0.5
 
 
-def adversarial_inputs(T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The alternating chain of the module docstring; ``seed`` only adds a tiny phase jitter."""
+def adversarial_inputs(
+    T: int, seed: int, window: int = WINDOW, d: int = D
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The alternating chain of the module docstring; ``seed`` only adds a tiny phase jitter
+    (``window``, ``d``: other ν and head dims, for tests)."""
     g = torch.Generator().manual_seed(seed)
     delta = 2 * math.pi / 1024
     j = torch.arange(T, dtype=torch.float64)
-    k = torch.zeros(T, D, dtype=torch.float64)
+    k = torch.zeros(T, d, dtype=torch.float64)
     k[:, 0], k[:, 1] = torch.cos(j * delta), torch.sin(j * delta)
     gain = 6.0 + 6.0 * j / T  # G_t
     # logit_tj = |q_t| cos((j - p_t) δ) ≈ |q_t| - |q_t| δ² (j - p_t)² / 2 = const - G_t (j-p_t)²
     radius = 2 * gain / delta**2
-    phase = (j - WINDOW + 0.25 + 1e-3 * torch.rand(T, generator=g, dtype=torch.float64)) * delta
-    q = torch.zeros(T, D, dtype=torch.float64)
+    phase = (j - window + 0.25 + 1e-3 * torch.rand(T, generator=g, dtype=torch.float64)) * delta
+    q = torch.zeros(T, d, dtype=torch.float64)
     q[:, 0], q[:, 1] = radius * torch.cos(phase), radius * torch.sin(phase)
     return q, k, 1.0
 
@@ -148,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="T = 2048 instead of 16384")
     parser.add_argument("--T", type=int, default=None, help="sequence length (overrides --quick)")
     parser.add_argument("--rows", type=int, default=4, help="(b, h) rows per family")
-    parser.add_argument("--chunk", type=int, default=WINDOW, help="queries per chunk (ν)")
+    parser.add_argument(
+        "--chunk", type=int, default=CHUNK, help="queries per chunk (the GPU kernel's: 32)"
+    )
     parser.add_argument(
         "--inputs", default=",".join(FAMILIES), help="comma-separated families to run"
     )

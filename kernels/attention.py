@@ -58,6 +58,7 @@ dK/dV are computed for the T new rows only. Without it ``(X, OFF, R0) = (T, 0, 0
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 
 import torch
@@ -203,6 +204,47 @@ def _member(rows, rows_ok, keys, keys_ok, span_base, mask_base, nu, off, FROM_SE
     return m & rows_ok[:, None] & keys_ok[None, :]
 
 
+@triton.jit
+def _block_logits(q_ptr, k_base, scr_ptr, snap_ptr, n, t0, T, D, G, RL, R_PAD, NCOL, lo, col0,
+                  x1, scale, MM: tl.constexpr, ACC: tl.constexpr, NATIVE: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """A query block's logits, per query head of the group, into its scratch rows
+    ``(BLOCK_M, NCOL)``: columns ``[0, R_PAD)`` the slot keys at ``snap_ptr`` (slot order),
+    ``R_PAD + x - col0`` the key range, buffer rows ``x`` in ``[lo, x1)``."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    rows = t0 + offs_m
+    for g in range(G):
+        row = n * G + g  # the query row (int64)
+        scr = scr_ptr + row * BLOCK_M * NCOL
+        qb = tl.load(
+            q_ptr + row * T * D + rows[:, None] * D + offs_d[None, :],
+            mask=(rows < T)[:, None] & d_ok[None, :],
+            other=0.0,
+        ).to(MM)
+        for c0 in range(0, R_PAD, BLOCK_N):
+            cols = c0 + offs_n
+            keys = tl.load(snap_ptr + cols, mask=cols < RL, other=-1)
+            kt = tl.load(
+                k_base + keys[None, :] * D + offs_d[:, None],
+                mask=(keys >= 0)[None, :] & d_ok[:, None],
+                other=0.0,
+            ).to(MM)
+            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
+            tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
+        for c0 in range(0, x1 - col0, BLOCK_N):
+            keys = col0 + c0 + offs_n
+            kt = tl.load(
+                k_base + keys[None, :] * D + offs_d[:, None],
+                mask=((keys >= lo) & (keys < x1))[None, :] & d_ok[:, None],
+                other=0.0,
+            ).to(MM)
+            s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
+            tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
+
+
 @triton.jit(do_not_specialize=_STREAM_ROWS)
 def screened_attention_scan_kernel(
     q_ptr,  # (N, T, D): N = B·H query rows, G consecutive ones per KV row
@@ -261,9 +303,6 @@ def screened_attention_scan_kernel(
     mask_base = mask_ptr + (n // HKV) * (nx - r0) - r0  # + x: the (B, S) mask
 
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < D
     neg_inf = float("-inf")
     NEG = NCOL - 1  # the scratch column that holds -inf: the logit of a non-candidate lane
 
@@ -310,36 +349,11 @@ def screened_attention_scan_kernel(
         tl.store(snap_base + blk * SW + lane - BLOCK_W, slot_key, mask=slot_live)
         tl.debug_barrier()  # the snapshot is re-read by other threads below
 
-        rows = t0 + offs_m
+        _block_logits(q_ptr, k_base, scr_ptr, snap_base + blk * SW, n, t0, T, D, G, RL, R_PAD,
+                      NCOL, w0, w0, x1, scale, MM, ACC, NATIVE, BLOCK_M, BLOCK_N,
+                      BLOCK_D)  # fmt: skip
         for g in range(G):
-            row = n * G + g  # the query row (int64)
-            scr = scr_ptr + row * BLOCK_M * NCOL
-            qb = tl.load(
-                q_ptr + row * T * D + rows[:, None] * D + offs_d[None, :],
-                mask=(rows < T)[:, None] & d_ok[None, :],
-                other=0.0,
-            ).to(MM)
-            # logits against the slots at t0: scratch columns [0, R_PAD), in slot order
-            for c0 in range(0, R_PAD, BLOCK_N):
-                cols = c0 + offs_n
-                keys = tl.load(snap_base + blk * SW + cols, mask=cols < RL, other=-1)
-                kt = tl.load(
-                    k_base + keys[None, :] * D + offs_d[:, None],
-                    mask=(keys >= 0)[None, :] & d_ok[:, None],
-                    other=0.0,
-                ).to(MM)
-                s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
-                tl.store(scr + offs_m[:, None] * NCOL + cols[None, :], s)
-            # logits against the key range [w0, x1): scratch columns R_PAD + (x - w0)
-            for c0 in range(0, x1 - w0, BLOCK_N):
-                keys = w0 + c0 + offs_n
-                kt = tl.load(
-                    k_base + keys[None, :] * D + offs_d[:, None],
-                    mask=(keys < x1)[None, :] & d_ok[:, None],
-                    other=0.0,
-                ).to(MM)
-                s = _mm(qb, kt, NATIVE, False).to(ACC) * scale
-                tl.store(scr + offs_m[:, None] * NCOL + (R_PAD + c0 + offs_n)[None, :], s)
+            scr = scr_ptr + (n * G + g) * BLOCK_M * NCOL
             tl.store(scr + offs_m * NCOL + NEG, tl.full([BLOCK_M], neg_inf, ACC))
         tl.debug_barrier()  # scratch complete before the per-query reads
         # re-base the columns: window keys move with w0, slots point at the snapshot columns
@@ -416,6 +430,485 @@ def screened_attention_scan_kernel(
     if GROUPED:
         ring = _div(ring, G.to(ACC), ACC)
     tl.store(rel_base + col - R_PAD + w_prev, ring, mask=is_ring & (col != NEG))
+
+
+@triton.jit
+def _slot_step(key, score, r_e, RL, BLOCK_R: tl.constexpr):
+    """The slot rule for one key: the slot it takes (first empty; else the lowest score, NaN
+    lowest, lowest slot on ties, replaced only if ``r_e`` is strictly larger), or -1."""
+    c = tl.arange(0, BLOCK_R)
+    sel = tl.where(score != score, -1.0, score)  # relevancies are >= 0 or NaN
+    sel = tl.where(c < RL, tl.where(key < 0, float("-inf"), sel), float("inf"))
+    low, tgt = tl.min(sel, 0, return_indices=True, return_indices_tie_break_left=True)
+    ins = (low == float("-inf")) | ((low >= 0) & (r_e > low))
+    return tl.where(ins, tgt, -1)
+
+
+@triton.jit
+def _slots_at(key0, score0, target, r, f, base, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The slots before step ``f``: those of the chunk start (``key0``, ``score0``) with the
+    writes ``target`` (slot per step, -1 none) of the steps before ``f``; step j writes key
+    ``base + j`` with score ``r[j]``."""
+    c = tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_M)
+    hit = (target[None, :] == c[:, None]) & (j[None, :] < f)
+    last = tl.max(tl.where(hit, j[None, :], -1), 1)
+    key = tl.where(last >= 0, base + last, key0)
+    picked = tl.sum(tl.where(j[None, :] == last[:, None], r[None, :], 0.0), 1)
+    return key, tl.where(last >= 0, picked, score0)
+
+
+@triton.jit
+def _slot_pass(key0, score0, r, active, RL, vals, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+               LOG_M: tl.constexpr):  # fmt: skip
+    """The slot rule over a chunk's active steps at once, from prefix counts (docs/kernels/
+    triton.md, "The slot rule in parallel"). ``key0``, ``score0`` [BLOCK_R]: the slots before
+    the first active step; ``r`` [BLOCK_M]: each step's relevancy; ``active`` [BLOCK_M];
+    ``vals``: BLOCK_R elements of scratch.
+
+    Returns ``(target, bad)``: the slot each step writes (-1: dropped), exact for the steps
+    before ``bad``, the first entering step whose victim ties a member the counts cannot order
+    (one of the two entered during the pass; BLOCK_M if none)."""
+    c = tl.arange(0, BLOCK_R)
+    j = tl.arange(0, BLOCK_M)
+    ci, jy, jk = c[:, None], j[:, None], j[None, :]
+    slot_ok = c < RL
+    n0 = tl.sum((slot_ok & (key0 >= 0)).to(tl.int32), 0)  # the filled slots are a prefix
+    act = active.to(tl.int32)
+    rank = tl.cumsum(act, 0) - act
+    # fill: the first RL - n0 active keys take the empty slots in order
+    fill = active & (rank < RL - n0)
+    post = active & (rank >= RL - n0)
+    hit = fill[None, :] & (rank[None, :] == (c - n0)[:, None])  # [R, M]
+    took = tl.max(hit.to(tl.int32), 1) > 0
+    value = tl.where(took, tl.sum(tl.where(hit, r[None, :], 0.0), 1), score0)
+    # a NaN score in the full set is its minimum and is never beaten: nothing enters after it
+    frozen = tl.max((slot_ok & (value != value)).to(tl.int32), 0)
+    vv, rr, rx = value[:, None], r[None, :], r[:, None]
+    # a post-fill key enters iff fewer than RL earlier arrivals beat it (ties: the earlier)
+    beaters = tl.sum((slot_ok[:, None] & (vv >= rr)).to(tl.int32), 0)
+    beaters += tl.sum((post[:, None] & (jy < jk) & (rx >= rr)).to(tl.int32), 0)
+    enters = post & (r == r) & (beaters < RL) & (frozen == 0)
+    # members of the full set, ordered by score, then the higher slot
+    # (BLOCK_M members at a time from memory: a BLOCK_R x BLOCK_R comparison would not fit)
+    tl.debug_barrier()
+    tl.store(vals + c, value)
+    tl.debug_barrier()
+    slot_beaters = tl.zeros([BLOCK_R], tl.int32)
+    for c0 in tl.static_range(0, BLOCK_R, BLOCK_M):
+        co = c0 + j
+        vc = tl.load(vals + co, mask=co < BLOCK_R, other=float("-inf"))[None, :]
+        above = (vc > vv) | ((vc == vv) & (co[None, :] > ci))
+        slot_beaters += tl.sum(((co < RL)[None, :] & above).to(tl.int32), 1)
+    # an item leaves at the later entrant that brings its beaters to RL (an entrant beats it
+    # iff strictly larger: it arrived later)
+    later = (enters[None, :] & (rr > vv)).to(tl.int32)
+    reach = (slot_beaters[:, None] + tl.cumsum(later, 1)) >= RL
+    leave_m = tl.where(slot_ok, tl.min(tl.where(reach, jk, BLOCK_M), 1), BLOCK_M)
+    later_e = (enters[None, :] & (jy < jk) & (rr > rx)).to(tl.int32)
+    reach_e = (beaters[:, None] + tl.cumsum(later_e, 1)) >= RL
+    leave_e = tl.where(enters, tl.min(tl.where(reach_e, jk, BLOCK_M), 1), BLOCK_M)
+    # the victim of each entering step; a tie with another member present then is unordered
+    # when the victim or the other entered during the pass (their slot order is unknown)
+    vm = leave_m[:, None] == jk  # [R, M]
+    ve = leave_e[:, None] == jk  # [M, M]
+    by_member = tl.max(vm.to(tl.int32), 0) > 0
+    vval = tl.where(by_member, tl.sum(tl.where(vm, vv, 0.0), 0), tl.sum(tl.where(ve, rx, 0.0), 0))
+    vk = vval[None, :]
+    tie_m = slot_ok[:, None] & (leave_m[:, None] >= jk) & (vm == 0) & (vv == vk)
+    tie_m = tie_m & (by_member[None, :] == 0)
+    tie_e = enters[:, None] & (jy < jk) & (leave_e[:, None] >= jk) & (ve == 0) & (rx == vk)
+    tied = (tl.max(tie_m.to(tl.int32), 0) + tl.max(tie_e.to(tl.int32), 0)) > 0
+    bad = tl.min(tl.where(enters & tied, j, BLOCK_M), 0)
+    # an entrant takes its victim's slot: pointer jumping back to a member
+    slot_of = tl.where(by_member, tl.min(tl.where(vm, ci, BLOCK_R), 0), -1)
+    parent = tl.min(tl.where(ve, jy, BLOCK_M), 0)
+    for _ in tl.static_range(LOG_M + 1):
+        pick = parent[:, None] == jk
+        up = tl.sum(tl.where(pick, slot_of[None, :], 0), 1)
+        parent = tl.sum(tl.where(pick, parent[None, :], 0), 1)
+        slot_of = tl.where(slot_of < 0, up, slot_of)
+    target = tl.where(fill, n0 + rank, tl.where(enters, slot_of, -1))
+    return target, bad
+
+
+@triton.jit
+def _slot_rule(key0, score0, r, valid, base, RL, vals, BLOCK_R: tl.constexpr,
+               BLOCK_M: tl.constexpr, LOG_M: tl.constexpr):  # fmt: skip
+    """The exact slot rule over a chunk's valid steps: parallel passes, and the one-key rule
+    at each step a pass cannot order. Returns ``(target, exact steps)``."""
+    j = tl.arange(0, BLOCK_M)
+    target = tl.full([BLOCK_M], -1, tl.int32)
+    key, score = key0, score0
+    start = 0
+    exact = 0
+    pending = 1
+    while pending > 0:
+        act = valid & (j >= start)
+        got, bad = _slot_pass(key, score, r, act, RL, vals, BLOCK_R, BLOCK_M, LOG_M)
+        target = tl.where(act & (j < bad), got, target)
+        pending = (bad < BLOCK_M).to(tl.int32)
+        if pending > 0:
+            key, score = _slots_at(key0, score0, target, r, bad, base, BLOCK_R, BLOCK_M)
+            r_bad = tl.sum(tl.where(j == bad, r, 0.0), 0)
+            target = tl.where(j == bad, _slot_step(key, score, r_bad, RL, BLOCK_R), target)
+            exact += 1
+            start = bad + 1
+            key, score = _slots_at(key0, score0, target, r, start, base, BLOCK_R, BLOCK_M)
+    return target, exact
+
+
+@triton.jit
+def _chunk_slots(qi, cols, skey, guess, BLOCK_M: tl.constexpr):
+    """The chunk-start slots ``skey`` (columns ``cols``; -1 empty) seen by query steps ``qi``
+    under the decisions ``guess``: a member leaves at the first step that writes its slot,
+    and step j's decision is seen from query step j + 1 on."""
+    j = tl.arange(0, BLOCK_M)
+    leave = tl.min(tl.where(guess[:, None] == cols[None, :], j[:, None], BLOCK_M), 0)
+    return (skey >= 0)[None, :] & (qi <= leave[None, :])
+
+
+@triton.jit
+def _chunk_range(qi, xq, base, cols, guess, eleave, nu, r0, x1, mask_base,
+                 HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``(candidate, window)`` of query steps ``qi`` (buffer rows ``xq``) over the range
+    columns ``cols`` (buffer rows ``base + cols``): the window keys, and the chunk's entrants
+    (column j is step j's key) from the query after their step until they leave."""
+    x = (base + cols)[None, :]
+    win = (x > xq - nu) & (x <= xq) & (x >= r0)
+    if HAS_MASK:
+        ok = (base + cols >= r0) & (base + cols < x1)
+        win = win & (tl.load(mask_base + base + cols, mask=ok, other=0) != 0)[None, :]
+    ent = ((cols < BLOCK_M) & (guess >= 0))[None, :] & (qi > cols[None, :])
+    return win | (ent & (qi <= eleave[None, :])), win
+
+
+@triton.jit
+def _chunk_softmax(scr, qv, snap_blk, guess, eleave, base, xq0, x1, nu, r0, mask_base, RL,
+                   R_PAD, NCOL, ACC: tl.constexpr, HAS_MASK: tl.constexpr, Q: tl.constexpr,
+                   BLOCK_M: tl.constexpr):  # fmt: skip
+    """The softmax of query steps ``qv`` [Q] (buffer rows ``xq0 + qv``) over the sets the
+    decisions ``guess`` imply, from the scratch logits ``scr``: ``(m, z, lse)``, weights
+    ``exp(s - m) / z`` as the sequential scan divides (exact on saturated inputs); without a
+    candidate ``(0, 1, +inf)``. ``m`` and ``z`` go to the scratch's last two columns."""
+    offs = tl.arange(0, BLOCK_M)
+    qi = qv[:, None]
+    xq = xq0 + qi
+    m = tl.full([Q], float("-inf"), ACC)
+    cnt = tl.zeros([Q], tl.int32)
+    for c0 in range(0, R_PAD, BLOCK_M):
+        cols = c0 + offs
+        skey = tl.load(snap_blk + cols, mask=cols < RL, other=-1)
+        mem = _chunk_slots(qi, cols, skey, guess, BLOCK_M)
+        s = tl.where(mem, tl.load(scr + qi * NCOL + cols[None, :]), float("-inf"))
+        m = tl.maximum(m, tl.max(s, 1))
+        cnt += tl.sum(mem.to(tl.int32), 1)
+    for c0 in range(0, x1 - base, BLOCK_M):
+        cols = c0 + offs
+        mem, _ = _chunk_range(qi, xq, base, cols, guess, eleave, nu, r0, x1, mask_base,
+                              HAS_MASK, BLOCK_M)  # fmt: skip
+        s = tl.where(mem, tl.load(scr + qi * NCOL + R_PAD + cols[None, :]), float("-inf"))
+        m = tl.maximum(m, tl.max(s, 1))
+        cnt += tl.sum(mem.to(tl.int32), 1)
+    ms = tl.where(m == float("-inf"), 0.0, m)[:, None]
+    z = tl.zeros([Q], ACC)
+    for c0 in range(0, R_PAD, BLOCK_M):
+        cols = c0 + offs
+        skey = tl.load(snap_blk + cols, mask=cols < RL, other=-1)
+        mem = _chunk_slots(qi, cols, skey, guess, BLOCK_M)
+        s = tl.where(mem, tl.load(scr + qi * NCOL + cols[None, :]), float("-inf"))
+        z += tl.sum(tl.exp(s - ms), 1)
+    for c0 in range(0, x1 - base, BLOCK_M):
+        cols = c0 + offs
+        mem, _ = _chunk_range(qi, xq, base, cols, guess, eleave, nu, r0, x1, mask_base,
+                              HAS_MASK, BLOCK_M)  # fmt: skip
+        s = tl.where(mem, tl.load(scr + qi * NCOL + R_PAD + cols[None, :]), float("-inf"))
+        z += tl.sum(tl.exp(s - ms), 1)
+    lse = m + tl.log(z)
+    if HAS_MASK:
+        lse = tl.where(cnt > 0, lse, float("inf"))
+        z = tl.where(cnt > 0, z, 1.0)
+    ms = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(scr + qv * NCOL + NCOL - 2, ms)
+    tl.store(scr + qv * NCOL + NCOL - 1, z)
+    return lse
+
+
+@triton.jit
+def _window_sums(acc, i0, i1, x, kok, scr_ptr, n, G, xq0, nu, mask_base, NCOL, R_PAD, base,
+                 ACC: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """``acc`` plus the window weights of query steps ``i0 … i1-1`` on buffer rows ``x``
+    (``kok``: real keys of the range), added query by query and head by head as the
+    sequential scan adds them (a relevancy is then bitwise the sequential one, which exact
+    ties need). A step's weights: ``exp(s - m) / z`` from the scratch's maxima and sums."""
+    for i in range(i0, i1):
+        xi = xq0 + i
+        win = kok & (x > xi - nu) & (x <= xi)
+        if HAS_MASK:  # a padded query adds no relevancy
+            win = win & (tl.load(mask_base + xi) != 0)
+        for g in range(G):
+            scr = scr_ptr + (n * G + g) * BLOCK_M * NCOL + i * NCOL
+            m = tl.load(scr + NCOL - 2)
+            z = tl.load(scr + NCOL - 1)
+            s = tl.load(scr + R_PAD + x - base)
+            acc += tl.where(win, _div(tl.exp(s - m), z, ACC), 0.0)
+    return acc
+
+
+@triton.jit
+def _range_keys(x, r0, x1, mask_base, HAS_MASK: tl.constexpr):
+    """Buffer rows ``x`` that are real keys of the range ``[r0, x1)``."""
+    ok = (x >= r0) & (x < x1)
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_base + x, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _entrant_leave(guess, BLOCK_M: tl.constexpr):
+    """The step at which each step's entrant leaves (the next step writing its slot;
+    BLOCK_M: never in the chunk)."""
+    j = tl.arange(0, BLOCK_M)
+    later = (guess[None, :] == guess[:, None]) & (j[None, :] > j[:, None])
+    return tl.min(tl.where(later, j[None, :], BLOCK_M), 1)
+
+
+@triton.jit(do_not_specialize=_STREAM_ROWS)
+def screened_attention_chunk_scan_kernel(
+    q_ptr,  # (N, T, D)
+    k_ptr,  # (NKV, X, D)
+    mask_ptr,  # (B, S) uint8 (HAS_MASK)
+    lse_ptr,  # (N, T) ACC, written
+    rel_ptr,  # (NKV, S) ACC: zeros, or the earlier keys' relevancy so far (HAS_STATE); summed
+    span_ptr,  # (NKV, X, 2) int32, prefilled with -1
+    idx_ptr,  # (NKV, RHO) int64, prefilled with -1
+    score_ptr,  # (NKV, RHO) ACC, prefilled with -inf
+    snap_ptr,  # (NKV, NB, SW) int32, written: slot keys at every chunk start
+    scr_ptr,  # (N, BLOCK_M, NCOL) ACC scratch: the chunk's logits of each query head
+    csum_ptr,  # (NKV, RANGE + BLOCK_R) ACC scratch: a round's window weights summed per range
+    # column, then the slot rule's member scores
+    stats_ptr,  # (NKV, 4) int32, written: rounds, exact tie steps, one-query steps, max rounds
+    rel0_ptr,  # HAS_STATE: (NKV, P) ACC (read through rel_ptr, which the launcher seeds)
+    idx0_ptr,  # HAS_STATE: (NKV, R0) int64
+    score0_ptr,  # HAS_STATE: (NKV, R0) ACC
+    T,
+    X,
+    OFF,
+    R0,
+    D,
+    nu,
+    G,
+    HKV,
+    RL,
+    RHO,
+    NB,
+    SW,
+    R_PAD,  # slot columns of the scratch: RL rounded up to BLOCK_M
+    NCOL,  # R_PAD + RANGE + 2: the last two hold each query's softmax max and sum
+    RANGE,  # range columns: BLOCK_M + ν - 1 rounded up to BLOCK_M
+    scale,
+    fb_rounds,  # the sequential fallback (docs/kernels/triton.md): after fb_rounds rounds
+    fb_progress,  # that each made fewer than fb_progress decisions final, fb_stretch one-query
+    fb_stretch,  # steps (doubling per fallback in a chunk); fb_rounds = 0: never
+    MM: tl.constexpr,
+    ACC: tl.constexpr,
+    NATIVE: tl.constexpr,
+    HAS_SLOTS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    GROUPED: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # queries per chunk, and the column tile
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # slot lanes: RL rounded up to a power of two
+    LOG_M: tl.constexpr,  # log2(BLOCK_M): pointer-jumping steps
+):
+    # One program per (b, KV head). Per chunk of BLOCK_M queries: speculate that no key enters
+    # during the chunk, then verify in rounds (docs/kernels/triton.md, "Chunk-parallel scan"):
+    # each round computes every query's softmax over the sets the current decisions imply, the
+    # relevancy of every key leaving the window, and the slot rule over them in parallel, until
+    # the decisions reproduce themselves. Decisions are a vector `guess` (the slot each step
+    # writes, -1 none); the sets follow from it, so a round does no D-sized work.
+    n = tl.program_id(0).to(tl.int64)
+    if HAS_STATE:
+        nx, off, r0 = X, OFF, R0
+    else:
+        nx, off, r0 = T, 0, 0
+    k_base = k_ptr + n * nx * D
+    rel_base = rel_ptr + n * (nx - r0) - r0  # + x: relevancy of the sequence keys
+    span_base = span_ptr + n * nx * 2
+    snap_base = snap_ptr + n * NB * SW
+    mask_base = mask_ptr + (n // HKV) * (nx - r0) - r0
+    csum_base = csum_ptr + n * (RANGE + BLOCK_R)
+    offs_m = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_R)
+    slot_ok = c < RL
+    key = tl.full([BLOCK_R], -1, tl.int32)
+    score = tl.full([BLOCK_R], float("-inf"), ACC)
+    if HAS_STATE:
+        init = slot_ok & (c < r0)
+        idx0 = tl.load(idx0_ptr + n * r0 + c, mask=init, other=-1)
+        score0 = tl.load(score0_ptr + n * r0 + c, mask=init, other=float("-inf"))
+        key = tl.where(init & (idx0 >= 0), c, -1)
+        score = tl.where(key >= 0, score0, float("-inf"))
+        tl.store(span_base + 2 * key, 0, mask=key >= 0)
+        if GROUPED:  # the earlier keys still in the window: undivided sums while they are
+            for c0 in range(0, nu, BLOCK_M):
+                x = off - nu + 1 + c0 + offs_m
+                ok = _range_keys(x, r0, off, mask_base, HAS_MASK)
+                raw = tl.load(rel_base + x, mask=ok, other=0.0)
+                tl.store(rel_base + x, raw * G.to(ACC), mask=ok)
+            tl.debug_barrier()
+    n_rounds = 0
+    n_exact = 0
+    n_steps = 0
+    max_rounds = 0
+
+    for t0 in range(0, T, BLOCK_M):
+        blk = t0 // BLOCK_M
+        nq = tl.minimum(t0 + BLOCK_M, T) - t0
+        base = off + t0 - nu + 1  # step j screens buffer row base + j; range column x - base
+        x1 = off + t0 + nq
+        xq0 = off + t0
+        snap_blk = snap_base + blk * SW
+        tl.debug_barrier()  # the previous chunk is done reading the scratch and the snapshot
+        tl.store(snap_blk + c, key, mask=slot_ok)
+        tl.debug_barrier()
+        _block_logits(q_ptr, k_base, scr_ptr, snap_blk, n, t0, T, D, G, RL, R_PAD, NCOL,
+                      tl.maximum(base, r0), base, x1, scale, MM, ACC, NATIVE, BLOCK_M, BLOCK_M,
+                      BLOCK_D)  # fmt: skip
+        tl.debug_barrier()
+        e = base + offs_m
+        valid = (offs_m < nq) & (e >= r0)
+        if HAS_MASK:
+            valid = valid & (tl.load(mask_base + e, mask=valid, other=0) != 0)
+        if not HAS_SLOTS:
+            valid = valid & (offs_m < 0)
+        rows = t0 + offs_m
+        rok = offs_m < nq
+
+        guess = tl.full([BLOCK_M], -1, tl.int32)  # speculation: nothing enters
+        r = tl.zeros([BLOCK_M], ACC)
+        verified = 0  # decisions known final
+        low = 0  # rounds that made little progress
+        stretch = fb_stretch
+        rounds = 0
+        done = 0
+        while done == 0:
+            rounds += 1
+            eleave = _entrant_leave(guess, BLOCK_M)
+            for g in range(G):
+                row = n * G + g
+                scr = scr_ptr + row * BLOCK_M * NCOL
+                lse = _chunk_softmax(scr, offs_m, snap_blk, guess, eleave, base, xq0, x1, nu,
+                                     r0, mask_base, RL, R_PAD, NCOL, ACC, HAS_MASK, BLOCK_M,
+                                     BLOCK_M)  # fmt: skip
+                tl.store(lse_ptr + row * T + rows, lse, mask=rok)
+            tl.debug_barrier()  # the maxima and sums are re-read by other threads
+            # each range key's relevancy so far (undivided: the sum over the group's heads),
+            # with this chunk's queries; a key leaving during the chunk has its final one
+            for c0 in range(0, x1 - base, BLOCK_M):
+                x = base + c0 + offs_m
+                kok = _range_keys(x, r0, x1, mask_base, HAS_MASK)
+                acc = tl.load(rel_base + x, mask=kok, other=0.0)
+                acc = _window_sums(acc, 0, nq, x, kok, scr_ptr, n, G, xq0, nu, mask_base, NCOL,
+                                   R_PAD, base, ACC, HAS_MASK, BLOCK_M)  # fmt: skip
+                tl.store(csum_base + c0 + offs_m, acc)
+            tl.debug_barrier()
+            r = tl.load(csum_base + offs_m)
+            if GROUPED:  # the group mean
+                r = _div(r, G.to(ACC), ACC)
+            if HAS_SLOTS:
+                new, ex = _slot_rule(key, score, r, valid, base, RL, csum_base + RANGE, BLOCK_R,
+                                     BLOCK_M, LOG_M)  # fmt: skip
+                n_exact += ex
+            else:
+                new = guess
+            # the last step's decision is seen by no query of the chunk: only the earlier ones
+            # must reproduce themselves
+            first = tl.min(tl.where((new != guess) & (offs_m < nq - 1), offs_m, BLOCK_M), 0)
+            if first >= BLOCK_M:
+                done = 1
+                guess = new
+            else:
+                # decisions up to `first` are final; queries from first + 1 saw wrong sets
+                low += (first + 1 - verified < fb_progress).to(tl.int32)
+                verified = first + 1
+                guess = new
+                if (fb_rounds > 0) & (low >= fb_rounds):
+                    # one-query steps from the final prefix, then speculation again
+                    stop = tl.minimum(verified + stretch, nq)
+                    skey, sscore = _slots_at(key, score, guess, r, verified, base, BLOCK_R,
+                                             BLOCK_M)  # fmt: skip
+                    # the entrants' relevancy from the final queries, then query by query
+                    kok = _range_keys(e, r0, x1, mask_base, HAS_MASK)
+                    ent = tl.load(rel_base + e, mask=kok, other=0.0)
+                    ent = _window_sums(ent, 0, verified, e, kok, scr_ptr, n, G, xq0, nu,
+                                       mask_base, NCOL, R_PAD, base, ACC, HAS_MASK,
+                                       BLOCK_M)  # fmt: skip
+                    for s in range(verified, stop):
+                        sv = tl.full([1], 0, tl.int32) + s
+                        eleave = _entrant_leave(guess, BLOCK_M)
+                        for g in range(G):
+                            row = n * G + g
+                            scr = scr_ptr + row * BLOCK_M * NCOL
+                            lse1 = _chunk_softmax(scr, sv, snap_blk, guess, eleave, base, xq0,
+                                                  x1, nu, r0, mask_base, RL, R_PAD, NCOL, ACC,
+                                                  HAS_MASK, 1, BLOCK_M)  # fmt: skip
+                            tl.store(lse_ptr + row * T + t0 + sv, lse1)
+                        tl.debug_barrier()
+                        ent = _window_sums(ent, s, s + 1, e, kok, scr_ptr, n, G, xq0, nu,
+                                           mask_base, NCOL, R_PAD, base, ACC, HAS_MASK,
+                                           BLOCK_M)  # fmt: skip
+                        r_s = tl.sum(tl.where(offs_m == s, ent, 0.0), 0)
+                        if GROUPED:
+                            r_s = _div(r_s, G.to(ACC), ACC)
+                        vs = tl.sum(tl.where(offs_m == s, valid.to(tl.int32), 0), 0) > 0
+                        tgt = tl.where(vs, _slot_step(skey, sscore, r_s, RL, BLOCK_R), -1)
+                        skey = tl.where(c == tgt, (base + s).to(tl.int32), skey)
+                        sscore = tl.where(c == tgt, r_s, sscore)
+                        guess = tl.where(offs_m == s, tgt, guess)
+                        r = tl.where(offs_m == s, r_s, r)
+                    guess = tl.where(offs_m >= stop, -1, guess)
+                    n_steps += stop - verified
+                    verified = stop
+                    low = 0
+                    stretch = 2 * stretch
+        n_rounds += rounds
+        max_rounds = tl.maximum(max_rounds, rounds)
+
+        # commit: relevancy of the range keys, spans, the slots after the chunk
+        for c0 in range(0, x1 - base, BLOCK_M):
+            cols = c0 + offs_m
+            x = base + cols
+            raw = tl.load(csum_base + cols)
+            if GROUPED:  # the keys that left the window take the group mean
+                raw = tl.where(cols < nq, _div(raw, G.to(ACC), ACC), raw)
+            tl.store(rel_base + x, raw, mask=_range_keys(x, r0, x1, mask_base, HAS_MASK))
+        if HAS_SLOTS:
+            ins = guess >= 0
+            tq = t0 + offs_m + 1  # an entrant of step j is in the set from query t0 + j + 1
+            tl.store(span_base + 2 * e, tq, mask=ins)
+            same = (guess[None, :] == guess[:, None]) & (offs_m[None, :] < offs_m[:, None])
+            prev = tl.max(tl.where(same, offs_m[None, :], -1), 1)
+            held = tl.sum(tl.where(c[None, :] == guess[:, None], key[None, :], 0), 1)
+            victim = tl.where(prev >= 0, base + prev, held)
+            tl.store(span_base + 2 * victim + 1, tq, mask=ins & (victim >= 0))
+            key, score = _slots_at(key, score, guess, r, BLOCK_M, base, BLOCK_R, BLOCK_M)
+        tl.debug_barrier()  # the relevancy is re-read by the next chunk
+
+    if GROUPED:  # the keys still in the window take the group mean too
+        for c0 in range(0, nu, BLOCK_M):
+            x = off + T - nu + 1 + c0 + offs_m
+            ok = _range_keys(x, r0, off + T, mask_base, HAS_MASK)
+            raw = tl.load(rel_base + x, mask=ok, other=0.0)
+            tl.store(rel_base + x, _div(raw, G.to(ACC), ACC), mask=ok)
+    tl.store(span_base + 2 * key + 1, T, mask=slot_ok & (key >= 0))
+    tl.store(idx_ptr + n * RHO + c, key.to(tl.int64), mask=slot_ok)
+    tl.store(score_ptr + n * RHO + c, score, mask=slot_ok)
+    so = tl.arange(0, 4)
+    st = tl.where(so == 2, n_steps, max_rounds)
+    st = tl.where(so == 0, n_rounds, tl.where(so == 1, n_exact, st))
+    tl.store(stats_ptr + n * 4 + so, st)
 
 
 @triton.jit
@@ -1049,6 +1542,8 @@ def launch_config(
     if kernel == "scan":
         bw = _pow2(window)
         bl = _pow2(bw + live)
+    elif kernel == "chunk_scan":  # block_l: the slot lanes
+        bl = _pow2(live)
     fix = kernel.endswith("_fix")
     backward = kernel.startswith(("dq", "dkdv"))
     if interpret:  # 16-column chunks (fix-up outputs, backward S and dP), so that D=32 spans two
@@ -1073,6 +1568,13 @@ def launch_config(
         return LaunchConfig(16, 16, bd, bdv, warps, 1, native, tf32, block_c=bc, block_k=bk)
     if kernel == "replay":  # block_n: the slots per step (a (block_n, block_m) match tile)
         return LaunchConfig(64, min(_pow2(live), 32), bd, bdv, 4, 1, native, tf32)
+    if kernel == "chunk_scan":
+        # the slot rule's (BLOCK_R, BLOCK_M) and (BLOCK_M, BLOCK_M) count matrices: at 64
+        # queries fp16 D=64 ρ=16 stacked 1672 B on sm_90, at 32 none; ρ=256 1416 B with 4
+        # warps, 24 B with 8; float32 D=256 (logits on FMA units) 280-304 B at 32 on sm_80
+        warps = 8 if bl >= 128 or hd >= 512 else 4
+        bm = 16 if hd >= 512 else 32
+        return LaunchConfig(bm, bm, bd, bdv, warps, 1, native, tf32, 0, bl)
     if kernel == "scan":  # float32 at 64 × 64 spilled 400-660 B (make gpu-static)
         bm = 64 if hd <= 128 and not wide else 32
         if grouped:  # fp16 D=64 ν=1024 ρ=256 spilled 408 B at 64 rows, D=256 136 B at 32
@@ -1150,6 +1652,57 @@ def _mask_arg(key_padding_mask: Tensor | None, q: Tensor) -> tuple[Tensor, bool]
     if key_padding_mask is None:
         return torch.ones(1, dtype=torch.uint8, device=q.device), False
     return key_padding_mask.contiguous().view(torch.uint8), True
+
+
+SCANS = ("chunked", "sequential")
+
+
+def scan_kernel() -> str:
+    """The scan kernel the launchers run: ``SCREENING_ATTN_TRITON_SCAN`` in the environment,
+    "chunked" (the default: speculate and verify per chunk of queries) or "sequential" (one
+    query at a time)."""
+    name = os.environ.get("SCREENING_ATTN_TRITON_SCAN", "chunked")
+    if name not in SCANS:
+        raise ValueError(f"SCREENING_ATTN_TRITON_SCAN must be one of {SCANS}, got {name!r}")
+    return name
+
+
+def scan_depth(
+    q: Tensor, k: Tensor, window: int, relevant: int, scale: float, chunk: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The chunked scan alone (no output pass), for its work per (b, KV head) row, counted by
+    the kernel itself (under the interpreter for CPU tensors).
+
+    Args:
+        q: `(B, H, T, D)`; k: `(B, Hkv, T, D)`; window, relevant, scale: as for the op.
+        chunk: queries per chunk (a power of two >= 16); default: the launchers' choice.
+
+    Returns:
+        ``(counts, relevant_index, span, lse)``: counts `(B·Hkv, 4)` int32, the verification
+        rounds, the exact tie steps, the one-query steps of the fallback and the most rounds
+        of one chunk (depth, the dependent steps: rounds + 2 · tie steps + steps); the slots
+        and spans as the op returns them; lse `(B, H, T)`.
+    """
+    stats: dict = {"scan_only": True}
+    if chunk is not None:
+        stats["chunk"] = chunk
+    v = k.new_zeros(*k.shape[:-1], 1)
+    with _scan_env("chunked"):
+        _, lse, index, _, _, span = _forward(q, k, v, window, relevant, scale, None, None, stats)
+    return stats["counts"], index, span, lse
+
+
+@contextlib.contextmanager
+def _scan_env(name: str):
+    old = os.environ.get("SCREENING_ATTN_TRITON_SCAN")
+    os.environ["SCREENING_ATTN_TRITON_SCAN"] = name
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SCREENING_ATTN_TRITON_SCAN"]
+        else:
+            os.environ["SCREENING_ATTN_TRITON_SCAN"] = old
 
 
 def screened_attention_fwd(
@@ -1241,10 +1794,12 @@ def _forward(
     scale: float,
     key_padding_mask: Tensor | None,
     state: tuple[Tensor, Tensor, Tensor] | None,
+    stats: dict | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward launches: ``k``, ``v`` `(B, Hkv, R0 + P + n, ·)` buffers, ``state`` the
     initial ``(relevancy0 (B, Hkv, P), slot_index0, slot_score0 (B, Hkv, R0))`` or None
-    (then the buffers are the n positions)."""
+    (then the buffers are the n positions). ``stats``: receives the chunked scan's counts
+    (``scan_depth``)."""
     target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
@@ -1285,19 +1840,46 @@ def _forward(
     r_pad = -(-live // bn) * bn
     ncol = r_pad + -(-min(bm + window - 1, S) // bn) * bn + 1  # + a column of -inf
     snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
-    scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
     flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
     off = R0 + P
     has_state = state is not None
+    chunked = scan_kernel() == "chunked"
     with _device(q):
-        screened_attention_scan_kernel[(Nkv,)](
-            q, k, mask, lse, relevancy, span, index, score, snap, scratch, rel0, idx0, score0,
-            T, X, off, R0, D, window, G, Hkv, live, relevant, nb, sw, r_pad, ncol, scale,
-            MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0, HAS_MASK=has_mask,
-            GROUPED=G > 1, HAS_STATE=has_state, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=sc.block_d,
-            BLOCK_W=sc.block_w, BLOCK_L=sc.block_l, num_warps=sc.num_warps,
-            num_stages=sc.num_stages,
-        )  # fmt: skip
+        if chunked:
+            cc = launch_config("chunk_scan", q.dtype, D, Dv, min(window, S), live, target,
+                               grouped=G > 1)  # fmt: skip
+            bm = cc.block_m if stats is None else stats.get("chunk", cc.block_m)
+            nb = -(-T // bm)
+            snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
+            r_pad = -(-live // bm) * bm
+            rng = -(-(bm + window - 1) // bm) * bm
+            # + 2 columns: each query's softmax max and sum
+            scratch = torch.empty(N, bm, r_pad + rng + 2, dtype=acc, device=q.device)
+            csum = torch.empty(Nkv, rng + cc.block_l, dtype=acc, device=q.device)
+            counts = torch.zeros(Nkv, 4, dtype=torch.int32, device=q.device)
+            fb = (2, -(-bm // 8), max(window, -(-bm // 8)))  # docs/kernels/triton.md
+            screened_attention_chunk_scan_kernel[(Nkv,)](
+                q, k, mask, lse, relevancy, span, index, score, snap, scratch, csum, counts,
+                rel0, idx0, score0, T, X, off, R0, D, window, G, Hkv, live, relevant, nb, sw,
+                r_pad, r_pad + rng + 2, rng, scale, *fb, MM=mm, ACC=acc_tl, NATIVE=cc.native,
+                HAS_SLOTS=live > 0, HAS_MASK=has_mask, GROUPED=G > 1, HAS_STATE=has_state,
+                BLOCK_M=bm, BLOCK_D=cc.block_d, BLOCK_R=cc.block_l,
+                LOG_M=bm.bit_length() - 1, num_warps=cc.num_warps, num_stages=cc.num_stages,
+            )  # fmt: skip
+            if stats is not None:
+                stats.update(counts=counts, chunk=bm)
+                if stats.get("scan_only"):
+                    return out, lse, index, score, relevancy, span
+        else:
+            scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
+            screened_attention_scan_kernel[(Nkv,)](
+                q, k, mask, lse, relevancy, span, index, score, snap, scratch, rel0, idx0,
+                score0, T, X, off, R0, D, window, G, Hkv, live, relevant, nb, sw, r_pad, ncol,
+                scale, MM=mm, ACC=acc_tl, NATIVE=sc.native, HAS_SLOTS=live > 0,
+                HAS_MASK=has_mask, GROUPED=G > 1, HAS_STATE=has_state, BLOCK_M=bm, BLOCK_N=bn,
+                BLOCK_D=sc.block_d, BLOCK_W=sc.block_w, BLOCK_L=sc.block_l,
+                num_warps=sc.num_warps, num_stages=sc.num_stages,
+            )  # fmt: skip
         # the output, then the rows that met a non-finite V row, recomputed exactly
         for kernel in ("fwd", "fwd_fix"):
             c = launch_config(kernel, q.dtype, D, Dv, window, live, target, tf32)
@@ -1483,8 +2065,8 @@ def _backward(
 
 _PTR_KIND = {
     **dict.fromkeys(("q", "k", "v", "o", "do", "out", "dq", "dk", "dv"), "in"),
-    **dict.fromkeys(("lse", "rel", "score", "scr", "delta", "rel0", "score0"), "acc"),
-    **dict.fromkeys(("span", "snap", "flag"), "i32"),
+    **dict.fromkeys(("lse", "rel", "score", "scr", "delta", "rel0", "score0", "csum"), "acc"),
+    **dict.fromkeys(("span", "snap", "flag", "stats"), "i32"),
     **dict.fromkeys(("idx", "idx0"), "i64"),
     "mask": "u8",
 }
@@ -1538,9 +2120,14 @@ def static_builds(
         k: launch_config(k, dtype, d, dv, window, live, arch, grouped=padded).block_m
         for k in ("scan", "replay")
     }
+    if scan_kernel() == "chunked":
+        snap_m["scan"] = launch_config(
+            "chunk_scan", dtype, d, dv, window, live, arch, grouped=padded
+        ).block_m
     out = []
     for name, fn in [
         ("scan", screened_attention_scan_kernel),
+        ("chunk_scan", screened_attention_chunk_scan_kernel),
         ("fwd", screened_attention_fwd_kernel),
         ("fwd_fix", screened_attention_fwd_kernel),
         ("replay", screened_attention_replay_sets_kernel),
@@ -1549,7 +2136,7 @@ def static_builds(
         ("dkdv", screened_attention_bwd_dkdv_kernel),
         ("dkdv_fix", screened_attention_bwd_dkdv_kernel),
     ]:
-        tf32 = allow_tf32 and name not in ("scan", "replay")
+        tf32 = allow_tf32 and name not in ("scan", "chunk_scan", "replay")
         c = launch_config(name, dtype, d, dv, window, live, arch, tf32, grouped=padded)
         mm, acc = _tl_dtypes(dtype, c.native)
         ck, cv = c.columns()
@@ -1562,7 +2149,8 @@ def static_builds(
             "BLOCK_DV": cv if name.startswith("fwd") else c.block_dv, "BLOCK_C": ck,
             "BLOCK_CK": ck, "BLOCK_CV": cv, "BLOCK_K": c.k_chunk(), "BLOCK_W": c.block_w,
             "BLOCK_L": c.block_l,
-            "BLOCK_R": c.block_n,
+            "BLOCK_R": c.block_l if name == "chunk_scan" else c.block_n,
+            "LOG_M": c.block_m.bit_length() - 1,
         }  # fmt: skip
         names = {name for name, const in _params(fn) if const}
         consts = {k: v for k, v in consts.items() if k in names}

@@ -172,11 +172,12 @@ def test_benchmark_inputs(family):
     stats, _ = compare(q, k, 128, 64, scale[0])
     if family == "adversarial":
         # Through the fallback: two rounds that fix one decision each (after, in the chunk
-        # that fills the slots, one that fixes the fill), then one-query steps.
+        # that fills the slots, one that fixes the fill), one-query steps to the chunk's end,
+        # and one round that confirms them.
         assert int(stats["fallback_chunks"].min()) >= 1
-        assert int(stats["rounds"].max()) <= 3
+        assert int(stats["rounds"].max()) <= 4
         chunks = stats["rounds"].shape[1]
-        assert bool((stats["depth"] <= T + 2 * chunks + 2 * stats["exact_steps"]).all())
+        assert bool((stats["depth"] <= T + 3 * chunks + 2 * stats["exact_steps"]).all())
         # Without it, speculation really fixes one decision per round.
         stats, _ = compare(q, k, 128, 64, scale[0], fallback_rounds=None)
         assert int(stats["rounds"].max()) >= 64
@@ -188,16 +189,17 @@ def test_benchmark_inputs(family):
 def test_fallback_random_and_ties(dtype, fallback_rounds):
     """Every round counts as slow (``fallback_progress`` = L + 1), so each chunk that needs more
     than ``fallback_rounds`` rounds takes one-query steps from wherever its last round left it:
-    to the chunk's end, or for a short stretch and then speculates again."""
+    to the chunk's end (then one round confirms them), or for a short stretch and then
+    speculates again."""
     q, k = randn(3, 64, 8, dtype=dtype, seed=3), randn(3, 64, 8, dtype=dtype, seed=4)
     fb = dict(fallback_rounds=fallback_rounds, fallback_progress=17)
     stats = compare(q, k, 4, 4, 8.0, 16, fallback_stretch=16, **fb)[0]
     assert int(stats["fallback_chunks"].sum()) > 0
-    assert int(stats["rounds"].max()) <= fallback_rounds
+    assert int(stats["rounds"].max()) <= fallback_rounds + 1
     # Stretches of 2 steps: speculation resumes inside the chunk after each one.
     stats = compare(q, k, 4, 4, 8.0, 16, fallback_stretch=2, **fb)[0]
     assert int(stats["fallback_chunks"].sum()) > 0
-    assert int(stats["rounds"].max()) > fallback_rounds
+    assert int(stats["rounds"].max()) > fallback_rounds + 1
     q, k = one_hot_ties(3, 40, dtype, seed=1, p=0.3)
     fb = dict(fallback_rounds=fallback_rounds, fallback_progress=13)
     stats = compare(q, k, 2, 4, 1.0, 12, fallback_stretch=12, **fb)[0]

@@ -397,8 +397,6 @@ def chunked_screening_scan(
         verified = torch.zeros(N, dtype=torch.long, device=device)  # final decisions
         low = torch.zeros(N, dtype=torch.long, device=device)  # rounds with little progress
         stretch = torch.full((N,), stretch0, dtype=torch.long, device=device)
-        seq_done = torch.zeros(N, dtype=torch.bool, device=device)  # finished by steps
-        fb_rel = fb_target = None
         fell = torch.zeros(N, dtype=torch.bool, device=device)
         for _ in range(2 * n + 2):
             logits = win_logits
@@ -458,20 +456,11 @@ def chunked_screening_scan(
                 seq_index = _slots_over_steps(
                     slot_index, slot_score, keys.clamp(min=0), seq_rel[:, :n], seq_target
                 )[0][:, :n]
+                # (a stretch to the chunk's end is followed by one more round, which confirms
+                # it and computes the chunk's relevancies, as the Triton kernel does)
                 guess = torch.where(go[:, None, None], seq_index, guess)
                 fallback_steps += torch.where(go, stop - verified, 0)
                 fell |= go
-                finished = go & (stop == n)
-                if bool(finished.any()):
-                    if fb_rel is None or fb_target is None:
-                        fb_rel, fb_target = seq_rel, seq_target
-                    else:
-                        fb_rel[finished], fb_target[finished] = (
-                            seq_rel[finished],
-                            seq_target[finished],
-                        )
-                    seq_done |= finished
-                    done |= finished
                 verified = torch.where(go, stop, verified)
                 low = torch.where(go, 0, low)
                 stretch = torch.where(go, 2 * stretch, stretch)
@@ -481,14 +470,6 @@ def chunked_screening_scan(
             raise RuntimeError("the verification rounds did not converge (a bug)")
 
         fallback_chunks += fell.long()
-        if bool(seq_done.any()):
-            assert fb_rel is not None and fb_target is not None
-            rel = torch.where(seq_done[:, None], fb_rel, rel)
-            target = torch.where(seq_done[:, None], fb_target, target)
-            idx_all, score_all = _slots_over_steps(
-                slot_index, slot_score, keys.clamp(min=0), rel[:, :n], target
-            )
-            guess = idx_all[:, :n]
 
         history[:, t0:t1] = guess
         rel_pad[:, t0 : t1 + nu - 1] = rel
