@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 WINDOW, RELEVANT, D = 128, 64, 64
+CHUNK = 32  # bench/scan_depth.py's chunk: the Triton chunked scan's on a GPU
 CASES = ({"B": 1, "H": 8, "T": 16384}, {"B": 8, "H": 16, "T": 4096})
 
 ASSUMPTIONS = {
@@ -54,7 +55,7 @@ ASSUMPTIONS = {
         "branch": 6,
         "other": 6,
     },
-    # a round of the chunk-parallel scan (not built): L·BLOCK_L (query, lane) elements of
+    # a round of the chunk-parallel scan (modelled, not read from its kernel): L·BLOCK_L elements of
     # softmax and relevancy work, plus (ρ+L)·L comparisons with prefix counts. Instructions per
     # element: low = a hand count (load, select, max, sub, exp, mul, sum, div, add, store);
     # high = the existing loop's ALU+MUFU instructions per lane (index and slot-rule work too)
@@ -146,8 +147,11 @@ def compile_scan_sass(arch: int = 90) -> tuple[str, dict]:
     return sass, {**_jsonable(consts), **options}
 
 
-def step_costs(body: list[tuple[int, str, str]], config: dict, a: dict = ASSUMPTIONS) -> dict:
-    """Cycles of one step of the sequential scan and of one round of the chunk-parallel one."""
+def step_costs(
+    body: list[tuple[int, str, str]], config: dict, a: dict = ASSUMPTIONS, chunk: int = CHUNK
+) -> dict:
+    """Cycles of one step of the sequential scan and of one round of the chunk-parallel one
+    over ``chunk`` queries (the Triton kernel's chunk on a GPU, as bench/scan_depth.py)."""
     counts = Counter(classify(op) for _, op, _ in body)
     n = len(body)
     warps = config["num_warps"]
@@ -158,7 +162,7 @@ def step_costs(body: list[tuple[int, str, str]], config: dict, a: dict = ASSUMPT
     reductions = counts["bar"] or 1
     # elementwise instructions per lane and query: the loop's ALU work spread over its lanes
     per_lane = (counts["alu"] + counts["mufu"]) / lanes_per_thread
-    L = WINDOW
+    L = chunk
     lanes = config["BLOCK_L"]
     compare = (RELEVANT + L) * L * a["round_instructions_per_comparison"]
     issue_lo, issue_hi = (

@@ -66,3 +66,22 @@ def test_scan_choice(monkeypatch):
     monkeypatch.setenv("SCREENING_ATTN_TRITON_SCAN", "parallel")
     with pytest.raises(ValueError, match="SCREENING_ATTN_TRITON_SCAN"):
         scan_kernel()
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_sequential_scan_kept(monkeypatch, grouped):
+    """The sequential kernel stays selectable, and equal to the reference (float64, forward and
+    state; grouped heads with padding too)."""
+    from screening_attn import screened_attention
+
+    monkeypatch.setenv("SCREENING_ATTN_TRITON_SCAN", "sequential")
+    H, Hkv, T = (4, 2, 40) if grouped else (2, 2, 40)
+    q = randn(2, H, T, 8, dtype=torch.float64, seed=7)
+    k, v = (randn(2, Hkv, T, 8, dtype=torch.float64, seed=s) for s in (8, 9))
+    real = torch.rand(2, T, generator=torch.Generator().manual_seed(3)) < 0.8 if grouped else None
+    args = dict(key_padding_mask=real, return_state=True)
+    out, state = screened_attention(q, k, v, 5, 3, backend="triton", **args)
+    expected, ref = screened_attention(q, k, v, 5, 3, backend="reference", **args)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert torch.equal(state.relevant_index, ref.relevant_index)
+    torch.testing.assert_close(state.relevancy, ref.relevancy, rtol=0, atol=1e-12)

@@ -256,7 +256,7 @@ class _Calls:
         monkeypatch.setitem(cache._STREAMS, "triton", counted)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(
     Hkv=st.integers(1, 2),
     G=st.sampled_from([1, 2]),
