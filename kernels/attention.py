@@ -23,6 +23,10 @@ Forward (``screened_attention_fwd``), two kernels:
   then does no D-sized work: per head one gather of its ν+ρ logits, softmax and lse; the
   relevancy ring (key j in lane j % BLOCK_W) summing the heads, and the slot rule, on register
   vectors (slot key, score, scratch column); 4 reductions per query and head (+1 with padding).
+* ``screened_attention_chunk_scan_kernel``, the default in its place (``scan_kernel``;
+  docs/kernels/triton.md, "Chunk-parallel scan"): the same outputs from rounds per chunk of
+  BLOCK_M queries (speculate that nothing enters, verify, slot rule from prefix counts) instead
+  of one step per query.
 * ``screened_attention_fwd_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: given ``snap``, ``span``
   and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
@@ -1571,8 +1575,9 @@ def launch_config(
     if kernel == "chunk_scan":
         # the slot rule's (BLOCK_R, BLOCK_M) and (BLOCK_M, BLOCK_M) count matrices: at 64
         # queries fp16 D=64 ρ=16 stacked 1672 B on sm_90, at 32 none; ρ=256 1416 B with 4
-        # warps, 24 B with 8; float32 D=256 (logits on FMA units) 280-304 B at 32 on sm_80
-        warps = 8 if bl >= 128 or hd >= 512 else 4
+        # warps, 24 B with 8; float32 D=256 (logits on FMA units) 280-304 B at 32 on sm_80,
+        # float32 D=128 288-456 B on sm_90 with 4 warps
+        warps = 8 if bl >= 128 or (wide and hd >= 256) else 4
         bm = 16 if hd >= 512 else 32
         return LaunchConfig(bm, bm, bd, bdv, warps, 1, native, tf32, 0, bl)
     if kernel == "scan":  # float32 at 64 × 64 spilled 400-660 B (make gpu-static)
