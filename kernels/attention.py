@@ -1,10 +1,8 @@
 """Triton kernels of screened attention (docs/attention.md) and their launchers,
 ``screened_attention_fwd`` and ``screened_attention_bwd``, which the Triton ops of
-``screening_attn/attention/_ops.py`` call.
-
-One op's kernels and launchers stay in one file, as Liger keeps them, although that passes
-500 lines: the five kernels share the helpers ``_mm``, ``_dot_masked`` and ``_member`` and one
-layout of the scratch buffers that the launchers allocate.
+``screening_attn/attention/_ops.py`` call. One op's kernels and launchers stay in one file, as
+Liger keeps them, although that passes 500 lines: the kernels share the helpers ``_mm``,
+``_dot_masked`` and ``_member`` and one layout of the scratch buffers the launchers allocate.
 
 All tensors are contiguous ``(N, T, ·)`` with ``N = B·H`` query rows (q, out, lse, dq) or
 ``B·Hkv`` KV rows (k, v, spans, snapshots, relevancy, dk, dv); query row ``n`` reads KV row
@@ -24,9 +22,7 @@ Forward (``screened_attention_fwd``), two kernels:
   relevancy ring (key j in lane j % BLOCK_W) summing the heads, and the slot rule, on register
   vectors (slot key, score, scratch column); 4 reductions per query and head (+1 with padding).
 * ``screened_attention_chunk_scan_kernel``, the default in its place (``scan_kernel``;
-  docs/kernels/triton.md, "Chunk-parallel scan"): the same outputs from rounds per chunk of
-  BLOCK_M queries (speculate that nothing enters, verify, slot rule from prefix counts) instead
-  of one step per query.
+  docs/kernels/triton.md): the same outputs from rounds per chunk of BLOCK_M queries.
 * ``screened_attention_fwd_kernel``, grid ``(N, cdiv(T, BLOCK_M), 1)``: given ``snap``, ``span``
   and ``lse``, ``out = P V`` over the same candidates, membership from the spans.
 
@@ -1692,22 +1688,9 @@ def scan_depth(
     if chunk is not None:
         stats["chunk"] = chunk
     v = k.new_zeros(*k.shape[:-1], 1)
-    with _scan_env("chunked"):
-        _, lse, index, _, _, span = _forward(q, k, v, window, relevant, scale, None, None, stats)
+    stats["scan"] = "chunked"
+    _, lse, index, _, _, span = _forward(q, k, v, window, relevant, scale, None, None, stats)
     return stats["counts"], index, span, lse
-
-
-@contextlib.contextmanager
-def _scan_env(name: str):
-    old = os.environ.get("SCREENING_ATTN_TRITON_SCAN")
-    os.environ["SCREENING_ATTN_TRITON_SCAN"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["SCREENING_ATTN_TRITON_SCAN"]
-        else:
-            os.environ["SCREENING_ATTN_TRITON_SCAN"] = old
 
 
 def screened_attention_fwd(
@@ -1804,7 +1787,8 @@ def _forward(
     """The forward launches: ``k``, ``v`` `(B, Hkv, R0 + P + n, ·)` buffers, ``state`` the
     initial ``(relevancy0 (B, Hkv, P), slot_index0, slot_score0 (B, Hkv, R0))`` or None
     (then the buffers are the n positions). ``stats``: receives the chunked scan's counts
-    (``scan_depth``)."""
+    (``scan_depth``; its ``"scan"``, ``"chunk"`` and ``"scan_only"`` override the scan
+    kernel, the chunk and skip the output pass)."""
     target = _setup(q)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     B, H, T, D = q.shape
@@ -1844,11 +1828,10 @@ def _forward(
     sw = max(live, 1)
     r_pad = -(-live // bn) * bn
     ncol = r_pad + -(-min(bm + window - 1, S) // bn) * bn + 1  # + a column of -inf
-    snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
     flag = torch.empty(N, T, dtype=torch.int32, device=q.device)
     off = R0 + P
     has_state = state is not None
-    chunked = scan_kernel() == "chunked"
+    chunked = (stats or {}).get("scan", scan_kernel()) == "chunked"
     with _device(q):
         if chunked:
             cc = launch_config("chunk_scan", q.dtype, D, Dv, min(window, S), live, target,
@@ -1876,6 +1859,7 @@ def _forward(
                 if stats.get("scan_only"):
                     return out, lse, index, score, relevancy, span
         else:
+            snap = torch.empty(Nkv, nb, sw, dtype=torch.int32, device=q.device)
             scratch = torch.empty(N, bm, ncol, dtype=acc, device=q.device)
             screened_attention_scan_kernel[(Nkv,)](
                 q, k, mask, lse, relevancy, span, index, score, snap, scratch, rel0, idx0,
