@@ -650,7 +650,7 @@ def _window_sums(acc, i0, i1, x, kok, scr_ptr, n, G, xq0, nu, mask_base, NCOL, R
             scr = scr_ptr + (n * G + g) * BLOCK_M * NCOL + i * NCOL
             m = tl.load(scr + NCOL - 2)
             z = tl.load(scr + NCOL - 1)
-            s = tl.load(scr + R_PAD + x - base)
+            s = tl.load(scr + R_PAD + x - base, mask=win, other=0.0)
             acc += tl.where(win, _div(tl.exp(s - m), z, ACC), 0.0)
     return acc
 
@@ -806,13 +806,13 @@ def screened_attention_chunk_scan_kernel(
             tl.debug_barrier()  # the maxima and sums are re-read by other threads
             # each range key's relevancy so far (undivided: the sum over the group's heads),
             # with this chunk's queries; a key leaving during the chunk has its final one
-            for c0 in range(0, x1 - base, BLOCK_M):
-                x = base + c0 + offs_m
+            for c0 in range(0, x1 - base, 8 * BLOCK_M):  # wide: the query loop is serial
+                x = base + c0 + tl.arange(0, 8 * BLOCK_M)
                 kok = _range_keys(x, r0, x1, mask_base, HAS_MASK)
                 acc = tl.load(rel_base + x, mask=kok, other=0.0)
                 acc = _window_sums(acc, 0, nq, x, kok, scr_ptr, n, G, xq0, nu, mask_base, NCOL,
                                    R_PAD, base, ACC, HAS_MASK, BLOCK_M)  # fmt: skip
-                tl.store(csum_base + c0 + offs_m, acc)
+                tl.store(csum_base + x - base, acc, mask=x - base < RANGE)
             tl.debug_barrier()
             r = tl.load(csum_base + offs_m)
             if GROUPED:  # the group mean
