@@ -1,29 +1,35 @@
 """Cost model of the screening scan on an H100 (issue #13, item 4): measured pieces, labelled
 assumptions, no GPU.
 
-``python -m bench.scan_cost [--sass FILE] [--out P]``
+``python -m bench.scan_cost [--out P]``
 
-Measured here:
+Measured here, from the kernels compiled for sm_90 (fp16, D = 64, ν = 128, ρ = 64, the
+launchers' own configuration, as ``bench/gpu_static.py`` builds them):
 
-* the per-query loop of the *existing* sequential Triton scan (``screened_attention_scan_kernel``,
-  fp16 inputs, D = 64, ν = 128, ρ = 64, compiled for sm_90 with the launchers' own configuration,
-  as ``bench/gpu_static.py`` builds it): its SASS from the ``cuobjdump`` of the triton wheel,
-  the loop found as the innermost backward branch whose body holds the softmax's ``MUFU``, and
-  its instructions counted by class;
-* the sequential depth of the chunk-parallel scan from ``bench/results/scan-depth.json``
+* the per-query loop of the sequential Triton scan (``screened_attention_scan_kernel``): its SASS
+  from the triton wheel's ``cuobjdump``, the loop found as the innermost backward branch whose
+  body holds the softmax's ``MUFU``, and its instructions counted by class;
+* the chunked scan (``screened_attention_chunk_scan_kernel``): its SASS from the wheel's
+  ``nvdisasm -gi``, which names the source line (and the calls inlined through) of every
+  instruction. Loops are backward branches; each loop's trip count per chunk follows from the
+  source statement of its branch and the launch configuration (``_trips``; a loop it does not
+  know is an error). So a verification round, a one-query fallback step, an exact tie's extra
+  slot-rule pass and a chunk's fixed work are counted as executed instructions per warp;
+* the sequential depth of the chunked scan from ``bench/results/scan-depth.json``
   (T = 16384) and ``scan-depth-T4096.json`` (T = 4096): verification rounds, exact tie steps and
   one-query steps per (b, h) row.
 
 Assumed (``ASSUMPTIONS``, printed and written with the results): the SM clock, one instruction
-per cycle per scheduler, latencies per instruction class, the instructions of a round of the
-chunk-parallel scan per element of its work, and the tensor-core throughput of the products
-and of FlashAttention's sliding window. Writes ``bench/results/scan-cost.json``.
+per cycle per scheduler, latencies per instruction class (a piece costs between its issue count
+and the sum of its latencies), and the tensor-core throughput of the products and of
+FlashAttention's sliding window. Writes ``bench/results/scan-cost.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import linecache
 import math
 import os
 import re
@@ -55,13 +61,6 @@ ASSUMPTIONS = {
         "branch": 6,
         "other": 6,
     },
-    # a round of the chunk-parallel scan (modelled, not read from its kernel): L·BLOCK_L elements of
-    # softmax and relevancy work, plus (ρ+L)·L comparisons with prefix counts. Instructions per
-    # element: low = a hand count (load, select, max, sub, exp, mul, sum, div, add, store);
-    # high = the existing loop's ALU+MUFU instructions per lane (index and slot-rule work too)
-    "round_instructions_per_element_low": 10,
-    "round_instructions_per_comparison": 4,  # compare, compare, select, add
-    "round_phases": 15,  # block-wide dependent phases of a round (docs/kernels/triton.md)
     "tensor_tflops": (150.0, 400.0),  # products of small tiles, ours and FA's sliding window
     "backward_factor": 2.5,  # backward FLOPs / forward FLOPs
 }
@@ -119,9 +118,11 @@ def step_loop(instrs: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     return best
 
 
-def compile_scan_sass(arch: int = 90) -> tuple[str, dict]:
-    """SASS of the existing scan kernel for fp16, D = 64, ν = 128, ρ = 64 on ``arch``, and its
-    launch configuration (kernels/attention.py ``static_builds``)."""
+def compile_sass(kernel: str = "scan", arch: int = 90) -> tuple[str, dict]:
+    """SASS of a scan kernel (``"scan"``: the sequential one, ``"chunk_scan"``) for fp16,
+    D = 64, ν = 128, ρ = 64 on ``arch``, and its launch configuration (kernels/attention.py
+    ``static_builds``). The chunked scan's listing comes from the wheel's ``nvdisasm -gi``: every
+    instruction annotated with its source line and the call sites it was inlined through."""
     os.environ.pop("TRITON_INTERPRET", None)  # must be unset before triton is imported
     import torch
     import triton
@@ -132,54 +133,231 @@ def compile_scan_sass(arch: int = 90) -> tuple[str, dict]:
     from screening_attn._kernels.attention import static_builds
 
     (spec,) = [
-        b for b in static_builds(torch.float16, D, D, WINDOW, RELEVANT, arch) if b[0] == "scan"
+        b for b in static_builds(torch.float16, D, D, WINDOW, RELEVANT, arch) if b[0] == kernel
     ]
     _name, fn, sig, consts, options = spec
     k = triton.compile(
         ASTSource(fn, sig, consts), target=GPUTarget("cuda", arch, 32), options=options
     )
+    if kernel == "scan":
+        cmd = [_cuobjdump(), "-sass"]
+    else:
+        cmd = [str(Path(_cuobjdump()).with_name("nvdisasm")), "-gi", "-c"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(k.asm["cubin"])
         f.flush()
-        sass = subprocess.run(
-            [_cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True
-        ).stdout
+        sass = subprocess.run([*cmd, f.name], capture_output=True, text=True, check=True).stdout
     return sass, {**_jsonable(consts), **options}
 
 
-def step_costs(
-    body: list[tuple[int, str, str]], config: dict, a: dict = ASSUMPTIONS, chunk: int = CHUNK
-) -> dict:
-    """Cycles of one step of the sequential scan and of one round of the chunk-parallel one
-    over ``chunk`` queries (the Triton kernel's chunk on a GPU, as bench/scan_depth.py)."""
+# ------------------------------------------------------------------------------------------------
+# The chunked scan's round, read from its SASS (nvdisasm -gi): loops are backward branches, and
+# each loop's trip count comes from the source statement its branch was compiled from.
+
+_LOC = re.compile(r'\s*//## File "([^"]+)", line (\d+)')
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_TARGET = re.compile(r"`\((\.L_x_\d+)\)")
+
+Loc = tuple[tuple[str, int], ...]  # (file, line) innermost first, then the call sites
+
+
+def parse_nvdisasm(text: str) -> list[tuple[int, str, str, Loc]]:
+    """``(address, opcode, operands, location)`` of every instruction of an ``nvdisasm -gi``
+    listing; branch targets (labels) are replaced by addresses."""
+    out, labels, pending, chain, block = [], {}, [], (), []
+    for line in text.splitlines():
+        if m := _LOC.match(line):
+            block.append((m[1], int(m[2])))
+            continue
+        if block:
+            chain, block = tuple(block), []
+        if m := _LABEL.match(line):
+            pending.append(m[1])
+            continue
+        if m := _INSTR.search(line):
+            addr = int(m[1], 16)
+            labels.update(dict.fromkeys(pending, addr))
+            pending = []
+            out.append((addr, m[3], m[4].strip(), chain))
+    fix = lambda ops: _TARGET.sub(lambda t: hex(labels[t[1]]), ops)  # noqa: E731
+    return [(a, op, fix(ops) if op.startswith("BRA") else ops, loc) for a, op, ops, loc in out]
+
+
+def _text(loc: tuple[str, int]) -> str:
+    return linecache.getline(loc[0], loc[1]).strip()
+
+
+def _calls(instr, name: str) -> bool:
+    return any(_text(loc).find(name + "(") >= 0 for loc in instr[3][1:])
+
+
+# Trip count of each loop of the chunked scan, by the statement of its backward branch (and for
+# `_window_sums`' query loop, by its call): per chunk of L queries, G = 1, no exact tie.
+def _trips(loop: dict, c: dict) -> int:
+    stmt, caller = loop["stmt"], loop["caller"]
+    used = c["BLOCK_M"] + WINDOW - 1  # the range columns of a full chunk
+    table = {
+        "for c0 in range(0, R_PAD, BLOCK_M):": c["R_PAD"] // c["BLOCK_M"],
+        "for c0 in range(0, R_PAD, BLOCK_N):": c["R_PAD"] // c["BLOCK_M"],
+        "for c0 in range(0, x1 - base, BLOCK_M):": math.ceil(used / c["BLOCK_M"]),
+        "for c0 in range(0, x1 - col0, BLOCK_N):": math.ceil(used / c["BLOCK_M"]),
+        "for c0 in range(0, x1 - base, 8 * BLOCK_M):": math.ceil(used / (8 * c["BLOCK_M"])),
+        # _slot_rule's `while pending > 0:` (its branch sits at the `if` in the body): one pass
+        # in a round without an exact tie (chunk_costs: unless the pass is peeled out of it)
+        "while pending > 0:": 1,
+        "if pending > 0:": 1,
+        "for g in range(G):": c["G"],
+        "for s in range(verified, stop):": 1,  # the one-query step: its cost is per step
+    }
+    key = stmt.split("  #")[0].strip()
+    if key == "for i in range(i0, i1):":  # _window_sums: the round's queries, or one step's
+        if ", 0, nq," in caller:
+            return c["BLOCK_M"]
+        if ", s, s + 1," in caller:
+            return 1
+        if ", 0, verified," in caller:
+            return c["BLOCK_M"] // 2  # a fallback's final prefix: half a chunk on average
+    if key not in table:
+        raise ValueError(f"no trip count for the loop at {loop['loc']}: {stmt!r}")
+    return table[key]
+
+
+def chunk_loops(instrs: list[tuple[int, str, str, Loc]]) -> list[dict]:
+    """Every loop of the listing: ``first``, ``last`` address, the branch's source statement
+    and the call it was inlined through."""
+    out = []
+    for addr, op, ops, loc in instrs:
+        m = _BRANCH.search(ops)
+        if op.startswith("BRA") and m and int(m[1], 16) < addr and loc:
+            caller = _text(loc[1]) if len(loc) > 1 else ""
+            where = f"{Path(loc[0][0]).name}:{loc[0][1]}"
+            out.append(
+                {
+                    "first": int(m[1], 16),
+                    "last": addr,
+                    "stmt": _text(loc[0]),
+                    "caller": caller,
+                    "loc": where,
+                }
+            )
+    return out
+
+
+def dynamic_counts(
+    instrs, loops_: list[dict], region: dict, config: dict, skip=(), rare: frozenset = frozenset()
+) -> Counter:
+    """Instructions (by class) that one pass over ``region`` executes per warp: each
+    instruction times the trip counts of the loops inside the region that hold it; the loops
+    in ``skip`` (and what they hold) are left out, and so are instructions compiled from the
+    source lines ``rare`` (a branch that a pass does not take)."""
+    inner = [lp for lp in loops_ if _inside(lp, region) and lp is not region]
+    counts: Counter = Counter()
+    for addr, op, _, loc in instrs:
+        if not region["first"] <= addr <= region["last"] or rare.intersection(loc):
+            continue
+        held = [lp for lp in inner if lp["first"] <= addr <= lp["last"]]
+        if any(lp in skip for lp in held):
+            continue
+        counts[classify(op)] += math.prod(_trips(lp, config) for lp in held)
+    return counts
+
+
+def _block(path: str, header: str) -> frozenset:
+    """``(path, line)`` of the statements under the line ``header`` of a source file (none if
+    it has no such line)."""
+    lines = Path(path).read_text().splitlines()
+    found = [i for i, x in enumerate(lines) if x.strip() == header]
+    if not found:
+        return frozenset()
+    at = found[0]
+    indent = len(lines[at]) - len(lines[at].lstrip())
+    body = set()
+    for i in range(at + 1, len(lines)):
+        x = lines[i]
+        if x.strip() and len(x) - len(x.lstrip()) <= indent:
+            break
+        body.add((path, i + 1))
+    return frozenset(body)
+
+
+def _inside(a: dict, b: dict) -> bool:
+    return b["first"] <= a["first"] and a["last"] <= b["last"]
+
+
+def _smallest(loops_: list[dict], instrs, *names: str, outside: dict | None = None) -> dict:
+    """The smallest loop holding a call of each of ``names`` (and strictly holding
+    ``outside``)."""
+    found = []
+    for lp in loops_:
+        body = [i for i in instrs if lp["first"] <= i[0] <= lp["last"]]
+        holds = outside is None or (_inside(outside, lp) and lp is not outside)
+        if holds and all(any(_calls(i, nm) for i in body) for nm in names):
+            found.append(lp)
+    if not found:
+        raise ValueError(f"no loop holds calls of {names}")
+    return min(found, key=lambda lp: lp["last"] - lp["first"])
+
+
+def chunk_costs(instrs, config: dict, a: dict = ASSUMPTIONS) -> dict:
+    """Cycles of the chunked scan's pieces, each ``(issue, latency)``: a verification round, a
+    one-query fallback step, an exact tie's extra slot-rule pass, and a chunk's fixed work (its
+    block logits and commit). Issue: every warp issues each executed instruction, one warp per
+    scheduler; latency: every instruction waits for the one before it."""
+    config = {**config, "R_PAD": -(-RELEVANT // config["BLOCK_M"]) * config["BLOCK_M"]}
+    loops_ = chunk_loops(instrs)
+    rnd = _smallest(loops_, instrs, "_slot_rule", "_chunk_softmax")
+    verify = _smallest(loops_, instrs, "_slot_rule", outside=rnd)
+    chunk = _smallest(loops_, instrs, "_block_logits", outside=verify)
+    (step,) = [lp for lp in loops_ if lp["stmt"] == "for s in range(verified, stop):"]
+    pending = ("while pending > 0:", "if pending > 0:")
+    (tie,) = [lp for lp in loops_ if lp["stmt"] in pending and _inside(lp, rnd)]
+    # a round runs the slot rule's pass once; the compiler may peel that pass out of the
+    # `while pending` loop, which then runs only at exact ties (else: one iteration, without
+    # its one-key rule)
+    peeled = any(
+        _inside({"first": i[0], "last": i[0]}, rnd)
+        and not _inside({"first": i[0], "last": i[0]}, tie)
+        and _calls(i, "_slot_pass")
+        for i in instrs
+    )
+    path = next(loc[0][0] for *_, loc in instrs if loc and _text(loc[0]) == tie["stmt"])
+    tie_only = frozenset() if peeled else _block(path, "if pending > 0:")
+    warps = math.ceil(config["num_warps"] / a["schedulers_per_sm"])
+    skip = (tie,) if peeled else ()
+    pieces = {
+        "round": dynamic_counts(instrs, loops_, rnd, config, skip=skip, rare=tie_only),
+        "step": dynamic_counts(instrs, loops_, step, config),
+        "exact_tie": dynamic_counts(instrs, loops_, tie, config),
+        "chunk": dynamic_counts(instrs, loops_, chunk, config, skip=(verify, rnd)),
+    }
+    out = {}
+    for name, counts in pieces.items():
+        n = sum(counts.values())
+        latency = sum(a["latency"][c] * k for c, k in counts.items())
+        out[name] = {
+            "instructions": n,
+            "by_class": dict(sorted(counts.items())),
+            "cycles": (n * warps, latency),
+        }
+    out["loops"] = [
+        {"loc": lp["loc"], "stmt": lp["stmt"], "trips": _trips(lp, config)}
+        for lp in loops_
+        if _inside(lp, chunk) and lp not in (chunk, verify, rnd)
+    ]
+    return out
+
+
+def step_costs(body: list[tuple[int, str, str]], config: dict, a: dict = ASSUMPTIONS) -> dict:
+    """Cycles of one step of the sequential scan, ``(issue, latency)``."""
     counts = Counter(classify(op) for _, op, _ in body)
     n = len(body)
-    warps = config["num_warps"]
-    lanes_per_thread = config["BLOCK_L"] // (32 * warps)
     # one warp per scheduler: each warp issues the whole body, in parallel with the others
-    issue = n * math.ceil(warps / a["schedulers_per_sm"])
+    issue = n * math.ceil(config["num_warps"] / a["schedulers_per_sm"])
     latency = sum(a["latency"][c] * k for c, k in counts.items())  # every instruction waits
-    reductions = counts["bar"] or 1
-    # elementwise instructions per lane and query: the loop's ALU work spread over its lanes
-    per_lane = (counts["alu"] + counts["mufu"]) / lanes_per_thread
-    L = chunk
-    lanes = config["BLOCK_L"]
-    compare = (RELEVANT + L) * L * a["round_instructions_per_comparison"]
-    issue_lo, issue_hi = (
-        (L * lanes * e + compare) / (32 * a["schedulers_per_sm"])
-        for e in (a["round_instructions_per_element_low"], per_lane)
-    )
-    # a round's dependent phases, each about one block reduction of the step
-    round_floor = a["round_phases"] * latency / reductions
     return {
         "loop_instructions": n,
         "by_class": dict(sorted(counts.items())),
-        "lanes_per_thread": lanes_per_thread,
         "step_cycles": (issue, latency),
-        "round_cycles": (max(issue_lo, round_floor), issue_hi + round_floor),
-        "round_issue_cycles": (issue_lo, issue_hi),
-        "round_floor_cycles": round_floor,
-        "elementwise_instructions_per_lane": round(per_lane, 1),
     }
 
 
@@ -199,10 +377,12 @@ def _depth(T: int) -> dict[str, dict]:
     return out
 
 
-def predict(costs: dict, a: dict = ASSUMPTIONS) -> list[dict]:
-    """Predicted H100 times (µs, low–high) of the cases of the issue."""
+def predict(costs: dict, chunked: dict, a: dict = ASSUMPTIONS) -> list[dict]:
+    """Predicted H100 times (µs, low–high) of the cases of the issue: the sequential scan from
+    its step (``costs``), the chunked scan from its pieces (``chunked``, chunk_costs) and the
+    measured depths."""
     f = a["clock_ghz"] * 1e3  # cycles per µs
-    step, rnd = costs["step_cycles"], costs["round_cycles"]
+    step = costs["step_cycles"]
     tf_lo, tf_hi = a["tensor_tflops"]
     bwd = a["backward_factor"]
     out = []
@@ -222,10 +402,17 @@ def predict(costs: dict, a: dict = ASSUMPTIONS) -> list[dict]:
             "products_fwd_us": prod,
             "fa_window_fwd_us": fa_fwd,
         }
+        chunks = math.ceil(T / CHUNK)
         for inputs, d in _depth(T).items():
+            count = {
+                "chunk": chunks,
+                "round": d["rounds"],
+                "step": d["steps"],
+                "exact_tie": d["exact"],
+            }
             scan = [
-                waves * (d["rounds"] * r + d["steps"] * s + d["exact"] * (r + s)) / f
-                for s, r in zip(step, rnd)
+                waves * sum(n * chunked[p]["cycles"][i] for p, n in count.items()) / f
+                for i in range(2)
             ]
             fwd = [scan[i] + prod[i] for i in range(2)]
             fwdbwd = [fwd[i] + bwd * prod[i] for i in range(2)]
@@ -249,20 +436,24 @@ def _rng(x: list[float], fmt: str = "{:.0f}") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sass", type=Path, help="a cuobjdump -sass listing instead of compiling")
     p.add_argument("--out", type=Path, default=RESULTS / "scan-cost.json")
     args = p.parse_args(argv)
-    if args.sass:
-        sass, config = args.sass.read_text(), {"num_warps": 4, "BLOCK_L": 256}
-    else:
-        sass, config = compile_scan_sass()
-    body = step_loop(parse_sass(sass))
-    costs = step_costs(body, config)
-    rows = predict(costs)
-    print(f"existing scan kernel, sm_90, per-query loop: {costs['loop_instructions']} instructions")
+    sass, config = compile_sass("scan")
+    costs = step_costs(step_loop(parse_sass(sass)), config)
+    sass, chunk_config = compile_sass("chunk_scan")
+    chunked = chunk_costs(parse_nvdisasm(sass), chunk_config)
+    rows = predict(costs, chunked)
+    print(f"sequential scan, sm_90, per-query loop: {costs['loop_instructions']} instructions")
     print(f"  by class: {costs['by_class']}")
     print(f"  step: {_rng(costs['step_cycles'])} cycles (issue bound – all dependent)")
-    print(f"  round of the chunk-parallel scan (model): {_rng(costs['round_cycles'])} cycles")
+    print(f"chunked scan, sm_90, L = {chunk_config['BLOCK_M']}, per warp:")
+    for piece in ("round", "step", "exact_tie", "chunk"):
+        x = chunked[piece]
+        print(f"  {piece}: {x['instructions']} instructions, {_rng(x['cycles'])} cycles")
+    print(
+        "  loops (statement: trips): "
+        + "; ".join(f"{lp['loc']} {lp['stmt']} {lp['trips']}" for lp in chunked["loops"])
+    )
     for r in rows:
         print(f"B={r['B']} H={r['H']} T={r['T']}:")
         print(f"  sequential scan {_rng(r['sequential_scan_us'])} µs")
@@ -270,19 +461,22 @@ def main(argv: list[str] | None = None) -> None:
             f"  FA sliding window ({WINDOW + RELEVANT} keys) fwd "
             f"{_rng(r['fa_window_fwd_us'], '{:.1f}')} µs"
         )
-        for inputs in ("random", "adversarial"):
+        for inputs in ("random", "ties", "adversarial"):
             x = r[inputs]
             print(
                 f"  {inputs}: scan {_rng(x['scan_us'])} µs, fwd {_rng(x['fwd_us'])} µs "
                 f"({_rng(x['fwd_vs_fa'], '{:.1f}')}x FA), fwd+bwd {_rng(x['fwd_bwd_us'])} µs "
                 f"({_rng(x['fwd_bwd_vs_fa'], '{:.1f}')}x FA)"
             )
-    args.out.write_text(
-        json.dumps(
-            {"assumptions": ASSUMPTIONS, "config": config, "costs": costs, "cases": rows}, indent=1
-        )
-        + "\n"
-    )
+    result = {
+        "assumptions": ASSUMPTIONS,
+        "config": config,
+        "costs": costs,
+        "chunk_config": chunk_config,
+        "chunked": chunked,
+        "cases": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
 
 
