@@ -5,7 +5,9 @@ project's CI (no GPU) cannot:
 
 1. the tests of the GPU backends on CUDA tensors: ``GPU_TESTS`` with ``-k "cuda or triton"``
    (tests/_env.py puts the Triton and CUDA backends' tensors on the GPU when there is one);
-2. a benchmark of screened attention (the Triton kernels, ``triton``) against
+2. a benchmark of screened attention (the Triton kernels, ``triton``; and with the sequential
+   scan, ``triton_sequential``: docs/kernels/triton.md's cost model cannot tell which scan is
+   faster on a GPU, this run does) against
    ``F.scaled_dot_product_attention`` on its flash kernel (causal, all keys: ``sdpa_dense``) and,
    if flash-attn is importable, flash-attn's sliding window over the same ν+ρ keys per query
    (``flash_window``), forward and forward + backward, in half precision (the flash kernels take
@@ -25,6 +27,7 @@ import argparse
 import datetime
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,6 +65,7 @@ NO_GPU = (
     "their resources, and `make test` runs them under the Triton interpreter"
 )
 
+SCAN_ENV = "SCREENING_ATTN_TRITON_SCAN"  # kernels/attention.py scan_kernel
 Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -80,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def providers() -> list[str]:
     """The benchmark's providers here: flash_window only if flash-attn is importable."""
-    out = ["triton", "sdpa_dense"]
+    out = ["triton", "triton_sequential", "sdpa_dense"]
     if importlib.util.find_spec("flash_attn") is not None:
         out.append("flash_window")
     return out
@@ -99,6 +103,21 @@ def attention_fn(provider: str, window: int, relevant: int) -> Attention:
         from screening_attn import screened_attention
 
         return lambda q, k, v: screened_attention(q, k, v, window, relevant, backend="triton")
+    if provider == "triton_sequential":  # the op as users select it, by the environment
+        from screening_attn import screened_attention
+
+        def sequential(q, k, v):
+            old = os.environ.get(SCAN_ENV)
+            os.environ[SCAN_ENV] = "sequential"
+            try:
+                return screened_attention(q, k, v, window, relevant, backend="triton")
+            finally:
+                if old is None:
+                    del os.environ[SCAN_ENV]
+                else:
+                    os.environ[SCAN_ENV] = old
+
+        return sequential
     if provider == "sdpa_dense":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

@@ -3,6 +3,7 @@ message, and its code paths (arguments, the reference check, timing, table, JSON
 here on CPU tensors with a tiny shape, so that they are not first exercised on a GPU."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -29,7 +30,7 @@ def test_arguments_and_plan(monkeypatch):
     assert [s["T"] for s in gpu_check.shapes(True)] == [1024, 4096]
     assert {s["device"] for s in gpu_check.shapes(False)} == {"cuda"}
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: None)
-    assert gpu_check.providers() == ["triton", "sdpa_dense"]
+    assert gpu_check.providers() == ["triton", "triton_sequential", "sdpa_dense"]
     monkeypatch.setattr(gpu_check.importlib.util, "find_spec", lambda name: object())
     assert gpu_check.providers()[-1] == "flash_window"
 
@@ -45,6 +46,23 @@ def test_the_check_catches_a_wrong_attention():
         gpu_check.check("sdpa_dense", dense, mode, q, k, v, g, TINY, 1e-4)
     with pytest.raises(CheckFailed):
         gpu_check.check("triton", dense, "fwd", q, k, v, g, TINY, 1e-4)
+
+
+def test_the_sequential_provider_runs_the_sequential_scan(monkeypatch):
+    """``triton_sequential`` is the op with the sequential scan (and only for its call): checked
+    against the screened reference under the Triton interpreter, the launcher's choice seen."""
+    from bench.bench_attention import make_inputs
+    from screening_attn._kernels import attention as kernels
+
+    seen = []
+    choose = kernels.scan_kernel
+    monkeypatch.setattr(kernels, "scan_kernel", lambda: seen.append(choose()) or seen[-1])
+    monkeypatch.delenv(gpu_check.SCAN_ENV, raising=False)
+    q, k, v, g = make_inputs(1, 2, 48, 8, 48, "cpu", requires_grad=True)
+    fn = gpu_check.attention_fn("triton_sequential", 8, 4)
+    gpu_check.check("triton_sequential", fn, "fwd", q, k, v, g, TINY, 1e-4)
+    assert seen and set(seen) == {"sequential"}
+    assert gpu_check.SCAN_ENV not in os.environ
 
 
 def test_bench_table_json_and_plots(tmp_path):
