@@ -650,7 +650,7 @@ def _window_sums(acc, i0, i1, x, kok, scr_ptr, n, G, xq0, nu, mask_base, NCOL, R
             scr = scr_ptr + (n * G + g) * BLOCK_M * NCOL + i * NCOL
             m = tl.load(scr + NCOL - 2)
             z = tl.load(scr + NCOL - 1)
-            s = tl.load(scr + R_PAD + x - base, mask=win, other=0.0)
+            s = tl.load(scr + R_PAD + x - base, mask=kok, other=0.0)
             acc += tl.where(win, _div(tl.exp(s - m), z, ACC), 0.0)
     return acc
 
