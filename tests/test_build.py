@@ -54,16 +54,14 @@ def test_there_are_cuda_sources():
     assert CU_SOURCES, "csrc/**/*.cu is empty"
 
 
-@pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit on this machine)")
-@pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_cuda_source_compiles(source, tmp_path):
+def _nvcc(source: Path, out: Path) -> list[str]:
     includes = [*include_paths(), str(ROOT / "csrc" / "include")]
     toolkit_include = Path(NVCC).resolve().parents[1] / "include"
     includes.append(str(toolkit_include / "cccl"))  # CUB and Thrust live here from CUDA 13 on
     if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
         includes.append(str(ROOT / "tests" / "cuda_shim"))  # CPU torch wheel lacks this header
-    cmd = [
-        NVCC, "-c", str(source), "-o", str(tmp_path / "out.o"),
+    return [
+        NVCC, "-c", str(source), "-o", str(out),
         "-std=c++20", "-O3", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
         "-DSCREENING_ATTN_WITH_CUDA", "-DTORCH_EXTENSION_NAME=_C",
         "-gencode", "arch=compute_80,code=sm_80",
@@ -71,6 +69,29 @@ def test_cuda_source_compiles(source, tmp_path):
         "-diag-suppress", "3306",  # torch headers: bit-field initialisers (C++20 in nvcc's eyes)
         *[f"-I{p}" for p in includes],
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert (tmp_path / "out.o").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def nvcc_runs(tmp_path_factory):
+    """Every source's nvcc, started at once (each is one process, a minute or more: together
+    they take the longest one's time on two cores, not the sum); the tests wait for theirs."""
+    out = tmp_path_factory.mktemp("nvcc")
+    runs = {}
+    for i, source in enumerate(CU_SOURCES):
+        obj = out / f"{i}.o"
+        proc = subprocess.Popen(_nvcc(source, obj), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)  # fmt: skip
+        runs[source] = (proc, obj)
+    yield runs
+    for proc, _ in runs.values():
+        proc.kill()
+        proc.communicate()
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found (no CUDA toolkit on this machine)")
+@pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_cuda_source_compiles(source, nvcc_runs):
+    proc, obj = nvcc_runs[source]
+    _, stderr = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, stderr[-4000:]
+    assert obj.stat().st_size > 0
