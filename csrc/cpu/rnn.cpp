@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <string_view>
 #include <vector>
@@ -55,12 +56,27 @@ SCREENING_ATTN_INLINE T lane_sum(int64_t n, F&& f) {
   }
   T tail = 0;
   for (; d < n; ++d) tail += f(d);
-#pragma GCC unroll 8
-  for (int w = L / 2; w >= 1; w /= 2) {
-#pragma omp simd
-    for (int i = 0; i < w; ++i) acc[i] += acc[i + w];
+  // The tree over the lanes (lane i + lane i + L/2, then i + L/4, ...), in registers: halves of
+  // 32, then 16 bytes, then shuffles. Written as a loop over the array, GCC took its last levels
+  // through the stack, one scalar at a time (1.5 ms more per 70 ms RelRNN forward, same bits).
+  typedef T V32 __attribute__((vector_size(32)));
+  typedef T V16 __attribute__((vector_size(16)));
+  V32 lo, hi;
+  std::memcpy(&lo, acc, 32);
+  std::memcpy(&hi, acc + L / 2, 32);
+  lo += hi;
+  V16 a, b;
+  std::memcpy(&a, &lo, 16);
+  std::memcpy(&b, reinterpret_cast<const char*>(&lo) + 16, 16);
+  a += b;
+  if constexpr (sizeof(T) == 4) {
+    typedef int32_t I16 __attribute__((vector_size(16)));
+    a += __builtin_shuffle(a, I16{2, 3, 0, 1});
+    a += __builtin_shuffle(a, I16{1, 0, 3, 2});
+    return a[0] + tail;
+  } else {
+    return (a[0] + a[1]) + tail;
   }
-  return acc[0] + tail;
 }
 
 // One attention step, all rows. hidden, uah: (T', B, Hd), row b of step j at (j B + b) Hd.
