@@ -5,10 +5,11 @@ autograd for the two sequence ops, and the entry points the modules call (``rel_
 
 The sequence ops ``rel_rnn`` / ``rel_lstm`` run the whole forward (a loop over time of fused
 step ops and matrix products) and return, next to ``h`` and the screening state, what their
-backward ops need: the per-step states and the softmax weights over each step's candidates.
-Their backward ops run the loop in reverse time (exact backpropagation through time with the
-screening decisions fixed). The step ops update their state in place (``Tensor(a!)``
-arguments) and return nothing; they are not differentiable on their own.
+backward ops need: the per-step states, the softmax weights over each step's candidates and,
+on the CPU, the keys' exponentials ``key_exp`` (empty elsewhere). Their backward ops run the
+loop in reverse time (exact backpropagation through time with the screening decisions fixed).
+The step ops update their state in place (``Tensor(a!)`` arguments) and return nothing; they are
+not differentiable on their own.
 """
 
 from __future__ import annotations
