@@ -100,15 +100,16 @@ def _child_attention(T: int, D: int, window: int, relevant: int, return_state: b
 def rnn_step_bytes(B: int, I: int, Hd: int, window: int, relevant: int, T: int) -> dict:
     """Bytes per time step a float32 RelRNN forward + backward through the C++ kernels must
     hold at the backward's peak: the input, the records the forward saves for the backward
-    (csrc/rnn_loops.cpp: h, s, uah (B, Hd), the queries pq (B, 2Hd), the softmax weights over the
-    w + live candidates, the candidates' positions (int64), the relevancy), and the backward's
-    per-step buffers (the dL/dh and dL/duah accumulators, e^{2 uah} for the CPU step kernels,
-    dL/dx). The incoming dL/dh of ``h.sum()`` is a stride-0 expansion: nothing per step."""
+    (csrc/rnn_loops.cpp: h, s, uah and e^{2 uah} for the CPU step kernels (B, Hd), the queries
+    pq (B, 2Hd), the softmax weights over the w + live candidates, the candidates' positions
+    (int64), the relevancy), and the backward's per-step buffers (the dL/dh and dL/duah
+    accumulators, dL/dx). The incoming dL/dh of ``h.sum()`` is a stride-0 expansion: nothing
+    per step."""
     w = min(window, T)
     live = min(relevant, max(0, T - w))
     f = 4
-    saved = B * (I + 5 * Hd + (w + live) + 1) * f + B * live * 8
-    backward = B * (3 * Hd + I) * f
+    saved = B * (I + 6 * Hd + (w + live) + 1) * f + B * live * 8
+    backward = B * (2 * Hd + I) * f
     return {"saved": saved, "backward": backward, "total": saved + backward}
 
 

@@ -50,17 +50,18 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
 
   // ---- sequence ops: x (T, B, I), h0 (B, Hd). Return h (T, B, Hd), the state
   // (relevant_index (B, ρ), relevant_score (B, ρ), relevancy (T, B)) and the records the backward
-  // needs. Backward: gradients of every input, screening decisions fixed.
+  // needs (key_exp: e^{2 uah} on the CPU, which the backward reuses; empty elsewhere). Backward:
+  // gradients of every input, screening decisions fixed.
   m.def(
       "rel_rnn(Tensor x, Tensor h0, Tensor U_weight, Tensor? U_bias, Tensor V_weight,"
       " Tensor Ua_weight, Tensor Va_weight, Tensor v, Tensor? modrelu_b, int window,"
       " int relevant, str nonlinearity, float attn) -> (Tensor h, Tensor relevant_index,"
       " Tensor relevant_score, Tensor relevancy, Tensor s, Tensor pq, Tensor uah, Tensor alpha,"
-      " Tensor cand)");
+      " Tensor cand, Tensor key_exp)");
   m.def(
       "rel_rnn_backward(Tensor grad_h, Tensor x, Tensor h0, Tensor U_weight, Tensor V_weight,"
       " Tensor Ua_weight, Tensor Va_weight, Tensor v, Tensor h, Tensor s, Tensor pq,"
-      " Tensor uah, Tensor alpha, Tensor cand, int window,"
+      " Tensor uah, Tensor alpha, Tensor cand, Tensor key_exp, int window,"
       " str nonlinearity, float attn) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_U_weight,"
       " Tensor grad_U_bias, Tensor grad_V_weight, Tensor grad_Ua_weight, Tensor grad_Va_weight,"
       " Tensor grad_v, Tensor grad_modrelu_b)");
@@ -68,10 +69,11 @@ TORCH_LIBRARY_FRAGMENT(screening_attn, m) {
       "rel_lstm(Tensor x, Tensor h0, Tensor W, Tensor bias, Tensor Ua_weight, Tensor Va_weight,"
       " Tensor v, int window, int relevant) -> (Tensor h, Tensor relevant_index,"
       " Tensor relevant_score, Tensor relevancy, Tensor cell, Tensor s, Tensor pq, Tensor uah,"
-      " Tensor alpha, Tensor cand)");
+      " Tensor alpha, Tensor cand, Tensor key_exp)");
   m.def(
       "rel_lstm_backward(Tensor grad_h, Tensor x, Tensor W, Tensor Ua_weight, Tensor Va_weight,"
       " Tensor v, Tensor h, Tensor cell, Tensor s, Tensor pq, Tensor uah,"
-      " Tensor alpha, Tensor cand, int window) -> (Tensor grad_x, Tensor grad_h0, Tensor grad_W,"
+      " Tensor alpha, Tensor cand, Tensor key_exp, int window) -> (Tensor grad_x,"
+      " Tensor grad_h0, Tensor grad_W,"
       " Tensor grad_bias, Tensor grad_Ua_weight, Tensor grad_Va_weight, Tensor grad_v)");
 }

@@ -30,6 +30,8 @@ using Tensors7 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tens
 using Tensors9 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 using Tensors10 =
     std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+using Tensors11 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                             Tensor, Tensor>;
 
 // The step ops, called through the dispatcher (so that the loops run on any device).
 
@@ -75,6 +77,24 @@ void key_exp_op(const Tensor& uah, const Tensor& key_exp) {
 // devices (their kernels take tanh per term).
 OptTensor key_exp_buffer(const Tensor& uah) {
   return uah.device().is_cpu() ? OptTensor(at::empty(uah.sizes(), uah.options())) : std::nullopt;
+}
+
+// The forward's E as a record: the buffer, or an empty tensor where there is none.
+Tensor key_exp_record(const OptTensor& kexp, const Tensor& uah) {
+  return kexp ? *kexp : at::empty({0}, uah.options());
+}
+
+// The backward's E: the forward's record (checked against uah), or where it is empty on the CPU,
+// recomputed from uah in one pass.
+OptTensor backward_key_exp(const Tensor& key_exp, const Tensor& uah) {
+  if (key_exp.numel() == 0) {
+    OptTensor kexp = key_exp_buffer(uah);
+    if (kexp) key_exp_op(uah, *kexp);
+    return kexp;
+  }
+  TORCH_CHECK_VALUE(uah.device().is_cpu(), "key_exp must be empty on ", uah.device());
+  check_key_exp(uah, key_exp);
+  return key_exp;
 }
 
 void activation(const Tensor& pre, const OptTensor& modrelu_b, c10::string_view nonlinearity,
@@ -284,16 +304,18 @@ void screening_buffers(SeqBuffers& b, const Screening& sc) {
 // RelRNN
 //
 // pq (T, B, 2Hd) holds per step [pre_t | Q_{t+1}]: it starts as [U x_t + b | 0] (the input part
-// of every step in one product up front), and each step adds s_t [V; Va]ᵀ in one product.
+// of every step in one product up front; the CPU loops zero a step's query part when they reach
+// it), and each step adds s_t [V; Va]ᵀ in one product.
 // t = 0: pre_0 = U x_0 + V h0, h_0 = φ(pre_0), and pre_0 is also the first query's state (s_0).
 // t >= 1: s_t from the attention step with the query Q_t = Va s_{t-1}; h_t = φ(pre_t).
 // Every step: uah_t = Ua h_t, once per state.
-// Saved for the backward: s (s[0] = h0, the input of V at t = 0), pq, uah, alpha, cand.
+// Saved for the backward: s (s[0] = h0, the input of V at t = 0), pq, uah, alpha, cand, and on
+// the CPU E = e^{2 uah} (the backward's attention steps read it; kept, not recomputed).
 
-Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
-                 const OptTensor& U_bias, const Tensor& V_weight, const Tensor& Ua_weight,
-                 const Tensor& Va_weight, const Tensor& v, const OptTensor& modrelu_b,
-                 int64_t window, int64_t relevant, c10::string_view nonlinearity, double attn) {
+Tensors10 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
+                  const OptTensor& U_bias, const Tensor& V_weight, const Tensor& Ua_weight,
+                  const Tensor& Va_weight, const Tensor& v, const OptTensor& modrelu_b,
+                  int64_t window, int64_t relevant, c10::string_view nonlinearity, double attn) {
   const int64_t Hd = V_weight.dim() == 2 ? V_weight.size(0) : -1;
   check_sequence(x_, h0_, Hd, window, relevant,
                  {{&U_weight, "U_weight"},
@@ -330,7 +352,6 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
   } else {
     at::mm_out(ux, x.view({T * B, I}), U_weight.t());
   }
-  pq.narrow(2, Hd, Hd).zero_();
   const Tensor W = at::cat({V_weight, Va_weight}, 0).t().contiguous();  // (Hd, 2Hd): s -> [P | Q]
   const Tensor UaT = Ua_weight.t().contiguous();
 
@@ -342,6 +363,7 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
     screening_buffers(buf, sc);
     seq_forward_cpu(buf);
   } else {
+    pq.narrow(2, Hd, Hd).zero_();  // the CPU loops zero each step's query part in cache
     Tensor pre0 = pq[0].narrow(1, 0, Hd);
     pre0.addmm_(h0, V_weight.t());
     activation(pre0, modrelu_b, nonlinearity, h[0]);
@@ -360,7 +382,8 @@ Tensors9 rel_rnn(const Tensor& x_, const Tensor& h0_, const Tensor& U_weight,
     }
   }
   auto [index, score] = sc.result();
-  return {h, index, score, sc.relevancy, s, pq, uah, rec.alpha, rec.cand};
+  return {h,  index, score,     sc.relevancy, s,
+          pq, uah,   rec.alpha, rec.cand,     key_exp_record(kexp, uah)};
 }
 
 // Reverse time. gH, gK: dL/dh_j, dL/duah_j (T, B, Hd), complete for step t once the steps after
@@ -371,8 +394,8 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
                           const Tensor& U_weight, const Tensor& V_weight, const Tensor& Ua_weight,
                           const Tensor& Va_weight, const Tensor& v, const Tensor& h,
                           const Tensor& s, const Tensor& pq, const Tensor& uah, const Tensor& alpha,
-                          const Tensor& cand, int64_t window, c10::string_view nonlinearity,
-                          double attn) {
+                          const Tensor& cand, const Tensor& key_exp, int64_t window,
+                          c10::string_view nonlinearity, double attn) {
   check_records(grad_h, x_, h, {{s, "s"}, {uah, "uah"}}, pq, 2, alpha, cand, "rel_rnn");
   const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
   const int64_t I = x_.size(2);
@@ -392,8 +415,7 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
   Tensor grad_x = at::empty({T, B, I}, opt), grad_U = at::zeros({Hd, I}, opt);
   Tensor grad_U_bias = at::zeros({Hd}, opt), grad_W = at::zeros({2 * Hd, Hd}, opt);
   Tensor grad_h0, grad_V0, grad_Va0;
-  const OptTensor kexp = key_exp_buffer(uah);  // recomputed: one pass, not kept from the forward
-  if (kexp) key_exp_op(uah, *kexp);
+  const OptTensor kexp = backward_key_exp(key_exp, uah);
 
   const bool rows = row_loops(h);
   std::optional<SeqBuffers> buf;
@@ -452,11 +474,12 @@ Tensors9 rel_rnn_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& 
 // RelLSTM
 //
 // W = [Wf; Wi; Wo; Wg] (4Hd, Hd + I) acting on [s_t, x_t], bias (4Hd). pq (T, B, 5Hd) holds per
-// step [gates_t | Q_{t+1}]: it starts as [W_x x_t + bias | 0] (one product up front), each step
+// step [gates_t | Q_{t+1}]: it starts as [W_x x_t + bias | 0] (one product up front; the query
+// part zeroed as for RelRNN), each step
 // adds s_t [W_s; Va]ᵀ (s_0 = h0), and the cell turns the gate pre-activations into the gates
-// f, i, o, g in place. Saved: cell, s, pq, uah, alpha, cand.
+// f, i, o, g in place. Saved: cell, s, pq, uah, alpha, cand, E (as for RelRNN).
 
-Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const Tensor& bias,
+Tensors11 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const Tensor& bias,
                    const Tensor& Ua_weight, const Tensor& Va_weight, const Tensor& v,
                    int64_t window, int64_t relevant) {
   const int64_t Hd = Ua_weight.dim() == 2 ? Ua_weight.size(0) : -1;
@@ -485,7 +508,6 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
   Tensor pq = at::empty({T, B, 5 * Hd}, opt);
   Tensor xg = pq.view({T * B, 5 * Hd}).narrow(1, 0, 4 * Hd);
   at::addmm_out(xg, bias.reshape({4 * Hd}), x.view({T * B, I}), W_.narrow(1, Hd, I).t());
-  pq.narrow(2, 4 * Hd, Hd).zero_();
   const Tensor Wc = at::cat({W_.narrow(1, 0, Hd), Va_weight}, 0).t().contiguous();  // (Hd, 5Hd)
   const Tensor UaT = Ua_weight.t().contiguous();
   const Tensor cell_init = at::zeros({B, Hd}, opt);
@@ -498,6 +520,7 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
     screening_buffers(buf, sc);
     seq_forward_cpu(buf);
   } else {
+    pq.narrow(2, 4 * Hd, Hd).zero_();  // as in rel_rnn
     for (int64_t t = 0; t < T; ++t) {
       if (t > 0) {
         attend_step(pq[t - 1].narrow(1, 4 * Hd, Hd), h, uah, v, sc.slot_index, sc.slot_score,
@@ -512,14 +535,24 @@ Tensors10 rel_lstm(const Tensor& x_, const Tensor& h0_, const Tensor& W_, const 
     }
   }
   auto [index, score] = sc.result();
-  return {h, index, score, sc.relevancy, cell, s, pq, uah, rec.alpha, rec.cand};
+  return {h,
+          index,
+          score,
+          sc.relevancy,
+          cell,
+          s,
+          pq,
+          uah,
+          rec.alpha,
+          rec.cand,
+          key_exp_record(kexp, uah)};
 }
 
 Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor& W_,
                            const Tensor& Ua_weight, const Tensor& Va_weight, const Tensor& v,
                            const Tensor& h, const Tensor& cell, const Tensor& s, const Tensor& pq,
                            const Tensor& uah, const Tensor& alpha, const Tensor& cand,
-                           int64_t window) {
+                           const Tensor& key_exp, int64_t window) {
   check_records(grad_h, x_, h, {{cell, "cell"}, {s, "s"}, {uah, "uah"}}, pq, 5, alpha, cand,
                 "rel_lstm");
   const int64_t T = h.size(0), B = h.size(1), Hd = h.size(2);
@@ -542,8 +575,7 @@ Tensors7 rel_lstm_backward(const Tensor& grad_h, const Tensor& x_, const Tensor&
   const Tensor Wx = W_.narrow(1, Hd, I);
   Tensor grad_x = at::empty({T, B, I}, opt), grad_sq = at::zeros({5 * Hd, Hd}, opt);
   Tensor grad_Wx = at::zeros({4 * Hd, I}, opt), grad_bias = at::zeros({4 * Hd}, opt);
-  const OptTensor kexp = key_exp_buffer(uah);  // as in rel_rnn_backward
-  if (kexp) key_exp_op(uah, *kexp);
+  const OptTensor kexp = backward_key_exp(key_exp, uah);
 
   const bool rows = row_loops(h);
   std::optional<SeqBuffers> buf;

@@ -346,6 +346,35 @@ def test_opcheck_sequence_ops():
         )
 
 
+def test_backward_reuses_or_recomputes_key_exp():
+    # The CPU forward returns E = e^{2 uah} for its backward; given an empty one, the backward
+    # recomputes it, with the same bits; one not shaped like uah is an error.
+    with torch.no_grad():
+        rnn = [a.detach() if isinstance(a, torch.Tensor) else a for a in _rnn_args(T=12)]
+        lstm = [a.detach() if isinstance(a, torch.Tensor) else a for a in _lstm_args(T=12)]
+        out_r, out_l = OPS.rel_rnn(*rnn), OPS.rel_lstm(*lstm)
+    torch.testing.assert_close(out_r[9], torch.exp(2 * out_r[6]))
+    torch.testing.assert_close(out_l[10], torch.exp(2 * out_l[7]))
+    x, h0, Uw, _, V, Ua, Va, v, _, window, _, nl, attn = rnn
+    xl, _, W, _, Ual, Val, vl, window_l, _ = lstm
+
+    def backward_rnn(key_exp):
+        g = torch.ones_like(out_r[0])
+        return OPS.rel_rnn_backward(g, x, h0, Uw, V, Ua, Va, v, out_r[0], *out_r[4:9], key_exp,
+                                    window, nl, attn)  # fmt: skip
+
+    def backward_lstm(key_exp):
+        g = torch.ones_like(out_l[0])
+        return OPS.rel_lstm_backward(g, xl, W, Ual, Val, vl, out_l[0], *out_l[4:10], key_exp,
+                                     window_l)  # fmt: skip
+
+    for backward, key_exp in ((backward_rnn, out_r[9]), (backward_lstm, out_l[10])):
+        for kept, recomputed in zip(backward(key_exp), backward(key_exp.new_empty(0))):
+            assert torch.equal(kept, recomputed)
+        with pytest.raises(ValueError, match="key_exp"):
+            backward(key_exp[:, :1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("m,k,n", [(16, 128, 256), (3, 5, 7), (1, 1, 1), (64, 640, 128)])

@@ -36,7 +36,8 @@ struct SeqBuffers {
   double attn = 1.0;
 };
 
-// Forward steps 0 .. T-1 of every row, given s_0 = h0 and pq holding the input part.
+// Forward steps 0 .. T-1 of every row, given s_0 = h0 and pq holding the input part (its query
+// part is zeroed here, step by step).
 void seq_forward_cpu(const SeqBuffers& a);
 
 // Gradient buffers of the backward: gH, gK (T, B, Hd) dL/dh, dL/duah; g (n, B, P) the chunk of

@@ -5,10 +5,11 @@ autograd for the two sequence ops, and the entry points the modules call (``rel_
 
 The sequence ops ``rel_rnn`` / ``rel_lstm`` run the whole forward (a loop over time of fused
 step ops and matrix products) and return, next to ``h`` and the screening state, what their
-backward ops need: the per-step states and the softmax weights over each step's candidates.
-Their backward ops run the loop in reverse time (exact backpropagation through time with the
-screening decisions fixed). The step ops update their state in place (``Tensor(a!)``
-arguments) and return nothing; they are not differentiable on their own.
+backward ops need: the per-step states, the softmax weights over each step's candidates and,
+on the CPU, the keys' exponentials ``key_exp`` (empty elsewhere). Their backward ops run the
+loop in reverse time (exact backpropagation through time with the screening decisions fixed).
+The step ops update their state in place (``Tensor(a!)`` arguments) and return nothing; they are
+not differentiable on their own.
 """
 
 from __future__ import annotations
@@ -46,11 +47,18 @@ def _fake_rel_rnn(x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v, mo
         torch.empty_like(state),
         x.new_empty(T, B, w + live, dtype=acc),
         x.new_empty(T, B, live, dtype=torch.int64),
+        _key_exp_like(state),
     )
 
 
+def _key_exp_like(uah: Tensor) -> Tensor:
+    """The ``key_exp`` record: e^{2 uah} on the CPU, empty elsewhere (csrc/rnn_loops.cpp)."""
+    return torch.empty_like(uah) if uah.device.type == "cpu" else uah.new_empty(0)
+
+
 def _fake_rel_rnn_backward(grad_h, x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s,
-                           pq, uah, alpha, cand, window, nonlinearity, attn):  # fmt: skip
+                           pq, uah, alpha, cand, key_exp, window, nonlinearity,
+                           attn):  # fmt: skip
     Hd = V_weight.shape[0]
     return (
         x.new_empty(x.shape),
@@ -82,11 +90,12 @@ def _fake_rel_lstm(x, h0, W, bias, Ua_weight, Va_weight, v, window, relevant):
         torch.empty_like(state),
         x.new_empty(T, B, w + live, dtype=acc),
         x.new_empty(T, B, live, dtype=torch.int64),
+        _key_exp_like(state),
     )
 
 
 def _fake_rel_lstm_backward(grad_h, x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha,
-                            cand, window):  # fmt: skip
+                            cand, key_exp, window):  # fmt: skip
     return (
         x.new_empty(x.shape),
         h.new_empty(h.shape[1:]),
@@ -106,9 +115,9 @@ def _setup_rnn(ctx, inputs, output):
     x, h0, U_weight, U_bias, V_weight, Ua_weight, Va_weight, v, modrelu_b = inputs[:9]
     ctx.window, _, ctx.nonlinearity, ctx.attn = inputs[9:]
     ctx.has_bias, ctx.has_b = U_bias is not None, modrelu_b is not None
-    h, _, _, _, s, pq, uah, alpha, cand = output
+    h, _, _, _, s, pq, uah, alpha, cand, key_exp = output
     ctx.save_for_backward(x, h0, U_weight, V_weight, Ua_weight, Va_weight, v, h, s, pq, uah,
-                          alpha, cand)  # fmt: skip
+                          alpha, cand, key_exp)  # fmt: skip
     ctx.mark_non_differentiable(*output[1:])
     # Else autograd hands the backward a zero tensor for each of them, pq (T, B, 2Hd or 5Hd)
     # included: allocated, zeroed (page faults) and never read.
@@ -130,8 +139,8 @@ def _backward_rnn(ctx, grad_h, *_):
 def _setup_lstm(ctx, inputs, output):
     x, _, W, _, Ua_weight, Va_weight, v, window, _ = inputs
     ctx.window = window
-    h, _, _, _, cell, s, pq, uah, alpha, cand = output
-    ctx.save_for_backward(x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha, cand)
+    h, _, _, _, cell, s, pq, uah, alpha, cand, key_exp = output
+    ctx.save_for_backward(x, W, Ua_weight, Va_weight, v, h, cell, s, pq, uah, alpha, cand, key_exp)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # as for RelRNN
 
