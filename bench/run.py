@@ -1,7 +1,7 @@
-"""Scheduling a sweep: the cases of one (op, shape, mode) are set up and checked one by one,
-then timed together, interleaved (``measure_group`` in ``_common.py``), so the ratios between
-providers are measured side by side. ``run_cases`` returns one record per case, the ``results``
-of the result JSON (bench/README.md lists their fields)."""
+"""Scheduling a sweep: the cases of one timing group (an op, shape and mode; the RNNs' two T
+together) are set up and checked one by one, then timed together, interleaved (``measure_group``
+in ``_common.py``), so the ratios between them are measured side by side. ``run_cases`` returns
+one record per case, the ``results`` of the result JSON (bench/README.md lists their fields)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ def setup_case(case: _cases.Case, rec: dict):
 
 
 def run_group(group: list[_cases.Case], timing: dict, progress: Progress, done: int) -> list[dict]:
-    """Set up (and check) every provider of one (op, shape, mode), then time them interleaved."""
+    """Set up (and check) every case of one timing group, then time them interleaved."""
     records, fns = [], {}
     for i, case in enumerate(group):
         progress.show(done + i, f"{case.op} {case.shape_id} {case.mode}: check {case.provider}")
@@ -122,11 +122,11 @@ def run_group(group: list[_cases.Case], timing: dict, progress: Progress, done: 
 
 
 def groups(cases: list[_cases.Case]) -> list[list[_cases.Case]]:
-    """Consecutive cases of one (op, shape, mode)."""
+    """Consecutive cases of one timing group (``Case.timing_group``)."""
     out: list[list[_cases.Case]] = []
     for c in cases:
         g = out[-1][0] if out else None
-        if g is not None and (g.op, g.shape, g.mode) == (c.op, c.shape, c.mode):
+        if g is not None and g.timing_group == c.timing_group:
             out[-1].append(c)
         else:
             out.append([c])
