@@ -79,6 +79,9 @@ def machine_info(threads: int) -> dict:
     return {
         "platform": platform.platform(),
         "cpu": _cpu_model(),
+        # the vector ISA ATen dispatches to: on 2026-12-04 this VM had AVX2 only, and bfloat16
+        # CNN-F ran 7.9x its float32 time (0.68x in an earlier run, ISA not recorded then)
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "cores_usable": affinity,
         "threads": threads,

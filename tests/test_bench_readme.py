@@ -39,7 +39,7 @@ def test_the_section_reproduces_the_figures_of_the_run():
         "runs 5.5× faster than its eager composition forward, 6.4× forward + backward",
         "takes 62 ms against 53 ms for its convolutions and linear maps alone (1.15×)",
         "457 ms against 412 ms (1.11×); the eager network takes 2.8× and 2.4× longer",
-        "13 of the 15 measured pass",
+        "11 of the 13 measured pass",  # by the targets of today (#15 retired two, set two)
     ):
         assert words in prose
 
