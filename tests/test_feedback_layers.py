@@ -197,6 +197,52 @@ def test_linear_feedback_is_transpose_and_gradient_sums():
     assert len(list(lin.parameters())) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_cpu_products_run_in_float32_where_not_native(dtype, monkeypatch):
+    # on a CPU without oneDNN support for the dtype (this machine: AVX2, where ATen's half
+    # convolutions are ~15x slower), the tied convolution and linear map compute in float32
+    # from the half values and round once; with support, in ATen's half kernels. (Here ATen's
+    # half convolution rounds the same float32 result, so the dtypes the kernels are handed
+    # tell the paths apart, not the values.)
+    from screening_attn.feedback import linear_maps
+
+    upcast = linear_maps._upcast(torch.empty(0, dtype=dtype))
+    assert upcast == (not torch.ops.mkldnn._is_mkldnn_bf16_supported()) or dtype != torch.bfloat16
+    seen = []
+    for name in ("conv2d", "conv_transpose2d", "linear"):
+        real = getattr(F, name)
+        monkeypatch.setattr(
+            F,
+            name,
+            lambda a, w, *args, _real=real, **kw: seen.append(a.dtype) or _real(a, w, *args, **kw),
+        )
+    conv, lin = FeedbackConv2d(3, 5, 3, 2, 1), FeedbackLinear(7, 4)
+    x, v = torch.randn(2, 3, 8, 8), torch.randn(3, 7)
+    for layer, inp, ops in (
+        (conv, x, (conv._conv, conv._conv_t)),
+        (lin, v, (lambda a, w: F.linear(a, w), lambda a, w: a @ w)),
+    ):
+        w32 = layer.weight.detach().to(dtype).float()
+        layer.to(dtype)
+        xh = inp.to(dtype)
+        y = layer(xh)
+        z = torch.randn_like(y)
+        back = layer.feedback(z)
+        assert y.dtype == back.dtype == dtype
+        assert seen and set(seen) == {torch.float32 if upcast else dtype}
+        seen.clear()
+        expect_y = ops[0](xh.float(), w32).to(dtype)
+        expect_b = ops[1](z.float(), w32).to(dtype)
+        if upcast:
+            assert torch.equal(y, expect_y) and torch.equal(back, expect_b)
+        else:
+            torch.testing.assert_close(y, expect_y, rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(back, expect_b, rtol=2e-2, atol=2e-2)
+        # the weight's gradient comes back in its dtype, summed over both uses
+        (y.float().sum() + back.float().sum()).backward()
+        assert layer.weight.grad is not None and layer.weight.grad.dtype == dtype
+
+
 def test_bias_flatten_global_pool():
     bias = randomize(Bias(3).double())
     x = torch.randn(2, 3, 4, 5, dtype=F64)

@@ -17,6 +17,23 @@ from screening_attn.feedback.layers import FeedbackModule
 __all__ = ["FeedbackConv2d", "FeedbackLinear", "Flatten", "GlobalAvgPool2d"]
 
 
+# Half dtypes whose CPU convolutions and matrix products oneDNN runs natively (AVX-512 BF16 /
+# FP16, AMX); elsewhere (AVX2) ATen's half convolutions run ~15x slower than float32 ones (this
+# VM, 2026-12-04: 484 ms against 32 ms for CNNF's first convolution at batch 64). Read once, so
+# torch.compile sees a constant.
+_NATIVE_CPU_HALF = {
+    torch.bfloat16: bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    torch.float16: bool(torch.ops.mkldnn._is_mkldnn_fp16_supported()),
+}
+
+
+def _upcast(x: Tensor) -> bool:
+    """Whether ``x``'s products run in float32: a float16/bfloat16 CPU tensor without native
+    support. The result is rounded to ``x``'s dtype once, as the fused CNN-F kernels round
+    theirs (SPEC §4)."""
+    return x.device.type == "cpu" and not _NATIVE_CPU_HALF.get(x.dtype, True)
+
+
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
     if isinstance(value, tuple | list):
         if len(value) != 2:
@@ -85,16 +102,22 @@ class FeedbackConv2d(FeedbackModule):
                 f"x must be at least the kernel size {self.kernel_size} in H and W after padding "
                 f"{self.padding}, got shape {tuple(x.shape)}"
             )
-        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+        if _upcast(x):
+            return self._conv(x.float(), self.weight.float()).to(x.dtype)
+        return self._conv(x, self.weight)
+
+    def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.conv2d(x, weight, stride=self.stride, padding=self.padding)
 
     def feedback(self, z: Tensor) -> Tensor:
         self._check("z", z, self.out_channels)
+        if _upcast(z):
+            return self._conv_t(z.float(), self.weight.float()).to(z.dtype)
+        return self._conv_t(z, self.weight)
+
+    def _conv_t(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.conv_transpose2d(
-            z,
-            self.weight,
-            stride=self.stride,
-            padding=self.padding,
-            output_padding=self.output_padding,
+            z, weight, stride=self.stride, padding=self.padding, output_padding=self.output_padding
         )
 
     def extra_repr(self) -> str:
@@ -122,10 +145,14 @@ class FeedbackLinear(FeedbackModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check("x", x, self.in_features)
+        if _upcast(x):
+            return F.linear(x.float(), self.weight.float()).to(x.dtype)
         return F.linear(x, self.weight)
 
     def feedback(self, z: Tensor) -> Tensor:
         self._check("z", z, self.out_features)
+        if _upcast(z):
+            return (z.float() @ self.weight.float()).to(z.dtype)
         return z @ self.weight
 
     def extra_repr(self) -> str:
