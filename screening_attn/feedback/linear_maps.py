@@ -5,6 +5,7 @@ the global average pool. They keep no gate state, only the shape the feedback re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +33,13 @@ def _upcast(x: Tensor) -> bool:
     support. The result is rounded to ``x``'s dtype once, as the fused CNN-F kernels round
     theirs (SPEC §4)."""
     return x.device.type == "cpu" and not _NATIVE_CPU_HALF.get(x.dtype, True)
+
+
+def _product(op: Callable[[Tensor, Tensor], Tensor], x: Tensor, weight: Tensor) -> Tensor:
+    """``op(x, weight)``, in float32 and rounded once where ``_upcast(x)``."""
+    if _upcast(x):
+        return op(x.float(), weight.float()).to(x.dtype)
+    return op(x, weight)
 
 
 def _pair(name: str, value: object, minimum: int) -> tuple[int, int]:
@@ -102,18 +110,14 @@ class FeedbackConv2d(FeedbackModule):
                 f"x must be at least the kernel size {self.kernel_size} in H and W after padding "
                 f"{self.padding}, got shape {tuple(x.shape)}"
             )
-        if _upcast(x):
-            return self._conv(x.float(), self.weight.float()).to(x.dtype)
-        return self._conv(x, self.weight)
+        return _product(self._conv, x, self.weight)
 
     def _conv(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.conv2d(x, weight, stride=self.stride, padding=self.padding)
 
     def feedback(self, z: Tensor) -> Tensor:
         self._check("z", z, self.out_channels)
-        if _upcast(z):
-            return self._conv_t(z.float(), self.weight.float()).to(z.dtype)
-        return self._conv_t(z, self.weight)
+        return _product(self._conv_t, z, self.weight)
 
     def _conv_t(self, z: Tensor, weight: Tensor) -> Tensor:
         return F.conv_transpose2d(
@@ -145,15 +149,11 @@ class FeedbackLinear(FeedbackModule):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check("x", x, self.in_features)
-        if _upcast(x):
-            return F.linear(x.float(), self.weight.float()).to(x.dtype)
-        return F.linear(x, self.weight)
+        return _product(F.linear, x, self.weight)
 
     def feedback(self, z: Tensor) -> Tensor:
         self._check("z", z, self.out_features)
-        if _upcast(z):
-            return (z.float() @ self.weight.float()).to(z.dtype)
-        return z @ self.weight
+        return _product(torch.matmul, z, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
